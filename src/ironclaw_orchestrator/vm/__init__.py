@@ -1,0 +1,232 @@
+"""Start and stop microVMs (spec: Basic Example, Graceful Degradation).
+
+``start_firecracker(VmConfig)`` jails the VMM when the jailer can run here (production mode)
+and otherwise, unless a sandbox is required, logs a WARNING and runs firecracker directly
+(development mode). Either way the VM comes back configured over the API (machine config,
+boot source, root drive, network, vsock): the caller only starts the instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path, PurePosixPath
+
+from ..errors import (
+    ConfigError,
+    JailerNotFoundError,
+    OutOfMemoryError,
+    SandboxRequiredError,
+    UsageError,
+)
+from . import netns as ns
+from .api import FirecrackerApi
+from .cgroups import CgroupStats
+from .config import JailerConfig, VmConfig
+from .hostcheck import check_socket_budget, is_root
+from .jailer import JailerProcess, JailFile, resolve_binaries, start_with_jailer
+from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, read_tail
+from .staging import check_source
+from .unjailed import UnjailedProcess, start_unjailed
+
+__all__ = [
+    "FirecrackerProcess",
+    "JailerConfig",
+    "JailerProcess",
+    "VmConfig",
+    "start_firecracker",
+    "start_with_jailer",
+    "stop_firecracker",
+]
+
+log = logging.getLogger(__name__)
+
+KERNEL_JAIL_PATH = PurePosixPath("/vmlinux")
+ROOTFS_JAIL_PATH = PurePosixPath("/rootfs.ext4")
+INSTALL_JAILER_HINT = (
+    "install the jailer (`ironclaw install`, or copy release-vX-<arch>/jailer to "
+    "/usr/local/bin/jailer, chmod +x) and run as root"
+)
+
+
+class FirecrackerProcess:
+    """A running microVM (spec: the handle returned by ``start_firecracker``)."""
+
+    def __init__(self, config: VmConfig, vmm: JailerProcess | UnjailedProcess) -> None:
+        self.config = config
+        self.vmm = vmm
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        """The firecracker process itself (not the jailer)."""
+        return self.vmm.pid
+
+    @property
+    def socket_path(self) -> Path:
+        """Host path of the API socket."""
+        return self.vmm.api_socket
+
+    @property
+    def is_sandboxed(self) -> bool:
+        return isinstance(self.vmm, JailerProcess)
+
+    @property
+    def api(self) -> FirecrackerApi:
+        """Client for further API calls (paths are jail-relative when sandboxed)."""
+        return self.vmm.api
+
+    @property
+    def console_path(self) -> Path:
+        """File holding the serial console and firecracker's own log."""
+        return self.vmm.console_path
+
+    @property
+    def vm_id(self) -> str:
+        return self.config.vm_id
+
+    @property
+    def oom_killed(self) -> bool:
+        return isinstance(self.vmm, JailerProcess) and self.vmm.oom_killed
+
+    def console_tail(self, lines: int = 20) -> str:
+        return read_tail(self.console_path, lines)
+
+    async def start_instance(self) -> None:
+        """Boot the guest (``InstanceStart``)."""
+        if self.vmm.booted:
+            raise UsageError(f"VM {self.vm_id} was already started")
+        await self.vmm.api.instance_start()
+        self.vmm.booted = True
+
+    async def wait(self) -> int:
+        """Wait for the VMM to exit and return its exit code (0 after a guest reset).
+
+        Raises ``OutOfMemoryError`` when the VMM was killed because its cgroup ran out of
+        memory, so that an OOM kill is never mistaken for an unexplained crash.
+        """
+        code = await self.vmm.wait()
+        self.exit_code = code
+        self._raise_if_oom(code)
+        return code
+
+    def _raise_if_oom(self, code: int) -> None:
+        if self.oom_killed:
+            assert isinstance(self.vmm, JailerProcess)
+            limit = self.vmm.config.memory_limit_mb
+            raise OutOfMemoryError(
+                f"VM {self.vm_id}: the VMM was OOM-killed: its cgroup memory limit "
+                f"({limit} MiB) was exhausted by guest memory ({self.config.memory_mb} MiB) plus "
+                "VMM overhead. Raise jailer.memory_limit_mb (or memory_headroom_mb), or give "
+                f"the guest less memory.\n--- console ---\n{self.console_tail()}",
+                vm_id=self.vm_id,
+                exit_code=code,
+                output_tail=self.console_tail(),
+            )
+
+    def stats(self) -> CgroupStats:
+        """Resource usage from the VM's cgroups (jailed VMs only)."""
+        if not isinstance(self.vmm, JailerProcess):
+            raise UsageError(
+                f"VM {self.vm_id} runs unjailed (development mode): it has no cgroups to read"
+            )
+        return self.vmm.stats()
+
+    async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
+        """Stop the VM and remove everything made for it. Idempotent."""
+        code = await self.vmm.stop(timeout_s)
+        if code is not None:
+            self.exit_code = code
+        return code
+
+
+async def start_firecracker(
+    config: VmConfig, *, ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+) -> FirecrackerProcess:
+    """Start a microVM for ``config``, jailed if possible; return it configured, not booted."""
+    check_source(Path(config.kernel_path), "kernel_path")
+    if config.rootfs_path is not None:
+        check_source(Path(config.rootfs_path), "rootfs_path")
+    jailer_cfg = config.jailer_config()
+    reason = _why_unjailed(jailer_cfg)
+    vmm: JailerProcess | UnjailedProcess
+    if reason is None:
+        vmm = await _start_jailed(config, jailer_cfg, ready_timeout_s)
+    elif config.sandbox_required():
+        raise SandboxRequiredError(
+            f"VM {config.vm_id}: a sandbox is required (require_sandbox / "
+            f"IRONCLAW_REQUIRE_SANDBOX=1) but the jailer cannot run: {reason}. Fix: "
+            f"{INSTALL_JAILER_HINT}"
+        )
+    else:
+        if config.enable_networking:
+            raise ConfigError(
+                f"VM {config.vm_id}: enable_networking needs the jailer (the tap lives in the VM's "
+                f"own network namespace), but {reason}: {INSTALL_JAILER_HINT}"
+            )
+        log.warning(
+            "VM %s runs UNSANDBOXED (development mode, insecure): %s. %s",
+            config.vm_id, reason, INSTALL_JAILER_HINT,
+        )  # fmt: skip
+        vmm = await start_unjailed(config, ready_timeout_s=ready_timeout_s)
+    vm = FirecrackerProcess(config, vmm)
+    try:
+        await _configure(vm)
+    except BaseException:
+        await vm.stop()
+        raise
+    return vm
+
+
+async def stop_firecracker(vm: FirecrackerProcess, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+    """Stop ``vm`` (graceful, then SIGKILL), reap it and remove all it used. Idempotent."""
+    await vm.stop(timeout_s)
+
+
+def _why_unjailed(jailer_cfg: JailerConfig) -> str | None:
+    """Why the VM cannot be jailed (fallback reasons only); ``None`` if it can be."""
+    if not is_root():
+        return f"not running as root (uid {os.geteuid()}), which the jailer requires"
+    try:
+        resolve_binaries(jailer_cfg)
+    except JailerNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+async def _start_jailed(
+    config: VmConfig, jailer_cfg: JailerConfig, ready_timeout_s: float
+) -> JailerProcess:
+    files = [JailFile(Path(config.kernel_path), KERNEL_JAIL_PATH, read_only=True)]
+    if config.rootfs_path is not None:
+        files.append(
+            JailFile(Path(config.rootfs_path), ROOTFS_JAIL_PATH, read_only=config.rootfs_read_only)
+        )
+    if config.vsock_guest_cid is not None:
+        # Firecracker listens on <uds_path>_<port> for guest-initiated connections.
+        vsock_host = jailer_cfg.chroot_dir / str(config.vsock_uds_path).lstrip("/")
+        check_socket_budget(Path(f"{vsock_host}_4294967295"), "vsock socket (with _<port>)")
+    tap = ns.tap_name(config.vm_id) if config.enable_networking else None
+    return await start_with_jailer(
+        jailer_cfg, files=files, tap=tap, ready_timeout_s=ready_timeout_s
+    )
+
+
+async def _configure(vm: FirecrackerProcess) -> None:
+    """Pre-configure the VM over the API from its ``VmConfig``."""
+    cfg = vm.config
+    api = vm.api
+    jailed = isinstance(vm.vmm, JailerProcess)
+    await api.put_machine_config(cfg.vcpu_count, cfg.memory_mb)
+    kernel = KERNEL_JAIL_PATH if jailed else Path(cfg.kernel_path)
+    await api.put_boot_source(kernel, cfg.boot_args)
+    if cfg.rootfs_path is not None:
+        rootfs = ROOTFS_JAIL_PATH if jailed else Path(cfg.rootfs_path)
+        await api.put_drive("rootfs", rootfs, root=True, read_only=cfg.rootfs_read_only)
+    if cfg.enable_networking:
+        await api.put_network_interface("eth0", ns.tap_name(cfg.vm_id), ns.guest_mac(cfg.vm_id))
+    if cfg.vsock_guest_cid is not None:
+        if not jailed:
+            raise ConfigError(f"VM {cfg.vm_id}: vsock is only supported for jailed VMs")
+        await api.put_vsock(cfg.vsock_guest_cid, cfg.vsock_uds_path)
+

@@ -1,0 +1,70 @@
+"""The few file-system operations cgroup code performs, behind one injectable object.
+
+Real cgroup files are kernel pseudo-files: a value must go in with one ``write(2)`` on a file
+that already exists (never ``O_CREAT``), and ``rmdir`` removes a cgroup together with its
+pseudo-files. Unit tests replace :class:`CgroupFs` with a fake "kernel" working on a plain
+directory tree, so every call that touches the host goes through here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+class CgroupFs:
+    """Real host operations. Subclass to simulate the kernel in tests."""
+
+    def read(self, path: Path) -> str:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+
+    def write(self, path: Path, value: str) -> None:
+        data = value.encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            written = os.write(fd, data)
+        finally:
+            os.close(fd)
+        if written != len(data):
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def is_dir(self, path: Path) -> bool:
+        return path.is_dir()
+
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path)
+
+    def rmdir(self, path: Path) -> None:
+        os.rmdir(path)
+
+    def subdirs(self, path: Path) -> list[Path]:
+        """Child cgroups of ``path`` (directories only)."""
+        try:
+            return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+        except FileNotFoundError:
+            return []
+
+    def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
+        os.kill(pid, sig)
+
+
+def read_pids(fs: CgroupFs, path: Path) -> list[int]:
+    """Pids listed in a ``cgroup.procs``/``tasks`` file; ``[]`` when it does not exist."""
+    try:
+        text = fs.read(path)
+    except FileNotFoundError:
+        return []
+    return [int(tok) for tok in text.split() if tok.isdigit()]
+
+
+def read_optional(fs: CgroupFs, path: Path) -> str | None:
+    """The stripped content of ``path``, or ``None`` when it is absent or unreadable."""
+    try:
+        return fs.read(path).strip()
+    except OSError:
+        return None

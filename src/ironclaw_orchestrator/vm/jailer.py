@@ -1,0 +1,415 @@
+"""Launching Firecracker inside the Jailer (spec: Direct Jailer Usage).
+
+``start_with_jailer`` runs, in order, and undoes everything it made if any step fails:
+
+1. checks that write nothing: root, binaries and their versions, /dev/kvm, chroot base,
+   socket path length, input files, the cgroup plan;
+2. the VM's run directory (console log), its network namespace, its cgroups (every limit is
+   written by us first, so a value the kernel rejects is reported precisely), the chroot
+   with the staged files;
+3. the jailer itself; with ``--new-pid-ns`` it forks the VMM and exits, and the VMM is
+   re-parented to us (we are its subreaper);
+4. readiness: the API socket answers ``GET /``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..errors import (
+    CleanupError,
+    ConfigError,
+    IronclawError,
+    JailerError,
+    SandboxRequiredError,
+    UsageError,
+    VmExitedError,
+)
+from . import cgroups as cg
+from . import netns as ns
+from .api import FirecrackerApi
+from .binaries import Binaries, check_pair, find_firecracker, find_jailer
+from .config import JailerConfig
+from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_root
+from .jailer_args import CgroupArg, build_jailer_argv
+from .lifecycle import (
+    DEFAULT_READY_TIMEOUT_S,
+    DEFAULT_STOP_TIMEOUT_S,
+    exited_error,
+    read_tail,
+    stop_process,
+    wait_ready,
+)
+from .process import ChildProcess, become_subreaper
+from .rundir import CONSOLE_LOG, create_vm_run_dir
+from .staging import StagedFile, check_source, stage_file
+
+__all__ = [
+    "JailFile",
+    "JailerConfig",
+    "JailerProcess",
+    "jailer_available",
+    "resolve_binaries",
+    "start_with_jailer",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JailFile:
+    """A host file to place in the jail before the VMM starts."""
+
+    src: Path
+    jail_path: PurePosixPath
+    read_only: bool = True
+
+
+def resolve_binaries(config: JailerConfig) -> Binaries:
+    """Find the jailer and firecracker for ``config`` and check that their versions match."""
+    jailer = find_jailer(config.jailer_binary if "jailer_binary" in config.model_fields_set else None)
+    exec_file = find_firecracker(config.exec_file if "exec_file" in config.model_fields_set else None)
+    return check_pair(jailer, exec_file)
+
+
+def jailer_available(config: JailerConfig | None = None) -> str | None:
+    """``None`` if VMs can be jailed here, else the reason they cannot."""
+    config = config or JailerConfig()
+    if not is_root():
+        return f"the jailer needs root (running as uid {os.geteuid()})"
+    try:
+        resolve_binaries(config)
+    except IronclawError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass
+class JailResources:
+    """Everything made for one jailed VM, so that it can all be removed (in reverse)."""
+
+    vm_id: str
+    run_dir: Path | None = None
+    jail_dir: Path | None = None
+    cgroups: cg.VmCgroups | None = None
+    netns_name: str | None = None
+    tap: str | None = None
+    staged: list[StagedFile] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Remove everything; every step runs even if one fails, then one error lists all."""
+        failures: list[str] = []
+        if self.cgroups is not None:
+            try:
+                self.cgroups.remove()
+                self.cgroups = None
+            except Exception as exc:  # noqa: BLE001 - collect, keep cleaning
+                failures.append(f"cgroups {list(self.cgroups.paths.values())}: {exc}")
+        if self.netns_name is not None:
+            try:
+                if self.tap is not None:
+                    ns.remove_tap(self.netns_name, self.tap)
+                    self.tap = None
+                ns.remove_netns(self.netns_name)
+                self.netns_name = None
+            except Exception as exc:  # noqa: BLE001
+                failures.append(f"network namespace {self.netns_name}: {exc}")
+        for label in ("jail_dir", "run_dir"):
+            path: Path | None = getattr(self, label)
+            if path is None:
+                continue
+            try:
+                if path.exists():
+                    shutil.rmtree(path)
+                setattr(self, label, None)
+            except OSError as exc:
+                failures.append(f"{path}: {exc.strerror or exc}")
+        if failures:
+            raise CleanupError(
+                f"VM {self.vm_id}: cleanup left some resources behind (run `ironclaw gc`)",
+                failures,
+            )
+
+
+class JailerProcess:
+    """A Firecracker process running inside the jailer's sandbox.
+
+    ``pid`` is the VMM itself (not the jailer), ``api_socket`` its host-side socket path.
+    """
+
+    jailed = True
+
+    def __init__(
+        self,
+        *,
+        config: JailerConfig,
+        binaries: Binaries,
+        process: ChildProcess,
+        resources: JailResources,
+        console_path: Path,
+        api: FirecrackerApi,
+        argv: list[str],
+    ) -> None:
+        self.config = config
+        self.binaries = binaries
+        self.process = process
+        self.resources = resources
+        self.console_path = console_path
+        self.api = api
+        self.argv = argv
+        self.booted = False
+        self._stopped = False
+        self.oom_killed = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def vm_id(self) -> str:
+        return self.config.jailer_id
+
+    @property
+    def api_socket(self) -> Path:
+        return self.config.api_socket_path
+
+    @property
+    def chroot_dir(self) -> Path:
+        return self.config.chroot_dir
+
+    @property
+    def jail_dir(self) -> Path:
+        return self.config.jail_dir
+
+    @property
+    def cgroup_paths(self) -> dict[str, Path]:
+        cgroups = self.resources.cgroups
+        return dict(cgroups.paths) if cgroups is not None else {}
+
+    @property
+    def netns_path(self) -> str | None:
+        if self.config.netns is not None:
+            return self.config.netns
+        name = self.resources.netns_name
+        return str(ns.netns_path(name)) if name is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def jail_host_path(self, jail_path: PurePosixPath | str) -> Path:
+        """Host path of a path as the VMM sees it."""
+        return self.chroot_dir / str(jail_path).lstrip("/")
+
+    async def wait(self) -> int:
+        """Wait for the VMM to exit; return its exit code (``-N``: killed by signal N)."""
+        code = await self.process.wait()
+        self._note_oom()
+        return code
+
+    def _note_oom(self) -> None:
+        cgroups = self.resources.cgroups
+        if cgroups is None or self.oom_killed:
+            return
+        try:
+            kills = cgroups.oom_kills()
+        except IronclawError:
+            kills = None
+        self.oom_killed = bool(kills)
+
+    def stats(self) -> cg.CgroupStats:
+        """Resource usage read from the VM's own cgroups."""
+        cgroups = self.resources.cgroups
+        if cgroups is None:
+            raise UsageError(f"VM {self.vm_id} has no cgroups (stopped, or started without limits)")
+        return cgroups.stats()
+
+    async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
+        """Stop the VMM (graceful if booted, then SIGKILL), reap it, remove every resource.
+
+        Idempotent. Returns the VMM's exit code (``None`` if it was already stopped).
+        """
+        if self._stopped:
+            return self.process.returncode
+        self._stopped = True
+        code: int | None = None
+        try:
+            code = await stop_process(
+                self.process, self.api, graceful=self.booted, timeout_s=timeout_s
+            )
+            self._note_oom()
+        finally:
+            await self.api.aclose()
+            await asyncio.to_thread(self.resources.release)
+        return code
+
+
+async def start_with_jailer(
+    config: JailerConfig,
+    *,
+    files: Sequence[JailFile] = (),
+    tap: str | None = None,
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+    log_level: str | None = None,
+) -> JailerProcess:
+    """Start Firecracker jailed by the jailer, per ``config``; return once its API answers.
+
+    ``files`` are staged into the jail first (owned by the jail uid/gid). ``tap`` names a tap
+    device to create in the VM's network namespace. Everything created is removed again if
+    any step fails.
+    """
+    # 1. Checks that write nothing.
+    if not is_root():
+        raise SandboxRequiredError(
+            f"VM {config.jailer_id}: the jailer must run as root (uid {os.geteuid()}): run the "
+            "orchestrator as root, or use start_firecracker() without require_sandbox for "
+            "unjailed development mode"
+        )
+    binaries = resolve_binaries(config)
+    config = config.model_copy(update={"exec_file": binaries.firecracker})
+    check_kvm()
+    check_chroot_base(config.chroot_base_dir)
+    check_socket_budget(config.api_socket_path)
+    for f in files:
+        check_source(f.src, f"file for {f.jail_path}")
+    if config.netns is not None and not Path(config.netns).exists():
+        raise ConfigError(
+            f"VM {config.jailer_id}: netns {config.netns} does not exist: create it "
+            "(ip netns add NAME) or leave netns unset to get a private one"
+        )
+    if config.jail_dir.exists():
+        raise ConfigError(
+            f"VM {config.jailer_id}: jail directory {config.jail_dir} already exists: the id is "
+            "in use, or a crashed run left it behind (`ironclaw gc` removes leftovers)"
+        )
+    io_device = cg.disk_device_for(files[0].src) if files and _wants_io(config) else None
+    layout = cg.detect_layout()
+    settings = cg.cgroup_settings(
+        config, cg.choose_version(layout, config.cgroup_version, _controllers(config)), io_device
+    )
+    version = cg.choose_version(layout, config.cgroup_version, {s.controller for s in settings})
+    cgroups = cg.VmCgroups.plan(layout, version, config.jailer_id, settings, config.parent_cgroup)
+    if config.new_pid_ns:
+        become_subreaper()
+
+    # 2..4: create, spawn, wait; undo on failure.
+    res = JailResources(vm_id=config.jailer_id)
+    process: ChildProcess | None = None
+    api: FirecrackerApi | None = None
+    try:
+        res.run_dir = create_vm_run_dir(config.jailer_id)
+        console = res.run_dir / CONSOLE_LOG
+        console.touch(mode=0o600)
+        netns = config.netns
+        if netns is None and config.isolate_network:
+            name = ns.netns_name(config.jailer_id)
+            res.netns_name = name
+            netns = str(await asyncio.to_thread(ns.ensure_netns, name))
+        if tap is not None:
+            if res.netns_name is None:
+                raise ConfigError(
+                    f"VM {config.jailer_id}: networking needs a network namespace of our own; "
+                    "leave netns unset and isolate_network=True"
+                )
+            res.tap = tap
+            await asyncio.to_thread(ns.ensure_tap, res.netns_name, tap, config.uid, config.gid)
+        res.cgroups = cgroups
+        await asyncio.to_thread(cgroups.prepare)
+        res.jail_dir = config.jail_dir
+        config.chroot_dir.mkdir(parents=True, mode=0o755)
+        for f in files:
+            res.staged.append(
+                stage_file(
+                    f.src, config.chroot_dir, f.jail_path,
+                    uid=config.uid, gid=config.gid, read_only=f.read_only,
+                )
+            )  # fmt: skip
+        argv = build_jailer_argv(
+            config,
+            jailer=binaries.jailer,
+            exec_file=binaries.firecracker,
+            version=binaries.version,
+            cgroup_version=version,
+            cgroups=[CgroupArg(s.file, s.value) for s in settings if s.via_jailer],
+            parent_cgroup=cgroups.parent,
+            netns=netns,
+            level=log_level,
+        )
+        log.debug("VM %s: %s", config.jailer_id, " ".join(argv))
+        process = ChildProcess.spawn(argv, stdout_path=console)
+        if config.new_pid_ns:
+            process = await _adopt_vmm(process, config, console)
+        cgroups.attach(process.pid)
+        api = FirecrackerApi(config.api_socket_path, vm_id=config.jailer_id)
+        await wait_ready(
+            process, api, config.api_socket_path,
+            vm_id=config.jailer_id, console_path=console, timeout_s=ready_timeout_s,
+        )  # fmt: skip
+    except BaseException:
+        if process is not None:
+            process.kill()
+            await asyncio.shield(process.wait())
+        if api is not None:
+            await api.aclose()
+        try:
+            await asyncio.to_thread(res.release)
+        except CleanupError as cleanup_exc:
+            log.error("%s", cleanup_exc)
+        raise
+    return JailerProcess(
+        config=config,
+        binaries=binaries,
+        process=process,
+        resources=res,
+        console_path=console,
+        api=api,
+        argv=argv,
+    )
+
+
+def _controllers(config: JailerConfig) -> set[str]:
+    wanted = {"cpu", "memory"}
+    if config.cpuset_cpus or config.cpuset_mems:
+        wanted.add("cpuset")
+    if config.pids_max is not None:
+        wanted.add("pids")
+    return wanted
+
+
+def _wants_io(config: JailerConfig) -> bool:
+    return any(
+        v is not None
+        for v in (config.io_read_bps, config.io_write_bps, config.io_read_iops, config.io_write_iops)
+    )
+
+
+async def _adopt_vmm(jailer: ChildProcess, config: JailerConfig, console: Path) -> ChildProcess:
+    """With ``--new-pid-ns`` the jailer forks the VMM, writes its pid file and exits 0."""
+    code = await jailer.wait()
+    if code != 0:
+        raise exited_error(config.jailer_id, code, console, what="the jailer")
+    pid_file = config.chroot_dir / f"{config.exec_file_name}.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise JailerError(
+            f"VM {config.jailer_id}: the jailer exited 0 but its pid file {pid_file} is missing "
+            f"or invalid ({exc}); output:\n{read_tail(console)}",
+            vm_id=config.jailer_id,
+            output_tail=read_tail(console),
+        ) from exc
+    try:
+        return ChildProcess.adopt(pid)
+    except ProcessLookupError:
+        raise VmExitedError(
+            f"VM {config.jailer_id}: the VMM (pid {pid}) was gone before it could be watched; "
+            f"output:\n{read_tail(console)}",
+            vm_id=config.jailer_id,
+            output_tail=read_tail(console),
+        ) from None

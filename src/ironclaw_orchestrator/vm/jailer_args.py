@@ -1,0 +1,88 @@
+"""Pure functions from configuration to command lines: jailer argv and firecracker argv.
+
+Nothing here touches the host, so every flag is golden-tested per Firecracker and cgroup
+version. Flag order follows the jailer's own documentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ..errors import ConfigError
+from .binaries import Version
+from .config import JailerConfig
+
+
+MIN_SUPPORTED = Version(1, 0, 0)
+
+
+@dataclass(frozen=True)
+class CgroupArg:
+    """One ``--cgroup FILE=VALUE`` for the jailer."""
+
+    file: str
+    value: str
+
+    def render(self) -> str:
+        return f"{self.file}={self.value}"
+
+
+def firecracker_args(api_sock: PurePosixPath | Path, *, level: str | None = None) -> list[str]:
+    """Arguments for firecracker itself (after the jailer's ``--``, or when run directly)."""
+    args = ["--api-sock", str(api_sock)]
+    if level is not None:
+        args += ["--level", level]
+    return args
+
+
+def build_jailer_argv(
+    cfg: JailerConfig,
+    *,
+    jailer: Path,
+    exec_file: Path,
+    version: Version,
+    cgroup_version: int,
+    cgroups: Sequence[CgroupArg],
+    parent_cgroup: str | None,
+    netns: str | None,
+    level: str | None = None,
+) -> list[str]:
+    """The jailer command line for ``cfg``.
+
+    ``--id`` is never repeated after ``--`` (the jailer passes it on itself) and the removed
+    ``--node`` flag is never used. ``--daemonize`` is never used: the VMM stays our child.
+    Every flag used here exists unchanged from v1.0 through v1.14; older jailers lack
+    ``--cgroup-version`` and ``--parent-cgroup`` and are refused.
+    """
+    if version < MIN_SUPPORTED:
+        raise ConfigError(
+            f"jailer {version} is older than {MIN_SUPPORTED}, the oldest release supported: "
+            "install a current release with `ironclaw install`"
+        )
+    argv = [
+        str(jailer),
+        "--id", cfg.jailer_id,
+        "--exec-file", str(exec_file),
+        "--uid", str(cfg.uid),
+        "--gid", str(cfg.gid),
+        "--chroot-base-dir", str(cfg.chroot_base_dir),
+    ]  # fmt: skip
+    if netns is not None:
+        argv += ["--netns", netns]
+    if cfg.new_pid_ns:
+        argv.append("--new-pid-ns")
+    if cgroups:
+        argv += ["--cgroup-version", str(cgroup_version)]
+        if parent_cgroup is not None:
+            argv += ["--parent-cgroup", parent_cgroup]
+        for arg in cgroups:
+            argv += ["--cgroup", arg.render()]
+    if cfg.no_file is not None:
+        argv += ["--resource-limit", f"no-file={cfg.no_file}"]
+    if cfg.fsize is not None:
+        argv += ["--resource-limit", f"fsize={cfg.fsize}"]
+    argv.append("--")
+    argv += firecracker_args(cfg.api_sock, level=level)
+    return argv

@@ -1,0 +1,166 @@
+"""Readiness and stopping, shared by jailed and unjailed VMMs.
+
+Ready means: the API socket file exists AND ``GET /`` answers. If the VMM (or the jailer)
+dies first we raise at once with its exit status and the tail of its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from pathlib import Path
+
+from ..errors import (
+    ApiError,
+    ApiSocketTimeoutError,
+    JailerError,
+    VmExitedError,
+    output_tail,
+)
+from .api import FirecrackerApi
+from .config import MAX_SOCKET_PATH_BYTES
+from .process import ChildProcess
+
+DEFAULT_READY_TIMEOUT_S = 10.0
+DEFAULT_STOP_TIMEOUT_S = 3.0
+_POLL_S = 0.002
+_JAILER_ERROR = re.compile(r"Jailer error: (.*)")
+
+
+def read_tail(path: Path | None, lines: int = 20) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return output_tail(data, lines)
+
+
+def parse_jailer_error(text: str) -> str | None:
+    """The reason from the jailer's ``Jailer error: <reason>`` panic line, if any."""
+    found = _JAILER_ERROR.findall(text)
+    return found[-1].strip() if found else None
+
+
+def exited_error(
+    vm_id: str, code: int, console_path: Path | None, *, what: str = "the VMM"
+) -> VmExitedError | JailerError:
+    """An error for a VMM/jailer that exited before it was ready."""
+    tail = read_tail(console_path)
+    reason = parse_jailer_error(tail)
+    status = f"signal {-code}" if code < 0 else f"status {code}"
+    if reason is not None:
+        return JailerError(
+            f"VM {vm_id}: the jailer refused to start it ({status}): Jailer error: {reason}\n"
+            f"{jailer_hint(reason)}\n--- output ({console_path}) ---\n{tail}",
+            vm_id=vm_id,
+            reason=reason,
+            exit_code=code,
+            output_tail=tail,
+        )
+    return VmExitedError(
+        f"VM {vm_id}: {what} exited with {status} before its API was ready. Check the output "
+        f"below, the cgroup limits (memory too low?) and /dev/kvm access.\n"
+        f"--- output ({console_path}) ---\n{tail or '(no output)'}",
+        vm_id=vm_id,
+        exit_code=code,
+        output_tail=tail,
+    )
+
+
+def jailer_hint(reason: str) -> str:
+    """A fix for the jailer's common refusals (spec: Troubleshooting)."""
+    r = reason.lower()
+    if "canonicalize" in r or "chroot" in r:
+        return "Fix: create the chroot base directory (mkdir -p /var/jail; chmod 755 /var/jail)."
+    if "controller" in r and "unavailable" in r:
+        return (
+            "Fix: that cgroup controller is not available in the requested cgroup version; "
+            "use cgroup_version=1 on v1/hybrid hosts, or enable cgroup v2 "
+            "(systemd.unified_cgroup_hierarchy=1)."
+        )
+    if "cgroup" in r:
+        return "Fix: check the cgroup limits and that the controllers are mounted and delegated."
+    if "netns" in r or "namespace" in r:
+        return "Fix: check the network namespace path exists (ip netns list)."
+    if "instance id" in r:
+        return "Fix: use an id of 1-64 characters from A-Z, a-z, 0-9 and '-'."
+    if "exec" in r and "file" in r:
+        return "Fix: point exec_file at the firecracker binary of the jailer's release."
+    return "Fix: see the jailer's reason above."
+
+
+async def wait_ready(
+    process: ChildProcess,
+    api: FirecrackerApi,
+    socket_path: Path,
+    *,
+    vm_id: str,
+    console_path: Path | None,
+    timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+) -> None:
+    """Wait until the API answers; raise at once if the process dies first."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        if not process.alive:
+            assert process.returncode is not None
+            raise exited_error(vm_id, process.returncode, console_path)
+        if socket_path.exists():
+            try:
+                await api.describe(timeout_s=max(0.05, min(1.0, deadline - time.monotonic())))
+                return
+            except ApiError as exc:
+                last_error = exc
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(_POLL_S)
+    budget = len(str(socket_path).encode())
+    if not socket_path.exists():
+        cause = "the socket file was never created"
+    else:
+        cause = f"the socket exists but does not answer ({last_error})"
+    hint = (
+        f" The path is {budget} bytes, over the {MAX_SOCKET_PATH_BYTES}-byte limit: "
+        "use a shorter chroot base or id."
+        if budget > MAX_SOCKET_PATH_BYTES
+        else " Check the VMM's output and that it runs (ps -p "
+        f"{process.pid}); raise the ready timeout on a loaded host."
+    )
+    raise ApiSocketTimeoutError(
+        f"VM {vm_id}: API socket {socket_path} not ready after {timeout_s:.1f}s: {cause}.{hint}"
+        f"\n--- output ({console_path}) ---\n{read_tail(console_path) or '(no output)'}",
+        vm_id=vm_id,
+    )
+
+
+async def stop_process(
+    process: ChildProcess,
+    api: FirecrackerApi | None,
+    *,
+    graceful: bool,
+    timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+) -> int:
+    """Stop the VMM: ``SendCtrlAltDel`` when booted, then SIGKILL after ``timeout_s``; reap.
+
+    With ``--new-pid-ns`` the VMM is PID 1 of its namespace and ignores SIGTERM, so the
+    only graceful path is the guest's own reboot on Ctrl-Alt-Del.
+    """
+    if not process.alive:
+        assert process.returncode is not None
+        return process.returncode
+    if graceful and api is not None:
+        try:
+            await api.send_ctrl_alt_del()
+            return await process.wait(timeout_s)
+        except (ApiError, TimeoutError):
+            pass  # guest ignores it, or the API is gone: fall through to kill
+    process.send_signal(signal.SIGKILL)
+    return await process.wait()

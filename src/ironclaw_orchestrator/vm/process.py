@@ -1,0 +1,176 @@
+"""The VMM process: spawning, identity, waiting, signalling and reaping.
+
+Processes are spawned with ``posix_spawn`` and tracked through a pidfd, never by pid alone:
+a pidfd always refers to the same process, so a recycled pid can never be signalled by
+mistake. With ``--new-pid-ns`` the jailer forks the VMM and exits; we are a child
+subreaper (``PR_SET_CHILD_SUBREAPER``), so the VMM is re-parented to us, stays our child and
+is reaped by us, never left as a zombie of PID 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..errors import UsageError
+
+_PR_SET_CHILD_SUBREAPER = 36
+#: Exit code reported when another part of the program reaped our child first.
+UNKNOWN_EXIT = 255
+_subreaper_set = False
+
+
+def become_subreaper() -> None:
+    """Make this process the subreaper of its descendants (idempotent, Linux only)."""
+    global _subreaper_set
+    if _subreaper_set:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(err)}")
+    _subreaper_set = True
+
+
+def read_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22)."""
+    try:
+        data = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+class ChildProcess:
+    """A child process of ours, watched through a pidfd.
+
+    ``wait()`` returns the exit code as ``asyncio`` does: >= 0 for an exit status,
+    ``-N`` for death by signal N.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start_time = read_start_time(pid)
+        self._pidfd: int | None = os.pidfd_open(pid)
+        self.returncode: int | None = None
+        self._exited: asyncio.Event | None = None
+
+    @classmethod
+    def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        stdout_path: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> ChildProcess:
+        """Start ``argv`` with stdin from /dev/null and stdout+stderr appended to ``stdout_path``.
+
+        The child gets its own process group, so a terminal's Ctrl-C reaches only us and we
+        decide how to stop the VM.
+        """
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (
+                os.POSIX_SPAWN_OPEN,
+                1,
+                str(stdout_path),
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                0o600,
+            ),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ]
+        pid = os.posix_spawn(
+            argv[0],
+            list(argv),
+            dict(env or {}),
+            file_actions=actions,
+            setpgroup=0,
+            setsigdef=(signal.SIGINT, signal.SIGTERM, signal.SIGPIPE),
+        )
+        return cls(pid)
+
+    @classmethod
+    def adopt(cls, pid: int) -> ChildProcess:
+        """Watch ``pid``, which must already be our child (e.g. re-parented to us)."""
+        return cls(pid)
+
+    @property
+    def alive(self) -> bool:
+        return self.returncode is None and not self._poll()
+
+    def _poll(self) -> bool:
+        """Reap without blocking; True once the process has exited."""
+        if self.returncode is not None:
+            return True
+        try:
+            wpid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Someone else reaped it (a foreign waitpid(-1)): the status is lost.
+            self._set_returncode(UNKNOWN_EXIT)
+            return True
+        if wpid == 0:
+            return False
+        self._set_returncode(os.waitstatus_to_exitcode(status))
+        return True
+
+    def _set_returncode(self, code: int) -> None:
+        self.returncode = code
+        if self._pidfd is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            except RuntimeError:
+                pass
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._exited is not None:
+            self._exited.set()
+
+    async def wait(self, timeout_s: float | None = None) -> int:
+        """Wait for exit (reaping the child) and return its exit code.
+
+        Raises ``TimeoutError`` if ``timeout_s`` passes first.
+        """
+        if self._poll():
+            assert self.returncode is not None
+            return self.returncode
+        loop = asyncio.get_running_loop()
+        if self._exited is None:
+            self._exited = asyncio.Event()
+            assert self._pidfd is not None
+            loop.add_reader(self._pidfd, self._poll)
+        async with asyncio.timeout(timeout_s):
+            await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> bool:
+        """Signal the process through its pidfd; False if it has already exited."""
+        if self._pidfd is None or self.returncode is not None:
+            return False
+        try:
+            signal.pidfd_send_signal(self._pidfd, sig)
+        except ProcessLookupError:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                return False
+            raise
+        return True
+
+    def kill(self) -> bool:
+        return self.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        """Release the pidfd; the process must have been reaped."""
+        if self.returncode is None and self._pidfd is not None:
+            raise UsageError(f"process {self.pid} has not exited yet: stop it before close()")

@@ -1,0 +1,49 @@
+"""The orchestrator's private run directory: one 0700 directory per VM on the host side.
+
+It holds the console log and, for unjailed VMs, the API socket. Root: ``IRONCLAW_RUN_DIR``
+or ``/run/ironclaw``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import StagingError
+
+RUN_DIR_ENV = "IRONCLAW_RUN_DIR"
+DEFAULT_RUN_DIR = Path("/run/ironclaw")
+CONSOLE_LOG = "console.log"
+
+
+def run_root() -> Path:
+    return Path(os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
+
+
+def vm_run_dir(vm_id: str) -> Path:
+    return run_root() / "vms" / vm_id
+
+
+def create_vm_run_dir(vm_id: str) -> Path:
+    """Create the VM's private run directory; it must not exist yet (the id is in use)."""
+    path = vm_run_dir(vm_id)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        raise StagingError(
+            f"VM {vm_id}: run directory {path} already exists, so the id is in use (or a crashed "
+            "run left it behind: `ironclaw gc` removes leftovers)"
+        ) from None
+    except OSError as exc:
+        raise StagingError(
+            f"VM {vm_id}: cannot create run directory {path}: {exc.strerror}; set "
+            f"{RUN_DIR_ENV} to a writable directory"
+        ) from exc
+    os.chmod(path, 0o700)
+    return path
+
+
+def remove_vm_run_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=False) if path.exists() else None

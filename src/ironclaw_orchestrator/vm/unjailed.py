@@ -1,0 +1,118 @@
+"""Development mode: firecracker run directly, without the jailer (spec: Graceful Degradation).
+
+INSECURE: no chroot, no cgroup limits, no privilege drop. Used only when the jailer cannot run
+here and the sandbox is not required. The VMM still gets a private 0700 run directory for its
+socket and console log, and is stopped and cleaned up exactly like a jailed one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+from ..errors import CleanupError
+from .api import FirecrackerApi
+from .binaries import find_firecracker, read_version
+from .config import VmConfig
+from .hostcheck import check_kvm, check_socket_budget
+from .jailer_args import firecracker_args
+from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, stop_process, wait_ready
+from .process import ChildProcess
+from .rundir import CONSOLE_LOG, create_vm_run_dir, vm_run_dir
+
+API_SOCKET_NAME = "firecracker.socket"
+
+
+class UnjailedProcess:
+    """A firecracker process running directly on the host (development mode)."""
+
+    jailed = False
+
+    def __init__(
+        self, *, vm_id: str, process: ChildProcess, run_dir: Path, api: FirecrackerApi,
+        firecracker: Path,
+    ) -> None:  # fmt: skip
+        self.vm_id = vm_id
+        self.process = process
+        self.run_dir = run_dir
+        self.api = api
+        self.firecracker = firecracker
+        self.booted = False
+        self._stopped = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def api_socket(self) -> Path:
+        return self.run_dir / API_SOCKET_NAME
+
+    @property
+    def console_path(self) -> Path:
+        return self.run_dir / CONSOLE_LOG
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
+        """Stop (graceful if booted, then SIGKILL), reap, remove the run directory. Idempotent."""
+        if self._stopped:
+            return self.process.returncode
+        self._stopped = True
+        try:
+            return await stop_process(
+                self.process, self.api, graceful=self.booted, timeout_s=timeout_s
+            )
+        finally:
+            await self.api.aclose()
+            _remove_run_dir(self.vm_id, self.run_dir)
+
+
+def _remove_run_dir(vm_id: str, run_dir: Path) -> None:
+    try:
+        shutil.rmtree(run_dir)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise CleanupError(f"VM {vm_id}: could not remove {run_dir}", [str(exc)]) from exc
+
+
+async def start_unjailed(
+    config: VmConfig, *, ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+) -> UnjailedProcess:
+    """Start firecracker directly in a private run directory; return once its API answers."""
+    jc = config.jailer
+    explicit = jc.exec_file if jc is not None and "exec_file" in jc.model_fields_set else None
+    firecracker = find_firecracker(explicit)
+    read_version(firecracker)
+    check_kvm()
+    socket = vm_run_dir(config.vm_id) / API_SOCKET_NAME
+    check_socket_budget(socket)
+    run_dir = create_vm_run_dir(config.vm_id)
+    process: ChildProcess | None = None
+    api: FirecrackerApi | None = None
+    try:
+        console = run_dir / CONSOLE_LOG
+        console.touch(mode=0o600)
+        process = ChildProcess.spawn(
+            [str(firecracker), "--id", config.vm_id, *firecracker_args(socket)],
+            stdout_path=console,
+        )
+        api = FirecrackerApi(socket, vm_id=config.vm_id)
+        await wait_ready(
+            process, api, socket, vm_id=config.vm_id, console_path=console,
+            timeout_s=ready_timeout_s,
+        )  # fmt: skip
+    except BaseException:
+        if process is not None:
+            process.kill()
+            await asyncio.shield(process.wait())
+        if api is not None:
+            await api.aclose()
+        _remove_run_dir(config.vm_id, run_dir)
+        raise
+    return UnjailedProcess(
+        vm_id=config.vm_id, process=process, run_dir=run_dir, api=api, firecracker=firecracker
+    )

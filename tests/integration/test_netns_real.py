@@ -1,0 +1,258 @@
+"""Real network namespaces, TAPs and veth uplinks (needs root and /dev/net/tun).
+
+Every test cleans up in ``finally``: no namespace named ``ironclaw-*`` and no ``icl``/``icv``
+link may be left behind on the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import os
+import secrets
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute
+
+from ironclaw_orchestrator.errors import NetworkError
+from ironclaw_orchestrator.vm import netns
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, TAPs)"),
+    pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="needs /dev/net/tun"),
+]
+
+JAIL_UID = 64000
+JAIL_GID = 64000
+
+# What Firecracker does when it attaches: TUNSETIFF with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
+_TUNSETIFF = 0x400454CA
+_FC_FLAGS = 0x0002 | 0x1000 | 0x4000
+
+
+def _host_links() -> set[str]:
+    with IPRoute() as ipr:
+        return {str(m.get("ifname")) for m in ipr.link("dump")}
+
+
+def _tun_attr(netns_name: str, ifname: str, attr: str) -> object:
+    with IPRoute(netns=str(netns.netns_path(netns_name)), flags=0) as ipr:
+        link = ipr.link("get", ifname=ifname)[0]
+        return link.get(("linkinfo", "data", attr))
+
+
+def _link(netns_name: str, ifname: str) -> object:
+    with IPRoute(netns=str(netns.netns_path(netns_name)), flags=0) as ipr:
+        return ipr.link("get", ifname=ifname)[0]
+
+
+@pytest.fixture
+def vm_id() -> Iterator[str]:
+    """A random VM id; afterwards its namespace and links are gone (checked and forced)."""
+    vid = "t-" + secrets.token_hex(6)
+    before = _host_links()
+    name = netns.netns_name(vid)
+    try:
+        yield vid
+    finally:
+        try:
+            netns.remove_uplink(name, vid)
+        finally:
+            netns.remove_netns(name)
+        assert name not in netns.list_netns()
+        assert not netns.netns_path(name).exists()
+        leftovers = {n for n in _host_links() - before if n.startswith(("icl", "icv", "icu"))}
+        assert not leftovers, f"links left on the host: {leftovers}"
+
+
+def _attach_as(path: Path, tap: str, uid: int, gid: int) -> int:
+    """Fork; the child joins ``path``, drops to uid/gid and attaches to ``tap`` the way
+    Firecracker does. Returns 0 on success, else the errno of the failure."""
+    pid = os.fork()
+    if pid == 0:  # child: only raw syscalls, then _exit
+        code = 100
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(path, os.O_RDONLY)
+            if libc.setns(fd, 0x40000000) != 0:
+                os._exit(101)
+            tun = os.open("/dev/net/tun", os.O_RDWR)  # the jail gives the VMM its own node
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            ifr = struct.pack("16sH22x", tap.encode(), _FC_FLAGS)
+            try:
+                fcntl.ioctl(tun, _TUNSETIFF, ifr)
+                code = 0
+            except OSError as exc:
+                code = exc.errno or 102
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_netns_tap_lifecycle(vm_id: str) -> None:
+    name = netns.netns_name(vm_id)
+    tap = netns.tap_name(vm_id)
+    path = netns.ensure_netns(name)
+    assert path == Path("/run/netns") / name
+    assert name in netns.list_netns()
+    assert netns.interfaces_in(name) == ["lo"]
+    assert _link(name, "lo").get("flags") & 1, "lo must be UP"  # type: ignore[attr-defined]
+    assert netns.netns_inode(path) != os.stat("/proc/self/ns/net").st_ino
+
+    netns.ensure_tap(name, tap, JAIL_UID, JAIL_GID, host_cidr="172.30.0.1/30")
+    try:
+        assert netns.interfaces_in(name) == ["lo", tap]
+        assert tap not in _host_links()
+        assert _tun_attr(name, tap, "IFLA_TUN_OWNER") == JAIL_UID
+        assert _tun_attr(name, tap, "IFLA_TUN_GROUP") == JAIL_GID
+        assert _tun_attr(name, tap, "IFLA_TUN_TYPE") == 2  # tap
+        assert _tun_attr(name, tap, "IFLA_TUN_PERSIST") == 1
+        assert not _tun_attr(name, tap, "IFLA_TUN_MULTI_QUEUE")
+        link = _link(name, tap)
+        assert link.get("flags") & 1, "tap must be UP"  # type: ignore[attr-defined]
+        with IPRoute(netns=str(path), flags=0) as ipr:
+            addrs = {(a.get("address"), a["prefixlen"]) for a in ipr.addr("dump")}
+        assert ("172.30.0.1", 30) in addrs
+
+        # The unprivileged VMM can attach exactly as Firecracker does; another uid cannot.
+        assert _attach_as(path, tap, JAIL_UID, JAIL_GID) == 0
+        assert _attach_as(path, tap, JAIL_UID + 1, JAIL_GID + 1) == errno.EPERM
+    finally:
+        netns.remove_tap(name, tap)
+    assert netns.interfaces_in(name) == ["lo"]
+    netns.remove_netns(name)
+    assert name not in netns.list_netns()
+    assert not path.exists()
+
+
+def test_idempotent(vm_id: str) -> None:
+    name = netns.netns_name(vm_id)
+    tap = netns.tap_name(vm_id)
+    p1 = netns.ensure_netns(name)
+    ino = netns.netns_inode(p1)
+    p2 = netns.ensure_netns(name)
+    assert p1 == p2 and netns.netns_inode(p2) == ino, "ensure_netns must not recreate"
+    netns.ensure_tap(name, tap, JAIL_UID, JAIL_GID, host_cidr="172.30.0.1/30")
+    netns.ensure_tap(name, tap, JAIL_UID, JAIL_GID, host_cidr="172.30.0.1/30")
+    assert netns.interfaces_in(name) == ["lo", tap]
+    # a second call with another owner fixes the ownership
+    netns.ensure_tap(name, tap, JAIL_UID + 5, JAIL_GID + 5)
+    assert _tun_attr(name, tap, "IFLA_TUN_OWNER") == JAIL_UID + 5
+    assert _tun_attr(name, tap, "IFLA_TUN_GROUP") == JAIL_GID + 5
+    netns.remove_tap(name, tap)
+    netns.remove_tap(name, tap)
+    assert netns.interfaces_in(name) == ["lo"]
+    netns.remove_netns(name)
+    netns.remove_netns(name)
+    netns.remove_tap(name, tap)  # namespace gone: still no error
+    assert name not in netns.list_netns()
+
+
+def test_tap_needs_existing_netns(vm_id: str) -> None:
+    name = netns.netns_name(vm_id)
+    with pytest.raises(NetworkError, match="does not exist"):
+        netns.ensure_tap(name, netns.tap_name(vm_id), JAIL_UID, JAIL_GID)
+    assert name not in netns.list_netns(), "must not create the namespace implicitly"
+    with pytest.raises(NetworkError, match="does not exist"):
+        netns.interfaces_in(name)
+
+
+def test_stale_netns_file_is_replaced(vm_id: str) -> None:
+    name = netns.netns_name(vm_id)
+    path = netns.netns_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    with pytest.raises(NetworkError, match="not a mounted network namespace"):
+        netns.interfaces_in(name)
+    netns.ensure_netns(name)
+    assert netns.interfaces_in(name) == ["lo"]
+
+
+def _thread_netns_ino() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def test_callable_via_to_thread_and_caller_stays_home(vm_id: str) -> None:
+    name = netns.netns_name(vm_id)
+    tap = netns.tap_name(vm_id)
+    home = _thread_netns_ino()
+
+    def worker() -> tuple[int, int, list[str]]:
+        before = _thread_netns_ino()
+        netns.ensure_tap(name, tap, JAIL_UID, JAIL_GID)
+        return before, _thread_netns_ino(), netns.interfaces_in(name)
+
+    async def main() -> tuple[int, int, list[str]]:
+        await asyncio.to_thread(netns.ensure_netns, name)
+        try:
+            return await asyncio.to_thread(worker)
+        finally:
+            await asyncio.to_thread(netns.remove_tap, name, tap)
+
+    before, after, links = asyncio.run(main())
+    assert links == ["lo", tap]
+    assert before == after == home, "the calling thread must never change namespace"
+    assert _thread_netns_ino() == home
+    assert tap not in _host_links()
+
+
+def test_uplink_created_and_removed(vm_id: str) -> None:
+    name = netns.netns_name(vm_id)
+    host_if, ns_if = netns.uplink_names(vm_id)
+    fwd = Path("/proc/sys/net/ipv4/ip_forward")
+    host_forward_before = fwd.read_text()
+    netns.ensure_netns(name)
+    try:
+        up = netns.ensure_uplink(name, vm_id, "172.31.250.0/30")
+        up2 = netns.ensure_uplink(name, vm_id, "172.31.250.0/30")
+        assert up == up2
+        assert (up.host_ifname, up.netns_ifname) == (host_if, ns_if)
+        assert str(up.host_address) == "172.31.250.1/30"
+        assert str(up.netns_address) == "172.31.250.2/30"
+        assert host_if in _host_links() and ns_if not in _host_links()
+        assert netns.interfaces_in(name) == ["lo", ns_if]
+        with IPRoute(netns=str(netns.netns_path(name)), flags=0) as ipr:
+            routes = [r for r in ipr.route("dump", family=2) if r.get("dst_len") == 0]
+            assert any(r.get("gateway") == "172.31.250.1" for r in routes), routes
+            addrs = {a.get("address") for a in ipr.addr("dump", family=2)}
+            assert "172.31.250.2" in addrs
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            addrs = {a.get("address") for a in ipr.addr("dump", index=idx)}
+            assert "172.31.250.1" in addrs
+        # forwarding is switched on inside the namespace only
+        assert fwd.read_text() == host_forward_before
+        assert netns._run_in_netns(name, fwd.read_text).strip() == "1"
+
+        # traffic really flows: from inside the namespace to a listener on the host end
+        with socket.create_server(("172.31.250.1", 0)) as server:
+            port = server.getsockname()[1]
+
+            def connect_from_inside() -> str:
+                with socket.create_connection(("172.31.250.1", port), timeout=5) as c:
+                    return str(c.getsockname()[0])
+
+            assert netns._run_in_netns(name, connect_from_inside) == "172.31.250.2"
+            conn, peer = server.accept()
+            conn.close()
+            assert peer[0] == "172.31.250.2"
+
+        # the overlap check refuses a /30 already on the host (our own link is fine)
+        with pytest.raises(NetworkError, match="overlaps"):
+            netns.ensure_uplink(name, "other-" + vm_id[2:], "172.31.250.0/30")
+    finally:
+        netns.remove_uplink(name, vm_id)
+    netns.remove_uplink(name, vm_id)
+    assert host_if not in _host_links()
+    assert netns.interfaces_in(name) == ["lo"]
+    assert fwd.read_text() == host_forward_before
