@@ -8,7 +8,9 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def leftovers(vm_id_fragment: str = "", chroot_bases: tuple[Path, ...] = (Path("/var/jail"),)) -> list[str]:
+def leftovers(
+    vm_id_fragment: str = "", chroot_bases: tuple[Path, ...] = (Path("/var/jail"),)
+) -> list[str]:
     """Every VM resource on this host whose name contains ``vm_id_fragment``."""
     found: list[str] = []
     for pid in os.listdir("/proc"):
@@ -42,5 +44,9 @@ def leftovers(vm_id_fragment: str = "", chroot_bases: tuple[Path, ...] = (Path("
                 found.append(f"cgroup {Path(dirpath, d)}")
     netns = Path("/run/netns")
     if netns.is_dir():
-        found += [f"netns {p.name}" for p in netns.iterdir() if p.name.startswith("ironclaw-") and vm_id_fragment in p.name]
+        found += [
+            f"netns {p.name}"
+            for p in netns.iterdir()
+            if p.name.startswith("ironclaw-") and vm_id_fragment in p.name
+        ]
     return found

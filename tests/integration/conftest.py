@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from leftovers import leftovers  # noqa: E402
+from leftovers import leftovers
 
 
 def _missing() -> str | None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ironclaw_orchestrator.errors import (
-    ChrootBaseError,
     CgroupError,
+    ChrootBaseError,
     JailerError,
     SandboxRequiredError,
     VmExitedError,
@@ -37,7 +37,9 @@ from ironclaw_orchestrator.vm.process import ChildProcess
 pytestmark = pytest.mark.integration
 
 
-def probe_config(vm_id: str, behaviour: ProbeBehaviour = ProbeBehaviour.RESET, **kw: object) -> VmConfig:
+def probe_config(
+    vm_id: str, behaviour: ProbeBehaviour = ProbeBehaviour.RESET, **kw: object
+) -> VmConfig:
     return VmConfig(
         vm_id=vm_id,
         kernel_path=str(probe_kernel_path(behaviour)),
@@ -56,7 +58,9 @@ def proc_status(pid: int) -> dict[str, str]:
     return out
 
 
-async def test_jailed_vm_runs_as_jail_user_in_chroot_with_limits(vm_id: str, chroot_base: Path) -> None:
+async def test_jailed_vm_runs_as_jail_user_in_chroot_with_limits(
+    vm_id: str, chroot_base: Path
+) -> None:
     vm = await start_firecracker(probe_config(vm_id, ProbeBehaviour.HALT, require_sandbox=True))
     try:
         assert vm.is_sandboxed
@@ -168,7 +172,9 @@ async def test_cgroup_value_rejected_by_kernel(vm_id: str, chroot_base: Path) ->
     assert "cpuset.cpus" in str(info.value) and "999" in str(info.value)
 
 
-async def test_vm_exiting_immediately_reports_status_and_output(vm_id: str, chroot_base: Path) -> None:
+async def test_vm_exiting_immediately_reports_status_and_output(
+    vm_id: str, chroot_base: Path
+) -> None:
     with pytest.raises(VmExitedError) as info:
         await start_with_jailer(JailerConfig(jailer_id=vm_id), log_level="Bogus")
     assert info.value.exit_code not in (None, 0)
@@ -177,7 +183,9 @@ async def test_vm_exiting_immediately_reports_status_and_output(vm_id: str, chro
     assert info.value.output_tail in str(info.value)
 
 
-async def test_real_jailer_v2_refusal_is_explained(vm_id: str, chroot_base: Path, tmp_path: Path) -> None:
+async def test_real_jailer_v2_refusal_is_explained(
+    vm_id: str, chroot_base: Path, tmp_path: Path
+) -> None:
     """This host has no controllers on its cgroup2 mount: the real jailer refuses v2."""
     import shutil
 

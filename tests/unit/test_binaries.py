@@ -72,7 +72,7 @@ def test_matching_pair(tmp_path: Path) -> None:
 def test_exec_name_rule_for_middle_versions(tmp_path: Path) -> None:
     j = fake(tmp_path, "jailer", "v1.5.0")
     f = fake(tmp_path, "vmm", "v1.5.0")
-    with pytest.raises(ConfigError, match="must|requires"):
+    with pytest.raises(ConfigError, match=r"must|requires"):
         b.check_pair(j, f)
     b.check_exec_file_name(Path("vmm"), b.Version(1, 14, 1))  # allowed again in v1.13+
 

@@ -75,7 +75,15 @@ def test_detect_hybrid(tmp_path: Path) -> None:
     assert layout.unified_mount == root / "unified"
     assert layout.unified_controllers == frozenset()
     assert layout.v1_mounts["memory"] == root / "memory"
-    assert set(layout.v1_mounts) == {"cpu", "cpuacct", "cpuset", "memory", "devices", "blkio", "pids"}
+    assert set(layout.v1_mounts) == {
+        "cpu",
+        "cpuacct",
+        "cpuset",
+        "memory",
+        "devices",
+        "blkio",
+        "pids",
+    }
     assert layout.own_paths["memory"] == "/process_api/abc"
     assert layout.own_paths["cpu"] == "/"
     assert layout.own_paths[""] == "/"

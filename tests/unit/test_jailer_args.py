@@ -15,8 +15,14 @@ FC = Path("/usr/local/bin/firecracker-v1.14.1")
 
 def argv(cfg: JailerConfig, version: str, cgv: int, cgroups: list[CgroupArg]) -> list[str]:
     return build_jailer_argv(
-        cfg, jailer=J, exec_file=FC, version=Version.parse(version), cgroup_version=cgv,
-        cgroups=cgroups, parent_cgroup="ironclaw", netns="/run/netns/ironclaw-vm1",
+        cfg,
+        jailer=J,
+        exec_file=FC,
+        version=Version.parse(version),
+        cgroup_version=cgv,
+        cgroups=cgroups,
+        parent_cgroup="ironclaw",
+        netns="/run/netns/ironclaw-vm1",
     )
 
 

@@ -178,7 +178,9 @@ async def start_firecracker(
     return vm
 
 
-async def stop_firecracker(vm: FirecrackerProcess, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+async def stop_firecracker(
+    vm: FirecrackerProcess, timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+) -> None:
     """Stop ``vm`` (graceful, then SIGKILL), reap it and remove all it used. Idempotent."""
     await vm.stop(timeout_s)
 
@@ -229,4 +231,3 @@ async def _configure(vm: FirecrackerProcess) -> None:
         if not jailed:
             raise ConfigError(f"VM {cfg.vm_id}: vsock is only supported for jailed VMs")
         await api.put_vsock(cfg.vsock_guest_cid, cfg.vsock_uds_path)
-

@@ -41,8 +41,12 @@ class FirecrackerApi:
         await self.aclose()
 
     async def request(
-        self, method: str, path: str, body: dict[str, Any] | None = None,
-        *, timeout_s: float | None = None,
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
     ) -> Any:
         """Send one request; return the decoded JSON body (or ``None``); raise ``ApiError``."""
         kwargs: dict[str, Any] = {}
@@ -112,7 +116,9 @@ class FirecrackerApi:
             },
         )
 
-    async def put_network_interface(self, iface_id: str, host_dev_name: str, guest_mac: str) -> None:
+    async def put_network_interface(
+        self, iface_id: str, host_dev_name: str, guest_mac: str
+    ) -> None:
         await self.request(
             "PUT",
             f"/network-interfaces/{iface_id}",

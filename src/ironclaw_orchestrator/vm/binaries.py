@@ -107,7 +107,8 @@ def _find(
         if _executable(path):
             return path
         raise error(
-            f"{name} binary not found at {path} (from ${env}): fix or unset {env}, or {INSTALL_HINT}"
+            f"{name} binary not found at {path} (from ${env}): "
+            f"fix or unset {env}, or {INSTALL_HINT}"
         )
     tried.append(f"${env} (unset)")
     on_path = _which(name)

@@ -54,6 +54,7 @@ DEFAULT_CHROOT_BASE = Path("/var/jail")
 DEFAULT_API_SOCK = PurePosixPath("/run/firecracker.socket")
 DEFAULT_PARENT_CGROUP_NAME = "ironclaw"
 
+
 def check_id(value: str, what: str = "vm_id") -> str:
     if not ID_PATTERN.match(value):
         raise ValueError(
@@ -239,7 +240,10 @@ class VmConfig(_Model):
         if self.require_sandbox is not None:
             return self.require_sandbox
         return os.environ.get("IRONCLAW_REQUIRE_SANDBOX", "").strip().lower() in (
-            "1", "true", "yes", "on",
+            "1",
+            "true",
+            "yes",
+            "on",
         )
 
     def jailer_config(self) -> JailerConfig:

@@ -73,8 +73,12 @@ class JailFile:
 
 def resolve_binaries(config: JailerConfig) -> Binaries:
     """Find the jailer and firecracker for ``config`` and check that their versions match."""
-    jailer = find_jailer(config.jailer_binary if "jailer_binary" in config.model_fields_set else None)
-    exec_file = find_firecracker(config.exec_file if "exec_file" in config.model_fields_set else None)
+    jailer = find_jailer(
+        config.jailer_binary if "jailer_binary" in config.model_fields_set else None
+    )
+    exec_file = find_firecracker(
+        config.exec_file if "exec_file" in config.model_fields_set else None
+    )
     return check_pair(jailer, exec_file)
 
 
@@ -106,11 +110,12 @@ class JailResources:
         """Remove everything; every step runs even if one fails, then one error lists all."""
         failures: list[str] = []
         if self.cgroups is not None:
+            cgroups = self.cgroups
             try:
-                self.cgroups.remove()
+                cgroups.remove()
                 self.cgroups = None
-            except Exception as exc:  # noqa: BLE001 - collect, keep cleaning
-                failures.append(f"cgroups {list(self.cgroups.paths.values())}: {exc}")
+            except Exception as exc:
+                failures.append(f"cgroups {[str(p) for p in cgroups.paths.values()]}: {exc}")
         if self.netns_name is not None:
             try:
                 if self.tap is not None:
@@ -118,7 +123,7 @@ class JailResources:
                     self.tap = None
                 ns.remove_netns(self.netns_name)
                 self.netns_name = None
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 failures.append(f"network namespace {self.netns_name}: {exc}")
         for label in ("jail_dir", "run_dir"):
             path: Path | None = getattr(self, label)
@@ -385,7 +390,12 @@ def _controllers(config: JailerConfig) -> set[str]:
 def _wants_io(config: JailerConfig) -> bool:
     return any(
         v is not None
-        for v in (config.io_read_bps, config.io_write_bps, config.io_read_iops, config.io_write_iops)
+        for v in (
+            config.io_read_bps,
+            config.io_write_bps,
+            config.io_read_iops,
+            config.io_write_iops,
+        )
     )
 
 

@@ -14,7 +14,6 @@ from ..errors import ConfigError
 from .binaries import Version
 from .config import JailerConfig
 
-
 MIN_SUPPORTED = Version(1, 0, 0)
 
 

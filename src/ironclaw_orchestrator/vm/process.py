@@ -64,6 +64,7 @@ class ChildProcess:
         self._pidfd: int | None = os.pidfd_open(pid)
         self.returncode: int | None = None
         self._exited: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def spawn(
@@ -126,10 +127,8 @@ class ChildProcess:
     def _set_returncode(self, code: int) -> None:
         self.returncode = code
         if self._pidfd is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(self._pidfd)
-            except RuntimeError:
-                pass
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
         if self._exited is not None:
@@ -148,6 +147,7 @@ class ChildProcess:
             self._exited = asyncio.Event()
             assert self._pidfd is not None
             loop.add_reader(self._pidfd, self._poll)
+            self._loop = loop
         async with asyncio.timeout(timeout_s):
             await self._exited.wait()
         assert self.returncode is not None

@@ -573,7 +573,8 @@ class VmCgroups:
                     self._rmdir(self.paths[key].parent, failures, tolerate_busy=True)
         self.prepared = False
         if failures:
-            raise CleanupError(f"removing the cgroups of VM {self.vm_id} failed", failures)
+            unique = list(dict.fromkeys(failures))
+            raise CleanupError(f"removing the cgroups of VM {self.vm_id} failed", unique)
 
     # ------------------------------------------------------------------ stats
 

@@ -1,0 +1,102 @@
+"""Network isolation with the real jailer: private netns, tap on request, vsock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from ironclaw_orchestrator.errors import CgroupError, NetworkError
+from ironclaw_orchestrator.vm import JailerConfig, VmConfig, start_firecracker
+from ironclaw_orchestrator.vm import netns as ns
+from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
+from ironclaw_orchestrator.vm.vsock import connect_vsock
+
+pytestmark = pytest.mark.integration
+
+
+def cfg(vm_id: str, **kw: object) -> VmConfig:
+    return VmConfig(
+        vm_id=vm_id,
+        kernel_path=str(probe_kernel_path(ProbeBehaviour.HALT)),
+        rootfs_path=None,
+        memory_mb=128,
+        boot_args=PROBE_BOOT_ARGS,
+        require_sandbox=True,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def host_links() -> set[str]:
+    return set(os.listdir("/sys/class/net"))
+
+
+async def test_private_netns_without_networking(vm_id: str, chroot_base: Path) -> None:
+    vm = await start_firecracker(cfg(vm_id))
+    name = ns.netns_name(vm_id)
+    try:
+        vm_ns = os.stat(f"/proc/{vm.pid}/ns/net").st_ino
+        assert vm_ns == ns.netns_inode(ns.netns_path(name))
+        assert vm_ns != os.stat("/proc/self/ns/net").st_ino
+        assert await asyncio.to_thread(ns.interfaces_in, name) == ["lo"]
+    finally:
+        await vm.stop()
+    assert name not in await asyncio.to_thread(ns.list_netns)
+
+
+async def test_networking_tap_only_inside_and_removed(vm_id: str, chroot_base: Path) -> None:
+    before = host_links()
+    vm = await start_firecracker(cfg(vm_id, enable_networking=True))
+    name = ns.netns_name(vm_id)
+    tap = ns.tap_name(vm_id)
+    try:
+        assert tap in await asyncio.to_thread(ns.interfaces_in, name)
+        assert tap not in host_links()
+        # Firecracker accepted the tap (PUT /network-interfaces ran during start) and boots.
+        await vm.start_instance()
+        info = await vm.api.request("GET", "/vm/config")
+        ifaces = info.get("network-interfaces", []) if isinstance(info, dict) else []
+        assert not ifaces or ifaces[0]["host_dev_name"] == tap
+    finally:
+        await vm.stop()
+    assert name not in await asyncio.to_thread(ns.list_netns)
+    assert host_links() == before
+
+
+async def test_failed_start_removes_netns_and_tap(vm_id: str, chroot_base: Path) -> None:
+    bad = cfg(vm_id, enable_networking=True, jailer=JailerConfig(cpuset_cpus="999"))
+    with pytest.raises(CgroupError):
+        await start_firecracker(bad)
+    assert ns.netns_name(vm_id) not in await asyncio.to_thread(ns.list_netns)
+
+
+async def test_user_netns_is_used_and_kept(vm_id: str, chroot_base: Path) -> None:
+    name = f"ironclaw-user-{vm_id}"
+    path = await asyncio.to_thread(ns.ensure_netns, name)
+    try:
+        vm = await start_firecracker(cfg(vm_id, jailer=JailerConfig(netns=str(path))))
+        try:
+            assert os.stat(f"/proc/{vm.pid}/ns/net").st_ino == ns.netns_inode(path)
+        finally:
+            await vm.stop()
+        assert path.exists()
+    finally:
+        await asyncio.to_thread(ns.remove_netns, name)
+
+
+async def test_vsock_socket_in_jail_and_clear_error(vm_id: str, chroot_base: Path) -> None:
+    vm = await start_firecracker(cfg(vm_id, vsock_guest_cid=3))
+    try:
+        await vm.start_instance()
+        uds = vm.vmm.jail_host_path("/run/vsock.sock")  # type: ignore[union-attr]
+        for _ in range(400):
+            if uds.exists():
+                break
+            await asyncio.sleep(0.005)
+        assert uds.is_socket()
+        with pytest.raises(NetworkError, match="port 52"):
+            await connect_vsock(uds, 52, timeout_s=2)
+    finally:
+        await vm.stop()
