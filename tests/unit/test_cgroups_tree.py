@@ -231,6 +231,11 @@ def test_prepare_existing_vm_dir_is_error(v1: tuple[CgroupLayout, FakeKernel, Pa
         plan_v1(v1).prepare()
     assert stale.is_dir()  # not ours: left alone
     assert not (fs.root / "cpu/process_api").exists()
+    (stale / "cgroup.procs").write_text("777\n")
+    vm = plan_v1(v1)
+    vm.remove(timeout_s=0.1)  # e.g. a caller's finally: must not touch the other VM
+    assert stale.is_dir()
+    assert fs.killed == []
 
 
 def test_attach_only_non_jailer_controllers(v1: tuple[CgroupLayout, FakeKernel, Path]) -> None:

@@ -124,7 +124,7 @@ class FirecrackerProcess:
                 output_tail=self.console_tail(),
             )
 
-    def stats(self) -> CgroupStats:
+    async def stats(self) -> CgroupStats:
         """Resource usage from the VM's cgroups (jailed VMs only)."""
         if not isinstance(self.vmm, JailerProcess):
             raise UsageError(

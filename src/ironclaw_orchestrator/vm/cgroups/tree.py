@@ -539,13 +539,18 @@ class VmCgroups:
     def remove(self, timeout_s: float = 5.0) -> None:
         """Kill what is left in the VM's cgroups, wait, and remove the directories.
 
-        Removes the VM directories, then (under the host lock) the parent directories this
-        object created, if empty (a busy parent holds another VM's cgroup and is left); with
-        the derived parent (``<own>/ironclaw``), that parent too if it is empty. Idempotent.
+        Only directories this object created (recorded by :meth:`prepare`, kept in
+        :meth:`to_dict`) are touched. Removes the VM directories, then (under the host lock)
+        the parent directories this object created, if empty (a busy parent holds another
+        VM's cgroup and is left); with the derived parent (``<own>/ironclaw``), that parent
+        too if it is empty. Idempotent.
         Every step runs; failures are raised together as :class:`CleanupError`.
         """
         failures: list[str] = []
-        tops = [d for d in self._vm_dirs() if self.fs.is_dir(d)]
+        # Only directories this object created: a VM dir found pre-existing by prepare()
+        # belongs to someone else (same id still running) and must not be touched.
+        owned = set(self.created)
+        tops = [d for d in self._vm_dirs() if d in owned and self.fs.is_dir(d)]
         for top in tops:
             self._kill_all(top, failures)
         deadline = time.monotonic() + timeout_s
@@ -568,7 +573,7 @@ class VmCgroups:
                 for cg in self._all_cgroups(top):
                     self._rmdir(cg, failures, tolerate_busy=False)
             failures += self._remove_created()
-            if not self.explicit_parent:
+            if owned and not self.explicit_parent:
                 for key in self.mounts:
                     self._rmdir(self.paths[key].parent, failures, tolerate_busy=True)
         self.prepared = False

@@ -1,0 +1,5 @@
+"""``python -m ironclaw_orchestrator.cli``."""
+
+from . import main
+
+main()

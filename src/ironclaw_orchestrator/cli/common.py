@@ -1,0 +1,147 @@
+"""What every ``ironclaw`` command shares: exit codes, error output, logging, TOML loading.
+
+The CLI is the only part of the project that imports typer or rich.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from ..errors import (
+    CleanupError,
+    ConfigError,
+    HostError,
+    InstallError,
+    IronclawError,
+    OutOfMemoryError,
+    UsageError,
+)
+
+
+class ExitCode(enum.IntEnum):
+    """The stable exit statuses of ``ironclaw`` (documented in the README)."""
+
+    #: Success: the guest exited cleanly (VMM status 0), the host is ready, install done.
+    OK = 0
+    #: The VM failed: the VMM/jailer did not start, an API call failed, or the VMM exited
+    #: with a non-zero status; also any other runtime error (staging, network, registry).
+    VM_ERROR = 1
+    #: Bad command line, bad flag value or bad configuration (TOML file, VmConfig values).
+    USAGE = 2
+    #: The host is not ready: KVM, binaries, versions, chroot base, cgroups, root (and
+    #: ``ironclaw doctor`` found at least one failed check).
+    HOST_NOT_READY = 3
+    #: The VMM was OOM-killed because its memory cgroup limit was exhausted.
+    OOM_KILLED = 4
+    #: ``ironclaw install`` failed (nothing was installed).
+    INSTALL_FAILED = 5
+    #: The VM ended but cleanup left resources behind (``ironclaw gc`` removes them).
+    CLEANUP_FAILED = 6
+    #: Stopped by SIGINT (Ctrl-C); the VM was stopped and cleaned up first.
+    INTERRUPTED = 130
+    #: Stopped by SIGTERM; the VM was stopped and cleaned up first.
+    TERMINATED = 143
+
+
+#: ``(exception class, exit code)`` in lookup order: the first match wins.
+ERROR_EXIT_CODES: tuple[tuple[type[IronclawError], ExitCode], ...] = (
+    (OutOfMemoryError, ExitCode.OOM_KILLED),
+    (ConfigError, ExitCode.USAGE),
+    (UsageError, ExitCode.USAGE),
+    (HostError, ExitCode.HOST_NOT_READY),
+    (InstallError, ExitCode.INSTALL_FAILED),
+    (CleanupError, ExitCode.CLEANUP_FAILED),
+    (IronclawError, ExitCode.VM_ERROR),
+)
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = Console(highlight=False, soft_wrap=True)
+
+VerboseOption = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="Debug logging on stderr."),
+]
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit code for an error raised by the library."""
+    for cls, code in ERROR_EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return ExitCode.VM_ERROR
+
+
+def fail(message: str, code: ExitCode = ExitCode.USAGE) -> NoReturn:
+    """Print one red error message (no traceback) and exit with ``code``."""
+    stderr.print(f"[bold red]error:[/] [red]{escape(message)}[/]")
+    raise typer.Exit(int(code))
+
+
+@contextmanager
+def handle_errors() -> Iterator[None]:
+    """Turn library errors into a red message and their exit code."""
+    try:
+        yield
+    except IronclawError as exc:
+        logging.getLogger("ironclaw_orchestrator").debug("error details", exc_info=exc)
+        fail(str(exc), exit_code_for(exc))
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log to stderr: WARNING and up by default, everything of ours with ``-v``."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_ironclaw", False):
+            root.removeHandler(handler)
+    handler = RichHandler(console=stderr, show_path=False, show_time=verbose, markup=False)
+    handler._ironclaw = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    ours = logging.getLogger("ironclaw_orchestrator")
+    ours.setLevel(logging.DEBUG if verbose else logging.NOTSET)
+
+
+# --------------------------------------------------------------------------- TOML
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file; problems are ``ConfigError`` naming the file."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def merge_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with every override that is not ``None`` applied on top (flags win).
+
+    A key ``"jailer.<field>"`` overrides a field of the ``[jailer]`` table.
+    """
+    merged = dict(data)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key.startswith("jailer."):
+            table = merged.get("jailer")
+            jailer = dict(table) if isinstance(table, Mapping) else {}
+            jailer[key.removeprefix("jailer.")] = value
+            merged["jailer"] = jailer
+        else:
+            merged[key] = value
+    return merged

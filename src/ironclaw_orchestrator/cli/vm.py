@@ -1,0 +1,325 @@
+"""``ironclaw vm run``: boot one microVM, stream its console, stop and clean up.
+
+Configuration comes from, in increasing precedence: ``VmConfig`` defaults, the TOML file
+(``--config``: ``VmConfig`` keys at top level, ``JailerConfig`` keys in a ``[jailer]`` table),
+then the flags. Without a kernel (neither ``--kernel`` nor ``kernel_path`` in the file) the
+built-in probe guest is booted, with no root drive and 128 MiB unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..errors import ConfigError, IronclawError, UsageError
+from ..unjailed_mode import start_unjailed_vm
+from ..vm import FirecrackerProcess, start_firecracker
+from ..vm.config import VmConfig
+from ..vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
+from .common import (
+    ExitCode,
+    VerboseOption,
+    exit_code_for,
+    fail,
+    handle_errors,
+    load_toml,
+    merge_overrides,
+    setup_logging,
+    stderr,
+)
+
+log = logging.getLogger("ironclaw_orchestrator.cli")
+
+app = typer.Typer(
+    help="Run microVMs.\n\nExample:\n\n  ironclaw vm run --probe halt",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+#: Memory of the probe guest when neither the flags nor the file set ``memory_mb``.
+PROBE_MEMORY_MIB = 128
+#: How often the console file is polled for new output.
+CONSOLE_POLL_S = 0.02
+
+
+class Probe(str, enum.Enum):
+    reset = "reset"
+    halt = "halt"
+    spin = "spin"
+
+
+RUN_HELP = """Start a microVM, boot it and stream its serial console to stdout until it ends.
+
+The VM is jailed unless --no-jailer is given (or the jailer cannot run here and no sandbox is
+required, in which case a warning is logged). Without --kernel it boots the built-in probe
+guest (--probe reset: prints its ready line and exits; halt/spin: runs until interrupted).
+Ctrl-C or SIGTERM stops the VM and cleans everything up (exit 130 / 143).
+
+Exit status: 0 guest exited cleanly, 1 VM error (or the VMM exited non-zero), 2 usage or
+configuration error, 3 host not ready, 4 OOM-killed, 6 cleanup failed, 130 SIGINT,
+143 SIGTERM.
+
+The TOML file holds VmConfig keys at top level and JailerConfig keys in a [jailer] table;
+flags override it:
+
+  vm_id = "web-1"
+
+  memory_mb = 256
+
+  [jailer]
+
+  chroot_base_dir = "/var/jail"
+
+Examples:
+
+  sudo ironclaw vm run
+
+  sudo ironclaw vm run --probe halt --stats
+
+  sudo ironclaw vm run --kernel vmlinux --rootfs rootfs.ext4 --vcpus 2 --memory 512
+
+  sudo ironclaw vm run --config vm.toml --id web-2
+
+  ironclaw vm run --no-jailer
+"""
+
+
+def build_config(
+    *,
+    config_file: Path | None,
+    overrides: dict[str, Any],
+    probe: Probe | None,
+) -> tuple[VmConfig, ProbeBehaviour | None]:
+    """The ``VmConfig`` from file + flags, and the probe behaviour if the probe is booted.
+
+    Raises ``ConfigError`` naming the file (and the bad key) or the flag.
+    """
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        data = load_toml(config_file)
+        try:
+            VmConfig(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+    merged = merge_overrides(data, overrides)
+    behaviour: ProbeBehaviour | None = None
+    if "kernel_path" not in merged:
+        behaviour = ProbeBehaviour(probe.value if probe is not None else "reset")
+        merged["kernel_path"] = str(probe_kernel_path(behaviour))
+        merged.setdefault("rootfs_path", None)
+        merged.setdefault("memory_mb", PROBE_MEMORY_MIB)
+        merged.setdefault("boot_args", PROBE_BOOT_ARGS)
+    elif probe is not None:
+        raise ConfigError("--probe boots the built-in probe guest: it cannot be used with a kernel")
+    else:
+        merged.setdefault("rootfs_path", None)
+    merged.setdefault("vm_id", f"ironclaw-run-{secrets.token_hex(4)}")
+    try:
+        return VmConfig(**merged), behaviour
+    except ConfigError as exc:
+        source = "flags" if config_file is None else f"flags and config file {config_file}"
+        raise ConfigError(str(exc).replace("invalid VmConfig", f"invalid VmConfig (from {source})")) from None
+
+
+class _Follower:
+    """Copies a growing file to a binary stream, like ``tail -f``."""
+
+    def __init__(self, path: Path, out: Any) -> None:
+        self.path = path
+        self.out = out
+        self._file: Any = None
+
+    def _open(self) -> bool:
+        if self._file is None:
+            try:
+                self._file = self.path.open("rb")
+            except OSError:
+                return False
+        return True
+
+    def drain(self) -> int:
+        """Copy everything new; return the number of bytes copied."""
+        if not self._open():
+            return 0
+        total = 0
+        while chunk := self._file.read(65536):
+            self.out.write(chunk)
+            total += len(chunk)
+        if total:
+            self.out.flush()
+        return total
+
+    async def follow(self) -> None:
+        while True:
+            if not self.drain():
+                await asyncio.sleep(CONSOLE_POLL_S)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _print_stats(vm: FirecrackerProcess) -> None:
+    try:
+        stats = vm.stats()
+    except (UsageError, IronclawError) as exc:
+        stderr.print(f"[yellow]stats unavailable:[/] {exc}")
+        return
+    table = Table(title=f"VM {vm.vm_id} stats")
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for name, value in vars(stats).items():
+        if name == "io":
+            continue
+        table.add_row(name, "n/a" if value is None else f"{value:,}")
+    for device, io in (stats.io or {}).items():
+        table.add_row(
+            f"io {device}",
+            f"read {io.read_bytes:,} B / {io.read_ios:,} ops, "
+            f"write {io.write_bytes:,} B / {io.write_ios:,} ops",
+        )
+    stderr.print(table)
+
+
+async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> ExitCode:
+    """Start, boot, stream, stop. Returns the exit code; library errors propagate after the
+    VM was stopped and cleaned up."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    signals: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        if signals:
+            log.warning("already stopping VM %s", config.vm_id)
+            return
+        signals.append(sig)
+        stop_requested.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    def interrupted() -> ExitCode:
+        return ExitCode.INTERRUPTED if signals[0] == signal.SIGINT else ExitCode.TERMINATED
+
+    vm: FirecrackerProcess | None = None
+    follower: _Follower | None = None
+    tail: asyncio.Task[None] | None = None
+    try:
+        starter = start_unjailed_vm if force_unjailed else start_firecracker
+        start = asyncio.ensure_future(starter(config))
+        stop_wait = asyncio.ensure_future(stop_requested.wait())
+        await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            # Cancelling makes the library undo everything it made so far.
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await start
+            return interrupted()
+        stop_wait.cancel()
+        vm = start.result()
+        if not vm.is_sandboxed:
+            log.warning("VM %s is NOT sandboxed (no jailer): do not run untrusted code", vm.vm_id)
+        log.info("VM %s started (pid %d), console %s", vm.vm_id, vm.pid, vm.console_path)
+        follower = _Follower(vm.console_path, sys.stdout.buffer)
+        tail = asyncio.ensure_future(follower.follow())
+        await vm.start_instance()
+        waiter = asyncio.ensure_future(vm.wait())
+        stop_wait = asyncio.ensure_future(stop_requested.wait())
+        await asyncio.wait({waiter, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            if stats:
+                _print_stats(vm)
+            return interrupted()
+        stop_wait.cancel()
+        try:
+            code = waiter.result()
+        finally:
+            if stats:
+                _print_stats(vm)
+        if code == 0:
+            return ExitCode.OK
+        stderr.print(f"[bold red]error:[/] [red]VM {vm.vm_id}: the VMM exited with status {code}[/]")
+        return ExitCode.VM_ERROR
+    finally:
+        if tail is not None:
+            tail.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tail
+        if follower is not None:
+            follower.drain()
+            follower.close()
+        if vm is not None:
+            await vm.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+@app.command(name="run", help=RUN_HELP)
+def run(
+    vm_id: Annotated[
+        str | None, typer.Option("--id", help="VM id: 1-64 of A-Z a-z 0-9 '-'.")
+    ] = None,
+    vcpus: Annotated[int | None, typer.Option("--vcpus", help="Number of vCPUs.")] = None,
+    memory: Annotated[int | None, typer.Option("--memory", help="Guest memory in MiB.")] = None,
+    kernel: Annotated[
+        Path | None, typer.Option("--kernel", help="Guest kernel (default: the probe guest).")
+    ] = None,
+    rootfs: Annotated[Path | None, typer.Option("--rootfs", help="Root drive image.")] = None,
+    boot_args: Annotated[
+        str | None, typer.Option("--boot-args", help="Kernel command line.")
+    ] = None,
+    no_jailer: Annotated[
+        bool, typer.Option("--no-jailer", help="Run without the jailer (INSECURE, development).")
+    ] = False,
+    require_sandbox: Annotated[
+        bool, typer.Option("--require-sandbox", help="Refuse to run unless jailed.")
+    ] = False,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML file with VmConfig keys.")
+    ] = None,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="Print the VM's cgroup stats (stderr) at the end.")
+    ] = False,
+    probe: Annotated[
+        Probe | None,
+        typer.Option("--probe", help="Probe guest behaviour (without --kernel): reset|halt|spin."),
+    ] = None,
+    verbose: VerboseOption = False,
+) -> None:
+    if verbose:
+        setup_logging(True)
+    if no_jailer and require_sandbox:
+        fail("--no-jailer and --require-sandbox contradict each other: pick one")
+    overrides: dict[str, Any] = {
+        "vm_id": vm_id,
+        "vcpu_count": vcpus,
+        "memory_mb": memory,
+        "kernel_path": None if kernel is None else str(kernel),
+        "rootfs_path": None if rootfs is None else str(rootfs),
+        "boot_args": boot_args,
+        "require_sandbox": True if require_sandbox else (False if no_jailer else None),
+    }
+    with handle_errors():
+        config, _ = build_config(config_file=config_file, overrides=overrides, probe=probe)
+        if no_jailer and os.environ.get("IRONCLAW_REQUIRE_SANDBOX") and config.require_sandbox:
+            fail("--no-jailer conflicts with require_sandbox in the config file")
+        code = asyncio.run(run_vm(config, force_unjailed=no_jailer, stats=stats))
+    raise typer.Exit(int(code))
+
+
+__all__ = ["app", "build_config", "exit_code_for", "run", "run_vm"]

@@ -1,0 +1,177 @@
+"""VmCgroups on the host's real cgroup v1 hierarchy (root only; no jailer/firecracker needed).
+
+The jailer's part (attaching the VMM to the controllers it manages) is played by
+``attach(pid, everywhere=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ironclaw_orchestrator.errors import CgroupControllerUnavailableError, CgroupError
+from ironclaw_orchestrator.vm.cgroups import (
+    VmCgroups,
+    cgroup_settings,
+    choose_version,
+    controller_names,
+    detect_layout,
+    disk_device_for,
+)
+from ironclaw_orchestrator.vm.config import JailerConfig
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _v1_ready() -> bool:
+    if os.geteuid() != 0:
+        return False
+    mounts = detect_layout().v1_mounts
+    return "memory" in mounts and "cpu" in mounts
+
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not _v1_ready(), reason="needs root and v1 memory+cpu controllers"),
+]
+
+
+def ironclaw_dirs() -> set[Path]:
+    found: set[Path] = set()
+    for dirpath, dirnames, _files in os.walk(CGROUP_ROOT):
+        for d in dirnames:
+            if "ironclaw" in d:
+                found.add(Path(dirpath) / d)
+    return found
+
+
+def chain_state(vm: VmCgroups) -> dict[Path, bool]:
+    """Whether each directory from every mount down to the VM dir exists."""
+    state: dict[Path, bool] = {}
+    for mount in vm.mounts.values():
+        cur = mount
+        for part in [*vm.parent.split("/"), vm.vm_id]:
+            cur = cur / part
+            state[cur] = cur.is_dir()
+    return state
+
+
+def test_real_v1_prepare_attach_stats_remove(tmp_path: Path) -> None:
+    before = ironclaw_dirs()
+    layout = detect_layout()
+    vm_id = f"ironclaw-test-{secrets.token_hex(4)}"
+    try:
+        io_device: str | None = disk_device_for(tmp_path)
+    except CgroupError:
+        io_device = None  # tmp on tmpfs/overlay: no io limit to test here
+    cfg = JailerConfig(
+        memory_limit_mb=256,
+        cpu_count=1,
+        pids_max=64,
+        cpuset_cpus="0",
+        io_write_bps=None if io_device is None else 10 * 2**20,
+    )
+    wanted = {s.controller for s in cgroup_settings(cfg, 1, io_device)}
+    version = choose_version(layout, 1, wanted)
+    assert version == 1
+    settings = cgroup_settings(cfg, version, io_device)
+    vm = VmCgroups.plan(layout, version, vm_id, settings, None, lock_path=tmp_path / "cg.lock")
+    proc: subprocess.Popen[bytes] | None = None
+    initial = chain_state(vm)
+    try:
+        vm.prepare()
+        created = list(vm.created)
+        assert created and all(not initial[d] for d in created)
+        p = vm.paths
+        assert (p["memory"] / "memory.limit_in_bytes").read_text().strip() == str(256 * 2**20)
+        assert (p["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "100000"
+        assert (p["cpu"] / "cpu.cfs_period_us").read_text().strip() == "100000"
+        assert (p["pids"] / "pids.max").read_text().strip() == "64"
+        assert (p["cpuset"] / "cpuset.cpus").read_text().strip() == "0"
+        assert (p["cpuset"] / "cpuset.mems").read_text().strip() != ""
+        assert p["cpuacct"].is_dir()
+        if io_device is not None:
+            text = (p["blkio"] / "blkio.throttle.write_bps_device").read_text()
+            assert f"{io_device} {10 * 2**20}" in text
+        for d in vm.created:
+            assert d.is_dir()
+
+        # The process execs sleep only after it has been attached, so its new memory is
+        # charged to the VM's memory cgroup (v1 does not move existing charges).
+        proc = subprocess.Popen(["sh", "-c", "read x; exec sleep 30"], stdin=subprocess.PIPE)
+        vm.attach(proc.pid)  # what the orchestrator does: blkio + cpuacct
+        vm.attach(proc.pid, everywhere=True)  # what the jailer would do for the rest
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.close()
+        deadline = time.monotonic() + 5
+        stats = vm.stats()
+        while time.monotonic() < deadline and not (stats.memory_current_bytes or 0) > 0:
+            time.sleep(0.05)
+            stats = vm.stats()
+        assert stats.memory_current_bytes is not None and stats.memory_current_bytes > 0
+        assert stats.pids_current is not None and stats.pids_current >= 1
+        assert stats.cpu_usage_ns is not None
+        assert stats.nr_periods is not None
+        assert vm.oom_kills() == 0
+        for key in vm.paths:
+            procs = (vm.paths[key] / "cgroup.procs").read_text().split()
+            assert str(proc.pid) in procs, key
+
+        record = vm.to_dict()
+        vm.remove()
+        assert proc.wait(timeout=5) == -9  # killed by remove()
+        for d in created:
+            assert not d.exists()
+        assert chain_state(vm) == initial
+        assert ironclaw_dirs() == before
+        VmCgroups.from_dict(record).remove()  # idempotent, also from a registry record
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        vm.remove()
+    assert ironclaw_dirs() == before
+
+
+def test_real_rejected_value_leaves_nothing(tmp_path: Path) -> None:
+    before = ironclaw_dirs()
+    layout = detect_layout()
+    if "cpuset" not in layout.v1_mounts:
+        pytest.skip("no v1 cpuset controller")
+    vm_id = f"ironclaw-test-{secrets.token_hex(4)}"
+    cfg = JailerConfig(cpuset_cpus="999")
+    settings = cgroup_settings(cfg, 1, None)
+    vm = VmCgroups.plan(layout, 1, vm_id, settings, None, lock_path=tmp_path / "cg.lock")
+    initial = chain_state(vm)
+    try:
+        with pytest.raises(CgroupError) as info:
+            vm.prepare()
+        msg = str(info.value)
+        print(msg)
+        assert chain_state(vm) == initial
+        assert "cpuset.cpus" in msg and "'999'" in msg
+        assert "cpuset_cpus" in msg  # says what to fix
+        assert info.value.controller == "cpuset"
+        assert info.value.value == "999"
+        assert vm.created == []
+        assert ironclaw_dirs() == before
+    finally:
+        vm.remove()
+    assert ironclaw_dirs() == before
+
+
+def test_real_v2_unavailable_on_hybrid() -> None:
+    layout = detect_layout()
+    needed = ["cpu", "memory"]
+    if layout.mode != "hybrid" or set(controller_names(needed, 2)) <= layout.unified_controllers:
+        pytest.skip("host is not hybrid with v1-bound cpu/memory")
+    with pytest.raises(CgroupControllerUnavailableError) as info:
+        choose_version(layout, 2, needed)
+    assert "is unavailable" in str(info.value)
+    assert "cgroup_version=1" in str(info.value)
