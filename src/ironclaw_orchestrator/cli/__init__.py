@@ -36,8 +36,8 @@ def _root(verbose: VerboseOption = False) -> None:
     setup_logging(verbose)
 
 
-app.command(name="doctor")(_doctor.doctor)
-app.command(name="install")(_install.install)
+app.command(name="doctor", help=_doctor.HELP)(_doctor.doctor)
+app.command(name="install", help=_install.HELP)(_install.install)
 app.add_typer(_vm.app, name="vm")
 
 

@@ -18,23 +18,19 @@ from .common import ExitCode, VerboseOption, handle_errors, load_toml, setup_log
 
 _STYLE = {lib.Status.PASS: "green", lib.Status.WARN: "yellow", lib.Status.FAIL: "bold red"}
 
-HELP = """Check that this host can run jailed Firecracker microVMs.
-
-Checks /dev/kvm, the firecracker and jailer binaries (found, versions match), the cgroup
-layout and controllers (and that VM cgroups can be created), the chroot base, the API
-socket path budget, network namespaces and root; then boots the built-in probe guest jailed
-and times it (--no-live skips that).
-
-Exit status: 0 when the host can run jailed VMs (no check failed), 3 when a check failed.
-
-Examples:
-
-  ironclaw doctor
-
-  ironclaw doctor --json --no-live
-
-  ironclaw doctor --unjailed --config vm.toml
-"""
+HELP = (
+    "Check that this host can run jailed Firecracker microVMs.\n\n"
+    "Checks /dev/kvm, the firecracker and jailer binaries (found, versions match), "
+    "the cgroup layout and controllers (and that VM cgroups can be created), the "
+    "chroot base, the API socket path budget, network namespaces and root; then boots "
+    "the built-in probe guest jailed and times it (--no-live skips that).\n\n"
+    "Exit status: 0 when the host can run jailed VMs (no check failed), 3 when a "
+    "check failed.\n\n"
+    "Examples:\n\n"
+    "ironclaw doctor\n\n"
+    "ironclaw doctor --json --no-live\n\n"
+    "ironclaw doctor --unjailed --config vm.toml"
+)
 
 
 def _jailer_config(config: Path | None) -> JailerConfig:
@@ -47,7 +43,9 @@ def _jailer_config(config: Path | None) -> JailerConfig:
     try:
         return JailerConfig(**table)
     except ConfigError as exc:
-        raise ConfigError(f"config file {config}: {exc}".replace("invalid JailerConfig", "invalid [jailer] table")) from None
+        raise ConfigError(
+            f"config file {config}: {exc}".replace("invalid JailerConfig", "invalid [jailer] table")
+        ) from None
 
 
 def render(report: lib.DoctorReport) -> None:
@@ -99,6 +97,3 @@ def doctor(
     else:
         render(report)
     raise typer.Exit(int(ExitCode.OK if report.ok else ExitCode.HOST_NOT_READY))
-
-
-doctor.__doc__ = HELP

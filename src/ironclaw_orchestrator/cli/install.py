@@ -21,21 +21,18 @@ from rich.progress import (
 from .. import install as lib
 from .common import VerboseOption, handle_errors, setup_logging, stderr, stdout
 
-HELP = f"""Download, verify (SHA-256) and install firecracker and jailer from one release.
-
-Installs PREFIX/firecracker-VERSION, PREFIX/jailer and the symlink PREFIX/firecracker, and
-creates the chroot base directory. Nothing is left installed if any step fails (exit 5).
-
-Examples:
-
-  sudo ironclaw install
-
-  sudo ironclaw install --version v1.14.1 --prefix /opt/firecracker/bin
-
-  sudo ironclaw install --from ./firecracker-v1.14.1-x86_64.tgz --sha256 0123...abcd
-
-Default version: {lib.DEFAULT_VERSION}; default prefix: {lib.DEFAULT_PREFIX}.
-"""
+HELP = (
+    f"Download, verify (SHA-256) and install firecracker and jailer from one release.\n\n"
+    f"Installs PREFIX/firecracker-VERSION, PREFIX/jailer and the symlink "
+    f"PREFIX/firecracker, and creates the chroot base directory. Nothing is left "
+    f"installed if any step fails (exit 5).\n\n"
+    f"Examples:\n\n"
+    f"sudo ironclaw install\n\n"
+    f"sudo ironclaw install --version v1.14.1 --prefix /opt/firecracker/bin\n\n"
+    f"sudo ironclaw install --from ./firecracker-v1.14.1-x86_64.tgz --sha256 "
+    f"0123...abcd\n\n"
+    f"Default version: {lib.DEFAULT_VERSION}; default prefix: {lib.DEFAULT_PREFIX}."
+)
 
 
 def install(
@@ -93,6 +90,3 @@ def install(
     stdout.print(f"  sha256 {result.sha256} (from {escape(result.sha256_source)})")
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}")
-
-
-install.__doc__ = HELP

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -22,7 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..errors import ConfigError, IronclawError, UsageError
+from ..errors import ConfigError, IronclawError
 from ..unjailed_mode import start_unjailed_vm
 from ..vm import FirecrackerProcess, start_firecracker
 from ..vm.config import VmConfig
@@ -30,8 +29,8 @@ from ..vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 from .common import (
     ExitCode,
     VerboseOption,
-    exit_code_for,
     fail,
+    guard_signal_wakeup_fd,
     handle_errors,
     load_toml,
     merge_overrides,
@@ -53,46 +52,36 @@ PROBE_MEMORY_MIB = 128
 CONSOLE_POLL_S = 0.02
 
 
-class Probe(str, enum.Enum):
+class Probe(enum.StrEnum):
     reset = "reset"
     halt = "halt"
     spin = "spin"
 
 
-RUN_HELP = """Start a microVM, boot it and stream its serial console to stdout until it ends.
-
-The VM is jailed unless --no-jailer is given (or the jailer cannot run here and no sandbox is
-required, in which case a warning is logged). Without --kernel it boots the built-in probe
-guest (--probe reset: prints its ready line and exits; halt/spin: runs until interrupted).
-Ctrl-C or SIGTERM stops the VM and cleans everything up (exit 130 / 143).
-
-Exit status: 0 guest exited cleanly, 1 VM error (or the VMM exited non-zero), 2 usage or
-configuration error, 3 host not ready, 4 OOM-killed, 6 cleanup failed, 130 SIGINT,
-143 SIGTERM.
-
-The TOML file holds VmConfig keys at top level and JailerConfig keys in a [jailer] table;
-flags override it:
-
-  vm_id = "web-1"
-
-  memory_mb = 256
-
-  [jailer]
-
-  chroot_base_dir = "/var/jail"
-
-Examples:
-
-  sudo ironclaw vm run
-
-  sudo ironclaw vm run --probe halt --stats
-
-  sudo ironclaw vm run --kernel vmlinux --rootfs rootfs.ext4 --vcpus 2 --memory 512
-
-  sudo ironclaw vm run --config vm.toml --id web-2
-
-  ironclaw vm run --no-jailer
-"""
+RUN_HELP = (
+    "Start a microVM, boot it and stream its serial console to stdout until it ends.\n\n"
+    "The VM is jailed unless --no-jailer is given (or the jailer cannot run here and "
+    "no sandbox is required, in which case a warning is logged). Without --kernel it "
+    "boots the built-in probe guest (--probe reset: prints its ready line and exits; "
+    "halt/spin: runs until interrupted). Ctrl-C or SIGTERM stops the VM and cleans "
+    "everything up (exit 130 / 143).\n\n"
+    "Exit status: 0 guest exited cleanly, 1 VM error (or the VMM exited non-zero), 2 "
+    "usage or configuration error, 3 host not ready, 4 OOM-killed, 6 cleanup failed, "
+    "130 SIGINT, 143 SIGTERM.\n\n"
+    "The TOML file holds VmConfig keys at top level and JailerConfig keys in a "
+    "\\[jailer] table; flags override it:\n\n"
+    'vm_id = "web-1"\n\n'
+    "memory_mb = 256\n\n"
+    "\\[jailer]\n\n"
+    'chroot_base_dir = "/var/jail"\n\n'
+    "Examples:\n\n"
+    "sudo ironclaw vm run\n\n"
+    "sudo ironclaw vm run --probe halt --stats\n\n"
+    "sudo ironclaw vm run --kernel vmlinux --rootfs rootfs.ext4 --vcpus 2 --memory "
+    "512\n\n"
+    "sudo ironclaw vm run --config vm.toml --id web-2\n\n"
+    "ironclaw vm run --no-jailer"
+)
 
 
 def build_config(
@@ -129,7 +118,9 @@ def build_config(
         return VmConfig(**merged), behaviour
     except ConfigError as exc:
         source = "flags" if config_file is None else f"flags and config file {config_file}"
-        raise ConfigError(str(exc).replace("invalid VmConfig", f"invalid VmConfig (from {source})")) from None
+        raise ConfigError(
+            str(exc).replace("invalid VmConfig", f"invalid VmConfig (from {source})")
+        ) from None
 
 
 class _Follower:
@@ -171,10 +162,10 @@ class _Follower:
             self._file = None
 
 
-def _print_stats(vm: FirecrackerProcess) -> None:
+async def _print_stats(vm: FirecrackerProcess) -> None:
     try:
-        stats = vm.stats()
-    except (UsageError, IronclawError) as exc:
+        stats = await vm.stats()
+    except IronclawError as exc:
         stderr.print(f"[yellow]stats unavailable:[/] {exc}")
         return
     table = Table(title=f"VM {vm.vm_id} stats")
@@ -207,10 +198,13 @@ async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> Exit
         signals.append(sig)
         stop_requested.set()
 
+    guard_signal_wakeup_fd()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
 
     def interrupted() -> ExitCode:
+        name = signal.Signals(signals[0]).name
+        stderr.print(f"[yellow]{name}:[/] stopping VM {config.vm_id} and cleaning up")
         return ExitCode.INTERRUPTED if signals[0] == signal.SIGINT else ExitCode.TERMINATED
 
     vm: FirecrackerProcess | None = None
@@ -243,17 +237,19 @@ async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> Exit
             with contextlib.suppress(asyncio.CancelledError):
                 await waiter
             if stats:
-                _print_stats(vm)
+                await _print_stats(vm)
             return interrupted()
         stop_wait.cancel()
         try:
             code = waiter.result()
         finally:
             if stats:
-                _print_stats(vm)
+                await _print_stats(vm)
         if code == 0:
             return ExitCode.OK
-        stderr.print(f"[bold red]error:[/] [red]VM {vm.vm_id}: the VMM exited with status {code}[/]")
+        stderr.print(
+            f"[bold red]error:[/] [red]VM {vm.vm_id}: the VMM exited with status {code}[/]"
+        )
         return ExitCode.VM_ERROR
     finally:
         if tail is not None:
@@ -312,14 +308,17 @@ def run(
         "kernel_path": None if kernel is None else str(kernel),
         "rootfs_path": None if rootfs is None else str(rootfs),
         "boot_args": boot_args,
-        "require_sandbox": True if require_sandbox else (False if no_jailer else None),
+        # --no-jailer does not lift a required sandbox (file or IRONCLAW_REQUIRE_SANDBOX):
+        # start_unjailed_vm refuses it with a ConfigError instead.
+        "require_sandbox": True if require_sandbox else None,
     }
     with handle_errors():
         config, _ = build_config(config_file=config_file, overrides=overrides, probe=probe)
-        if no_jailer and os.environ.get("IRONCLAW_REQUIRE_SANDBOX") and config.require_sandbox:
-            fail("--no-jailer conflicts with require_sandbox in the config file")
-        code = asyncio.run(run_vm(config, force_unjailed=no_jailer, stats=stats))
+        try:
+            code = asyncio.run(run_vm(config, force_unjailed=no_jailer, stats=stats))
+        except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
+            code = ExitCode.INTERRUPTED
     raise typer.Exit(int(code))
 
 
-__all__ = ["app", "build_config", "exit_code_for", "run", "run_vm"]
+__all__ = ["app", "build_config", "run", "run_vm"]

@@ -202,7 +202,12 @@ async def _start_jailed(
     files = [JailFile(Path(config.kernel_path), KERNEL_JAIL_PATH, read_only=True)]
     if config.rootfs_path is not None:
         files.append(
-            JailFile(Path(config.rootfs_path), ROOTFS_JAIL_PATH, read_only=config.rootfs_read_only)
+            JailFile(
+                Path(config.rootfs_path),
+                ROOTFS_JAIL_PATH,
+                read_only=config.rootfs_read_only,
+                is_disk=True,
+            )
         )
     if config.vsock_guest_cid is not None:
         # Firecracker listens on <uds_path>_<port> for guest-initiated connections.

@@ -128,6 +128,8 @@ class JailerConfig(_Model):
 
     # Resource limits beyond cpu_count / memory_limit_mb (spec Phase 2).
     cpu_period_us: int = Field(default=100_000, ge=1_000, le=1_000_000)
+    #: CPU time quota in CPUs, may be fractional (``0.5`` = half a CPU). Default: ``cpu_count``.
+    cpu_limit: float | None = Field(default=None, ge=0.01, le=MAX_VCPUS)
     #: Relative CPU weight, 1..10000 (v2 ``cpu.weight``; v1 ``cpu.shares`` scaled).
     cpu_weight: int | None = Field(default=None, ge=1, le=10_000)
     #: v2 ``memory.high`` (throttle before the hard limit); v1 ``memory.soft_limit_in_bytes``.
@@ -172,6 +174,12 @@ class JailerConfig(_Model):
         if v is not None and not v.startswith("/"):
             raise ValueError(f"netns {v!r} must be an absolute path such as /run/netns/NAME")
         return v
+
+    @property
+    def cpu_quota_us(self) -> int:
+        """CFS quota per ``cpu_period_us`` implementing ``cpu_limit`` (or ``cpu_count``)."""
+        cpus = self.cpu_limit if self.cpu_limit is not None else self.cpu_count
+        return max(1000, round(cpus * self.cpu_period_us))
 
     @property
     def exec_file_name(self) -> str:

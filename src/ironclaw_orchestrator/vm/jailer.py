@@ -69,6 +69,8 @@ class JailFile:
     src: Path
     jail_path: PurePosixPath
     read_only: bool = True
+    #: A block device image (I/O limits apply to the disk that holds it).
+    is_disk: bool = False
 
 
 def resolve_binaries(config: JailerConfig) -> Binaries:
@@ -293,12 +295,16 @@ async def start_with_jailer(
             f"VM {config.jailer_id}: jail directory {config.jail_dir} already exists: the id is "
             "in use, or a crashed run left it behind (`ironclaw gc` removes leftovers)"
         )
-    io_device = cg.disk_device_for(files[0].src) if files and _wants_io(config) else None
+    disks = [f.src for f in files if f.is_disk]
+    if _wants_io(config) and not disks:
+        raise ConfigError(
+            f"VM {config.jailer_id}: io_* limits throttle the VM's disks, but it has none: "
+            "give it a rootfs or unset the io limits"
+        )
+    io_device = cg.disk_device_for(disks[0]) if disks and _wants_io(config) else None
     layout = cg.detect_layout()
-    settings = cg.cgroup_settings(
-        config, cg.choose_version(layout, config.cgroup_version, _controllers(config)), io_device
-    )
-    version = cg.choose_version(layout, config.cgroup_version, {s.controller for s in settings})
+    version = cg.choose_version(layout, config.cgroup_version, _controllers(config))
+    settings = cg.cgroup_settings(config, version, io_device)
     cgroups = cg.VmCgroups.plan(layout, version, config.jailer_id, settings, config.parent_cgroup)
     if config.new_pid_ns:
         become_subreaper()
@@ -341,7 +347,7 @@ async def start_with_jailer(
             exec_file=binaries.firecracker,
             version=binaries.version,
             cgroup_version=version,
-            cgroups=[CgroupArg(s.file, s.value) for s in settings if s.via_jailer],
+            cgroups=[CgroupArg(s.file, s.value) for s in cgroups.settings if s.via_jailer],
             parent_cgroup=cgroups.parent,
             netns=netns,
             level=log_level,
@@ -384,6 +390,8 @@ def _controllers(config: JailerConfig) -> set[str]:
         wanted.add("cpuset")
     if config.pids_max is not None:
         wanted.add("pids")
+    if _wants_io(config):
+        wanted.add("io")
     return wanted
 
 

@@ -94,7 +94,7 @@ def cgroup_settings(
             f"io limits {', '.join(sorted(io))} need the block device holding the VM's disks: "
             "pass io_device='MAJ:MIN' (disk_device_for(rootfs_path)) or unset the io_* limits"
         )
-    quota = cfg.cpu_count * cfg.cpu_period_us
+    quota = cfg.cpu_quota_us
     memory = cfg.memory_limit_mb * MIB
     high = None if cfg.memory_high_mb is None else cfg.memory_high_mb * MIB
     out: list[CgroupSetting] = []
