@@ -141,6 +141,12 @@ def guard_signal_wakeup_fd() -> None:
 # --------------------------------------------------------------------------- TOML
 
 
+def config_problems(exc: ConfigError, prefix: str = "") -> list[str]:
+    """The ``  key: message`` lines of a ``config_error`` message, keys prefixed."""
+    lines = str(exc).splitlines()[1:]
+    return [f"  {prefix}{line.strip()}" if line.startswith("  ") else line for line in lines]
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML config file; problems are ``ConfigError`` naming the file."""
     try:

@@ -14,7 +14,15 @@ from rich.table import Table
 from .. import doctor as lib
 from ..errors import ConfigError
 from ..vm.config import JailerConfig
-from .common import ExitCode, VerboseOption, handle_errors, load_toml, setup_logging, stdout
+from .common import (
+    ExitCode,
+    VerboseOption,
+    config_problems,
+    handle_errors,
+    load_toml,
+    setup_logging,
+    stdout,
+)
 
 _STYLE = {lib.Status.PASS: "green", lib.Status.WARN: "yellow", lib.Status.FAIL: "bold red"}
 
@@ -43,17 +51,16 @@ def _jailer_config(config: Path | None) -> JailerConfig:
     try:
         return JailerConfig(**table)
     except ConfigError as exc:
-        raise ConfigError(
-            f"config file {config}: {exc}".replace("invalid JailerConfig", "invalid [jailer] table")
-        ) from None
+        problems = "\n".join(config_problems(exc, "jailer."))
+        raise ConfigError(f"invalid config file {config}:\n{problems}") from None
 
 
 def render(report: lib.DoctorReport) -> None:
     table = Table(title="ironclaw doctor", show_lines=False)
     table.add_column("check", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    table.add_column("found")
-    table.add_column("fix")
+    table.add_column("found", overflow="fold")
+    table.add_column("fix", overflow="fold")
     for check in report.checks:
         style = _STYLE[check.status]
         table.add_row(

@@ -24,11 +24,12 @@ from rich.table import Table
 from ..errors import ConfigError, IronclawError
 from ..unjailed_mode import start_unjailed_vm
 from ..vm import FirecrackerProcess, start_firecracker
-from ..vm.config import VmConfig
+from ..vm.config import JailerConfig, VmConfig
 from ..vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 from .common import (
     ExitCode,
     VerboseOption,
+    config_problems,
     fail,
     guard_signal_wakeup_fd,
     handle_errors,
@@ -97,10 +98,7 @@ def build_config(
     data: dict[str, Any] = {}
     if config_file is not None:
         data = load_toml(config_file)
-        try:
-            VmConfig(**data)
-        except ConfigError as exc:
-            raise ConfigError(f"config file {config_file}: {exc}") from None
+        check_file_data(data, config_file)
     merged = merge_overrides(data, overrides)
     behaviour: ProbeBehaviour | None = None
     if "kernel_path" not in merged:
@@ -121,6 +119,30 @@ def build_config(
         raise ConfigError(
             str(exc).replace("invalid VmConfig", f"invalid VmConfig (from {source})")
         ) from None
+
+
+def check_file_data(data: dict[str, Any], config_file: Path) -> None:
+    """Validate a TOML document; the error names the file and every bad key (``jailer.x``).
+
+    ``VmConfig`` reports all of a nested ``[jailer]`` table's problems under the one key
+    ``jailer``, so the table is validated on its own first to name its keys.
+    """
+    problems: list[str] = []
+    table = data.get("jailer")
+    top = {k: v for k, v in data.items() if k != "jailer"}
+    if table is not None and not isinstance(table, dict):
+        problems.append("  jailer: must be a table ([jailer])")
+    elif table is not None:
+        try:
+            top["jailer"] = JailerConfig(**table)
+        except ConfigError as exc:
+            problems += config_problems(exc, "jailer.")
+    try:
+        VmConfig(**top)
+    except ConfigError as exc:
+        problems += config_problems(exc)
+    if problems:
+        raise ConfigError(f"invalid config file {config_file}:\n" + "\n".join(problems))
 
 
 class _Follower:

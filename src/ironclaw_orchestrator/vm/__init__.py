@@ -141,22 +141,38 @@ class FirecrackerProcess:
 
 
 async def start_firecracker(
-    config: VmConfig, *, ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+    config: VmConfig,
+    *,
+    use_jailer: bool | None = None,
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
 ) -> FirecrackerProcess:
-    """Start a microVM for ``config``, jailed if possible; return it configured, not booted."""
+    """Start a microVM for ``config``; return it configured, not yet booted.
+
+    ``use_jailer=None`` jails it whenever the jailer can run here and otherwise falls back to
+    development mode with a WARNING (unless a sandbox is required); ``False`` asks for
+    development mode on purpose (refused when a sandbox is required).
+    """
     check_source(Path(config.kernel_path), "kernel_path")
     if config.rootfs_path is not None:
         check_source(Path(config.rootfs_path), "rootfs_path")
     jailer_cfg = config.jailer_config()
-    reason = _why_unjailed(jailer_cfg)
+    if use_jailer is False:
+        reason: str | None = "the jailer was turned off on request (use_jailer=False)"
+    else:
+        reason = _why_unjailed(jailer_cfg)
     vmm: JailerProcess | UnjailedProcess
     if reason is None:
         vmm = await _start_jailed(config, jailer_cfg, ready_timeout_s)
-    elif config.sandbox_required():
+    elif config.sandbox_required() or use_jailer:
+        fix = (
+            "drop use_jailer=False (--no-jailer) or the requirement"
+            if use_jailer is False
+            else INSTALL_JAILER_HINT
+        )
         raise SandboxRequiredError(
             f"VM {config.vm_id}: a sandbox is required (require_sandbox / "
-            f"IRONCLAW_REQUIRE_SANDBOX=1) but the jailer cannot run: {reason}. Fix: "
-            f"{INSTALL_JAILER_HINT}"
+            f"IRONCLAW_REQUIRE_SANDBOX=1 / use_jailer=True) but the VM cannot be jailed: "
+            f"{reason}. Fix: {fix}"
         )
     else:
         if config.enable_networking:
@@ -165,9 +181,12 @@ async def start_firecracker(
                 f"own network namespace), but {reason}: {INSTALL_JAILER_HINT}"
             )
         log.warning(
-            "VM %s runs UNSANDBOXED (development mode, insecure): %s. %s",
-            config.vm_id, reason, INSTALL_JAILER_HINT,
-        )  # fmt: skip
+            "VM %s runs UNSANDBOXED (development mode, insecure: no chroot, no cgroup limits, "
+            "no privilege drop): %s.%s",
+            config.vm_id,
+            reason,
+            "" if use_jailer is False else f" Fix: {INSTALL_JAILER_HINT}",
+        )
         vmm = await start_unjailed(config, ready_timeout_s=ready_timeout_s)
     vm = FirecrackerProcess(config, vmm)
     try:
