@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -107,6 +108,13 @@ class JailResources:
     netns_name: str | None = None
     tap: str | None = None
     staged: list[StagedFile] = field(default_factory=list)
+    vmm_pid: int | None = None
+    vmm_start_time: int | None = None
+    listener: Callable[[JailResources], None] | None = None
+
+    def changed(self) -> None:
+        if self.listener is not None:
+            self.listener(self)
 
     def release(self) -> None:
         """Remove everything; every step runs even if one fails, then one error lists all."""
@@ -264,12 +272,14 @@ async def start_with_jailer(
     tap: str | None = None,
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
     log_level: str | None = None,
+    on_change: Callable[[JailResources], None] | None = None,
 ) -> JailerProcess:
     """Start Firecracker jailed by the jailer, per ``config``; return once its API answers.
 
     ``files`` are staged into the jail first (owned by the jail uid/gid). ``tap`` names a tap
     device to create in the VM's network namespace. Everything created is removed again if
-    any step fails.
+    any step fails. ``on_change`` is called each time a host resource is about to be made
+    (and once the VMM's pid is known), so a crash-safe registry can record it first.
     """
     # 1. Checks that write nothing.
     if not is_root():
@@ -310,17 +320,20 @@ async def start_with_jailer(
         become_subreaper()
 
     # 2..4: create, spawn, wait; undo on failure.
-    res = JailResources(vm_id=config.jailer_id)
+    res = JailResources(vm_id=config.jailer_id, listener=on_change)
     process: ChildProcess | None = None
     api: FirecrackerApi | None = None
     try:
+        # The run directory is created exclusively: it claims the id on this host.
         res.run_dir = create_vm_run_dir(config.jailer_id)
+        res.changed()
         console = res.run_dir / CONSOLE_LOG
         console.touch(mode=0o600)
         netns = config.netns
         if netns is None and config.isolate_network:
             name = ns.netns_name(config.jailer_id)
             res.netns_name = name
+            res.changed()
             netns = str(await asyncio.to_thread(ns.ensure_netns, name))
         if tap is not None:
             if res.netns_name is None:
@@ -329,11 +342,16 @@ async def start_with_jailer(
                     "leave netns unset and isolate_network=True"
                 )
             res.tap = tap
+            res.changed()
             await asyncio.to_thread(ns.ensure_tap, res.netns_name, tap, config.uid, config.gid)
         res.cgroups = cgroups
+        res.changed()
         await asyncio.to_thread(cgroups.prepare)
+        res.changed()  # now with the directories it created
+        _claim_jail_dir(config)
         res.jail_dir = config.jail_dir
-        config.chroot_dir.mkdir(parents=True, mode=0o755)
+        res.changed()
+        config.chroot_dir.mkdir(mode=0o755)
         for f in files:
             res.staged.append(
                 stage_file(
@@ -356,6 +374,8 @@ async def start_with_jailer(
         process = ChildProcess.spawn(argv, stdout_path=console)
         if config.new_pid_ns:
             process = await _adopt_vmm(process, config, console)
+        res.vmm_pid, res.vmm_start_time = process.pid, process.start_time
+        res.changed()
         cgroups.attach(process.pid)
         api = FirecrackerApi(config.api_socket_path, vm_id=config.jailer_id)
         await wait_ready(
@@ -381,6 +401,26 @@ async def start_with_jailer(
         console_path=console,
         api=api,
         argv=argv,
+    )
+
+
+#: Written into every jail directory we create, so that garbage collection can tell our
+#: leftovers from anything else under the chroot base.
+JAIL_MARKER = ".ironclaw"
+
+
+def _claim_jail_dir(config: JailerConfig) -> None:
+    """Create ``<base>/<exec name>/<id>`` exclusively and mark it as ours."""
+    try:
+        config.jail_dir.parent.mkdir(parents=True, exist_ok=True)
+        config.jail_dir.mkdir(mode=0o700)
+    except FileExistsError:
+        raise ConfigError(
+            f"VM {config.jailer_id}: jail directory {config.jail_dir} already exists: the id is "
+            "in use, or a crashed run left it behind (`ironclaw gc` removes leftovers)"
+        ) from None
+    (config.jail_dir / JAIL_MARKER).write_text(
+        json.dumps({"vm_id": config.jailer_id, "orchestrator_pid": os.getpid()}) + "\n"
     )
 
 
