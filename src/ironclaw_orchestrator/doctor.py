@@ -499,7 +499,6 @@ async def _wait_for_line(path: Path, line: str, timeout_s: float) -> None:
 
 async def run_live_check(config: JailerConfig | None = None, *, jailed: bool = True) -> Check:
     """Boot the probe guest (reset behaviour) and time it; always stopped and cleaned up."""
-    from .unjailed_mode import start_unjailed_vm
     from .vm import FirecrackerProcess, start_firecracker
     from .vm.probe import READY_LINE, ProbeBehaviour, probe_kernel_path
 
@@ -514,10 +513,7 @@ async def run_live_check(config: JailerConfig | None = None, *, jailed: bool = T
         cfg = _live_vm_config(config, kernel, vm_id, jailed)
         step = "spawning the VMM"
         t0 = time.monotonic()
-        if jailed:
-            vm = await start_firecracker(cfg, ready_timeout_s=LIVE_STEP_TIMEOUT_S)
-        else:
-            vm = await start_unjailed_vm(cfg, ready_timeout_s=LIVE_STEP_TIMEOUT_S)
+        vm = await start_firecracker(cfg, use_jailer=jailed, ready_timeout_s=LIVE_STEP_TIMEOUT_S)
         t1 = time.monotonic()
         timings["spawn_to_api_ready_ms"] = round((t1 - t0) * 1000, 1)
         timings["sandboxed"] = vm.is_sandboxed

@@ -10,7 +10,7 @@ Every message names what failed (VM id, path, value) and says how to fix it::
     │   │   └── JailerNotFoundError   the jailer specifically (spec: "Jailer Not Found")
     │   ├── VersionMismatchError      jailer and firecracker versions differ
     │   ├── SandboxRequiredError      production mode, but jailing is impossible here
-    │   ├── ChrootBaseError           chroot base missing, not writable, noexec/nodev/tmpfs
+    │   ├── ChrootBaseError           chroot base missing, not writable, or noexec/nodev
     │   ├── KvmUnavailableError       /dev/kvm missing or not accessible
     │   └── CgroupError               a cgroup could not be set up (controller, file, value)
     │       └── CgroupControllerUnavailableError

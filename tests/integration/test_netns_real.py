@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
 
 from ironclaw_orchestrator.errors import NetworkError
 from ironclaw_orchestrator.vm import netns
@@ -256,3 +257,125 @@ def test_uplink_created_and_removed(vm_id: str) -> None:
     assert host_if not in _host_links()
     assert netns.interfaces_in(name) == ["lo"]
     assert fwd.read_text() == host_forward_before
+
+
+def _mountinfo_under_netns() -> list[str]:
+    """Mount points below /run/netns (the /run/netns mount itself excluded)."""
+    points = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        for line in fh:
+            point = line.split()[4]
+            if point.startswith(str(netns.NETNS_DIR) + "/"):
+                points.append(point)
+    return points
+
+
+def test_fast_path_needs_no_fork_and_matches_ip_netns(
+    vm_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    name = netns.netns_name(vm_id)
+    path = netns.netns_path(name)
+    home = _thread_netns_ino()
+
+    def no_fork() -> int:
+        raise AssertionError("ensure_netns must not fork")
+
+    def no_pyroute2(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the fast path must not use pyroute2")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fork", no_fork)
+        m.setattr(pr_netns, "create", no_pyroute2)
+        m.setattr(netns, "_lo_up_pyroute2", no_pyroute2)
+        assert netns.ensure_netns(name) == path
+        assert netns.ensure_netns(name) == path  # idempotent, still no fork
+    assert _thread_netns_ino() == home, "the calling thread must never change namespace"
+
+    # /run/netns is a shared mount point; the namespace is bind-mounted on its file
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        lines = [ln.split() for ln in fh]
+    run_dir = [ln for ln in lines if ln[4] == str(netns.NETNS_DIR)]
+    assert run_dir and any(f.startswith("shared:") for f in run_dir[-1][6:]), run_dir
+    assert str(path) in _mountinfo_under_netns()
+    assert netns.netns_inode(path) != home
+
+    # pyroute2 and iproute2 see it, lo is UP
+    assert netns.interfaces_in(name) == ["lo"]
+    assert _link(name, "lo").get("flags") & 1, "lo must be UP"  # type: ignore[attr-defined]
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert name in listed.stdout.split()
+    lo = subprocess.run(["ip", "-n", name, "link", "show", "lo"], capture_output=True, text=True)
+    assert lo.returncode == 0 and ",UP" in lo.stdout, lo.stdout + lo.stderr
+
+    netns.remove_netns(name)
+    assert not os.path.lexists(path)
+    assert str(path) not in _mountinfo_under_netns()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert name not in listed.stdout.split()
+
+
+def test_ensure_brings_lo_up_in_existing_netns(vm_id: str) -> None:
+    name = netns.netns_name(vm_id)
+    netns.ensure_netns(name)
+    with IPRoute(netns=str(netns.netns_path(name)), flags=0) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="down")
+    assert not _link(name, "lo").get("flags") & 1  # type: ignore[attr-defined]
+    netns.ensure_netns(name)
+    assert _link(name, "lo").get("flags") & 1, "lo must be UP again"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.ENOSYS])
+def test_falls_back_to_pyroute2_when_refused(
+    vm_id: str, err: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = netns.netns_name(vm_id)
+    path = netns.netns_path(name)
+    calls: list[str] = []
+    real_create = pr_netns.create
+
+    def refused() -> None:
+        raise OSError(err, os.strerror(err))
+
+    def spy_create(p: str) -> None:
+        calls.append(p)
+        real_create(p)
+
+    with monkeypatch.context() as m:
+        m.setattr(netns, "_unshare_net", refused)
+        m.setattr(pr_netns, "create", spy_create)
+        assert netns.ensure_netns(name) == path
+    assert calls == [str(path)]
+    assert netns.interfaces_in(name) == ["lo"]
+    assert _link(name, "lo").get("flags") & 1, "lo must be UP"  # type: ignore[attr-defined]
+    netns.remove_netns(name)
+    assert str(path) not in _mountinfo_under_netns()
+
+
+def test_failed_bind_mount_leaves_nothing(vm_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = netns.netns_name(vm_id)
+    path = netns.netns_path(name)
+
+    def broken(*args: object) -> str:
+        return "/nonexistent/ns/net"
+
+    with monkeypatch.context() as m:
+        m.setattr(netns, "_thread_netns_file", broken)
+        with pytest.raises(NetworkError, match=r"could not create network namespace.*root"):
+            netns.ensure_netns(name)
+    assert not os.path.lexists(path)
+    assert name not in netns.list_netns()
+
+
+def test_many_namespaces_created_and_removed_cleanly() -> None:
+    names = [netns.netns_name("t-" + secrets.token_hex(6)) for _ in range(20)]
+    try:
+        inodes = {netns.netns_inode(netns.ensure_netns(n)) for n in names}
+        assert len(inodes) == len(names), "each name must get its own namespace"
+    finally:
+        for n in names:
+            netns.remove_netns(n)
+    left = set(netns.list_netns()) & set(names)
+    assert not left
+    assert not {str(netns.netns_path(n)) for n in names} & set(_mountinfo_under_netns())

@@ -188,7 +188,7 @@ def test_merge_overrides_jailer_keys() -> None:
 
 def test_load_toml_reports_file(tmp_path: Path) -> None:
     bad = write(tmp_path / "x.toml", "[[[")
-    with pytest.raises(ConfigError, match="x.toml"):
+    with pytest.raises(ConfigError, match=r"x\.toml"):
         load_toml(bad)
 
 
@@ -238,9 +238,12 @@ def _fake_report(fail: bool) -> doctor_lib.DoctorReport:
         doctor_lib.Check("kvm", S.PASS, "/dev/kvm is readable and writable"),
         doctor_lib.Check("socket path budget", S.WARN, "114 of 107 bytes", "shorten ids"),
         doctor_lib.Check(
-            "live boot (jailed)", S.FAIL if fail else S.PASS, "spawn->API 1 ms", "",
+            "live boot (jailed)",
+            S.FAIL if fail else S.PASS,
+            "spawn->API 1 ms",
+            "",
             {"spawn_to_api_ready_ms": 1.0},
-        ),  # fmt: skip
+        ),
     ]
     return doctor_lib.DoctorReport(checks)
 

@@ -114,3 +114,10 @@ def test_require_sandbox_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_api_sock_is_jail_relative() -> None:
     j = JailerConfig(api_sock=PurePosixPath("/run/api.sock"), jailer_id="x")
     assert j.api_socket_path.name == "api.sock"
+
+
+def test_nested_jailer_errors_name_the_full_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        VmConfig(jailer={"uid": 0, "bogus": 1})  # type: ignore[arg-type]
+    text = str(info.value)
+    assert "jailer.uid:" in text and "jailer.bogus:" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 
@@ -113,3 +114,42 @@ def test_called_from_event_loop_thread_is_refused_before_any_io() -> None:
 
     asyncio.run(main())
     assert "ironclaw-never-created" not in netns.list_netns()
+
+
+def test_ifflags_ioctl_numbers_match_the_kernel_abi() -> None:
+    assert netns._SIOCGIFFLAGS == 0x8913
+    assert netns._SIOCSIFFLAGS == 0x8914
+    assert netns._IFF_UP == 1
+
+
+def test_missing_lo_is_reported_as_such() -> None:
+    exc = netns._lo_error("ironclaw-x", OSError(errno.ENODEV, "No such device"))
+    assert "has no 'lo' link" in str(exc) and "remove_netns()" in str(exc)
+    exc = netns._lo_error("ironclaw-x", OSError(errno.EIO, "I/O error"))
+    assert "could not bring 'lo' up" in str(exc)
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.ENOSYS])
+def test_fast_path_gives_way_to_pyroute2_on_eperm_enosys(
+    err: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused() -> None:
+        raise OSError(err, "refused")
+
+    monkeypatch.setattr(netns, "_prepare_run_dir", refused)
+    assert netns._create_fast("ironclaw-x", Path("/nonexistent/ironclaw-x")) is False
+
+
+def test_other_fast_path_errors_are_network_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused() -> None:
+        raise OSError(errno.EROFS, "read-only file system")
+
+    monkeypatch.setattr(netns, "_prepare_run_dir", refused)
+    with pytest.raises(NetworkError, match=r"shared mount point.*check that we run as root"):
+        netns._create_fast("ironclaw-x", Path("/nonexistent/ironclaw-x"))
+
+
+def test_missing_libc_symbol_counts_as_enosys() -> None:
+    with pytest.raises(OSError) as info:
+        netns._libc_call("no_such_function_in_libc_hopefully")
+    assert info.value.errno == errno.ENOSYS

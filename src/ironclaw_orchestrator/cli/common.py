@@ -5,11 +5,8 @@ The CLI is the only part of the project that imports typer or rich.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
-import os
-import signal
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -113,29 +110,6 @@ def setup_logging(verbose: bool) -> None:
     root.setLevel(logging.WARNING)
     ours = logging.getLogger("ironclaw_orchestrator")
     ours.setLevel(logging.DEBUG if verbose else logging.NOTSET)
-
-
-_fork_guard_installed = False
-
-
-def _forget_wakeup_fd() -> None:
-    with contextlib.suppress(ValueError):  # not the main thread: nothing to undo
-        signal.set_wakeup_fd(-1)
-
-
-def guard_signal_wakeup_fd() -> None:
-    """Stop forked children from delivering their signals to our event loop.
-
-    ``loop.add_signal_handler`` makes the C signal handler write each signal number to a
-    wakeup fd that a forked child inherits. pyroute2 (used by ``vm.netns``) forks helper
-    children and ends them with SIGTERM; a child still running Python then writes ``15``
-    into *our* loop's wakeup fd, and the loop runs our SIGTERM handler although nobody
-    signalled us. Resetting the wakeup fd in every child right after fork prevents that.
-    """
-    global _fork_guard_installed
-    if not _fork_guard_installed:
-        os.register_at_fork(after_in_child=_forget_wakeup_fd)
-        _fork_guard_installed = True
 
 
 # --------------------------------------------------------------------------- TOML

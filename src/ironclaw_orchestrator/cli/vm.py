@@ -22,7 +22,6 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError, IronclawError
-from ..unjailed_mode import start_unjailed_vm
 from ..vm import FirecrackerProcess, start_firecracker
 from ..vm.config import JailerConfig, VmConfig
 from ..vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
@@ -31,7 +30,6 @@ from .common import (
     VerboseOption,
     config_problems,
     fail,
-    guard_signal_wakeup_fd,
     handle_errors,
     load_toml,
     merge_overrides,
@@ -220,7 +218,6 @@ async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> Exit
         signals.append(sig)
         stop_requested.set()
 
-    guard_signal_wakeup_fd()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
 
@@ -233,8 +230,9 @@ async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> Exit
     follower: _Follower | None = None
     tail: asyncio.Task[None] | None = None
     try:
-        starter = start_unjailed_vm if force_unjailed else start_firecracker
-        start = asyncio.ensure_future(starter(config))
+        start = asyncio.ensure_future(
+            start_firecracker(config, use_jailer=False if force_unjailed else None)
+        )
         stop_wait = asyncio.ensure_future(stop_requested.wait())
         await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():
@@ -331,7 +329,7 @@ def run(
         "rootfs_path": None if rootfs is None else str(rootfs),
         "boot_args": boot_args,
         # --no-jailer does not lift a required sandbox (file or IRONCLAW_REQUIRE_SANDBOX):
-        # start_unjailed_vm refuses it with a ConfigError instead.
+        # start_firecracker(use_jailer=False) refuses it with SandboxRequiredError instead.
         "require_sandbox": True if require_sandbox else None,
     }
     with handle_errors():

@@ -163,12 +163,13 @@ async def start_firecracker(
     vmm: JailerProcess | UnjailedProcess
     if reason is None:
         vmm = await _start_jailed(config, jailer_cfg, ready_timeout_s)
-    elif config.sandbox_required() or use_jailer:
-        fix = (
-            "drop use_jailer=False (--no-jailer) or the requirement"
-            if use_jailer is False
-            else INSTALL_JAILER_HINT
+    elif use_jailer is False and config.sandbox_required():
+        raise ConfigError(
+            f"VM {config.vm_id}: use_jailer=False (--no-jailer) contradicts the sandbox "
+            "requirement (require_sandbox / IRONCLAW_REQUIRE_SANDBOX=1): drop one of them"
         )
+    elif config.sandbox_required() or use_jailer:
+        fix = INSTALL_JAILER_HINT
         raise SandboxRequiredError(
             f"VM {config.vm_id}: a sandbox is required (require_sandbox / "
             f"IRONCLAW_REQUIRE_SANDBOX=1 / use_jailer=True) but the VM cannot be jailed: "

@@ -273,7 +273,14 @@ def config_error(exc: ValidationError, source: str = "config") -> ConfigError:
     """A ``ConfigError`` listing each bad key with its message."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"])
+        nested = err.get("ctx", {}).get("error")
+        if isinstance(nested, ConfigError):
+            # A nested model (e.g. ``jailer``) already listed its keys: prefix them with ours.
+            for line in str(nested).splitlines()[1:]:
+                key, _, msg = line.strip().partition(": ")
+                lines.append(f"  {loc}.{key}: {msg}" if loc else f"  {key}: {msg}")
+            continue
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {loc or '(top level)'}: {msg}")
     return ConfigError(f"invalid {source}:\n" + "\n".join(lines))

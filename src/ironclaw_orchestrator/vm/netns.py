@@ -23,6 +23,13 @@ Namespace switching: netlink sockets into a namespace are opened by pyroute2
 (``IPRoute(netns=...)``). The TAP ioctls and the namespace-local sysctl are done in a
 short-lived helper thread that ``setns()``-es into the namespace and then exits; the
 calling thread never leaves its own namespace. All errors are :class:`NetworkError`.
+
+Namespace creation (:func:`ensure_netns`) needs no fork and no external binary: a helper
+thread ``unshare(CLONE_NEWNET)``-s (only that thread moves), bind-mounts its
+``/proc/thread-self/ns/net`` on ``/run/netns/<name>`` exactly like ``ip netns add``, brings
+``lo`` up with ``SIOCSIFFLAGS`` on a socket it created (sockets belong to their creator's
+namespace) and exits; the bind mount keeps the namespace alive. Only if that fails with
+EPERM/ENOSYS (e.g. a seccomp filter) does it fall back to pyroute2, which forks.
 """
 
 from __future__ import annotations
@@ -36,10 +43,12 @@ import ipaddress
 import os
 import platform
 import re
+import signal
+import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +58,21 @@ from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import NetworkError
+
+
+def _forget_wakeup_fd() -> None:
+    """In a forked child: stop writing signals into the parent's asyncio wakeup fd.
+
+    pyroute2 forks helper processes to reach other namespaces and ends them with SIGTERM. A
+    child still running Python would write that 15 into the wakeup fd it inherited, and the
+    parent's event loop would run its SIGTERM handler although nobody signalled it.
+    """
+    with suppress(ValueError):  # not the main thread: nothing inherited to undo
+        signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_forget_wakeup_fd)
+
 
 __all__ = [
     "NETNS_DIR",
@@ -85,6 +109,17 @@ _NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 _CLONE_NEWNET = 0x40000000
+# <sys/mount.h>
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_SHARED = 1 << 20
+_MNT_DETACH = 0x2
+# <linux/sockios.h>, <net/if.h> (same numbers on every Linux architecture)
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+#: errnos of the fast creation path that make ensure_netns() fall back to pyroute2.
+_FALLBACK_ERRNOS = frozenset({errno.EPERM, errno.ENOSYS})
 _TUN_DEVICE = "/dev/net/tun"
 
 # <linux/if_tun.h>
@@ -265,34 +300,68 @@ def _find_link(ipr: Any, ifname: str) -> Any | None:
     return links[0] if links else None
 
 
+_libc_handle: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _libc_handle
+    if _libc_handle is None:
+        _libc_handle = ctypes.CDLL(None, use_errno=True)
+    return _libc_handle
+
+
+def _libc_call(func: str, *args: object) -> None:
+    """Call ``libc.<func>(*args)``; raise OSError (errno set) if it returns non-zero.
+
+    A libc without that symbol counts as ENOSYS.
+    """
+    try:
+        fn = getattr(_libc(), func)
+    except AttributeError as exc:
+        raise OSError(errno.ENOSYS, f"libc has no {func}()") from exc
+    if fn(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{func}(): {os.strerror(err)}")
+
+
 def _setns(fd: int) -> None:
     setns = getattr(os, "setns", None)  # Python 3.12+
     if setns is not None:
         setns(fd, _CLONE_NEWNET)
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _libc_call("setns", fd, _CLONE_NEWNET)
 
 
-def _run_in_netns(name: str, func: Callable[[], _T]) -> _T:
-    """Run ``func`` in a fresh thread that has joined the named network namespace.
+def _unshare_net() -> None:
+    unshare = getattr(os, "unshare", None)  # Python 3.12+
+    if unshare is not None:
+        unshare(_CLONE_NEWNET)
+        return
+    _libc_call("unshare", _CLONE_NEWNET)
 
-    Only the helper thread changes namespace (setns(CLONE_NEWNET) is per thread) and it
-    ends when ``func`` returns, so no thread is ever left in a foreign namespace.
-    """
-    path = _require_netns(name)
+
+def _mount(source: str, target: str, flags: int) -> None:
+    _libc_call("mount", os.fsencode(source), os.fsencode(target), b"none", flags, None)
+
+
+def _umount_detach(target: str) -> None:
+    _libc_call("umount2", os.fsencode(target), _MNT_DETACH)
+
+
+def _thread_netns_file() -> str:
+    """The net namespace file of the calling *thread* (``/proc/self`` is the leader's)."""
+    if os.path.exists("/proc/thread-self/ns/net"):  # Linux 3.17+
+        return "/proc/thread-self/ns/net"
+    return f"/proc/self/task/{threading.get_native_id()}/ns/net"
+
+
+def _run_in_thread(name: str, func: Callable[[], _T]) -> _T:
+    """Run ``func`` in a fresh short-lived thread; return its result or raise its error."""
     results: list[_T] = []
     errors: list[BaseException] = []
 
     def target() -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(fd)
-            finally:
-                os.close(fd)
             results.append(func())
         except BaseException as exc:
             errors.append(exc)
@@ -305,9 +374,169 @@ def _run_in_netns(name: str, func: Callable[[], _T]) -> _T:
     return results[0]
 
 
+def _run_in_netns(name: str, func: Callable[[], _T]) -> _T:
+    """Run ``func`` in a fresh thread that has joined the named network namespace.
+
+    Only the helper thread changes namespace (setns(CLONE_NEWNET) is per thread) and it
+    ends when ``func`` returns, so no thread is ever left in a foreign namespace.
+    """
+    path = _require_netns(name)
+
+    def target() -> _T:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(fd)
+        finally:
+            os.close(fd)
+        return func()
+
+    return _run_in_thread(name, target)
+
+
 # --------------------------------------------------------------------------------------
 # Namespaces
 # --------------------------------------------------------------------------------------
+
+
+_run_dir_lock = threading.Lock()
+_run_dir_ready = False
+
+
+def _prepare_run_dir() -> None:
+    """Make ``/run/netns`` a mount point with shared propagation, like ``ip netns add``.
+
+    iproute2 (``netns_add``): ``mkdir /run/netns``; ``mount --make-rshared /run/netns``; if
+    that fails with EINVAL (not a mount point) ``mount --rbind /run/netns /run/netns`` once
+    and retry. Shared propagation makes an unmount in one mount namespace reach the others,
+    so a removed namespace is really freed. Done once per process (under a lock).
+    """
+    global _run_dir_ready
+    with _run_dir_lock:
+        if _run_dir_ready:
+            return
+        with suppress(FileExistsError):
+            os.mkdir(NETNS_DIR, 0o755)
+        made_mount_point = False
+        while True:
+            try:
+                _mount("", str(NETNS_DIR), _MS_SHARED | _MS_REC)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or made_mount_point:
+                    raise
+            _mount(str(NETNS_DIR), str(NETNS_DIR), _MS_BIND | _MS_REC)
+            made_mount_point = True
+        _run_dir_ready = True
+
+
+def _set_lo_up_here() -> None:
+    """Bring ``lo`` up in this thread's network namespace (SIOCGIFFLAGS/SIOCSIFFLAGS).
+
+    The socket is created here, so it belongs to this thread's namespace.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifr = struct.pack("16sH", b"lo", 0).ljust(_IFREQ_SIZE, b"\0")
+        (flags,) = struct.unpack_from("H", fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, ifr), 16)
+        if not flags & _IFF_UP:
+            ifr = struct.pack("16sH", b"lo", flags | _IFF_UP).ljust(_IFREQ_SIZE, b"\0")
+            fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, ifr)
+
+
+def _lo_error(name: str, exc: BaseException) -> NetworkError:
+    if isinstance(exc, OSError) and exc.errno == errno.ENODEV:
+        return NetworkError(
+            f"network namespace {name!r} has no 'lo' link: remove it with "
+            "remove_netns() and create it again with ensure_netns()"
+        )
+    return NetworkError(
+        f"could not bring 'lo' up in network namespace {name!r}: {exc}; "
+        "remove the namespace with remove_netns() and try again"
+    )
+
+
+def _create_here(name: str, path: Path) -> None:
+    """Body of the creating thread: new netns for this thread, bind it on ``path``, lo up.
+
+    OSError before the bind mount leaves nothing behind (the file we made is unlinked and
+    the namespace dies with the thread); a failure to bring ``lo`` up is a NetworkError
+    (the namespace then exists, as with the pyroute2 path).
+    """
+    _unshare_net()
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    try:
+        _mount(_thread_netns_file(), str(path), _MS_BIND)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(path)
+        raise
+    try:
+        _set_lo_up_here()
+    except OSError as exc:
+        raise _lo_error(name, exc) from exc
+
+
+def _create_fast(name: str, path: Path) -> bool:
+    """Create the namespace without forking. False: not possible here (EPERM/ENOSYS),
+    nothing was left behind, use the pyroute2 path. True: it exists now (made by us, with
+    ``lo`` up, or concurrently by someone else)."""
+    try:
+        _prepare_run_dir()
+    except OSError as exc:
+        if exc.errno in _FALLBACK_ERRNOS:
+            return False
+        raise NetworkError(
+            f"could not make {NETNS_DIR} a shared mount point (as `ip netns add` does) for "
+            f"network namespace {name!r}: {exc}; check that we run as root and that "
+            f"{NETNS_DIR} is writable"
+        ) from exc
+    try:
+        _run_in_thread(name, lambda: _create_here(name, path))
+    except OSError as exc:
+        if exc.errno == errno.EEXIST and _is_nsfs(path):
+            return True  # someone else created it concurrently: fine
+        if exc.errno in _FALLBACK_ERRNOS:
+            return False
+        raise NetworkError(
+            f"could not create network namespace {name!r} at {path}: {exc}; "
+            f"check that we run as root and that {NETNS_DIR} is writable"
+        ) from exc
+    return True
+
+
+def _create_pyroute2(name: str, path: Path) -> None:
+    """Fallback creation through pyroute2 (forks a helper process)."""
+    try:
+        pr_netns.create(str(path))
+    except Exception as exc:
+        if not _is_nsfs(path):
+            if path.exists():
+                _remove_stale(path)
+            raise NetworkError(
+                f"could not create network namespace {name!r} at {path}: {exc}; "
+                f"check that we run as root and that {NETNS_DIR} is writable"
+            ) from exc
+        # Someone else created it concurrently: fine.
+
+
+def _lo_up_pyroute2(name: str) -> None:
+    try:
+        with _ipr(name) as ipr:
+            lo = _find_link(ipr, "lo")
+            if lo is None:
+                raise _lo_error(name, OSError(errno.ENODEV, "no such device"))
+            ipr.link("set", index=lo["index"], state="up")
+    except NetlinkError as exc:
+        raise _lo_error(name, exc) from exc
+
+
+def _lo_up(name: str) -> None:
+    """Bring ``lo`` up in an existing named namespace (setns thread; pyroute2 if refused)."""
+    try:
+        _run_in_netns(name, _set_lo_up_here)
+    except OSError as exc:
+        if exc.errno not in _FALLBACK_ERRNOS:
+            raise _lo_error(name, exc) from exc
+        _lo_up_pyroute2(name)
 
 
 def ensure_netns(name: str) -> Path:
@@ -315,37 +544,21 @@ def ensure_netns(name: str) -> Path:
 
     Idempotent. A stale plain file at ``/run/netns/<name>`` (left by a crash) is replaced.
     Returns the namespace's path (for the jailer's ``--netns``).
+
+    The namespace is made like ``ip netns add`` does (``/run/netns`` a shared mount point,
+    the namespace bind-mounted on ``/run/netns/<name>``) but in-process, by a short-lived
+    helper thread: no fork, no external binary. If the kernel refuses that with
+    EPERM/ENOSYS, pyroute2's forking implementation is used instead.
     """
     path = netns_path(name)
     _refuse_running_loop(f"create network namespace {name!r}")
     if path.exists() and not _is_nsfs(path):
         _remove_stale(path)
     if not path.exists():
-        try:
-            pr_netns.create(str(path))
-        except Exception as exc:
-            if not _is_nsfs(path):
-                if path.exists():
-                    _remove_stale(path)
-                raise NetworkError(
-                    f"could not create network namespace {name!r} at {path}: {exc}; "
-                    f"check that we run as root and that {NETNS_DIR} is writable"
-                ) from exc
-            # Someone else created it concurrently: fine.
-    try:
-        with _ipr(name) as ipr:
-            lo = _find_link(ipr, "lo")
-            if lo is None:
-                raise NetworkError(
-                    f"network namespace {name!r} has no 'lo' link: remove it with "
-                    "remove_netns() and create it again with ensure_netns()"
-                )
-            ipr.link("set", index=lo["index"], state="up")
-    except NetlinkError as exc:
-        raise NetworkError(
-            f"could not bring 'lo' up in network namespace {name!r}: {exc}; "
-            "remove the namespace with remove_netns() and try again"
-        ) from exc
+        if _create_fast(name, path):
+            return path
+        _create_pyroute2(name, path)
+    _lo_up(name)
     return path
 
 
@@ -364,8 +577,9 @@ def _remove_stale(path: Path) -> None:
 def remove_netns(name: str) -> None:
     """Delete the named network namespace if it exists; do nothing if it does not.
 
-    This removes the name (unmounts and unlinks ``/run/netns/<name>``); the kernel frees
-    the namespace, with every TAP and veth end in it, once no process is left inside.
+    This removes the name (lazily unmounts and unlinks ``/run/netns/<name>``, like ``ip
+    netns delete``); the kernel frees the namespace, with every TAP and veth end in it,
+    once no process is left inside.
     """
     path = netns_path(name)
     if not os.path.lexists(path):
@@ -374,7 +588,15 @@ def remove_netns(name: str) -> None:
         _remove_stale(path)
         return
     try:
-        pr_netns.remove(str(path))
+        try:
+            _umount_detach(str(path))
+        except OSError as exc:
+            # EINVAL: no longer a mount point (unmounted concurrently); ENOENT: gone.
+            if exc.errno == errno.ENOENT:
+                return
+            if exc.errno != errno.EINVAL:
+                raise
+        os.unlink(path)
     except FileNotFoundError:
         return
     except OSError as exc:
