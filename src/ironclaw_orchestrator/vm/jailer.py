@@ -41,10 +41,10 @@ from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_roo
 from .jailer_args import CgroupArg, build_jailer_argv
 from .lifecycle import (
     DEFAULT_READY_TIMEOUT_S,
-    DEFAULT_STOP_TIMEOUT_S,
+    VmmHandle,
+    abort_start,
     exited_error,
     read_tail,
-    stop_process,
     wait_ready,
 )
 from .process import ChildProcess, become_subreaper
@@ -152,8 +152,8 @@ class JailResources:
             )
 
 
-class JailerProcess:
-    """A Firecracker process running inside the jailer's sandbox.
+class JailerProcess(VmmHandle):
+    """A Firecracker process running inside the jailer's sandbox (spec: the jailer handle).
 
     ``pid`` is the VMM itself (not the jailer), ``api_socket`` its host-side socket path.
     """
@@ -171,24 +171,14 @@ class JailerProcess:
         api: FirecrackerApi,
         argv: list[str],
     ) -> None:
+        super().__init__(
+            vm_id=config.jailer_id, process=process, api=api, console_path=console_path
+        )
         self.config = config
         self.binaries = binaries
-        self.process = process
         self.resources = resources
-        self.console_path = console_path
-        self.api = api
         self.argv = argv
-        self.booted = False
-        self._stopped = False
         self.oom_killed = False
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def vm_id(self) -> str:
-        return self.config.jailer_id
 
     @property
     def api_socket(self) -> Path:
@@ -214,21 +204,12 @@ class JailerProcess:
         name = self.resources.netns_name
         return str(ns.netns_path(name)) if name is not None else None
 
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode
-
     def jail_host_path(self, jail_path: PurePosixPath | str) -> Path:
         """Host path of a path as the VMM sees it."""
         return self.chroot_dir / str(jail_path).lstrip("/")
 
-    async def wait(self) -> int:
-        """Wait for the VMM to exit; return its exit code (``-N``: killed by signal N)."""
-        code = await self.process.wait()
-        self._note_oom()
-        return code
-
-    def _note_oom(self) -> None:
+    def _after_exit(self) -> None:
+        """Record whether the memory cgroup OOM-killed the VMM."""
         cgroups = self.resources.cgroups
         if cgroups is None or self.oom_killed:
             return
@@ -238,31 +219,15 @@ class JailerProcess:
             kills = None
         self.oom_killed = bool(kills)
 
+    def _release(self) -> None:
+        self.resources.release()
+
     def stats(self) -> cg.CgroupStats:
         """Resource usage read from the VM's own cgroups."""
         cgroups = self.resources.cgroups
         if cgroups is None:
             raise UsageError(f"VM {self.vm_id} has no cgroups (stopped, or started without limits)")
         return cgroups.stats()
-
-    async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
-        """Stop the VMM (graceful if booted, then SIGKILL), reap it, remove every resource.
-
-        Idempotent. Returns the VMM's exit code (``None`` if it was already stopped).
-        """
-        if self._stopped:
-            return self.process.returncode
-        self._stopped = True
-        code: int | None = None
-        try:
-            code = await stop_process(
-                self.process, self.api, graceful=self.booted, timeout_s=timeout_s
-            )
-            self._note_oom()
-        finally:
-            await self.api.aclose()
-            await asyncio.to_thread(self.resources.release)
-        return code
 
 
 async def start_with_jailer(
@@ -383,11 +348,7 @@ async def start_with_jailer(
             vm_id=config.jailer_id, console_path=console, timeout_s=ready_timeout_s,
         )  # fmt: skip
     except BaseException:
-        if process is not None:
-            process.kill()
-            await asyncio.shield(process.wait())
-        if api is not None:
-            await api.aclose()
+        await abort_start(process, api)
         try:
             await asyncio.to_thread(res.release)
         except CleanupError as cleanup_exc:

@@ -141,6 +141,74 @@ async def wait_ready(
     )
 
 
+class VmmHandle:
+    """What jailed and unjailed VMMs share: the process, its API, waiting and stopping.
+
+    Subclasses say what else was made for the VM (``_release``) and what to learn from an
+    exit (``_after_exit``, e.g. an OOM kill recorded by the cgroup).
+    """
+
+    jailed: bool = False
+
+    def __init__(
+        self, *, vm_id: str, process: ChildProcess, api: FirecrackerApi, console_path: Path
+    ) -> None:
+        self.vm_id = vm_id
+        self.process = process
+        self.api = api
+        self.console_path = console_path
+        self.booted = False
+        self._stopped = False
+
+    @property
+    def pid(self) -> int:
+        """The firecracker process itself."""
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    async def wait(self) -> int:
+        """Wait for the VMM to exit; return its exit code (``-N``: killed by signal N)."""
+        code = await self.process.wait()
+        self._after_exit()
+        return code
+
+    async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
+        """Stop the VMM (graceful if booted, then SIGKILL), reap it, remove every resource.
+
+        Idempotent: a second call only returns the exit code.
+        """
+        if self._stopped:
+            return self.process.returncode
+        self._stopped = True
+        try:
+            code = await stop_process(
+                self.process, self.api, graceful=self.booted, timeout_s=timeout_s
+            )
+            self._after_exit()
+        finally:
+            await self.api.aclose()
+            await asyncio.to_thread(self._release)
+        return code
+
+    def _after_exit(self) -> None:
+        """Hook: inspect why the VMM ended."""
+
+    def _release(self) -> None:
+        """Hook: remove what was made for this VM (must be idempotent)."""
+
+
+async def abort_start(process: ChildProcess | None, api: FirecrackerApi | None) -> None:
+    """Undo a half-finished start: kill and reap the VMM, close the API client."""
+    if process is not None:
+        process.kill()
+        await asyncio.shield(process.wait())
+    if api is not None:
+        await api.aclose()
+
+
 async def stop_process(
     process: ChildProcess,
     api: FirecrackerApi | None,

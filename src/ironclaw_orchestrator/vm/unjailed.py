@@ -7,7 +7,6 @@ socket and console log, and is stopped and cleaned up exactly like a jailed one.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from pathlib import Path
 
@@ -17,14 +16,14 @@ from .binaries import find_firecracker, read_version
 from .config import VmConfig
 from .hostcheck import check_kvm, check_socket_budget
 from .jailer_args import firecracker_args
-from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, stop_process, wait_ready
+from .lifecycle import DEFAULT_READY_TIMEOUT_S, VmmHandle, abort_start, wait_ready
 from .process import ChildProcess
 from .rundir import CONSOLE_LOG, create_vm_run_dir, vm_run_dir
 
 API_SOCKET_NAME = "firecracker.socket"
 
 
-class UnjailedProcess:
+class UnjailedProcess(VmmHandle):
     """A firecracker process running directly on the host (development mode)."""
 
     jailed = False
@@ -33,41 +32,16 @@ class UnjailedProcess:
         self, *, vm_id: str, process: ChildProcess, run_dir: Path, api: FirecrackerApi,
         firecracker: Path,
     ) -> None:  # fmt: skip
-        self.vm_id = vm_id
-        self.process = process
+        super().__init__(vm_id=vm_id, process=process, api=api, console_path=run_dir / CONSOLE_LOG)
         self.run_dir = run_dir
-        self.api = api
         self.firecracker = firecracker
-        self.booted = False
-        self._stopped = False
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
 
     @property
     def api_socket(self) -> Path:
         return self.run_dir / API_SOCKET_NAME
 
-    @property
-    def console_path(self) -> Path:
-        return self.run_dir / CONSOLE_LOG
-
-    async def wait(self) -> int:
-        return await self.process.wait()
-
-    async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
-        """Stop (graceful if booted, then SIGKILL), reap, remove the run directory. Idempotent."""
-        if self._stopped:
-            return self.process.returncode
-        self._stopped = True
-        try:
-            return await stop_process(
-                self.process, self.api, graceful=self.booted, timeout_s=timeout_s
-            )
-        finally:
-            await self.api.aclose()
-            _remove_run_dir(self.vm_id, self.run_dir)
+    def _release(self) -> None:
+        _remove_run_dir(self.vm_id, self.run_dir)
 
 
 def _remove_run_dir(vm_id: str, run_dir: Path) -> None:
@@ -106,11 +80,7 @@ async def start_unjailed(
             timeout_s=ready_timeout_s,
         )  # fmt: skip
     except BaseException:
-        if process is not None:
-            process.kill()
-            await asyncio.shield(process.wait())
-        if api is not None:
-            await api.aclose()
+        await abort_start(process, api)
         _remove_run_dir(config.vm_id, run_dir)
         raise
     return UnjailedProcess(
