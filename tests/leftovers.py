@@ -42,6 +42,13 @@ def leftovers(
         for d in dirnames:
             if "ironclaw" in d and vm_id_fragment in str(Path(dirpath, d)):
                 found.append(f"cgroup {Path(dirpath, d)}")
+    registry = Path(os.environ.get("IRONCLAW_STATE_DIR") or "/run/ironclaw/registry")
+    if registry.is_dir():
+        found += [
+            f"registry record {p}"
+            for p in registry.glob("*.json")
+            if vm_id_fragment and vm_id_fragment in p.name
+        ]
     netns = Path("/run/netns")
     if netns.is_dir():
         found += [

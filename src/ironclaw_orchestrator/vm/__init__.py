@@ -10,22 +10,32 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from ..errors import (
+    CleanupError,
     ConfigError,
     JailerNotFoundError,
     OutOfMemoryError,
     SandboxRequiredError,
     UsageError,
 )
+from ..registry import Registry
 from . import netns as ns
 from .api import FirecrackerApi
 from .cgroups import CgroupStats
 from .config import JailerConfig, VmConfig
 from .hostcheck import check_socket_budget, is_root
-from .jailer import JailerProcess, JailFile, resolve_binaries, start_with_jailer
+from .jailer import (
+    JailerProcess,
+    JailFile,
+    JailResources,
+    resolve_binaries,
+    start_with_jailer,
+)
 from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, read_tail
+from .recording import VmRecorder
 from .staging import check_source
 from .unjailed import UnjailedProcess, start_unjailed
 
@@ -52,9 +62,16 @@ INSTALL_JAILER_HINT = (
 class FirecrackerProcess:
     """A running microVM (spec: the handle returned by ``start_firecracker``)."""
 
-    def __init__(self, config: VmConfig, vmm: JailerProcess | UnjailedProcess) -> None:
+    def __init__(
+        self,
+        config: VmConfig,
+        vmm: JailerProcess | UnjailedProcess,
+        *,
+        recorder: VmRecorder | None = None,
+    ) -> None:
         self.config = config
         self.vmm = vmm
+        self.recorder = recorder
         self.exit_code: int | None = None
 
     @property
@@ -133,8 +150,19 @@ class FirecrackerProcess:
         return self.vmm.stats()
 
     async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
-        """Stop the VM and remove everything made for it. Idempotent."""
-        code = await self.vmm.stop(timeout_s)
+        """Stop the VM and remove everything made for it. Idempotent.
+
+        If some cleanup step fails, ``CleanupError`` lists it and the VM's registry record is
+        kept, naming what is left, for ``ironclaw gc``.
+        """
+        try:
+            code = await self.vmm.stop(timeout_s)
+        except CleanupError:
+            if self.recorder is not None:
+                self.recorder.stopped(self, cleaned=False)
+            raise
+        if self.recorder is not None:
+            self.recorder.stopped(self, cleaned=True)
         if code is not None:
             self.exit_code = code
         return code
@@ -144,6 +172,9 @@ async def start_firecracker(
     config: VmConfig,
     *,
     use_jailer: bool | None = None,
+    registry: Registry | None = None,
+    claim: bool = True,
+    record: bool | None = None,
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
 ) -> FirecrackerProcess:
     """Start a microVM for ``config``; return it configured, not yet booted.
@@ -151,51 +182,110 @@ async def start_firecracker(
     ``use_jailer=None`` jails it whenever the jailer can run here and otherwise falls back to
     development mode with a WARNING (unless a sandbox is required); ``False`` asks for
     development mode on purpose (refused when a sandbox is required).
+
+    The VM is recorded in ``registry`` (default: the host's, see :class:`Registry`) before any
+    host resource is made, each resource as it is made, so ``ironclaw gc`` can clean up after
+    a crash; ``record=None`` records when a registry is given or we run as root. The id is
+    claimed there first (``RegistryError`` if in use) unless ``claim=False`` says the caller
+    claimed it already. A recorded, jailed VM gets a uid/gid of its own from the registry
+    unless ``jailer.uid``/``gid`` are set.
     """
     check_source(Path(config.kernel_path), "kernel_path")
     if config.rootfs_path is not None:
         check_source(Path(config.rootfs_path), "rootfs_path")
     jailer_cfg = config.jailer_config()
-    if use_jailer is False:
-        reason: str | None = "the jailer was turned off on request (use_jailer=False)"
-    else:
-        reason = _why_unjailed(jailer_cfg)
+    reason = _unjailed_reason(config, jailer_cfg, use_jailer)
+    recorder = _recorder(config, registry, claim, record)
     vmm: JailerProcess | UnjailedProcess
-    if reason is None:
-        vmm = await _start_jailed(config, jailer_cfg, ready_timeout_s)
-    elif use_jailer is False and config.sandbox_required():
-        raise ConfigError(
-            f"VM {config.vm_id}: use_jailer=False (--no-jailer) contradicts the sandbox "
-            "requirement (require_sandbox / IRONCLAW_REQUIRE_SANDBOX=1): drop one of them"
-        )
-    elif config.sandbox_required() or use_jailer:
-        fix = INSTALL_JAILER_HINT
-        raise SandboxRequiredError(
-            f"VM {config.vm_id}: a sandbox is required (require_sandbox / "
-            f"IRONCLAW_REQUIRE_SANDBOX=1 / use_jailer=True) but the VM cannot be jailed: "
-            f"{reason}. Fix: {fix}"
-        )
-    else:
-        if config.enable_networking:
-            raise ConfigError(
-                f"VM {config.vm_id}: enable_networking needs the jailer (the tap lives in the VM's "
-                f"own network namespace), but {reason}: {INSTALL_JAILER_HINT}"
+    try:
+        if reason is None:
+            if recorder is not None:
+                jailer_cfg = _own_ids(config, jailer_cfg, recorder.registry)
+            vmm = await _start_jailed(
+                config,
+                jailer_cfg,
+                ready_timeout_s,
+                on_change=recorder.on_change if recorder is not None else None,
             )
-        log.warning(
-            "VM %s runs UNSANDBOXED (development mode, insecure: no chroot, no cgroup limits, "
-            "no privilege drop): %s.%s",
-            config.vm_id,
-            reason,
-            "" if use_jailer is False else f" Fix: {INSTALL_JAILER_HINT}",
-        )
-        vmm = await start_unjailed(config, ready_timeout_s=ready_timeout_s)
-    vm = FirecrackerProcess(config, vmm)
+        else:
+            vmm = await start_unjailed(config, ready_timeout_s=ready_timeout_s)
+    except BaseException:
+        if recorder is not None:
+            recorder.abandoned()
+        raise
+    vm = FirecrackerProcess(config, vmm, recorder=recorder)
     try:
         await _configure(vm)
+        if recorder is not None:
+            recorder.started(vm)
     except BaseException:
         await vm.stop()
         raise
     return vm
+
+
+def _unjailed_reason(
+    config: VmConfig, jailer_cfg: JailerConfig, use_jailer: bool | None
+) -> str | None:
+    """``None`` to jail the VM; else why it runs unjailed (after refusing what must not)."""
+    if use_jailer is False:
+        reason: str | None = "the jailer was turned off on request (use_jailer=False)"
+    else:
+        reason = _why_unjailed(jailer_cfg)
+    if reason is None:
+        return None
+    if use_jailer is False and config.sandbox_required():
+        raise ConfigError(
+            f"VM {config.vm_id}: use_jailer=False (--no-jailer) contradicts the sandbox "
+            "requirement (require_sandbox / IRONCLAW_REQUIRE_SANDBOX=1): drop one of them"
+        )
+    if config.sandbox_required() or use_jailer:
+        raise SandboxRequiredError(
+            f"VM {config.vm_id}: a sandbox is required (require_sandbox / "
+            f"IRONCLAW_REQUIRE_SANDBOX=1 / use_jailer=True) but the VM cannot be jailed: "
+            f"{reason}. Fix: {INSTALL_JAILER_HINT}"
+        )
+    if config.enable_networking:
+        raise ConfigError(
+            f"VM {config.vm_id}: enable_networking needs the jailer (the tap lives in the VM's "
+            f"own network namespace), but {reason}: {INSTALL_JAILER_HINT}"
+        )
+    log.warning(
+        "VM %s runs UNSANDBOXED (development mode, insecure: no chroot, no cgroup limits, "
+        "no privilege drop): %s.%s",
+        config.vm_id,
+        reason,
+        "" if use_jailer is False else f" Fix: {INSTALL_JAILER_HINT}",
+    )
+    return reason
+
+
+def _recorder(
+    config: VmConfig, registry: Registry | None, claim: bool, record: bool | None
+) -> VmRecorder | None:
+    if record is None:
+        record = registry is not None or is_root()
+    if not record:
+        return None
+    registry = registry if registry is not None else Registry()
+    if claim:
+        registry.claim(
+            config.vm_id,
+            config=config.model_dump(mode="json"),
+            vcpus=config.vcpu_count,
+            memory_mb=config.memory_mb,
+        )
+    return VmRecorder(registry, config.vm_id, owns_claim=claim)
+
+
+def _own_ids(config: VmConfig, jailer_cfg: JailerConfig, registry: Registry) -> JailerConfig:
+    """A uid/gid of the VM's own from the registry, unless the caller chose them."""
+    chosen = config.jailer.model_fields_set if config.jailer is not None else set()
+    if {"uid", "gid"} & chosen:
+        registry.update(config.vm_id, uid=jailer_cfg.uid, gid=jailer_cfg.gid)
+        return jailer_cfg
+    uid, gid = registry.allocate_ids(config.vm_id)
+    return jailer_cfg.model_copy(update={"uid": uid, "gid": gid})
 
 
 async def stop_firecracker(
@@ -217,7 +307,10 @@ def _why_unjailed(jailer_cfg: JailerConfig) -> str | None:
 
 
 async def _start_jailed(
-    config: VmConfig, jailer_cfg: JailerConfig, ready_timeout_s: float
+    config: VmConfig,
+    jailer_cfg: JailerConfig,
+    ready_timeout_s: float,
+    on_change: Callable[[JailResources], None] | None,
 ) -> JailerProcess:
     files = [JailFile(Path(config.kernel_path), KERNEL_JAIL_PATH, read_only=True)]
     if config.rootfs_path is not None:
@@ -235,7 +328,13 @@ async def _start_jailed(
         check_socket_budget(Path(f"{vsock_host}_4294967295"), "vsock socket (with _<port>)")
     tap = ns.tap_name(config.vm_id) if config.enable_networking else None
     return await start_with_jailer(
-        jailer_cfg, files=files, tap=tap, ready_timeout_s=ready_timeout_s
+        jailer_cfg,
+        files=files,
+        tap=tap,
+        tap_host_cidr=config.tap_host_cidr if tap else None,
+        uplink_subnet=config.uplink_subnet,
+        ready_timeout_s=ready_timeout_s,
+        on_change=on_change,
     )
 
 
@@ -246,7 +345,10 @@ async def _configure(vm: FirecrackerProcess) -> None:
     jailed = isinstance(vm.vmm, JailerProcess)
     await api.put_machine_config(cfg.vcpu_count, cfg.memory_mb)
     kernel = KERNEL_JAIL_PATH if jailed else Path(cfg.kernel_path)
-    await api.put_boot_source(kernel, cfg.boot_args)
+    boot_args = cfg.boot_args
+    if cfg.enable_networking and "ip=" not in boot_args.split("#")[0]:
+        boot_args = f"{boot_args} {cfg.guest_ip_arg()}"
+    await api.put_boot_source(kernel, boot_args)
     if cfg.rootfs_path is not None:
         rootfs = ROOTFS_JAIL_PATH if jailed else Path(cfg.rootfs_path)
         await api.put_drive("rootfs", rootfs, root=True, read_only=cfg.rootfs_read_only)

@@ -15,6 +15,7 @@ Deviations from the spec, because the real jailer behaves differently:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path, PurePosixPath
@@ -211,6 +212,13 @@ class VmConfig(_Model):
     #: ``None`` boots without a root drive (e.g. the probe guest).
     rootfs_path: str | None = "/path/to/rootfs.ext4"
     enable_networking: bool = False
+    #: With networking: the tap's address inside the VM's namespace (the guest's gateway);
+    #: the guest gets the next address, passed as ``ip=`` on the kernel command line unless
+    #: ``boot_args`` already has one.
+    tap_host_cidr: str = "172.30.0.1/30"
+    #: Opt-in route beyond the namespace: a veth pair to the host on this IPv4 /30 (host end
+    #: first address), removed at stop. NAT/forwarding on the host stay the operator's choice.
+    uplink_subnet: str | None = None
 
     boot_args: str = DEFAULT_BOOT_ARGS
     rootfs_read_only: bool = False
@@ -231,6 +239,41 @@ class VmConfig(_Model):
         if "\n" in v or len(v) > 2048:
             raise ValueError("boot_args must be one line of at most 2048 characters")
         return v
+
+    @field_validator("tap_host_cidr")
+    @classmethod
+    def _tap_cidr(cls, v: str) -> str:
+        try:
+            iface = ipaddress.IPv4Interface(v)
+        except ValueError:
+            raise ValueError(f"tap_host_cidr {v!r} is not an IPv4 address/prefix") from None
+        if iface.network.prefixlen > 30 or iface.ip in (
+            iface.network.network_address,
+            iface.network.broadcast_address,
+        ):
+            raise ValueError(f"tap_host_cidr {v!r} needs a host address in a /30 or larger")
+        return v
+
+    @field_validator("uplink_subnet")
+    @classmethod
+    def _uplink(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            net = ipaddress.IPv4Network(v)
+        except ValueError:
+            raise ValueError(
+                f"uplink_subnet {v!r} is not an IPv4 network such as 10.200.0.0/30"
+            ) from None
+        if net.prefixlen != 30:
+            raise ValueError(f"uplink_subnet {v!r} must be a /30")
+        return v
+
+    def guest_ip_arg(self) -> str:
+        """Kernel ``ip=`` argument configuring the guest's ``eth0`` behind the tap."""
+        iface = ipaddress.IPv4Interface(self.tap_host_cidr)
+        guest = iface.ip + 1
+        return f"ip={guest}::{iface.ip}:{iface.network.netmask}::eth0:off"
 
     @model_validator(mode="after")
     def _memory_fits(self) -> VmConfig:

@@ -107,6 +107,7 @@ class JailResources:
     cgroups: cg.VmCgroups | None = None
     netns_name: str | None = None
     tap: str | None = None
+    uplink: bool = False
     staged: list[StagedFile] = field(default_factory=list)
     vmm_pid: int | None = None
     vmm_start_time: int | None = None
@@ -128,6 +129,9 @@ class JailResources:
                 failures.append(f"cgroups {[str(p) for p in cgroups.paths.values()]}: {exc}")
         if self.netns_name is not None:
             try:
+                if self.uplink:
+                    ns.remove_uplink(self.netns_name, self.vm_id)
+                    self.uplink = False
                 if self.tap is not None:
                     ns.remove_tap(self.netns_name, self.tap)
                     self.tap = None
@@ -235,6 +239,8 @@ async def start_with_jailer(
     *,
     files: Sequence[JailFile] = (),
     tap: str | None = None,
+    tap_host_cidr: str | None = None,
+    uplink_subnet: str | None = None,
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
     log_level: str | None = None,
     on_change: Callable[[JailResources], None] | None = None,
@@ -242,9 +248,11 @@ async def start_with_jailer(
     """Start Firecracker jailed by the jailer, per ``config``; return once its API answers.
 
     ``files`` are staged into the jail first (owned by the jail uid/gid). ``tap`` names a tap
-    device to create in the VM's network namespace. Everything created is removed again if
-    any step fails. ``on_change`` is called each time a host resource is about to be made
-    (and once the VMM's pid is known), so a crash-safe registry can record it first.
+    device to create in the VM's network namespace (addressed ``tap_host_cidr`` there);
+    ``uplink_subnet`` opts in to a veth pair from that namespace to the host. Everything
+    created is removed again if any step fails. ``on_change`` is called each time a host
+    resource is about to be made (and once the VMM's pid is known), so a crash-safe registry
+    can record it first.
     """
     # 1. Checks that write nothing.
     if not is_root():
@@ -308,7 +316,20 @@ async def start_with_jailer(
                 )
             res.tap = tap
             res.changed()
-            await asyncio.to_thread(ns.ensure_tap, res.netns_name, tap, config.uid, config.gid)
+            await asyncio.to_thread(
+                ns.ensure_tap, res.netns_name, tap, config.uid, config.gid, host_cidr=tap_host_cidr
+            )
+        if uplink_subnet is not None:
+            if res.netns_name is None:
+                raise ConfigError(
+                    f"VM {config.jailer_id}: an uplink needs a network namespace of our own; "
+                    "leave netns unset and isolate_network=True"
+                )
+            res.uplink = True
+            res.changed()
+            await asyncio.to_thread(
+                ns.ensure_uplink, res.netns_name, config.jailer_id, uplink_subnet
+            )
         res.cgroups = cgroups
         res.changed()
         await asyncio.to_thread(cgroups.prepare)

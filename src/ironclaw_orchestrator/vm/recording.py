@@ -1,0 +1,85 @@
+"""Keeping a VM's registry record in step with what exists on the host.
+
+Every resource is recorded *before* it is made (``start_with_jailer``'s ``on_change``), so an
+orchestrator killed at any moment leaves a record that names everything ``ironclaw gc`` has to
+remove, and never a resource nobody knows about.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from ..errors import RegistryError
+from ..registry import Registry, read_process_start
+from .jailer import JailerProcess, JailResources
+
+if TYPE_CHECKING:
+    from . import FirecrackerProcess
+
+
+def resource_fields(res: JailResources) -> dict[str, Any]:
+    """Registry fields for what ``res`` says exists (or is about to)."""
+    return {
+        "run_dir": res.run_dir,
+        "jail_dir": res.jail_dir,
+        "cgroups": res.cgroups.to_dict() if res.cgroups is not None else None,
+        "netns_name": res.netns_name,
+        "tap": res.tap,
+        "vmm_pid": res.vmm_pid,
+        "vmm_start_time": res.vmm_start_time,
+        "sandboxed": True,
+    }
+
+
+def record_fields(vm: FirecrackerProcess) -> dict[str, Any]:
+    """Registry fields describing a started VM and what was made for it."""
+    vmm = vm.vmm
+    fields: dict[str, Any] = {
+        "vmm_pid": vm.pid,
+        "vmm_start_time": vmm.process.start_time or read_process_start(vm.pid),
+        "sandboxed": vm.is_sandboxed,
+        "api_socket": vm.socket_path,
+        "console_path": vm.console_path,
+        "vcpus": vm.config.vcpu_count,
+        "memory_mb": vm.config.memory_mb,
+    }
+    if isinstance(vmm, JailerProcess):
+        fields.update(resource_fields(vmm.resources))
+        fields.update(
+            uid=vmm.config.uid, gid=vmm.config.gid, memory_limit_mb=vmm.config.memory_limit_mb
+        )
+    else:
+        fields["run_dir"] = vmm.run_dir
+    return fields
+
+
+class VmRecorder:
+    """The registry record of one VM: claimed (or adopted), updated, released."""
+
+    def __init__(self, registry: Registry, vm_id: str, *, owns_claim: bool) -> None:
+        self.registry = registry
+        self.vm_id = vm_id
+        #: Release the record at stop (we claimed it); otherwise the claimer does.
+        self.owns_claim = owns_claim
+
+    def on_change(self, res: JailResources) -> None:
+        self.registry.update(self.vm_id, **resource_fields(res))
+
+    def started(self, vm: FirecrackerProcess) -> None:
+        self.registry.update(self.vm_id, **record_fields(vm))
+
+    def stopped(self, vm: FirecrackerProcess, *, cleaned: bool) -> None:
+        """After stop: drop the record, or make it name only what is left for ``gc``."""
+        if cleaned:
+            if self.owns_claim:
+                self.registry.release(self.vm_id)
+            return
+        if isinstance(vm.vmm, JailerProcess):
+            with contextlib.suppress(RegistryError):
+                self.on_change(vm.vmm.resources)
+
+    def abandoned(self) -> None:
+        """The start failed and cleaned up after itself: forget the id."""
+        if self.owns_claim:
+            self.registry.release(self.vm_id)
