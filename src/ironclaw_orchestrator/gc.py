@@ -53,6 +53,9 @@ from typing import Any
 
 from .errors import IronclawError
 from .registry import Registry, VmRecord, is_alive, read_process_start
+from .vm.config import DEFAULT_PARENT_CGROUP_NAME
+from .vm.jailer import JAIL_MARKER
+from .vm.netns import NETNS_PREFIX
 
 __all__ = [
     "JAIL_MARKER",
@@ -60,36 +63,15 @@ __all__ = [
     "GcHost",
     "GcReport",
     "collect_garbage",
-    "write_jail_marker",
 ]
 
 #: Our marker in ``<chroot base>/<exec name>/<id>/`` (outside the chroot ``root/``, so the
 #: guest never sees it). gc removes an unrecorded jail directory only if it holds this file.
-JAIL_MARKER = ".ironclaw"
-NETNS_PREFIX = "ironclaw-"
-PARENT_CGROUP_NAME = "ironclaw"
+# One name each, shared with the code that creates them.
+PARENT_CGROUP_NAME = DEFAULT_PARENT_CGROUP_NAME
 DEFAULT_CHROOT_BASES: tuple[Path, ...] = (Path("/var/jail"),)
 DEFAULT_ORPHAN_GRACE_S = 30.0
 _ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
-
-
-def write_jail_marker(jail_dir: Path, vm_id: str) -> None:
-    """Mark ``jail_dir`` as made by ironclaw (call right after creating it); keeps a marker
-    that is already there."""
-    path = jail_dir / JAIL_MARKER
-    try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-    except FileExistsError:
-        return
-    try:
-        os.write(fd, f"{vm_id}\n".encode())
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------- report
 
 
 @dataclass
