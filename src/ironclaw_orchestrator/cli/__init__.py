@@ -1,4 +1,4 @@
-"""The ``ironclaw`` command line (typer): ``doctor``, ``install`` and ``vm run``.
+"""The ``ironclaw`` command line (typer): ``doctor``, ``install``, ``vm ...`` and ``gc``.
 
 One module per command group; :mod:`.common` holds exit codes, error output, logging and
 TOML loading. This package is the only place that imports typer or rich.
@@ -6,9 +6,16 @@ TOML loading. This package is the only place that imports typer or rich.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from ..registry import STATE_DIR_ENV
+from . import detached as _detached
 from . import doctor as _doctor
+from . import gc as _gc
 from . import install as _install
 from . import vm as _vm
 from .common import ExitCode, VerboseOption, setup_logging
@@ -22,7 +29,9 @@ app = typer.Typer(
         "Examples:\n\n"
         "  ironclaw doctor            # can this host run jailed VMs?\n\n"
         "  ironclaw install           # install firecracker + jailer\n\n"
-        "  ironclaw vm run            # boot the built-in probe guest"
+        "  ironclaw vm run            # boot the built-in probe guest\n\n"
+        "  ironclaw vm start -d       # ... detached; then vm ls / stats / logs / stop\n\n"
+        "  ironclaw gc                # clean up after crashed or killed VMs"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -32,12 +41,27 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(verbose: VerboseOption = False) -> None:
+def _root(
+    verbose: VerboseOption = False,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help=f"VM registry directory (sets ${STATE_DIR_ENV}; default /run/ironclaw/registry).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     setup_logging(verbose)
+    if state_dir is not None:
+        # The environment, so that everything started from here (supervisors) agrees.
+        os.environ[STATE_DIR_ENV] = str(state_dir.absolute())
 
 
 app.command(name="doctor", help=_doctor.HELP)(_doctor.doctor)
 app.command(name="install", help=_install.HELP)(_install.install)
+app.command(name="gc", help=_gc.HELP)(_gc.gc)
+_detached.register(_vm.app)
 app.add_typer(_vm.app, name="vm")
 
 

@@ -40,7 +40,14 @@ from .common import (
 log = logging.getLogger("ironclaw_orchestrator.cli")
 
 app = typer.Typer(
-    help="Run microVMs.\n\nExample:\n\n  ironclaw vm run --probe halt",
+    help=(
+        "Run microVMs: in the foreground (run) or detached (start, ls, stats, logs, stop)."
+        "\n\nExamples:\n\n"
+        "  ironclaw vm run --probe halt\n\n"
+        "  ironclaw vm start -d --id web-1\n\n"
+        "  ironclaw vm ls\n\n"
+        "  ironclaw vm stop web-1"
+    ),
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
