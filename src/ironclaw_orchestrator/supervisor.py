@@ -33,11 +33,9 @@ import json
 import logging
 import os
 import secrets
-import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,21 +99,34 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _read_message(fd: int, timeout_s: float) -> dict[str, Any] | None:
-    """One JSON line from the supervisor; ``None`` on EOF; ``TimeoutError`` if none in time."""
-    deadline = time.monotonic() + timeout_s
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _read_message(fd: int, timeout_s: float) -> dict[str, Any] | None:
+    """One JSON line from the supervisor; ``None`` on EOF; ``TimeoutError`` if none in time.
+
+    Read through the event loop (not a thread), so that Ctrl-C can cancel the wait at once.
+    """
+    loop = asyncio.get_running_loop()
     buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        buf += chunk
+    os.set_blocking(fd, False)
+    async with asyncio.timeout(timeout_s):
+        while b"\n" not in buf:
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _set_once, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            buf += chunk
     line = buf.split(b"\n", 1)[0]
     if not line:
         return None
@@ -191,7 +202,7 @@ async def spawn_supervisor(
     _spawned[proc.pid] = proc
     try:
         try:
-            msg = await asyncio.to_thread(_read_message, read_fd, timeout_s)
+            msg = await _read_message(read_fd, timeout_s)
         except TimeoutError:
             await _abandon(proc, registry, vm_id)
             raise VmError(
