@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -126,3 +127,22 @@ async def test_stop_on_exited_process_returns_code(tmp_path: Path) -> None:
     proc = ChildProcess.spawn(["/bin/true"], stdout_path=tmp_path / "o")
     await proc.wait()
     assert await stop_process(proc, None, graceful=False) == 0
+
+
+async def test_stdin_is_a_pipe_we_hold_until_exit(tmp_path: Path) -> None:
+    """Firecracker polls stdin (serial input) with epoll: it must be a pipe, kept open."""
+    out = tmp_path / "o"
+    proc = ChildProcess.spawn(
+        [str(script(tmp_path, "readlink /proc/self/fd/0; sleep 30"))], stdout_path=out
+    )
+    try:
+        assert proc.stdin_fd is not None
+        for _ in range(400):
+            if out.read_text():
+                break
+            await asyncio.sleep(0.005)
+        assert out.read_text().startswith("pipe:")
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert proc.stdin_fd is None  # closed with the child

@@ -431,25 +431,33 @@ def _wants_io(config: JailerConfig) -> bool:
 
 async def _adopt_vmm(jailer: ChildProcess, config: JailerConfig, console: Path) -> ChildProcess:
     """With ``--new-pid-ns`` the jailer forks the VMM, writes its pid file and exits 0."""
-    code = await jailer.wait()
-    if code != 0:
-        raise exited_error(config.jailer_id, code, console, what="the jailer")
-    pid_file = config.chroot_dir / f"{config.exec_file_name}.pid"
+    # The VMM shares the jailer's stdin pipe: keep its write end open past the jailer's exit.
+    stdin_fd = jailer.take_stdin()
     try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError) as exc:
-        raise JailerError(
-            f"VM {config.jailer_id}: the jailer exited 0 but its pid file {pid_file} is missing "
-            f"or invalid ({exc}); output:\n{read_tail(console)}",
-            vm_id=config.jailer_id,
-            output_tail=read_tail(console),
-        ) from exc
-    try:
-        return ChildProcess.adopt(pid)
-    except ProcessLookupError:
-        raise VmExitedError(
-            f"VM {config.jailer_id}: the VMM (pid {pid}) was gone before it could be watched; "
-            f"output:\n{read_tail(console)}",
-            vm_id=config.jailer_id,
-            output_tail=read_tail(console),
-        ) from None
+        code = await jailer.wait()
+        if code != 0:
+            raise exited_error(config.jailer_id, code, console, what="the jailer")
+        pid_file = config.chroot_dir / f"{config.exec_file_name}.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise JailerError(
+                f"VM {config.jailer_id}: the jailer exited 0 but its pid file {pid_file} is "
+                f"missing or invalid ({exc}); output:\n{read_tail(console)}",
+                vm_id=config.jailer_id,
+                output_tail=read_tail(console),
+            ) from exc
+        try:
+            vmm = ChildProcess.adopt(pid, stdin_fd=stdin_fd)
+        except ProcessLookupError:
+            raise VmExitedError(
+                f"VM {config.jailer_id}: the VMM (pid {pid}) was gone before it could be "
+                f"watched; output:\n{read_tail(console)}",
+                vm_id=config.jailer_id,
+                output_tail=read_tail(console),
+            ) from None
+    except BaseException:
+        if stdin_fd is not None:
+            os.close(stdin_fd)
+        raise
+    return vmm

@@ -58,8 +58,10 @@ class ChildProcess:
     ``-N`` for death by signal N.
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, stdin_fd: int | None = None) -> None:
         self.pid = pid
+        #: Write end of the child's stdin pipe (Firecracker's serial input), or None.
+        self.stdin_fd = stdin_fd
         self.start_time = read_start_time(pid)
         self._pidfd: int | None = os.pidfd_open(pid)
         self.returncode: int | None = None
@@ -74,13 +76,16 @@ class ChildProcess:
         stdout_path: Path,
         env: Mapping[str, str] | None = None,
     ) -> ChildProcess:
-        """Start ``argv`` with stdin from /dev/null and stdout+stderr appended to ``stdout_path``.
+        """Start ``argv`` with stdout+stderr appended to ``stdout_path``.
 
-        The child gets its own process group, so a terminal's Ctrl-C reaches only us and we
-        decide how to stop the VM.
+        stdin is a pipe whose write end we keep (``stdin_fd``): Firecracker registers stdin as
+        the serial console's input with epoll, which /dev/null does not support. The child
+        gets its own process group, so a terminal's Ctrl-C reaches only us and we decide how
+        to stop the VM.
         """
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
         actions = [
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, read_end, 0),
             (
                 os.POSIX_SPAWN_OPEN,
                 1,
@@ -90,20 +95,31 @@ class ChildProcess:
             ),
             (os.POSIX_SPAWN_DUP2, 1, 2),
         ]
-        pid = os.posix_spawn(
-            argv[0],
-            list(argv),
-            dict(env or {}),
-            file_actions=actions,
-            setpgroup=0,
-            setsigdef=(signal.SIGINT, signal.SIGTERM, signal.SIGPIPE),
-        )
-        return cls(pid)
+        try:
+            pid = os.posix_spawn(
+                argv[0],
+                list(argv),
+                dict(env or {}),
+                file_actions=actions,
+                setpgroup=0,
+                setsigdef=(signal.SIGINT, signal.SIGTERM, signal.SIGPIPE),
+            )
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        return cls(pid, stdin_fd=write_end)
 
     @classmethod
-    def adopt(cls, pid: int) -> ChildProcess:
+    def adopt(cls, pid: int, *, stdin_fd: int | None = None) -> ChildProcess:
         """Watch ``pid``, which must already be our child (e.g. re-parented to us)."""
-        return cls(pid)
+        return cls(pid, stdin_fd=stdin_fd)
+
+    def take_stdin(self) -> int | None:
+        """Hand over the stdin pipe (to the VMM the jailer forked, which shares it)."""
+        fd, self.stdin_fd = self.stdin_fd, None
+        return fd
 
     @property
     def alive(self) -> bool:
@@ -126,6 +142,9 @@ class ChildProcess:
 
     def _set_returncode(self, code: int) -> None:
         self.returncode = code
+        if self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
         if self._pidfd is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._pidfd)
