@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ironclaw_orchestrator.errors import OutOfMemoryError
+from ironclaw_orchestrator.errors import CgroupControllerUnavailableError, OutOfMemoryError
 from ironclaw_orchestrator.vm import FirecrackerProcess, JailerConfig, VmConfig, start_firecracker
 from ironclaw_orchestrator.vm.jailer import JailFile, start_with_jailer
 from ironclaw_orchestrator.vm.probe import (
@@ -131,3 +131,15 @@ async def test_stats_fields_absent_not_zero_for_unconfigured_controllers(
         assert stats.pids_current is None  # no pids limit -> no pids cgroup -> absent
     finally:
         await vm.stop()
+
+
+async def test_cgroup_v2_requested_on_a_host_without_v2_controllers(
+    vm_id: str, chroot_base: Path
+) -> None:
+    controllers = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+    if not controllers.exists() or "memory" in controllers.read_text().split():
+        pytest.skip("needs this host's hybrid layout: cgroup2 mounted without memory/cpu")
+    with pytest.raises(CgroupControllerUnavailableError) as info:
+        await start_firecracker(probe_vm(vm_id, ProbeBehaviour.HALT, cgroup_version=2))
+    text = str(info.value)
+    assert "unavailable" in text and "cgroup_version=1" in text
