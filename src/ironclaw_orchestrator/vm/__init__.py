@@ -128,8 +128,7 @@ class FirecrackerProcess:
         return code
 
     def _raise_if_oom(self, code: int) -> None:
-        if self.oom_killed:
-            assert isinstance(self.vmm, JailerProcess)
+        if isinstance(self.vmm, JailerProcess) and self.vmm.oom_killed:
             limit = self.vmm.config.memory_limit_mb
             raise OutOfMemoryError(
                 f"VM {self.vm_id}: the VMM was OOM-killed: its cgroup memory limit "

@@ -110,9 +110,8 @@ async def wait_ready(
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
     while True:
-        if not process.alive:
-            assert process.returncode is not None
-            raise exited_error(vm_id, process.returncode, console_path)
+        if (code := process.poll()) is not None:
+            raise exited_error(vm_id, code, console_path)
         if socket_path.exists():
             try:
                 await api.describe(timeout_s=max(0.05, min(1.0, deadline - time.monotonic())))
@@ -221,9 +220,8 @@ async def stop_process(
     With ``--new-pid-ns`` the VMM is PID 1 of its namespace and ignores SIGTERM, so the
     only graceful path is the guest's own reboot on Ctrl-Alt-Del.
     """
-    if not process.alive:
-        assert process.returncode is not None
-        return process.returncode
+    if (code := process.poll()) is not None:
+        return code
     if graceful and api is not None:
         try:
             await api.send_ctrl_alt_del()

@@ -123,24 +123,22 @@ class ChildProcess:
 
     @property
     def alive(self) -> bool:
-        return self.returncode is None and not self._poll()
+        return self.poll() is None
 
-    def _poll(self) -> bool:
-        """Reap without blocking; True once the process has exited."""
+    def poll(self) -> int | None:
+        """Reap without blocking; the exit code once the process has exited, else None."""
         if self.returncode is not None:
-            return True
+            return self.returncode
         try:
             wpid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
             # Someone else reaped it (a foreign waitpid(-1)): the status is lost.
-            self._set_returncode(UNKNOWN_EXIT)
-            return True
+            return self._set_returncode(UNKNOWN_EXIT)
         if wpid == 0:
-            return False
-        self._set_returncode(os.waitstatus_to_exitcode(status))
-        return True
+            return None
+        return self._set_returncode(os.waitstatus_to_exitcode(status))
 
-    def _set_returncode(self, code: int) -> None:
+    def _set_returncode(self, code: int) -> int:
         self.returncode = code
         if self.stdin_fd is not None:
             os.close(self.stdin_fd)
@@ -152,25 +150,23 @@ class ChildProcess:
             self._pidfd = None
         if self._exited is not None:
             self._exited.set()
+        return code
 
     async def wait(self, timeout_s: float | None = None) -> int:
         """Wait for exit (reaping the child) and return its exit code.
 
         Raises ``TimeoutError`` if ``timeout_s`` passes first.
         """
-        if self._poll():
-            assert self.returncode is not None
-            return self.returncode
-        loop = asyncio.get_running_loop()
-        if self._exited is None:
-            self._exited = asyncio.Event()
-            assert self._pidfd is not None
-            loop.add_reader(self._pidfd, self._poll)
-            self._loop = loop
-        async with asyncio.timeout(timeout_s):
-            await self._exited.wait()
-        assert self.returncode is not None
-        return self.returncode
+        while (code := self.poll()) is None:
+            if self._exited is None:
+                loop = asyncio.get_running_loop()
+                self._exited = asyncio.Event()
+                if self._pidfd is not None:  # None only once exited, which poll() saw
+                    loop.add_reader(self._pidfd, self.poll)
+                    self._loop = loop
+            async with asyncio.timeout(timeout_s):
+                await self._exited.wait()
+        return code
 
     def send_signal(self, sig: int) -> bool:
         """Signal the process through its pidfd; False if it has already exited."""
