@@ -17,10 +17,14 @@ clears)::
     .config-<hex>.json          a detached VM's config, handed to its supervisor (0600)
     <vm_id>.json.corrupt-<ts>   a record gc could not parse, moved aside for inspection
 
-Crash safety: every write goes to a temporary file in the same directory, is fsynced, then
-renamed over the record (or, for a claim, hard-linked to it, which fails atomically if the id
-is taken), and the directory is fsynced. A crash at any point leaves either the old record or
-the new one, never a torn file; leftover temporary files are ignored by readers.
+Crash safety: every write goes to a temporary file in the same directory, then is renamed
+over the record (or, for a claim, hard-linked to it, which fails atomically if the id is
+taken). An orchestrator killed at any point leaves either the old record or the new one, never
+a torn file; leftover temporary files are ignored by readers. Writes are not fsynced unless
+``durable=True``: the page cache survives a process crash, and a kernel crash or power loss
+also ends every VM, netns and cgroup a record could name (what outlives a reboot, the jail
+directories, carries our marker and is found by ``gc`` without a record). Skipping fsync keeps
+the half-dozen record updates of a VM start off its start-up time.
 
 Trust: the directory must be a real directory (not a symlink), owned by us and not writable
 by group or others; otherwise every operation is refused, because anyone who can write a
@@ -229,8 +233,10 @@ class RegistryScan:
 class Registry:
     """The VM registry in ``state_dir`` (created 0700 if missing; see the module docstring)."""
 
-    def __init__(self, state_dir: Path | str | None = None) -> None:
+    def __init__(self, state_dir: Path | str | None = None, *, durable: bool = False) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        #: fsync every write (see the module docstring for why it is off by default).
+        self.durable = durable
         self._ensure_state_dir()
 
     # ------------------------------------------------------------------ paths
@@ -320,6 +326,8 @@ class Registry:
             os.close(fd)  # closing releases the flock
 
     def _fsync_dir(self) -> None:
+        if not self.durable:
+            return
         fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -336,7 +344,8 @@ class Registry:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if self.durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):

@@ -273,6 +273,13 @@ async def start_with_jailer(
             f"VM {config.jailer_id}: netns {config.netns} does not exist: create it "
             "(ip netns add NAME) or leave netns unset to get a private one"
         )
+    if (tap is not None or uplink_subnet is not None) and (
+        config.netns is not None or not config.isolate_network
+    ):
+        raise ConfigError(
+            f"VM {config.jailer_id}: networking (tap / uplink) needs a network namespace of our "
+            "own: leave netns unset and isolate_network=True"
+        )
     if config.jail_dir.exists():
         raise ConfigError(
             f"VM {config.jailer_id}: jail directory {config.jail_dir} already exists: the id is "
@@ -299,44 +306,32 @@ async def start_with_jailer(
     try:
         # The run directory is created exclusively: it claims the id on this host.
         res.run_dir = create_vm_run_dir(config.jailer_id)
+        # Record what is about to be made in one write (removing any of it is idempotent,
+        # so a crash before it exists is harmless); then make it.
+        netns = config.netns
+        if netns is None and config.isolate_network:
+            res.netns_name = ns.netns_name(config.jailer_id)
+        res.tap = tap
+        res.uplink = uplink_subnet is not None
+        res.cgroups = cgroups
         res.changed()
         console = res.run_dir / CONSOLE_LOG
         console.touch(mode=0o600)
-        netns = config.netns
-        if netns is None and config.isolate_network:
-            name = ns.netns_name(config.jailer_id)
-            res.netns_name = name
-            res.changed()
-            netns = str(await asyncio.to_thread(ns.ensure_netns, name))
-        if tap is not None:
-            if res.netns_name is None:
-                raise ConfigError(
-                    f"VM {config.jailer_id}: networking needs a network namespace of our own; "
-                    "leave netns unset and isolate_network=True"
+        if res.netns_name is not None:
+            netns = str(await asyncio.to_thread(ns.ensure_netns, res.netns_name))
+            if tap is not None:
+                await asyncio.to_thread(
+                    ns.ensure_tap, res.netns_name, tap, config.uid, config.gid,
+                    host_cidr=tap_host_cidr,
+                )  # fmt: skip
+            if uplink_subnet is not None:
+                await asyncio.to_thread(
+                    ns.ensure_uplink, res.netns_name, config.jailer_id, uplink_subnet
                 )
-            res.tap = tap
-            res.changed()
-            await asyncio.to_thread(
-                ns.ensure_tap, res.netns_name, tap, config.uid, config.gid, host_cidr=tap_host_cidr
-            )
-        if uplink_subnet is not None:
-            if res.netns_name is None:
-                raise ConfigError(
-                    f"VM {config.jailer_id}: an uplink needs a network namespace of our own; "
-                    "leave netns unset and isolate_network=True"
-                )
-            res.uplink = True
-            res.changed()
-            await asyncio.to_thread(
-                ns.ensure_uplink, res.netns_name, config.jailer_id, uplink_subnet
-            )
-        res.cgroups = cgroups
-        res.changed()
         await asyncio.to_thread(cgroups.prepare)
-        res.changed()  # now with the directories it created
         _claim_jail_dir(config)
         res.jail_dir = config.jail_dir
-        res.changed()
+        res.changed()  # with the cgroup directories prepare() created, and the jail
         config.chroot_dir.mkdir(mode=0o755)
         for f in files:
             res.staged.append(
