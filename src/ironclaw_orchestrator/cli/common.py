@@ -151,3 +151,21 @@ def merge_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
         else:
             merged[key] = value
     return merged
+
+
+# --------------------------------------------------------------------------- VM options
+# Declared once, shared by `vm run` and `vm start`.
+IdOption = Annotated[str | None, typer.Option("--id", help="VM id: 1-64 of A-Z a-z 0-9 '-'.")]
+VcpusOption = Annotated[int | None, typer.Option("--vcpus", help="Number of vCPUs.")]
+MemoryOption = Annotated[int | None, typer.Option("--memory", help="Guest memory in MiB.")]
+KernelOption = Annotated[
+    Path | None, typer.Option("--kernel", help="Guest kernel (default: the probe guest).")
+]
+RootfsOption = Annotated[Path | None, typer.Option("--rootfs", help="Root drive image.")]
+BootArgsOption = Annotated[str | None, typer.Option("--boot-args", help="Kernel command line.")]
+RequireSandboxOption = Annotated[
+    bool, typer.Option("--require-sandbox", help="Refuse to run unless jailed.")
+]
+ConfigFileOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML file with VmConfig keys.")
+]

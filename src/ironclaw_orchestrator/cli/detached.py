@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -35,7 +34,15 @@ from ..supervisor import (
 )
 from ..vm.cgroups import CgroupStats, VmCgroups
 from .common import (
+    BootArgsOption,
+    ConfigFileOption,
     ExitCode,
+    IdOption,
+    KernelOption,
+    MemoryOption,
+    RequireSandboxOption,
+    RootfsOption,
+    VcpusOption,
     VerboseOption,
     exit_code_for,
     fail,
@@ -169,24 +176,14 @@ def _int_or_missing(value: int | None) -> str:
 
 
 def start(
-    vm_id: Annotated[
-        str | None, typer.Option("--id", help="VM id: 1-64 of A-Z a-z 0-9 '-'.")
-    ] = None,
-    vcpus: Annotated[int | None, typer.Option("--vcpus", help="Number of vCPUs.")] = None,
-    memory: Annotated[int | None, typer.Option("--memory", help="Guest memory in MiB.")] = None,
-    kernel: Annotated[
-        Path | None, typer.Option("--kernel", help="Guest kernel (default: the probe guest).")
-    ] = None,
-    rootfs: Annotated[Path | None, typer.Option("--rootfs", help="Root drive image.")] = None,
-    boot_args: Annotated[
-        str | None, typer.Option("--boot-args", help="Kernel command line.")
-    ] = None,
-    require_sandbox: Annotated[
-        bool, typer.Option("--require-sandbox", help="Refuse to run unless jailed.")
-    ] = False,
-    config_file: Annotated[
-        Path | None, typer.Option("--config", "-c", help="TOML file with VmConfig keys.")
-    ] = None,
+    vm_id: IdOption = None,
+    vcpus: VcpusOption = None,
+    memory: MemoryOption = None,
+    kernel: KernelOption = None,
+    rootfs: RootfsOption = None,
+    boot_args: BootArgsOption = None,
+    require_sandbox: RequireSandboxOption = False,
+    config_file: ConfigFileOption = None,
     probe: Annotated[
         Probe | None,
         typer.Option(

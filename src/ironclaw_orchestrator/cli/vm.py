@@ -26,7 +26,15 @@ from ..vm import FirecrackerProcess, start_firecracker
 from ..vm.config import JailerConfig, VmConfig
 from ..vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 from .common import (
+    BootArgsOption,
+    ConfigFileOption,
     ExitCode,
+    IdOption,
+    KernelOption,
+    MemoryOption,
+    RequireSandboxOption,
+    RootfsOption,
+    VcpusOption,
     VerboseOption,
     config_problems,
     fail,
@@ -294,27 +302,17 @@ async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> Exit
 
 @app.command(name="run", help=RUN_HELP)
 def run(
-    vm_id: Annotated[
-        str | None, typer.Option("--id", help="VM id: 1-64 of A-Z a-z 0-9 '-'.")
-    ] = None,
-    vcpus: Annotated[int | None, typer.Option("--vcpus", help="Number of vCPUs.")] = None,
-    memory: Annotated[int | None, typer.Option("--memory", help="Guest memory in MiB.")] = None,
-    kernel: Annotated[
-        Path | None, typer.Option("--kernel", help="Guest kernel (default: the probe guest).")
-    ] = None,
-    rootfs: Annotated[Path | None, typer.Option("--rootfs", help="Root drive image.")] = None,
-    boot_args: Annotated[
-        str | None, typer.Option("--boot-args", help="Kernel command line.")
-    ] = None,
+    vm_id: IdOption = None,
+    vcpus: VcpusOption = None,
+    memory: MemoryOption = None,
+    kernel: KernelOption = None,
+    rootfs: RootfsOption = None,
+    boot_args: BootArgsOption = None,
     no_jailer: Annotated[
         bool, typer.Option("--no-jailer", help="Run without the jailer (INSECURE, development).")
     ] = False,
-    require_sandbox: Annotated[
-        bool, typer.Option("--require-sandbox", help="Refuse to run unless jailed.")
-    ] = False,
-    config_file: Annotated[
-        Path | None, typer.Option("--config", "-c", help="TOML file with VmConfig keys.")
-    ] = None,
+    require_sandbox: RequireSandboxOption = False,
+    config_file: ConfigFileOption = None,
     stats: Annotated[
         bool, typer.Option("--stats", help="Print the VM's cgroup stats (stderr) at the end.")
     ] = False,
