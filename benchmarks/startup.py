@@ -1,119 +1,364 @@
-"""Start-up time: ironclaw (jailed and unjailed) against raw firecracker, in one run.
+"""Start-up cost: ironclaw against the raw jailer + firecracker, interleaved in one run.
 
 Run as root on a host with /dev/kvm, firecracker and jailer:
 
-    sudo .venv/bin/python benchmarks/startup.py [--runs 20]
+    sudo .venv/bin/python benchmarks/startup.py [--runs 20] [--concurrency 16] [--json]
 
-Each sample boots the probe guest (ProbeBehaviour.RESET) to completion: spawn -> API ready ->
-configure -> InstanceStart -> guest exit -> cleanup. The raw baseline does the same with
-firecracker alone (`--api-sock` in a temp dir, plain httpx), so the difference is what the
-orchestrator (and the jailer) add. Prints medians and p90 per phase; asserts nothing.
+The raw baseline drives the jailer and firecracker with a bare Unix-socket HTTP client written
+here (no httpx, nothing from ironclaw's process, API or jail code): the jailer gets the same
+isolation flags ironclaw uses by default (uid/gid, new PID namespace, memory and CPU cgroups
+under our own cgroup), the probe kernel is linked into the jail, the VM is configured and
+booted, its exit is awaited and the jail and cgroups are removed. The only thing raw skips is
+the private network namespace, so the ratios are an upper bound on what ironclaw adds.
+
+Phases per lifecycle: ``ready`` (spawn -> API answering and pre-configured), ``boot`` (InstanceStart
+-> guest exit reaped), ``cleanup``, ``total``. Then 16 lifecycles at once (VMs/s), orchestrator
+CPU per lifecycle, orchestrator RSS per live VM, VMM RSS, and the CLI's whole-process wall time.
+Medians and p90; ratios are ironclaw / raw. Asserts nothing: timings never live in tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
+import json
+import math
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from ironclaw_orchestrator.vm import VmConfig, start_firecracker
-from ironclaw_orchestrator.vm.api import FirecrackerApi
-from ironclaw_orchestrator.vm.binaries import find_firecracker
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
-from ironclaw_orchestrator.vm.process import ChildProcess
+
+RAW_BASE = Path("/var/jail")
+UID = GID = 64999  # the raw baseline's jail user (ironclaw allocates its own from the registry)
+PR_SET_CHILD_SUBREAPER = 36
+
+Sample = dict[str, float]
 
 
-async def raw_once(kernel: Path) -> dict[str, float]:
-    tmp = Path(tempfile.mkdtemp(prefix="fc-raw-"))
-    sock = tmp / "api.sock"
-    t0 = time.perf_counter()
-    proc = ChildProcess.spawn(
-        [str(find_firecracker()), "--api-sock", str(sock)], stdout_path=tmp / "out"
-    )
-    api = FirecrackerApi(sock)
+# --- the raw baseline: nothing from ironclaw below this line but the probe kernel -------------
+
+
+class BareClient:
+    """HTTP/1.1 over a Unix socket in a few lines: one keep-alive connection, JSON bodies."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, path: str) -> BareClient:
+        reader, writer = await asyncio.open_unix_connection(path)
+        return cls(reader, writer)
+
+    async def call(self, method: str, path: str, body: dict[str, object] | None = None) -> int:
+        data = json.dumps(body).encode() if body is not None else b""
+        head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + data)
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            if line.lower().startswith("content-length:"):
+                length = int(line.split(":", 1)[1])
+        payload = await self.reader.readexactly(length) if length else b""
+        if status >= 400:
+            raise RuntimeError(f"{method} {path}: {status} {payload!r}")
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _own_cgroup(controller: str) -> str:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if controller in names.split(","):
+            return path.strip("/")
+    raise RuntimeError(f"no v1 {controller} cgroup")
+
+
+async def _pidfd_wait(pid: int) -> None:
+    fd = os.pidfd_open(pid)
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, done.set_result, None)
     try:
-        while True:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    os.waitpid(pid, 0)
+
+
+class Raw:
+    def __init__(self, jailer: Path, firecracker: Path, kernel: Path) -> None:
+        self.jailer = jailer
+        self.exec_file = firecracker.resolve()  # the jailer names the jail after the real file
+        self.kernel = kernel
+        self.parent = f"{_own_cgroup('memory')}/raw-bench"
+        self.log_dir = Path(tempfile.mkdtemp(prefix="raw-bench-"))
+
+    async def lifecycle(self) -> Sample:
+        vm_id = f"raw-{uuid.uuid4().hex[:10]}"
+        jail = RAW_BASE / self.exec_file.name / vm_id
+        root = jail / "root"
+        argv = [
+            str(self.jailer), "--id", vm_id, "--exec-file", str(self.exec_file),
+            "--uid", str(UID), "--gid", str(GID), "--chroot-base-dir", str(RAW_BASE),
+            "--new-pid-ns", "--cgroup-version", "1", "--parent-cgroup", self.parent,
+            "--cgroup", f"memory.limit_in_bytes={192 << 20}",
+            "--cgroup", "cpu.cfs_period_us=100000", "--cgroup", "cpu.cfs_quota_us=100000",
+            "--", "--api-sock", "/run/firecracker.socket",
+        ]  # fmt: skip
+        out = os.open(self.log_dir / f"{vm_id}.out", os.O_WRONLY | os.O_CREAT, 0o600)
+        actions = [(os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)]
+        t0 = time.perf_counter()
+        jailer_pid = os.posix_spawn(argv[0], argv, {}, file_actions=actions)
+        os.close(out)
+        sock = root / "run/firecracker.socket"
+        client = None
+        while client is None:
             if sock.exists():
                 try:
-                    await api.describe(timeout_s=0.5)
-                    break
-                except Exception:
-                    pass
-            await asyncio.sleep(0.002)
+                    client = await BareClient.connect(str(sock))
+                    await client.call("GET", "/")
+                except OSError:
+                    client = None
+            if client is None:
+                await asyncio.sleep(0.001)
+        os.link(self.kernel, root / "vmlinux")
+        await client.call("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
+        await client.call(
+            "PUT", "/boot-source", {"kernel_image_path": "/vmlinux", "boot_args": PROBE_BOOT_ARGS}
+        )
         t1 = time.perf_counter()
-        await api.put_machine_config(1, 128)
-        await api.put_boot_source(kernel, PROBE_BOOT_ARGS)
-        await api.instance_start()
-        await proc.wait()
+        os.waitpid(jailer_pid, 0)  # it exits once the VMM is forked into its PID namespace
+        vmm = int((root / f"{self.exec_file.name}.pid").read_text())
+        await client.call("PUT", "/actions", {"action_type": "InstanceStart"})
+        await _pidfd_wait(vmm)
+        client.close()
         t2 = time.perf_counter()
-    finally:
-        proc.kill()
-        await proc.wait()
-        await api.aclose()
-        shutil.rmtree(tmp)
-    t3 = time.perf_counter()
-    return {"ready": t1 - t0, "boot+run": t2 - t1, "cleanup": t3 - t2, "total": t3 - t0}
+        shutil.rmtree(jail)
+        for ctrl in ("memory", "cpu"):
+            os.rmdir(f"/sys/fs/cgroup/{ctrl}/{self.parent}/{vm_id}")
+        t3 = time.perf_counter()
+        return {"ready": t1 - t0, "boot": t2 - t1, "cleanup": t3 - t2, "total": t3 - t0}
+
+    def close(self) -> None:
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        for ctrl in ("memory", "cpu"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(f"/sys/fs/cgroup/{ctrl}/{self.parent}")
+        with contextlib.suppress(OSError):  # ironclaw's jails live there too
+            (RAW_BASE / self.exec_file.name).rmdir()
 
 
-async def ironclaw_once(kernel: Path, use_jailer: bool) -> dict[str, float]:
-    cfg = VmConfig(
-        vm_id=f"bench-{uuid.uuid4().hex[:8]}",
-        kernel_path=str(kernel),
-        rootfs_path=None,
-        memory_mb=128,
-        boot_args=PROBE_BOOT_ARGS,
-    )
-    t0 = time.perf_counter()
-    vm = await start_firecracker(cfg, use_jailer=None if use_jailer else False)
-    t1 = time.perf_counter()
+# --- ironclaw ----------------------------------------------------------------------------------
+
+
+class Ironclaw:
+    def __init__(self, kernel: Path) -> None:
+        self.kernel = kernel
+
+    def config(self, behaviour_kernel: Path | None = None) -> object:
+        from ironclaw_orchestrator.vm import VmConfig
+
+        return VmConfig(
+            vm_id=f"bench-{uuid.uuid4().hex[:10]}",
+            kernel_path=str(behaviour_kernel or self.kernel),
+            rootfs_path=None,
+            memory_mb=128,
+            boot_args=PROBE_BOOT_ARGS,
+        )
+
+    async def lifecycle(self) -> Sample:
+        from ironclaw_orchestrator.vm import start_firecracker
+
+        cfg = self.config()
+        t0 = time.perf_counter()
+        vm = await start_firecracker(cfg, use_jailer=True)  # type: ignore[arg-type]
+        t1 = time.perf_counter()
+        try:
+            await vm.start_instance()
+            await vm.wait()
+            t2 = time.perf_counter()
+        finally:
+            await vm.stop()
+        t3 = time.perf_counter()
+        return {"ready": t1 - t0, "boot": t2 - t1, "cleanup": t3 - t2, "total": t3 - t0}
+
+
+# --- measurement ------------------------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    p90 = ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+    return {"median": statistics.median(ordered), "p90": p90}
+
+
+async def concurrent(
+    run: Callable[[], Awaitable[Sample]], n: int, batches: int
+) -> dict[str, float]:
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(batches):
+        await asyncio.gather(*(run() for _ in range(n)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"vms_per_s": n * batches / wall, "cpu_ms_per_vm": cpu * 1000 / (n * batches)}
+
+
+def _rss_kib(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def memory(n: int) -> dict[str, float]:
+    """Orchestrator RSS per live ironclaw VM and VMM RSS, with ``n`` halted guests up at once."""
+    from ironclaw_orchestrator.vm import VmConfig, start_firecracker
+
+    kernel = probe_kernel_path(ProbeBehaviour.HALT)
+
+    def cfg() -> VmConfig:
+        return VmConfig(
+            vm_id=f"bench-{uuid.uuid4().hex[:10]}", kernel_path=str(kernel), rootfs_path=None,
+            memory_mb=128, boot_args=PROBE_BOOT_ARGS,
+        )  # fmt: skip
+
+    warm = await start_firecracker(cfg(), use_jailer=True)
+    await warm.start_instance()
+    await warm.stop()
+    before = _rss_kib()
+    vms = await asyncio.gather(*(start_firecracker(cfg(), use_jailer=True) for _ in range(n)))
     try:
-        await vm.start_instance()
-        await vm.wait()
-        t2 = time.perf_counter()
+        await asyncio.gather(*(vm.start_instance() for vm in vms))
+        await asyncio.sleep(0.2)
+        after = _rss_kib()
+        vmm = statistics.median(_rss_kib(vm.pid) for vm in vms)
     finally:
-        await vm.stop()
-    t3 = time.perf_counter()
-    return {"ready": t1 - t0, "boot+run": t2 - t1, "cleanup": t3 - t2, "total": t3 - t0}
+        await asyncio.gather(*(vm.stop() for vm in vms))
+    return {"orchestrator_rss_kib_per_vm": (after - before) / n, "vmm_rss_kib": vmm}
 
 
-def report(name: str, samples: list[dict[str, float]]) -> None:
-    cols = []
-    for key in ("ready", "boot+run", "cleanup", "total"):
-        values = sorted(s[key] * 1000 for s in samples)
-        p90 = values[int(0.9 * (len(values) - 1))]
-        cols.append(f"{key} {statistics.median(values):7.1f} ms (p90 {p90:6.1f})")
+def cli_wall(runs: int) -> dict[str, dict[str, float]]:
+    exe = Path(sys.executable)
+    ironclaw = exe.with_name("ironclaw")
+    cmds = {
+        "cli_import": [str(exe), "-c", "import ironclaw_orchestrator.cli"],
+        "cli_vm_run": [str(ironclaw), "vm", "run", "--id", "ID"],
+    }
+    out: dict[str, dict[str, float]] = {}
+    for name, cmd in cmds.items():
+        samples = []
+        for _ in range(runs):
+            argv = [c.replace("ID", f"bench-cli-{uuid.uuid4().hex[:8]}") for c in cmd]
+            t0 = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            samples.append(time.perf_counter() - t0)
+        out[name] = _stats(samples)
+    return out
 
-    print(f"{name:18s} " + " | ".join(cols))
 
-
-async def main(runs: int) -> None:
+async def main(args: argparse.Namespace) -> dict[str, object]:
     if os.geteuid() != 0:
         raise SystemExit("run as root (the jailer needs it)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the jailed VMM is re-parented to us
+    from ironclaw_orchestrator.vm.binaries import find_firecracker, find_jailer
+
     kernel = probe_kernel_path(ProbeBehaviour.RESET)
-    for _ in range(2):  # warm caches
-        await raw_once(kernel)
-        await ironclaw_once(kernel, True)
-    raw, jailed, unjailed = [], [], []
-    for _ in range(runs):  # interleave so drift hits all three alike
-        raw.append(await raw_once(kernel))
-        jailed.append(await ironclaw_once(kernel, True))
-        unjailed.append(await ironclaw_once(kernel, False))
-    report("raw firecracker", raw)
-    report("ironclaw unjailed", unjailed)
-    report("ironclaw jailed", jailed)
-    overhead = statistics.median(s["total"] for s in jailed) - statistics.median(
-        s["total"] for s in raw
-    )
-    print(f"jailed overhead over raw firecracker (median total): {overhead * 1000:.1f} ms")
+    raw = Raw(find_jailer(), find_firecracker(), kernel)
+    ours = Ironclaw(kernel)
+    result: dict[str, object] = {}
+    try:
+        for _ in range(3):  # warm caches
+            await raw.lifecycle()
+            await ours.lifecycle()
+        seq: dict[str, list[Sample]] = {"raw": [], "ironclaw": []}
+        for _ in range(args.runs):  # interleaved, so drift hits both alike
+            seq["raw"].append(await raw.lifecycle())
+            seq["ironclaw"].append(await ours.lifecycle())
+        phases = {
+            who: {k: _stats([s[k] for s in samples]) for k in ("ready", "boot", "cleanup", "total")}
+            for who, samples in seq.items()
+        }
+        result["sequential_s"] = phases
+        conc: dict[str, list[dict[str, float]]] = {"raw": [], "ironclaw": []}
+        for _ in range(args.batches):
+            conc["raw"].append(await concurrent(raw.lifecycle, args.concurrency, 1))
+            conc["ironclaw"].append(await concurrent(ours.lifecycle, args.concurrency, 1))
+        result["concurrent"] = {
+            who: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+            for who, rows in conc.items()
+        }
+        result["memory"] = await memory(args.concurrency)
+    finally:
+        raw.close()
+    if not args.no_cli:
+        result["cli_s"] = cli_wall(args.cli_runs)
+    med = {who: {k: v["median"] for k, v in p.items()} for who, p in phases.items()}
+    c = result["concurrent"]
+    assert isinstance(c, dict)
+    result["ratios"] = {
+        "ready": med["ironclaw"]["ready"] / med["raw"]["ready"],
+        "total": med["ironclaw"]["total"] / med["raw"]["total"],
+        "concurrent_vms_per_s": c["ironclaw"]["vms_per_s"] / c["raw"]["vms_per_s"],
+    }
+    return result
+
+
+def render(result: dict[str, object]) -> None:
+    seq = result["sequential_s"]
+    assert isinstance(seq, dict)
+    print("sequential lifecycles (ms, median / p90):")
+    for who, phases in seq.items():
+        cols = "  ".join(
+            f"{k} {v['median'] * 1000:6.1f} / {v['p90'] * 1000:6.1f}" for k, v in phases.items()
+        )
+        print(f"  {who:9s} {cols}")
+    conc = result["concurrent"]
+    assert isinstance(conc, dict)
+    for who, row in conc.items():
+        print(f"  {who:9s} concurrent: {row['vms_per_s']:6.1f} VMs/s, "
+              f"orchestrator CPU {row['cpu_ms_per_vm']:5.1f} ms/VM")  # fmt: skip
+    mem = result["memory"]
+    assert isinstance(mem, dict)
+    print(f"  orchestrator RSS per live VM {mem['orchestrator_rss_kib_per_vm']:.0f} KiB, "
+          f"VMM RSS {mem['vmm_rss_kib']:.0f} KiB")  # fmt: skip
+    if "cli_s" in result:
+        cli = result["cli_s"]
+        assert isinstance(cli, dict)
+        for name, v in cli.items():
+            print(f"  {name}: {v['median'] * 1000:.0f} ms (p90 {v['p90'] * 1000:.0f})")
+    ratios = result["ratios"]
+    assert isinstance(ratios, dict)
+    print("ratios ironclaw / raw: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
-    asyncio.run(main(parser.parse_args().runs))
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--cli-runs", type=int, default=10)
+    parser.add_argument("--no-cli", action="store_true", help="skip the CLI wall-time figures")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ns = parser.parse_args()
+    figures = asyncio.run(main(ns))
+    if ns.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        render(figures)
