@@ -15,12 +15,24 @@ from ironclaw_orchestrator.vm.api import FirecrackerApi
 Request = tuple[str, str, dict[str, object] | None]
 
 
+class FakeState:
+    connections = 0
+    close_after_each = False  # answer with Connection: close, then hang up
+    stall_path: str | None = None  # never answer this path
+
+
 @pytest.fixture
-async def fake_fc(tmp_path: Path) -> AsyncIterator[tuple[Path, list[Request]]]:
+def state() -> FakeState:
+    return FakeState()
+
+
+@pytest.fixture
+async def fake_fc(tmp_path: Path, state: FakeState) -> AsyncIterator[tuple[Path, list[Request]]]:
     seen: list[Request] = []
     sock = tmp_path / "fc.sock"
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
         while True:
             head = await reader.readuntil(b"\r\n\r\n") if not reader.at_eof() else b""
             if not head:
@@ -32,6 +44,9 @@ async def fake_fc(tmp_path: Path) -> AsyncIterator[tuple[Path, list[Request]]]:
             )
             body = json.loads(await reader.readexactly(length)) if length else None
             seen.append((method, path, body))
+            if path == state.stall_path:
+                await reader.read()  # never answer; return once the client hangs up
+                break
             if path == "/machine-config" and body and body.get("vcpu_count") == 99:
                 payload = b'{"fault_message": "Invalid vCPU count"}'
                 status = b"400 Bad Request"
@@ -40,11 +55,14 @@ async def fake_fc(tmp_path: Path) -> AsyncIterator[tuple[Path, list[Request]]]:
                 status = b"200 OK"
             else:
                 payload, status = b"", b"204 No Content"
+            close = b"Connection: close\r\n" if state.close_after_each else b""
             writer.write(
-                b"HTTP/1.1 " + status + b"\r\nContent-Length: "
+                b"HTTP/1.1 " + status + b"\r\n" + close + b"Content-Length: "
                 + str(len(payload)).encode() + b"\r\n\r\n" + payload
             )  # fmt: skip
             await writer.drain()
+            if close:
+                break
         writer.close()
 
     server = await asyncio.start_unix_server(handle, path=str(sock))
@@ -84,3 +102,39 @@ async def test_missing_socket_is_api_error(tmp_path: Path) -> None:
     async with FirecrackerApi(tmp_path / "none.sock", vm_id="t") as api:
         with pytest.raises(ApiError, match="cannot reach the API socket"):
             await api.describe()
+
+
+async def test_one_keep_alive_connection_per_client(
+    fake_fc: tuple[Path, list[Request]], state: FakeState
+) -> None:
+    sock, seen = fake_fc
+    async with FirecrackerApi(sock, vm_id="t") as api:
+        for _ in range(5):
+            await api.describe()
+        await asyncio.gather(api.describe(), api.describe(), api.instance_start())
+    assert len(seen) == 8
+    assert state.connections == 1
+
+
+async def test_reconnects_when_the_server_closes(
+    fake_fc: tuple[Path, list[Request]], state: FakeState
+) -> None:
+    sock, seen = fake_fc
+    state.close_after_each = True
+    async with FirecrackerApi(sock, vm_id="t") as api:
+        for _ in range(3):
+            assert (await api.describe())["id"] == "anonymous-instance"
+    assert len(seen) == 3
+    assert state.connections == 3
+
+
+async def test_timeout_drops_the_connection_and_the_next_call_works(
+    fake_fc: tuple[Path, list[Request]], state: FakeState
+) -> None:
+    sock, _ = fake_fc
+    state.stall_path = "/actions"
+    async with FirecrackerApi(sock, vm_id="vm-9") as api:
+        with pytest.raises(ApiError, match="vm-9: PUT /actions timed out"):
+            await api.request("PUT", "/actions", {"action_type": "InstanceStart"}, timeout_s=0.2)
+        assert (await api.describe())["state"] == "Not started"
+    assert state.connections == 2
