@@ -11,6 +11,11 @@ Deviations from the spec, because the real jailer behaves differently:
 * the API socket lives in the jail's ``root/`` directory on the host
   (``<chroot_base>/<exec name>/<id>/root/run/firecracker.socket``);
 * the jailer needs ``uid``/``gid``; ours default to one fixed unprivileged id, never 0.
+
+Hostile input is refused here, naming the key: values are strictly typed (``true`` is not
+the integer 1, ``"2"`` is not 2), sizes have upper bounds, host paths are made absolute
+(so what is recorded can be cleaned up from any directory) and may not hold control
+characters, and the kernel command line is printable ASCII, as Firecracker requires.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import ipaddress
 import os
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -40,6 +47,22 @@ MAX_SOCKET_PATH_BYTES = 107
 #: Firecracker's own limit on vCPUs.
 MAX_VCPUS = 32
 MIN_MEMORY_MIB = 128
+#: Hard bound on guest memory (1 TiB); the host's own RAM is checked at start
+#: (:func:`ironclaw_orchestrator.vm.hostcheck.check_guest_memory`).
+MAX_MEMORY_MIB = 1 << 20
+#: Hard bound on a VM's cgroup memory limits and head-room.
+MAX_MEMORY_LIMIT_MIB = 2 * MAX_MEMORY_MIB
+MAX_MEMORY_HEADROOM_MIB = 64 << 10
+#: Firecracker's kernel command line holds 2048 bytes, printable ASCII only.
+MAX_BOOT_ARGS = 2048
+#: Linux PATH_MAX (including the NUL) and NAME_MAX.
+MAX_PATH_BYTES = 4095
+MAX_NAME_BYTES = 255
+#: The kernel's ceiling for ``pids.max`` (PID_MAX_LIMIT) and for RLIMIT_NOFILE (nr_open).
+MAX_PIDS = 1 << 22
+MAX_NO_FILE = 1 << 20
+#: Byte and IOPS figures end up in 64-bit kernel counters.
+MAX_U63 = (1 << 63) - 1
 #: What the VMM itself needs on top of guest memory (Firecracker publishes <= 5 MiB; the
 #: jailer's copy of the exec file and page tables need a little more).
 VMM_OVERHEAD_MIB = 16
@@ -57,11 +80,77 @@ DEFAULT_PARENT_CGROUP_NAME = "ironclaw"
 
 
 def check_id(value: str, what: str = "vm_id") -> str:
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} is invalid: use 1 to 64 characters from A-Z, a-z, 0-9 and '-'"
         )
     return value
+
+
+#: A host path: ``str`` from TOML/JSON is accepted (the one lax type; everything else is
+#: strict), then :func:`host_path` refuses control characters and makes it absolute.
+HostPath = Annotated[Path, Strict(False)]
+JailPath = Annotated[PurePosixPath, Strict(False)]
+
+
+def _control_free(value: str, what: str) -> None:
+    bad = next((c for c in value if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise ValueError(f"{what} {value!r} contains the control character {bad!r}: remove it")
+
+
+def host_path(value: str | Path, what: str) -> str:
+    """``value`` checked (not empty, no control characters, fits PATH_MAX) and absolute.
+
+    A relative path is taken relative to the current directory now, so the path that is
+    recorded (and later cleaned up, possibly by another process) is the one meant.
+    """
+    text = str(value)
+    if not text:
+        raise ValueError(f"{what} is empty: give a path")
+    _control_free(text, what)
+    if len(os.fsencode(text)) > MAX_PATH_BYTES:
+        raise ValueError(f"{what} is longer than {MAX_PATH_BYTES} bytes: shorten it")
+    if any(len(os.fsencode(part)) > MAX_NAME_BYTES for part in text.split("/")):
+        raise ValueError(f"{what} {text!r} has a component over {MAX_NAME_BYTES} bytes")
+    return text if os.path.isabs(text) else os.path.abspath(text)
+
+
+def _jail_path(value: PurePosixPath, what: str) -> PurePosixPath:
+    text = str(value)
+    _control_free(text, what)
+    if not value.is_absolute() or ".." in value.parts:
+        raise ValueError(f"{what} {text!r} must be an absolute jail-relative path without '..'")
+    if len(text.encode()) > MAX_PATH_BYTES:
+        raise ValueError(f"{what} is longer than {MAX_PATH_BYTES} bytes: shorten it")
+    return value
+
+
+def _image_dirs(value: tuple[Path, ...] | None, what: str) -> tuple[Path, ...] | None:
+    if value is None:
+        return None
+    if not value:
+        raise ValueError(f"{what} is empty: list at least one directory, or leave it unset")
+    for path in value:
+        if not str(path).startswith("/"):
+            raise ValueError(f"{what} entry {str(path)!r} must be an absolute directory")
+        host_path(path, what)
+    return value
+
+
+def _reject_special_network(net: ipaddress.IPv4Network, what: str, value: str) -> None:
+    """Refuse addresses that are never a VM's to use: loopback, multicast, 0/8, 240/4."""
+    for flag, name in (
+        (net.is_loopback, "loopback"),
+        (net.is_multicast, "multicast"),
+        (net.is_reserved, "reserved (240.0.0.0/4)"),
+        (net.subnet_of(ipaddress.IPv4Network("0.0.0.0/8")), "'this network' (0.0.0.0/8)"),
+    ):
+        if flag:
+            raise ValueError(
+                f"{what} {value!r} is in the {name} range: use a private range such as "
+                "10.0.0.0/8 or 172.16.0.0/12"
+            )
 
 
 def _cpu_list(value: str | None, what: str) -> str | None:
@@ -79,7 +168,8 @@ def _cpu_list(value: str | None, what: str) -> str | None:
 class _Model(BaseModel):
     """Base: unknown keys are errors, and bad values raise ``ConfigError`` (not pydantic's)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # strict: no bool for int, no "2" for 2 (TOML, JSON and keyword arguments alike).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -101,12 +191,12 @@ class JailerConfig(_Model):
     and the Resource Limits sections need. Limits left ``None`` are not set.
     """
 
-    jailer_binary: Path = DEFAULT_JAILER_BINARY
+    jailer_binary: HostPath = DEFAULT_JAILER_BINARY
     jailer_id: str = "ironclaw-vm"
-    chroot_base_dir: Path = DEFAULT_CHROOT_BASE
-    exec_file: Path = DEFAULT_EXEC_FILE
+    chroot_base_dir: HostPath = DEFAULT_CHROOT_BASE
+    exec_file: HostPath = DEFAULT_EXEC_FILE
     cpu_count: int = Field(default=1, ge=1, le=MAX_VCPUS)
-    memory_limit_mb: int = Field(default=256, ge=MIN_MEMORY_MIB)
+    memory_limit_mb: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_LIMIT_MIB)
     netns: str | None = None
     #: With ``netns`` unset: give the VM a private network namespace of its own
     #: (``ironclaw-<id>``, created before the jailer runs and deleted at stop). ``False``
@@ -122,10 +212,13 @@ class JailerConfig(_Model):
     #: Run the VMM as PID 1 of a new PID namespace (it cannot see or signal host processes).
     new_pid_ns: bool = True
     #: Jailer ``--resource-limit no-file=`` (jailer default 2048) and ``fsize=`` (bytes).
-    no_file: int | None = Field(default=2048, ge=16)
-    fsize: int | None = Field(default=None, ge=1)
+    no_file: int | None = Field(default=2048, ge=16, le=MAX_NO_FILE)
+    fsize: int | None = Field(default=None, ge=1, le=MAX_U63)
     #: Jail-relative path of the API socket.
-    api_sock: PurePosixPath = DEFAULT_API_SOCK
+    api_sock: JailPath = DEFAULT_API_SOCK
+    #: Confine staged files (kernel, disks) to these directories, symlinks resolved.
+    #: ``None``: ``IRONCLAW_IMAGE_DIRS`` (colon-separated) if set, else no confinement.
+    image_dirs: tuple[HostPath, ...] | None = None
 
     # Resource limits beyond cpu_count / memory_limit_mb (spec Phase 2).
     cpu_period_us: int = Field(default=100_000, ge=1_000, le=1_000_000)
@@ -134,16 +227,16 @@ class JailerConfig(_Model):
     #: Relative CPU weight, 1..10000 (v2 ``cpu.weight``; v1 ``cpu.shares`` scaled).
     cpu_weight: int | None = Field(default=None, ge=1, le=10_000)
     #: v2 ``memory.high`` (throttle before the hard limit); v1 ``memory.soft_limit_in_bytes``.
-    memory_high_mb: int | None = Field(default=None, ge=1)
+    memory_high_mb: int | None = Field(default=None, ge=1, le=MAX_MEMORY_LIMIT_MIB)
     #: Pin the VMM's threads, e.g. ``"0-1"``; ``cpuset_mems`` defaults to the parent's nodes.
     cpuset_cpus: str | None = None
     cpuset_mems: str | None = None
-    pids_max: int | None = Field(default=None, ge=1)
+    pids_max: int | None = Field(default=None, ge=1, le=MAX_PIDS)
     #: Disk throttling for the device holding the VM's disks (v2 ``io.max``, v1 ``blkio``).
-    io_read_bps: int | None = Field(default=None, ge=1)
-    io_write_bps: int | None = Field(default=None, ge=1)
-    io_read_iops: int | None = Field(default=None, ge=1)
-    io_write_iops: int | None = Field(default=None, ge=1)
+    io_read_bps: int | None = Field(default=None, ge=1, le=MAX_U63)
+    io_write_bps: int | None = Field(default=None, ge=1, le=MAX_U63)
+    io_read_iops: int | None = Field(default=None, ge=1, le=MAX_U63)
+    io_write_iops: int | None = Field(default=None, ge=1, le=MAX_U63)
 
     _check_id = field_validator("jailer_id")(lambda v: check_id(v, "jailer_id"))
 
@@ -155,8 +248,24 @@ class JailerConfig(_Model):
     @field_validator("api_sock")
     @classmethod
     def _abs_sock(cls, v: PurePosixPath) -> PurePosixPath:
-        if not v.is_absolute() or ".." in v.parts:
-            raise ValueError(f"api_sock {str(v)!r} must be an absolute jail-relative path")
+        return _jail_path(v, "api_sock")
+
+    @field_validator("jailer_binary", "exec_file", "chroot_base_dir")
+    @classmethod
+    def _host_paths(cls, v: Path, info: ValidationInfo) -> Path:
+        return Path(host_path(v, str(info.field_name)))
+
+    @field_validator("image_dirs")
+    @classmethod
+    def _dirs(cls, v: tuple[Path, ...] | None) -> tuple[Path, ...] | None:
+        return _image_dirs(v, "image_dirs")
+
+    @field_validator("cgroup_version", mode="before")
+    @classmethod
+    def _version(cls, v: object) -> object:
+        # Literal[1, 2] alone would take True (== 1) and 2.0.
+        if v is not None and (type(v) is not int or v not in (1, 2)):
+            raise ValueError(f"cgroup_version {v!r} must be the integer 1 or 2 (or unset)")
         return v
 
     @field_validator("parent_cgroup")
@@ -165,16 +274,20 @@ class JailerConfig(_Model):
         if v is None:
             return None
         parts = [p for p in v.strip("/").split("/") if p]
-        if not parts or any(p in (".", "..") for p in parts):
+        if not parts or any(
+            p in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,255}", p) for p in parts
+        ):
             raise ValueError(f"parent_cgroup {v!r} must be a relative path like 'ironclaw'")
         return "/".join(parts)
 
     @field_validator("netns")
     @classmethod
     def _netns_abs(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("/"):
+        if v is None:
+            return None
+        if not v.startswith("/"):
             raise ValueError(f"netns {v!r} must be an absolute path such as /run/netns/NAME")
-        return v
+        return host_path(v, "netns")
 
     @property
     def cpu_quota_us(self) -> int:
@@ -207,7 +320,7 @@ class VmConfig(_Model):
 
     vm_id: str = "default"
     vcpu_count: int = Field(default=1, ge=1, le=MAX_VCPUS)
-    memory_mb: int = Field(default=512, ge=MIN_MEMORY_MIB)
+    memory_mb: int = Field(default=512, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
     kernel_path: str = "/path/to/vmlinux.bin"
     #: ``None`` boots without a root drive (e.g. the probe guest).
     rootfs_path: str | None = "/path/to/rootfs.ext4"
@@ -225,10 +338,15 @@ class VmConfig(_Model):
     #: Refuse to run unjailed. ``None``: the ``IRONCLAW_REQUIRE_SANDBOX`` environment variable.
     require_sandbox: bool | None = None
     #: Memory limit head-room above ``memory_mb`` when ``jailer.memory_limit_mb`` is not set.
-    memory_headroom_mb: int = Field(default=DEFAULT_MEMORY_HEADROOM_MIB, ge=VMM_OVERHEAD_MIB)
+    memory_headroom_mb: int = Field(
+        default=DEFAULT_MEMORY_HEADROOM_MIB, ge=VMM_OVERHEAD_MIB, le=MAX_MEMORY_HEADROOM_MIB
+    )
     #: vsock device: guest CID (>= 3) and the jail-relative host socket path.
     vsock_guest_cid: int | None = Field(default=None, ge=3, le=2**32 - 2)
-    vsock_uds_path: PurePosixPath = PurePosixPath("/run/vsock.sock")
+    vsock_uds_path: JailPath = PurePosixPath("/run/vsock.sock")
+    #: Confine ``kernel_path``/``rootfs_path`` to these directories after resolving symlinks
+    #: (becomes ``jailer.image_dirs`` unless that is set). ``None``: ``IRONCLAW_IMAGE_DIRS``.
+    image_dirs: tuple[HostPath, ...] | None = None
     jailer: JailerConfig | None = None
 
     _check_id = field_validator("vm_id")(lambda v: check_id(v, "vm_id"))
@@ -236,9 +354,25 @@ class VmConfig(_Model):
     @field_validator("boot_args")
     @classmethod
     def _args(cls, v: str) -> str:
-        if "\n" in v or len(v) > 2048:
-            raise ValueError("boot_args must be one line of at most 2048 characters")
+        bad = next((c for c in v if not " " <= c <= "~"), None)
+        if bad is not None:
+            raise ValueError(
+                f"boot_args contains {bad!r}: the kernel command line must be printable ASCII "
+                "on one line (Firecracker refuses anything else)"
+            )
+        if len(v) > MAX_BOOT_ARGS:
+            raise ValueError(f"boot_args is {len(v)} characters, over the {MAX_BOOT_ARGS} limit")
         return v
+
+    @field_validator("kernel_path", "rootfs_path")
+    @classmethod
+    def _image_paths(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else host_path(v, str(info.field_name))
+
+    @field_validator("image_dirs")
+    @classmethod
+    def _dirs(cls, v: tuple[Path, ...] | None) -> tuple[Path, ...] | None:
+        return _image_dirs(v, "image_dirs")
 
     @field_validator("tap_host_cidr")
     @classmethod
@@ -252,6 +386,7 @@ class VmConfig(_Model):
             iface.network.broadcast_address,
         ):
             raise ValueError(f"tap_host_cidr {v!r} needs a host address in a /30 or larger")
+        _reject_special_network(iface.network, "tap_host_cidr", v)
         return v
 
     @field_validator("uplink_subnet")
@@ -267,6 +402,12 @@ class VmConfig(_Model):
             ) from None
         if net.prefixlen != 30:
             raise ValueError(f"uplink_subnet {v!r} must be a /30")
+        _reject_special_network(net, "uplink_subnet", v)
+        if net.is_link_local:
+            raise ValueError(
+                f"uplink_subnet {v!r} is link-local (169.254.0.0/16), which hosts use for "
+                "metadata services and autoconfiguration: use a private range such as 10.x"
+            )
         return v
 
     def guest_ip_arg(self) -> str:
@@ -274,6 +415,18 @@ class VmConfig(_Model):
         iface = ipaddress.IPv4Interface(self.tap_host_cidr)
         guest = iface.ip + 1
         return f"ip={guest}::{iface.ip}:{iface.network.netmask}::eth0:off"
+
+    @model_validator(mode="after")
+    def _uplink_apart_from_tap(self) -> VmConfig:
+        if self.uplink_subnet is not None:
+            tap = ipaddress.IPv4Interface(self.tap_host_cidr).network
+            if tap.overlaps(ipaddress.IPv4Network(self.uplink_subnet)):
+                raise ValueError(
+                    f"uplink_subnet {self.uplink_subnet} overlaps tap_host_cidr "
+                    f"{self.tap_host_cidr}: the namespace could not route between them; "
+                    "pick another /30"
+                )
+        return self
 
     @model_validator(mode="after")
     def _memory_fits(self) -> VmConfig:
@@ -307,6 +460,8 @@ class VmConfig(_Model):
             updates["cpu_count"] = self.vcpu_count
         if "memory_limit_mb" not in base.model_fields_set:
             updates["memory_limit_mb"] = self.memory_mb + self.memory_headroom_mb
+        if "image_dirs" not in base.model_fields_set and self.image_dirs is not None:
+            updates["image_dirs"] = self.image_dirs
         merged = base.model_copy(update=updates)
         # model_copy keeps fields_set; remember that these were derived, not chosen.
         return merged
