@@ -27,6 +27,7 @@ from .api import FirecrackerApi
 from .cgroups import CgroupStats
 from .config import JailerConfig, VmConfig
 from .hostcheck import check_socket_budget, is_root
+from .inputs import check_vm_inputs
 from .jailer import (
     JailerProcess,
     JailFile,
@@ -36,7 +37,6 @@ from .jailer import (
 )
 from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, read_tail
 from .recording import VmRecorder
-from .staging import check_source
 from .unjailed import UnjailedProcess, start_unjailed
 
 __all__ = [
@@ -189,9 +189,7 @@ async def start_firecracker(
     claimed it already. A recorded, jailed VM gets a uid/gid of its own from the registry
     unless ``jailer.uid``/``gid`` are set.
     """
-    check_source(Path(config.kernel_path), "kernel_path")
-    if config.rootfs_path is not None:
-        check_source(Path(config.rootfs_path), "rootfs_path")
+    check_vm_inputs(config)
     jailer_cfg = config.jailer_config()
     reason = _unjailed_reason(config, jailer_cfg, use_jailer)
     recorder = _recorder(config, registry, claim, record)

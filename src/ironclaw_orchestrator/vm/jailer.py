@@ -267,7 +267,7 @@ async def start_with_jailer(
     check_chroot_base(config.chroot_base_dir)
     check_socket_budget(config.api_socket_path)
     for f in files:
-        check_source(f.src, f"file for {f.jail_path}")
+        check_source(f.src, f"file for {f.jail_path}", config.image_dirs)
     if config.netns is not None and not Path(config.netns).exists():
         raise ConfigError(
             f"VM {config.jailer_id}: netns {config.netns} does not exist: create it "
@@ -338,6 +338,7 @@ async def start_with_jailer(
                 stage_file(
                     f.src, config.chroot_dir, f.jail_path,
                     uid=config.uid, gid=config.gid, read_only=f.read_only,
+                    image_dirs=config.image_dirs,
                 )
             )  # fmt: skip
         argv = build_jailer_argv(
