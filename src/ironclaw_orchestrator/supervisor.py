@@ -166,7 +166,8 @@ async def spawn_supervisor(
     token = secrets.token_hex(8)
     cfg_path = registry.state_dir / f"{CONFIG_PREFIX}{token}.json"
     spawn_log = registry.state_dir / f"{SPAWN_LOG_PREFIX}{token}.tmp"
-    _write_private(cfg_path, config.model_dump_json().encode())
+    # Only what was set: defaults re-derive in the supervisor exactly as they would here.
+    _write_private(cfg_path, config.model_dump_json(exclude_unset=True).encode())
     read_fd, write_fd = os.pipe()
     try:
         log_fd = os.open(spawn_log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

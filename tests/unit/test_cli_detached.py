@@ -22,7 +22,8 @@ from ironclaw_orchestrator import gc as gc_lib
 from ironclaw_orchestrator.cli import app
 from ironclaw_orchestrator.cli import detached as detached_cli
 from ironclaw_orchestrator.cli import gc as gc_cli
-from ironclaw_orchestrator.cli.detached import format_duration
+from ironclaw_orchestrator.cli import vm_stop as vm_stop_cli
+from ironclaw_orchestrator.cli.records import format_duration
 from ironclaw_orchestrator.errors import RegistryError
 from ironclaw_orchestrator.registry import STATE_DIR_ENV, Registry, VmRecord, read_process_start
 from ironclaw_orchestrator.vm.config import VmConfig
@@ -394,7 +395,7 @@ def test_stop_calls_stop_detached(
         stopped.append((vm_id, timeout_s))
         registry.release(vm_id)
 
-    monkeypatch.setattr(detached_cli, "stop_detached", fake_stop)
+    monkeypatch.setattr(vm_stop_cli, "stop_detached", fake_stop)
     result = invoke(state, "vm", "stop", "--all", "--timeout", "3")
     assert result.exit_code == 0, result.output
     assert sorted(stopped) == [("vm-1", 3.0), ("vm-2", 3.0)]
@@ -415,7 +416,7 @@ def test_stop_reports_library_errors(
     async def fake_stop(registry: Registry, vm_id: str, timeout_s: float) -> None:
         raise CleanupError(f"VM {vm_id}: cleanup left resources behind", ["netns x: busy"])
 
-    monkeypatch.setattr(detached_cli, "stop_detached", fake_stop)
+    monkeypatch.setattr(vm_stop_cli, "stop_detached", fake_stop)
     result = invoke(state, "vm", "stop", "vm-1")
     assert result.exit_code == 6
     assert "cleanup left resources behind" in result.stderr and "netns x: busy" in result.stderr

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from ..errors import ConfigError, IronclawError
 from ..vm import FirecrackerProcess, start_firecracker
-from ..vm.config import JailerConfig, VmConfig
+from ..vm.config import VmConfig
 from ..vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 from .common import (
     BootArgsOption,
@@ -106,12 +106,17 @@ def build_config(
 ) -> tuple[VmConfig, ProbeBehaviour | None]:
     """The ``VmConfig`` from file + flags, and the probe behaviour if the probe is booted.
 
-    Raises ``ConfigError`` naming the file (and the bad key) or the flag.
+    The file and the flags are validated together, after the flags were applied (a flag
+    overrides a bad value in the file). Raises ``ConfigError`` naming every bad key
+    (``jailer.<key>`` for the ``[jailer]`` table) and the file.
     """
     data: dict[str, Any] = {}
     if config_file is not None:
         data = load_toml(config_file)
-        check_file_data(data, config_file)
+        if "jailer" in data and not isinstance(data["jailer"], dict):
+            raise ConfigError(
+                f"invalid config file {config_file}:\n  jailer: must be a table ([jailer])"
+            )
     merged = merge_overrides(data, overrides)
     behaviour: ProbeBehaviour | None = None
     if "kernel_path" not in merged:
@@ -128,34 +133,9 @@ def build_config(
     try:
         return VmConfig(**merged), behaviour
     except ConfigError as exc:
-        source = "flags" if config_file is None else f"flags and config file {config_file}"
-        raise ConfigError(
-            str(exc).replace("invalid VmConfig", f"invalid VmConfig (from {source})")
-        ) from None
-
-
-def check_file_data(data: dict[str, Any], config_file: Path) -> None:
-    """Validate a TOML document; the error names the file and every bad key (``jailer.x``).
-
-    ``VmConfig`` reports all of a nested ``[jailer]`` table's problems under the one key
-    ``jailer``, so the table is validated on its own first to name its keys.
-    """
-    problems: list[str] = []
-    table = data.get("jailer")
-    top = {k: v for k, v in data.items() if k != "jailer"}
-    if table is not None and not isinstance(table, dict):
-        problems.append("  jailer: must be a table ([jailer])")
-    elif table is not None:
-        try:
-            top["jailer"] = JailerConfig(**table)
-        except ConfigError as exc:
-            problems += config_problems(exc, "jailer.")
-    try:
-        VmConfig(**top)
-    except ConfigError as exc:
-        problems += config_problems(exc)
-    if problems:
-        raise ConfigError(f"invalid config file {config_file}:\n" + "\n".join(problems))
+        source = "flags" if config_file is None else f"config file {config_file} and flags"
+        problems = "\n".join(config_problems(exc))
+        raise ConfigError(f"invalid configuration (from {source}):\n{problems}") from None
 
 
 class _Follower:
