@@ -91,6 +91,8 @@ def check_id(value: str, what: str = "vm_id") -> str:
 #: strict), then :func:`host_path` refuses control characters and makes it absolute.
 HostPath = Annotated[Path, Strict(False)]
 JailPath = Annotated[PurePosixPath, Strict(False)]
+#: A list (TOML, JSON) or tuple of host directories.
+ImageDirs = Annotated[tuple[HostPath, ...], Strict(False)]
 
 
 def _control_free(value: str, what: str) -> None:
@@ -218,7 +220,7 @@ class JailerConfig(_Model):
     api_sock: JailPath = DEFAULT_API_SOCK
     #: Confine staged files (kernel, disks) to these directories, symlinks resolved.
     #: ``None``: ``IRONCLAW_IMAGE_DIRS`` (colon-separated) if set, else no confinement.
-    image_dirs: tuple[HostPath, ...] | None = None
+    image_dirs: ImageDirs | None = None
 
     # Resource limits beyond cpu_count / memory_limit_mb (spec Phase 2).
     cpu_period_us: int = Field(default=100_000, ge=1_000, le=1_000_000)
@@ -250,10 +252,11 @@ class JailerConfig(_Model):
     def _abs_sock(cls, v: PurePosixPath) -> PurePosixPath:
         return _jail_path(v, "api_sock")
 
-    @field_validator("jailer_binary", "exec_file", "chroot_base_dir")
+    @field_validator("jailer_binary", "exec_file", "chroot_base_dir", mode="before")
     @classmethod
-    def _host_paths(cls, v: Path, info: ValidationInfo) -> Path:
-        return Path(host_path(v, str(info.field_name)))
+    def _host_paths(cls, v: object, info: ValidationInfo) -> object:
+        # Before conversion: Path("") would already be ".", the current directory.
+        return host_path(v, str(info.field_name)) if isinstance(v, str | Path) else v
 
     @field_validator("image_dirs")
     @classmethod
@@ -346,7 +349,7 @@ class VmConfig(_Model):
     vsock_uds_path: JailPath = PurePosixPath("/run/vsock.sock")
     #: Confine ``kernel_path``/``rootfs_path`` to these directories after resolving symlinks
     #: (becomes ``jailer.image_dirs`` unless that is set). ``None``: ``IRONCLAW_IMAGE_DIRS``.
-    image_dirs: tuple[HostPath, ...] | None = None
+    image_dirs: ImageDirs | None = None
     jailer: JailerConfig | None = None
 
     _check_id = field_validator("vm_id")(lambda v: check_id(v, "vm_id"))
@@ -363,6 +366,11 @@ class VmConfig(_Model):
         if len(v) > MAX_BOOT_ARGS:
             raise ValueError(f"boot_args is {len(v)} characters, over the {MAX_BOOT_ARGS} limit")
         return v
+
+    @field_validator("vsock_uds_path")
+    @classmethod
+    def _vsock_path(cls, v: PurePosixPath) -> PurePosixPath:
+        return _jail_path(v, "vsock_uds_path")
 
     @field_validator("kernel_path", "rootfs_path")
     @classmethod
