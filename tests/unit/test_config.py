@@ -121,3 +121,63 @@ def test_nested_jailer_errors_name_the_full_key() -> None:
         VmConfig(jailer={"uid": 0, "bogus": 1})  # type: ignore[arg-type]
     text = str(info.value)
     assert "jailer.uid:" in text and "jailer.bogus:" in text
+
+
+def test_json_round_trip_keeps_what_was_set() -> None:
+    """What the supervisor receives (strict types still accept JSON strings for paths)."""
+    v = VmConfig(
+        vm_id="rt",
+        kernel_path="/k",
+        image_dirs=["/srv/images"],
+        vsock_uds_path="/run/v.sock",
+        jailer={"chroot_base_dir": "/srv/jail", "cgroup_version": 1, "cpu_limit": 1},
+    )
+    back = VmConfig.model_validate_json(v.model_dump_json(exclude_unset=True))
+    assert back == v
+    assert back.jailer is not None and back.jailer.model_fields_set == {
+        "chroot_base_dir",
+        "cgroup_version",
+        "cpu_limit",
+    }
+    assert back.jailer_config().image_dirs == (Path("/srv/images"),)
+
+
+def test_relative_host_paths_are_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    j = JailerConfig(chroot_base_dir="jail", exec_file=Path("bin/firecracker"))
+    assert j.chroot_base_dir == tmp_path / "jail"
+    assert j.exec_file == tmp_path / "bin" / "firecracker"
+    v = VmConfig(kernel_path="vmlinux", rootfs_path="disks/root.ext4")
+    assert (v.kernel_path, v.rootfs_path) == (
+        str(tmp_path / "vmlinux"),
+        str(tmp_path / "disks" / "root.ext4"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"vcpu_count": True}, "vcpu_count"),
+        ({"memory_mb": 1 << 21}, "memory_mb"),
+        ({"boot_args": "a\x7fb"}, "boot_args"),
+        ({"uplink_subnet": "169.254.0.0/30"}, "uplink_subnet"),
+        ({"tap_host_cidr": "127.0.0.1/30"}, "tap_host_cidr"),
+        ({"jailer": {"uid": True}}, "jailer.uid"),
+        ({"jailer": {"cgroup_version": 2.0}}, "jailer.cgroup_version"),
+        ({"jailer": {"chroot_base_dir": ""}}, "jailer.chroot_base_dir"),
+        ({"jailer": {"netns": "/run/netns/a\x00b"}}, "jailer.netns"),
+        ({"image_dirs": "/srv/images"}, "image_dirs"),
+    ],
+)
+def test_hostile_values_name_their_key(kwargs: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        VmConfig(**kwargs)  # type: ignore[arg-type]
+    assert f"  {key}" in str(info.value)
+
+
+def test_assignment_is_validated_strictly_too() -> None:
+    v = VmConfig()
+    with pytest.raises(ConfigError, match="vcpu_count"):
+        v.vcpu_count = True
