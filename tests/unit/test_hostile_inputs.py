@@ -75,6 +75,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     #: Let the uplink route check see this fake host route (hermetic).
     fake_routes: bool = False
+    needs_root: bool = False
 
 
 def lib(name: str, key: str, env: dict[str, str] | None = None, **data: Any) -> Case:
@@ -181,6 +182,13 @@ CASES: list[Case] = [
     lib("netns-name-too-long", "jailer.netns", jailer={"netns": "/run/netns/" + "n" * 300}),
     lib("netns-control", "jailer.netns", jailer={"netns": "/run/netns/x\r"}),
     lib("api-sock-relative", "jailer.api_sock", jailer={"api_sock": "run/x.sock"}),
+    Case(
+        "socket-path-too-long",
+        "lib",
+        "jailer.chroot_base_dir",
+        {"vm_id": "s" * 64, "jailer": {"chroot_base_dir": "{jail}/" + "d" * 40}},
+        needs_root=True,  # unjailed (not root), the jail's socket path does not matter
+    ),
     lib("vsock-path-escape", "vsock_uds_path", vsock_uds_path="/run/../../etc/v.sock"),
     lib("parent-cgroup-escape", "jailer.parent_cgroup", jailer={"parent_cgroup": "a/../../x"}),
     lib("parent-cgroup-newline", "jailer.parent_cgroup", jailer={"parent_cgroup": "a\nb"}),
@@ -332,6 +340,7 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe_cache: Path) -> 
             "shadow_link": str(shadow_link),
             "dir": str(tmp_path / "a-dir"),
             "fifo": str(fifo),
+            "jail": str(tmp_path / "jail"),
         },
         spawned=[],
     )
@@ -421,6 +430,8 @@ def _cli(case: Case, h: Host) -> tuple[int, str]:
 def test_hostile_input_is_refused_early(
     case: Case, host: Host, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if case.needs_root and os.geteuid() != 0:
+        pytest.skip("only a jailed VM (root) has this limit")
     if case.fake_routes:
         monkeypatch.setattr(hostcheck, "host_ipv4_routes", lambda: FAKE_ROUTES)
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}

@@ -189,7 +189,7 @@ async def start_firecracker(
     claimed it already. A recorded, jailed VM gets a uid/gid of its own from the registry
     unless ``jailer.uid``/``gid`` are set.
     """
-    check_vm_inputs(config)
+    check_vm_inputs(config, jailed=use_jailer is not False)
     jailer_cfg = config.jailer_config()
     reason = _unjailed_reason(config, jailer_cfg, use_jailer)
     recorder = _recorder(config, registry, claim, record)

@@ -4,7 +4,8 @@
 here, once, by both ``start_firecracker`` and ``ironclaw vm start`` (before it spawns a
 supervisor): the kernel and rootfs exist, are regular, readable and (with ``image_dirs`` /
 ``IRONCLAW_IMAGE_DIRS``) inside the allowed directories; guest memory fits the host's RAM;
-a configured netns path is a network namespace; an uplink subnet overlaps no host route.
+a configured netns path is a network namespace; an uplink subnet overlaps no host route;
+when the VM will be jailed, its API (and vsock) socket paths fit a Unix socket address.
 Every failure is a ``ConfigError`` naming the key.
 """
 
@@ -12,15 +13,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import VmConfig
-from .hostcheck import check_guest_memory, check_netns_path, check_uplink_routes
+from ..errors import BinaryNotFoundError, ConfigError
+from .binaries import find_firecracker
+from .config import JailerConfig, VmConfig
+from .hostcheck import (
+    check_guest_memory,
+    check_netns_path,
+    check_socket_budget,
+    check_uplink_routes,
+    is_root,
+)
 from .staging import check_source
 
 __all__ = ["check_vm_inputs"]
 
 
-def check_vm_inputs(config: VmConfig) -> None:
-    """Refuse ``config`` if the host says it cannot work; read-only, quick."""
+def check_vm_inputs(config: VmConfig, *, jailed: bool = True) -> None:
+    """Refuse ``config`` if the host says it cannot work; read-only, quick, spawns nothing.
+
+    ``jailed=False``: the caller asked for an unjailed VM (no jail paths to check).
+    """
     jailer = config.jailer_config()
     check_source(Path(config.kernel_path), "kernel_path", jailer.image_dirs)
     if config.rootfs_path is not None:
@@ -30,3 +42,24 @@ def check_vm_inputs(config: VmConfig) -> None:
         check_netns_path(jailer.netns)
     if config.uplink_subnet is not None:
         check_uplink_routes(config.uplink_subnet)
+    if jailed and is_root():
+        _check_socket_paths(config, jailer)
+
+
+def _check_socket_paths(config: VmConfig, jailer: JailerConfig) -> None:
+    """The jail's socket paths fit 107 bytes (computed as the jailer will lay them out)."""
+    explicit = jailer.exec_file if "exec_file" in jailer.model_fields_set else None
+    try:
+        exec_file = find_firecracker(explicit)
+    except BinaryNotFoundError:
+        return  # start-up decides: unjailed fallback, or a clear error
+    jail = jailer.model_copy(update={"exec_file": exec_file})
+    try:
+        check_socket_budget(jail.api_socket_path)
+        if config.vsock_guest_cid is not None:
+            vsock = jail.chroot_dir / str(config.vsock_uds_path).lstrip("/")
+            check_socket_budget(Path(f"{vsock}_4294967295"), "vsock socket (with _<port>)")
+    except ConfigError as exc:
+        raise ConfigError(
+            f"vm_id {config.vm_id!r} with jailer.chroot_base_dir {jail.chroot_base_dir}: {exc}"
+        ) from None
