@@ -94,7 +94,7 @@ def test_detached_start_hands_over_only_what_was_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = tmp_path / "vm.toml"
-    cfg.write_text(f'[jailer]\nchroot_base_dir = "{tmp_path}"\nno_file = 4096\n')
+    cfg.write_text('[jailer]\nchroot_base_dir = "/srv/j"\nno_file = 4096\n')
     _FakeSupervisor.seen.clear()
     monkeypatch.setattr(subprocess, "Popen", _FakeSupervisor)
     result = runner.invoke(app, ["vm", "start", "-d", "--config", str(cfg), "--id", "web-7"])
