@@ -41,7 +41,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import secrets
 import stat
 import time
@@ -53,7 +52,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import names
 from .errors import ConfigError, RegistryError
+from .procfs import describe_process, is_alive, read_start_time
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -78,8 +79,6 @@ LOG_SUFFIX = ".log"
 LOCK_NAME = ".lock"
 #: Format of a record file; bumped when a field changes meaning.
 RECORD_FORMAT = 1
-#: Same rule as ``vm.config.ID_PATTERN`` (kept here so this module imports nothing from vm).
-_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 
 VmState = Literal["starting", "running", "stopping"]
 
@@ -91,70 +90,13 @@ def default_state_dir() -> Path:
 
 def check_vm_id(vm_id: str) -> str:
     """Reject ids that are not safe as file names (and everywhere else we use them)."""
-    if not isinstance(vm_id, str) or not _ID_RE.match(vm_id):
-        raise ConfigError(
-            f"vm_id {vm_id!r} is invalid: use 1 to 64 characters from A-Z, a-z, 0-9 and '-'"
-        )
-    return vm_id
+    return names.check_id(vm_id, "vm_id")
 
 
 # --------------------------------------------------------------------------- processes
 
-
-def _read_stat(pid: int, proc: Path) -> tuple[str, int] | None:
-    """``(state letter, start time in clock ticks since boot)`` of ``pid``, or ``None``."""
-    try:
-        data = (proc / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and ')': split after the last ')'.
-    fields = data[data.rfind(")") + 2 :].split()
-    try:
-        return fields[0], int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def read_process_start(pid: int, proc: Path = Path("/proc")) -> int | None:
-    """Start time of ``pid`` (clock ticks since boot, ``/proc/<pid>/stat`` field 22)."""
-    found = _read_stat(pid, proc)
-    return None if found is None else found[1]
-
-
-def is_alive(pid: int | None, start_time: int | None, proc: Path = Path("/proc")) -> bool:
-    """True if ``pid`` is still the process that started at ``start_time`` and has not exited.
-
-    A recycled pid has another start time; a zombie (exited, not yet reaped) counts as dead.
-    Without a start time there is no way to be sure, so the answer is ``False``.
-    """
-    if pid is None or start_time is None or pid <= 0:
-        return False
-    found = _read_stat(pid, proc)
-    if found is None:
-        return False
-    state, started = found
-    return started == start_time and state not in ("Z", "X", "x")
-
-
-def _boot_time() -> float | None:
-    try:
-        for line in Path("/proc/stat").read_text().splitlines():
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def describe_process(pid: int, start_time: int | None) -> str:
-    """``pid N since <local time>``, for messages."""
-    if start_time is None:
-        return f"pid {pid}"
-    boot = _boot_time()
-    if boot is None:
-        return f"pid {pid}"
-    started = boot + start_time / os.sysconf("SC_CLK_TCK")
-    return f"pid {pid} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}"
+#: Kept under their old names: process identity lives in :mod:`.procfs`.
+read_process_start = read_start_time
 
 
 # --------------------------------------------------------------------------- records

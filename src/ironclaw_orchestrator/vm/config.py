@@ -38,10 +38,8 @@ from pydantic import (
 )
 
 from ..errors import ConfigError
+from ..names import ID_RULE, PARENT_CGROUP_NAME, exec_file_name, is_valid_id
 
-#: Ids the jailer accepts are a superset; we restrict to this so ids are safe everywhere
-#: (paths, cgroup names, netns names, log lines).
-ID_PATTERN = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 #: Linux ``sun_path`` holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 #: Firecracker's own limit on vCPUs.
@@ -76,14 +74,12 @@ DEFAULT_JAILER_BINARY = Path("/usr/local/bin/jailer")
 DEFAULT_EXEC_FILE = Path("/usr/local/bin/firecracker-v1.14.1")
 DEFAULT_CHROOT_BASE = Path("/var/jail")
 DEFAULT_API_SOCK = PurePosixPath("/run/firecracker.socket")
-DEFAULT_PARENT_CGROUP_NAME = "ironclaw"
+DEFAULT_PARENT_CGROUP_NAME = PARENT_CGROUP_NAME
 
 
 def check_id(value: str, what: str = "vm_id") -> str:
-    if not ID_PATTERN.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} is invalid: use 1 to 64 characters from A-Z, a-z, 0-9 and '-'"
-        )
+    if not is_valid_id(value):
+        raise ValueError(f"{what} {value!r} is invalid: {ID_RULE}")
     return value
 
 
@@ -300,7 +296,8 @@ class JailerConfig(_Model):
 
     @property
     def exec_file_name(self) -> str:
-        return self.exec_file.name
+        """The jailer's name for the exec file: the basename of its resolved path."""
+        return exec_file_name(self.exec_file)
 
     @property
     def jail_dir(self) -> Path:

@@ -15,14 +15,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from .. import names
 from ..errors import (
     CleanupError,
     ConfigError,
@@ -33,6 +32,7 @@ from ..errors import (
     VmExitedError,
 )
 from . import cgroups as cg
+from . import cleanup
 from . import netns as ns
 from .api import FirecrackerApi
 from .binaries import Binaries, check_pair, find_firecracker, find_jailer
@@ -120,6 +120,13 @@ class JailResources:
     def release(self) -> None:
         """Remove everything; every step runs even if one fails, then one error lists all."""
         failures: list[str] = []
+        if self.jail_dir is not None:
+            # A VMM we lost track of (no pid file, a crash mid-start) still runs in the jail:
+            # found by its root link, killed and reaped before anything it uses goes away.
+            try:
+                cleanup.kill_jail_processes(self.jail_dir)
+            except OSError as exc:
+                failures.append(f"processes in {self.jail_dir}: {exc}")
         if self.cgroups is not None:
             cgroups = self.cgroups
             try:
@@ -129,23 +136,19 @@ class JailResources:
                 failures.append(f"cgroups {[str(p) for p in cgroups.paths.values()]}: {exc}")
         if self.netns_name is not None:
             try:
-                if self.uplink:
-                    ns.remove_uplink(self.netns_name, self.vm_id)
-                    self.uplink = False
-                if self.tap is not None:
-                    ns.remove_tap(self.netns_name, self.tap)
-                    self.tap = None
-                ns.remove_netns(self.netns_name)
-                self.netns_name = None
+                cleanup.remove_network(self.netns_name, self.vm_id, self.tap, self.uplink)
+                self.netns_name, self.tap, self.uplink = None, None, False
             except Exception as exc:
                 failures.append(f"network namespace {self.netns_name}: {exc}")
-        for label in ("jail_dir", "run_dir"):
+        for label, remove in (
+            ("jail_dir", cleanup.remove_jail_dir),
+            ("run_dir", cleanup.remove_run_dir),
+        ):
             path: Path | None = getattr(self, label)
             if path is None:
                 continue
             try:
-                if path.exists():
-                    shutil.rmtree(path)
+                remove(path)
                 setattr(self, label, None)
             except OSError as exc:
                 failures.append(f"{path}: {exc.strerror or exc}")
@@ -280,6 +283,14 @@ async def start_with_jailer(
             f"VM {config.jailer_id}: networking (tap / uplink) needs a network namespace of our "
             "own: leave netns unset and isolate_network=True"
         )
+    if config.netns is None and config.isolate_network:
+        taken = ns.netns_path(names.netns_name(config.jailer_id))
+        if os.path.lexists(taken):
+            raise ConfigError(
+                f"VM {config.jailer_id}: network namespace {taken} already exists: the id is in "
+                "use (perhaps by an orchestrator with another state directory), or a crash "
+                "left it behind (`ironclaw gc` removes leftovers)"
+            )
     if config.jail_dir.exists():
         raise ConfigError(
             f"VM {config.jailer_id}: jail directory {config.jail_dir} already exists: the id is "
@@ -299,39 +310,32 @@ async def start_with_jailer(
     if config.new_pid_ns:
         become_subreaper()
 
-    # 2..4: create, spawn, wait; undo on failure.
+    # 2..4: create, spawn, wait; undo on failure. Each resource is recorded (res.changed)
+    # before it is made, and only once it is known to be ours: a resource that turns out to
+    # exist already (the same id started elsewhere) is never recorded, so never removed.
     res = JailResources(vm_id=config.jailer_id, listener=on_change)
     process: ChildProcess | None = None
     api: FirecrackerApi | None = None
     try:
-        # The run directory is created exclusively: it claims the id on this host.
+        # The run directory is created exclusively: it claims the id under this run root.
         res.run_dir = create_vm_run_dir(config.jailer_id)
-        # Record what is about to be made in one write (removing any of it is idempotent,
-        # so a crash before it exists is harmless); then make it.
-        netns = config.netns
-        if netns is None and config.isolate_network:
-            res.netns_name = ns.netns_name(config.jailer_id)
+        # The jail appears atomically with our marker: it claims the id under this base.
+        res.jail_dir = await asyncio.to_thread(
+            cleanup.claim_jail_dir, config.jail_dir, config.jailer_id
+        )
         res.tap = tap
         res.uplink = uplink_subnet is not None
         res.cgroups = cgroups
         res.changed()
         console = res.run_dir / CONSOLE_LOG
         console.touch(mode=0o600)
-        if res.netns_name is not None:
-            netns = str(await asyncio.to_thread(ns.ensure_netns, res.netns_name))
-            if tap is not None:
-                await asyncio.to_thread(
-                    ns.ensure_tap, res.netns_name, tap, config.uid, config.gid,
-                    host_cidr=tap_host_cidr,
-                )  # fmt: skip
-            if uplink_subnet is not None:
-                await asyncio.to_thread(
-                    ns.ensure_uplink, res.netns_name, config.jailer_id, uplink_subnet
-                )
+        netns = config.netns
+        if netns is None and config.isolate_network:
+            netns = await asyncio.to_thread(
+                _make_network, res, config, tap, tap_host_cidr, uplink_subnet
+            )
         await asyncio.to_thread(cgroups.prepare)
-        _claim_jail_dir(config)
-        res.jail_dir = config.jail_dir
-        res.changed()  # with the cgroup directories prepare() created, and the jail
+        res.changed()  # with the cgroup directories prepare() created
         config.chroot_dir.mkdir(mode=0o755)
         for f in files:
             res.staged.append(
@@ -382,24 +386,27 @@ async def start_with_jailer(
     )
 
 
-#: Written into every jail directory we create, so that garbage collection can tell our
-#: leftovers from anything else under the chroot base.
-JAIL_MARKER = ".ironclaw"
+#: Kept for importers: the marker's one home is :mod:`ironclaw_orchestrator.names`.
+JAIL_MARKER = names.JAIL_MARKER
 
 
-def _claim_jail_dir(config: JailerConfig) -> None:
-    """Create ``<base>/<exec name>/<id>`` exclusively and mark it as ours."""
-    try:
-        config.jail_dir.parent.mkdir(parents=True, exist_ok=True)
-        config.jail_dir.mkdir(mode=0o700)
-    except FileExistsError:
-        raise ConfigError(
-            f"VM {config.jailer_id}: jail directory {config.jail_dir} already exists: the id is "
-            "in use, or a crashed run left it behind (`ironclaw gc` removes leftovers)"
-        ) from None
-    (config.jail_dir / JAIL_MARKER).write_text(
-        json.dumps({"vm_id": config.jailer_id, "orchestrator_pid": os.getpid()}) + "\n"
-    )
+def _make_network(
+    res: JailResources,
+    config: JailerConfig,
+    tap: str | None,
+    tap_host_cidr: str | None,
+    uplink_subnet: str | None,
+) -> str:
+    """Create the VM's own namespace (refused if its name is taken), tap and uplink."""
+    with cleanup.claim_netns(config.jailer_id) as name:
+        res.netns_name = name
+        res.changed()
+        path = ns.ensure_netns(name)
+    if tap is not None:
+        ns.ensure_tap(name, tap, config.uid, config.gid, host_cidr=tap_host_cidr)
+    if uplink_subnet is not None:
+        ns.ensure_uplink(name, config.jailer_id, uplink_subnet)
+    return str(path)
 
 
 def _controllers(config: JailerConfig) -> set[str]:
@@ -433,13 +440,17 @@ async def _adopt_vmm(jailer: ChildProcess, config: JailerConfig, console: Path) 
         code = await jailer.wait()
         if code != 0:
             raise exited_error(config.jailer_id, code, console, what="the jailer")
-        pid_file = config.chroot_dir / f"{config.exec_file_name}.pid"
+        pid_file = names.pid_file(config.jail_dir)
         try:
             pid = int(pid_file.read_text().strip())
         except (OSError, ValueError) as exc:
+            # The VMM exists all the same: find it by its root (the chroot), kill and reap it.
+            killed = cleanup.kill_jail_processes(config.jail_dir)
+            found = f"; killed its VMM (pid {', '.join(map(str, killed))})" if killed else ""
             raise JailerError(
                 f"VM {config.jailer_id}: the jailer exited 0 but its pid file {pid_file} is "
-                f"missing or invalid ({exc}); output:\n{read_tail(console)}",
+                f"missing or invalid ({exc}){found}. Is {config.exec_file} from the jailer's "
+                f"release? output:\n{read_tail(console)}",
                 vm_id=config.jailer_id,
                 output_tail=read_tail(console),
             ) from exc

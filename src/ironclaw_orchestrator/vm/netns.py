@@ -38,7 +38,6 @@ import asyncio
 import ctypes
 import errno
 import fcntl
-import hashlib
 import ipaddress
 import os
 import platform
@@ -58,6 +57,9 @@ from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import NetworkError
+
+# The id-derived names live in ironclaw_orchestrator.names (one home); re-exported here.
+from ..names import NETNS_PREFIX, guest_mac, netns_name, tap_name, uplink_names
 
 
 def _forget_wakeup_fd() -> None:
@@ -94,8 +96,6 @@ __all__ = [
     "uplink_names",
 ]
 
-#: Every namespace we create is named ``ironclaw-<vm_id>``.
-NETNS_PREFIX = "ironclaw-"
 #: Where named network namespaces are bind-mounted (shared with iproute2's ``ip netns``).
 NETNS_DIR = Path("/run/netns")
 
@@ -104,7 +104,6 @@ IFNAME_MAX = 15
 
 _T = TypeVar("_T")
 
-_VM_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
@@ -154,14 +153,6 @@ _TUNSETGROUP = _iow_int(206)
 # --------------------------------------------------------------------------------------
 
 
-def _check_vm_id(vm_id: str) -> None:
-    if not isinstance(vm_id, str) or not _VM_ID_RE.fullmatch(vm_id):
-        raise NetworkError(
-            f"invalid VM id {vm_id!r} for network naming: ids must be 1-64 characters "
-            "from [A-Za-z0-9-]; pick such an id"
-        )
-
-
 def _check_netns_name(name: str) -> None:
     if not isinstance(name, str) or not _NETNS_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise NetworkError(
@@ -178,16 +169,6 @@ def _check_ifname(name: str, what: str = "interface") -> None:
         )
 
 
-def _digest(kind: str, vm_id: str) -> bytes:
-    return hashlib.sha256(f"ironclaw:{kind}:{vm_id}".encode()).digest()
-
-
-def netns_name(vm_id: str) -> str:
-    """Return the name of the network namespace of VM ``vm_id``: ``ironclaw-<vm_id>``."""
-    _check_vm_id(vm_id)
-    return NETNS_PREFIX + vm_id
-
-
 def netns_path(name: str) -> Path:
     """Return the bind-mount path of the named network namespace: ``/run/netns/<name>``.
 
@@ -196,35 +177,6 @@ def netns_path(name: str) -> Path:
     _check_netns_name(name)
     return NETNS_DIR / name
 
-
-def tap_name(vm_id: str) -> str:
-    """Return the TAP device name of VM ``vm_id``: ``icl`` + 12 hex digits (15 chars).
-
-    Deterministic (a hash of the id), always within Linux's IFNAMSIZ limit.
-    """
-    _check_vm_id(vm_id)
-    return "icl" + _digest("tap", vm_id).hex()[:12]
-
-
-def guest_mac(vm_id: str) -> str:
-    """Return a deterministic MAC address for the guest NIC of VM ``vm_id``.
-
-    ``06:00:xx:xx:xx:xx``: locally administered (bit 0x02 of the first octet set), unicast
-    (bit 0x01 clear); the last four octets come from a hash of the id.
-    """
-    _check_vm_id(vm_id)
-    tail = _digest("mac", vm_id)[:4]
-    return ":".join(f"{b:02x}" for b in (0x06, 0x00, *tail))
-
-
-def uplink_names(vm_id: str) -> tuple[str, str]:
-    """Return ``(host_ifname, netns_ifname)`` of the opt-in veth uplink of VM ``vm_id``.
-
-    ``icv`` + 12 hex digits on the host, ``icu`` + the same digits inside the namespace.
-    """
-    _check_vm_id(vm_id)
-    digits = _digest("uplink", vm_id).hex()[:12]
-    return "icv" + digits, "icu" + digits
 
 
 # --------------------------------------------------------------------------------------
@@ -865,7 +817,6 @@ def ensure_uplink(
 
     Remove with :func:`remove_uplink` (at VM stop).
     """
-    _check_vm_id(vm_id)
     net = _parse_subnet(subnet, vm_id)
     host_if, ns_if = uplink_names(vm_id)
     host_ip, ns_ip = net[1], net[2]

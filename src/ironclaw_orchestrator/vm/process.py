@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import errno
 import os
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .. import pidfd as pidfds
 from ..errors import UsageError
+from ..procfs import read_start_time
+
+__all__ = ["UNKNOWN_EXIT", "ChildProcess", "become_subreaper", "read_start_time"]
 
 _PR_SET_CHILD_SUBREAPER = 36
 #: Exit code reported when another part of the program reaped our child first.
@@ -35,20 +38,6 @@ def become_subreaper() -> None:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(err)}")
     _subreaper_set = True
-
-
-def read_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22)."""
-    try:
-        data = (proc / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rfind(")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 class ChildProcess:
@@ -129,14 +118,14 @@ class ChildProcess:
         """Reap without blocking; the exit code once the process has exited, else None."""
         if self.returncode is not None:
             return self.returncode
+        if self._pidfd is None:  # pragma: no cover - only None once returncode is set
+            return self._set_returncode(UNKNOWN_EXIT)
         try:
-            wpid, status = os.waitpid(self.pid, os.WNOHANG)
+            code = pidfds.reap_child(self._pidfd)
         except ChildProcessError:
             # Someone else reaped it (a foreign waitpid(-1)): the status is lost.
             return self._set_returncode(UNKNOWN_EXIT)
-        if wpid == 0:
-            return None
-        return self._set_returncode(os.waitstatus_to_exitcode(status))
+        return None if code is None else self._set_returncode(code)
 
     def _set_returncode(self, code: int) -> int:
         self.returncode = code
@@ -172,15 +161,7 @@ class ChildProcess:
         """Signal the process through its pidfd; False if it has already exited."""
         if self._pidfd is None or self.returncode is not None:
             return False
-        try:
-            signal.pidfd_send_signal(self._pidfd, sig)
-        except ProcessLookupError:
-            return False
-        except OSError as exc:
-            if exc.errno == errno.ESRCH:
-                return False
-            raise
-        return True
+        return pidfds.send_signal(self._pidfd, sig)
 
     def kill(self) -> bool:
         return self.send_signal(signal.SIGKILL)

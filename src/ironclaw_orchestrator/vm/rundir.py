@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .. import names
 from ..errors import StagingError
 
 RUN_DIR_ENV = "IRONCLAW_RUN_DIR"
@@ -22,7 +23,7 @@ def run_root() -> Path:
 
 
 def vm_run_dir(vm_id: str) -> Path:
-    return run_root() / "vms" / vm_id
+    return names.vm_run_dir(run_root(), vm_id)
 
 
 def create_vm_run_dir(vm_id: str) -> Path:

@@ -7,12 +7,12 @@ socket and console log, and is stopped and cleaned up exactly like a jailed one.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ..errors import CleanupError
 from .api import FirecrackerApi
 from .binaries import find_firecracker, read_version
+from .cleanup import remove_run_dir
 from .config import VmConfig
 from .hostcheck import check_kvm, check_socket_budget
 from .jailer_args import firecracker_args
@@ -46,9 +46,7 @@ class UnjailedProcess(VmmHandle):
 
 def _remove_run_dir(vm_id: str, run_dir: Path) -> None:
     try:
-        shutil.rmtree(run_dir)
-    except FileNotFoundError:
-        pass
+        remove_run_dir(run_dir)
     except OSError as exc:
         raise CleanupError(f"VM {vm_id}: could not remove {run_dir}", [str(exc)]) from exc
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ...errors import CgroupError, CleanupError, ConfigError
-from ..config import DEFAULT_PARENT_CGROUP_NAME, ID_PATTERN
+from ...names import PARENT_CGROUP_NAME as DEFAULT_PARENT_CGROUP_NAME
+from ...names import is_valid_id
 from .fs import CgroupFs, read_optional, read_pids
 from .layout import (
     CgroupLayout,
@@ -117,7 +118,7 @@ class VmCgroups:
         fs: CgroupFs | None = None,
     ) -> VmCgroups:
         """Decide directories and parent; touches nothing (see :meth:`prepare`)."""
-        if not ID_PATTERN.match(vm_id):
+        if not is_valid_id(vm_id):
             raise ConfigError(
                 f"vm_id {vm_id!r} is invalid for a cgroup name: use 1 to 64 characters from "
                 "A-Z, a-z, 0-9 and '-'"
