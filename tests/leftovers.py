@@ -1,30 +1,58 @@
-"""What a test may leave behind on the host: used by integration fixtures to prove cleanup."""
+"""What a test may leave behind on the host: used by integration fixtures to prove cleanup.
+
+Layout-independent: the jail and process names come from the firecracker binary this host
+resolves (``firecracker -> firecracker-vX`` gives ``firecracker-vX``), through the same
+function the orchestrator uses; VMMs are also found by their root inside a chroot base.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from ironclaw_orchestrator import names, procfs
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def vmm_exec_names() -> set[str]:
+    """Names a VMM of this host may carry: the resolved exec file's, plus ``firecracker``."""
+    found = {"firecracker"}
+    try:
+        from ironclaw_orchestrator.vm.binaries import find_firecracker
+
+        found.add(names.exec_file_name(find_firecracker()))
+    except Exception:  # no binary here: nothing of ours can be running either
+        pass
+    return found
+
+
+def _processes(fragment: str, chroot_bases: tuple[Path, ...]) -> list[str]:
+    wanted = {names.process_name(n) for n in vmm_exec_names()} | {"jailer"}
+    bases = [str(b).rstrip("/") + "/" for b in chroot_bases]
+    found = []
+    for pid in procfs.all_pids():
+        st = procfs.read_stat(pid)
+        if st is None or pid == os.getpid():
+            continue
+        cmd = procfs.read_cmdline(pid)
+        name = os.path.basename(cmd[0]) if cmd else st.comm
+        try:
+            root = os.readlink(f"/proc/{pid}/root")
+        except OSError:
+            root = ""
+        ours = st.comm in wanted or any(name.startswith(w) for w in wanted)
+        jailed = any(root.startswith(b) for b in bases) and fragment in root
+        if (ours and fragment in " ".join(cmd)) or jailed:
+            found.append(f"process {pid} ({st.comm}, state {st.state})")
+    return found
 
 
 def leftovers(
     vm_id_fragment: str = "", chroot_bases: tuple[Path, ...] = (Path("/var/jail"),)
 ) -> list[str]:
     """Every VM resource on this host whose name contains ``vm_id_fragment``."""
-    found: list[str] = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        name = os.path.basename(cmd[0].decode(errors="replace")) if cmd and cmd[0] else ""
-        if name.startswith(("firecracker", "jailer")) and vm_id_fragment.encode() in b" ".join(cmd):
-            state = stat[stat.rfind(")") + 2]
-            found.append(f"process {pid} ({name}, state {state})")
+    found = _processes(vm_id_fragment, chroot_bases)
     for base in chroot_bases:
         if base.is_dir():
             for exec_dir in base.iterdir():
@@ -40,7 +68,7 @@ def leftovers(
             dirnames.clear()
             continue
         for d in dirnames:
-            if "ironclaw" in d and vm_id_fragment in str(Path(dirpath, d)):
+            if names.PARENT_CGROUP_NAME in d and vm_id_fragment in str(Path(dirpath, d)):
                 found.append(f"cgroup {Path(dirpath, d)}")
     registry = Path(os.environ.get("IRONCLAW_STATE_DIR") or "/run/ironclaw/registry")
     if registry.is_dir():
@@ -54,6 +82,6 @@ def leftovers(
         found += [
             f"netns {p.name}"
             for p in netns.iterdir()
-            if p.name.startswith("ironclaw-") and vm_id_fragment in p.name
+            if names.id_from_netns(p.name) is not None and vm_id_fragment in p.name
         ]
     return found

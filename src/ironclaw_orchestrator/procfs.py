@@ -25,7 +25,6 @@ __all__ = [
     "describe_process",
     "is_alive",
     "pids_in_cgroup_dir",
-    "pids_rooted_at",
     "pids_using_dir",
     "read_cmdline",
     "read_comm",
@@ -127,46 +126,51 @@ def children_of(ppid: int, proc: Path = PROC) -> list[int]:
     return out
 
 
-def _links(pid: int, proc: Path, fds: bool) -> Iterator[str]:
-    base = proc / str(pid)
-    names = ["root", "cwd"]
-    if fds:
+def _dir_ids(top: Path) -> set[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of ``top`` and every directory beneath it (no symlink followed)."""
+    ids: set[tuple[int, int]] = set()
+    for dirpath, _dirs, _files in os.walk(top):
         with contextlib.suppress(OSError):
-            names += [f"fd/{fd}" for fd in os.listdir(base / "fd")]
-    for name in names:
-        with contextlib.suppress(OSError):  # closed or exited meanwhile
-            yield os.readlink(base / name)
+            st = os.lstat(dirpath)
+            ids.add((st.st_dev, st.st_ino))
+    return ids
 
 
-def _inside(link: str, top: str) -> bool:
-    return link == top or link.startswith(top + "/")
+def _fd_links(pid: int, proc: Path) -> Iterator[str]:
+    base = proc / str(pid) / "fd"
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(base):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                yield os.readlink(base / fd)
 
 
 def pids_using_dir(path: Path, proc: Path = PROC, *, fds: bool = True) -> list[int]:
     """Pids whose root or cwd (or, with ``fds``, an open file) is ``path`` or beneath it.
 
-    A chrooted VMM's root link reads as its host path (``<jail>/root``), so this finds the
-    VMM of a jail whatever started it: with or without a PID namespace, pid file or record.
+    Root and cwd are compared by device and inode, not by link text: a jailed VMM lives in
+    a mount namespace of its own, where its root link reads ``/``. So this finds the VMM of
+    a jail whatever started it: with or without a PID namespace, pid file or record.
     """
-    top = str(path).rstrip("/") or "/"
-    return [p for p in all_pids(proc) if any(_inside(x, top) for x in _links(p, proc, fds))]
-
-
-def pids_rooted_at(root: Path, proc: Path = PROC) -> list[int]:
-    """Pids whose ``/`` is the directory ``root`` (same device and inode)."""
-    try:
-        want = os.stat(root)
-    except OSError:
+    ids = _dir_ids(path)
+    if not ids:
         return []
-    out = []
+    top = str(path).rstrip("/") or "/"
+    found = []
     for pid in all_pids(proc):
-        try:
-            got = os.stat(proc / str(pid) / "root")
-        except OSError:
-            continue
-        if (got.st_dev, got.st_ino) == (want.st_dev, want.st_ino):
-            out.append(pid)
-    return out
+        hit = False
+        for name in ("root", "cwd"):
+            try:
+                st = os.stat(proc / str(pid) / name)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in ids:
+                hit = True
+                break
+        if not hit and fds:
+            hit = any(x == top or x.startswith(top + "/") for x in _fd_links(pid, proc))
+        if hit:
+            found.append(pid)
+    return found
 
 
 def cgroup_paths(pid: int, proc: Path = PROC) -> list[str]:

@@ -133,6 +133,8 @@ class VmRecord(BaseModel):
     #: Only a namespace we created (never one the user passed in).
     netns_name: str | None = None
     tap: str | None = None
+    #: We created a veth uplink from ``netns_name`` to the host.
+    uplink: bool = False
     api_socket: Path | None = None
     console_path: Path | None = None
     #: Output of the supervisor of a detached VM.

@@ -43,6 +43,15 @@ def vm_id(real_host: None) -> Iterator[str]:
 
 
 @pytest.fixture
+def exec_name(real_host: None) -> str:
+    """The jailer's name for this host's firecracker (its resolved basename)."""
+    from ironclaw_orchestrator.names import exec_file_name
+    from ironclaw_orchestrator.vm.binaries import find_firecracker
+
+    return exec_file_name(find_firecracker())
+
+
+@pytest.fixture
 def chroot_base() -> Path:
     base = Path("/var/jail")
     base.mkdir(mode=0o755, exist_ok=True)

@@ -77,14 +77,14 @@ def _resources_exist(rec: VmRecord) -> dict[str, bool]:
 
 
 async def test_detached_start_stop_leaves_nothing(
-    registry: Registry, vm_id: str, chroot_base: Path
+    registry: Registry, vm_id: str, chroot_base: Path, exec_name: str
 ) -> None:
     rec = await spawn_supervisor(probe_config(vm_id), registry)
     assert rec.state == "running" and rec.detached and rec.sandboxed
     assert rec.owner_pid != os.getpid() and rec.owner_alive()
     assert rec.vmm_alive() and rec.vmm_pid is not None
     assert rec.uid is not None and rec.uid >= 64_000 and rec.uid == rec.gid
-    assert rec.jail_dir == chroot_base / "firecracker" / vm_id
+    assert rec.jail_dir == chroot_base / exec_name / vm_id
     assert (rec.jail_dir / JAIL_MARKER).is_file()
     assert all(_resources_exist(rec).values())
     # The supervisor lives in a session of its own: the command that started it may exit.

@@ -59,21 +59,21 @@ def proc_status(pid: int) -> dict[str, str]:
 
 
 async def test_jailed_vm_runs_as_jail_user_in_chroot_with_limits(
-    vm_id: str, chroot_base: Path
+    vm_id: str, chroot_base: Path, exec_name: str
 ) -> None:
     vm = await start_firecracker(probe_config(vm_id, ProbeBehaviour.HALT, require_sandbox=True))
     try:
         assert vm.is_sandboxed
         jailer = vm.vmm
         status = proc_status(vm.pid)
-        assert status["Name"] == "firecracker"
+        assert status["Name"] == exec_name[:15]  # the resolved exec file's name
         assert status["Uid"].split()[0] == "64000" and status["Gid"].split()[0] == "64000"
         # The jailer pivot_roots into the chroot: the VMM's / is the jail's root/ directory.
         root = os.stat(f"/proc/{vm.pid}/root/")
         chroot = os.stat(jailer.chroot_dir)  # type: ignore[union-attr]
         assert (root.st_dev, root.st_ino) == (chroot.st_dev, chroot.st_ino)
         assert os.path.exists(f"/proc/{vm.pid}/root/vmlinux")
-        assert vm.socket_path == chroot_base / "firecracker" / vm_id / "root/run/firecracker.socket"
+        assert vm.socket_path == chroot_base / exec_name / vm_id / "root/run/firecracker.socket"
         assert vm.socket_path.is_socket()
         # Its memory cgroup (from /proc/<pid>/cgroup) holds the derived limit.
         lines = Path(f"/proc/{vm.pid}/cgroup").read_text().splitlines()
@@ -184,7 +184,7 @@ async def test_vm_exiting_immediately_reports_status_and_output(
 
 
 async def test_real_jailer_v2_refusal_is_explained(
-    vm_id: str, chroot_base: Path, tmp_path: Path
+    vm_id: str, chroot_base: Path, tmp_path: Path, exec_name: str
 ) -> None:
     """This host has no controllers on its cgroup2 mount: the real jailer refuses v2."""
     import shutil
@@ -203,7 +203,7 @@ async def test_real_jailer_v2_refusal_is_explained(
     ]  # fmt: skip
     proc = ChildProcess.spawn(argv, stdout_path=log)
     code = await proc.wait()
-    shutil.rmtree(chroot_base / "firecracker" / vm_id, ignore_errors=True)
+    shutil.rmtree(chroot_base / exec_name / vm_id, ignore_errors=True)
     error = exited_error(vm_id, code, log, what="the jailer")
     assert isinstance(error, JailerError)
     assert error.reason is not None and "memory" in error.reason

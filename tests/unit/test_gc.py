@@ -38,12 +38,9 @@ class FakeHost(GcHost):
     def netns_users(self, name: str) -> list[int]:
         return self.users.get(name, [])
 
-    def remove_netns(self, name: str) -> None:
-        self.calls.append(("remove_netns", name))
-        (self.netns_dir / name).unlink(missing_ok=True)
-
-    def remove_tap(self, netns: str, tap: str) -> None:
-        self.calls.append(("remove_tap", (netns, tap)))
+    def remove_network(self, netns: str, vm_id: str, tap: str | None, uplink: bool) -> None:
+        self.calls.append(("remove_network", (netns, vm_id, tap, uplink)))
+        (self.netns_dir / netns).unlink(missing_ok=True)
 
     def remove_cgroups(self, data: dict[str, Any]) -> None:
         self.calls.append(("remove_cgroups", data["vm_id"]))
@@ -58,6 +55,9 @@ class FakeHost(GcHost):
     @contextlib.contextmanager
     def cgroup_lock(self) -> Iterator[None]:
         yield
+
+    def sweep_cgroup_ledger(self) -> list[Path]:
+        return []
 
 
 class World:
@@ -135,11 +135,11 @@ def test_dead_owner_record_is_collected(world: World) -> None:
     assert not paths["cg"].exists()
     assert not (world.host.netns_dir / "ironclaw-vm-dead").exists()
     assert world.reg.get("vm-dead") is None
-    assert ("remove_tap", ("ironclaw-vm-dead", "icl0123456789ab")) in world.host.calls
+    net = ("remove_network", ("ironclaw-vm-dead", "vm-dead", "icl0123456789ab", False))
+    assert net in world.host.calls
     kinds = {a.kind: a.action for a in report.actions if a.vm_id == "vm-dead"}
     assert kinds == {
         "cgroups": "removed",
-        "tap": "removed",
         "netns": "removed",
         "jail_dir": "removed",
         "run_dir": "removed",

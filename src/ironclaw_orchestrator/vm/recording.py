@@ -26,6 +26,7 @@ def resource_fields(res: JailResources) -> dict[str, Any]:
         "cgroups": res.cgroups.to_dict() if res.cgroups is not None else None,
         "netns_name": res.netns_name,
         "tap": res.tap,
+        "uplink": res.uplink,
         "vmm_pid": res.vmm_pid,
         "vmm_start_time": res.vmm_start_time,
         "sandboxed": True,

@@ -49,6 +49,16 @@ class CgroupFs:
         except FileNotFoundError:
             return []
 
+    def is_cgroup(self, path: Path) -> bool:
+        """True if ``path`` is on a cgroup file system (checked before removing by ledger)."""
+        from ..hostcheck import mount_of
+
+        try:
+            mount = mount_of(path)
+        except OSError:
+            return False
+        return mount is not None and mount.fs_type in ("cgroup", "cgroup2")
+
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
 

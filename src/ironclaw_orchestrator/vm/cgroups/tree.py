@@ -27,6 +27,7 @@ from typing import Any, Literal
 from ...errors import CgroupError, CleanupError, ConfigError
 from ...names import PARENT_CGROUP_NAME as DEFAULT_PARENT_CGROUP_NAME
 from ...names import is_valid_id
+from . import ledger
 from .fs import CgroupFs, read_optional, read_pids
 from .layout import (
     CgroupLayout,
@@ -284,6 +285,8 @@ class VmCgroups:
                 path=str(path),
             ) from exc
         self.created.append(path)
+        if not vm_dir:
+            ledger.record_intermediate(self.lock_path, path)
         return True
 
     def _prepare_v1(self) -> None:
@@ -577,6 +580,13 @@ class VmCgroups:
             if owned and not self.explicit_parent:
                 for key in self.mounts:
                     self._rmdir(self.paths[key].parent, failures, tolerate_busy=True)
+            if owned:
+                # Intermediate dirs another VM made for the same parent: the last one out
+                # removes them (see ledger).
+                try:
+                    ledger.sweep(self.lock_path, self.fs, within=self._vm_dirs())
+                except OSError as exc:
+                    failures.append(f"intermediate cgroups: {_errname(exc)} {exc.strerror}")
         self.prepared = False
         if failures:
             unique = list(dict.fromkeys(failures))
@@ -654,9 +664,17 @@ class VmCgroups:
         )
 
 
+def sweep_intermediates(
+    lock_path: Path = DEFAULT_LOCK_PATH, fs: CgroupFs | None = None
+) -> list[Path]:
+    """Remove empty intermediate cgroup dirs made for VMs (``ironclaw gc``); return them."""
+    with HostLock(lock_path):
+        return ledger.sweep(lock_path, fs or CgroupFs())
+
+
 def jailer_managed(settings: Iterable[CgroupSetting]) -> set[str]:
     """Controllers whose VM cgroup the jailer creates and attaches the VMM to."""
     return {s.controller for s in settings if s.via_jailer}
 
 
-__all__ = ["UNIFIED", "VmCgroups", "jailer_managed"]
+__all__ = ["UNIFIED", "VmCgroups", "jailer_managed", "sweep_intermediates"]
