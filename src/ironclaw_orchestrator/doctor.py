@@ -33,6 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from .errors import IronclawError, VersionMismatchError
+from .names import exec_file_name
 from .vm.binaries import check_pair, find_firecracker, find_jailer, read_version
 from .vm.cgroups import CgroupLayout, choose_version, detect_layout
 from .vm.config import MAX_SOCKET_PATH_BYTES, JailerConfig, VmConfig
@@ -458,7 +459,7 @@ def run_static_checks(
         checks.append(Check("cgroup layout", Status.FAIL, f"cannot read cgroups: {exc}",
                             "run on Linux with /proc mounted"))  # fmt: skip
     checks.append(check_chroot_base_dir(config.chroot_base_dir, host))
-    exec_name = firecracker.name if firecracker is not None else config.exec_file_name
+    exec_name = exec_file_name(firecracker) if firecracker is not None else config.exec_file_name
     checks.append(check_socket_budget_for(config, exec_name))
     checks += check_netns(config, host)
     return checks

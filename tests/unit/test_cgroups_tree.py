@@ -85,6 +85,9 @@ class FakeKernel(CgroupFs):
             f.unlink()
         os.rmdir(path)
 
+    def is_cgroup(self, path: Path) -> bool:
+        return self.root in path.parents
+
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         self.killed.append(pid)
         for procs in self.root.rglob("cgroup.procs"):
@@ -441,3 +444,44 @@ def test_v2_remove_uses_cgroup_kill(tmp_path: Path) -> None:
     assert (vm.paths["unified"] / "cgroup.kill", "1") in fs.writes
     assert fs.killed == [999]
     assert not (u / "ironclaw").exists()
+
+
+def test_intermediate_dirs_are_removed_by_the_last_vm_out(
+    v1: tuple[CgroupLayout, FakeKernel, Path],
+) -> None:
+    """vm1 creates cpu/process_api (needed for the shared parent); vm2 reuses it; vm1 stops
+    first, so the directory is busy then: vm2, which did not create it, must remove it."""
+    fs = v1[1]
+    first, second = plan_v1(v1, vm_id="vm1"), plan_v1(v1, vm_id="vm2")
+    first.prepare()
+    second.prepare()
+    shared = fs.root / "cpu/process_api"
+    assert shared in first.created and shared not in second.created
+    first.remove()
+    assert (shared / "abc/ironclaw/vm2").is_dir()
+    second.remove()
+    assert not shared.exists()
+    assert not (fs.root / "memory/process_api/abc/ironclaw").exists()
+    assert (fs.root / "memory/process_api/abc").is_dir()  # pre-existing: never touched
+
+
+def test_sweep_intermediates_for_gc_skips_busy_and_foreign(
+    v1: tuple[CgroupLayout, FakeKernel, Path],
+) -> None:
+    from ironclaw_orchestrator.vm.cgroups.ledger import ledger_path, record_intermediate
+    from ironclaw_orchestrator.vm.cgroups.tree import sweep_intermediates
+
+    fs, lock = v1[1], v1[2]
+    vm = plan_v1(v1, vm_id="vm1")
+    vm.prepare()
+    vm.created.clear()  # as if the VM's own record were lost: only the ledger remembers
+    for d in sorted(vm.paths.values()):
+        if d.exists():
+            fs.rmdir(d)
+    outside = lock.parent / "not-a-cgroup"
+    outside.mkdir()
+    record_intermediate(lock, outside)
+    removed = sweep_intermediates(lock, fs)
+    assert fs.root / "cpu/process_api" in removed
+    assert outside.is_dir()  # not on a cgroup file system: forgotten, never removed
+    assert not ledger_path(lock).read_text().strip()

@@ -348,3 +348,73 @@ def test_run_dir_with_an_open_file_is_skipped(world: World) -> None:
         assert f"pid {os.getpid()}" in report.actions[0].reason
     world.gc()
     assert not run.exists()
+
+
+# ---------------------------------------------------------------- never harm a live VM
+
+
+def _old(path: Path) -> None:
+    then = time.time() - 3600
+    os.utime(path, (then, then))
+
+
+def test_unrecorded_jail_in_use_is_kept_whatever_its_age(world: World) -> None:
+    """A VM started without a PID namespace or pid file, under another state dir: its VMM
+    is found by its working directory / root inside the jail, and nothing of it goes."""
+    jail = world.jail("live-1")
+    _old(jail / JAIL_MARKER)
+    world.netns("ironclaw-live-1")
+    vmm = subprocess.Popen(["sleep", "60"], cwd=jail / "root" / "run")
+    try:
+        report = world.gc(orphan_grace_s=1.0)
+        assert jail.is_dir() and (world.host.netns_dir / "ironclaw-live-1").exists()
+        assert {a.kind for a in report.actions} == {"jail_dir", "netns"}
+        assert all(a.action == "skipped" and str(vmm.pid) in a.reason for a in report.actions)
+    finally:
+        vmm.kill()
+        vmm.wait()
+    world.gc(orphan_grace_s=1.0)
+    assert not jail.exists()
+
+
+def test_id_in_a_live_cgroup_is_kept(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    jail = world.jail("live-2")
+    _old(jail / JAIL_MARKER)
+    monkeypatch.setattr(world.host, "cgroup_users", lambda vm_id: [4343] * (vm_id == "live-2"))
+    report = world.gc()
+    assert jail.is_dir() and "4343" in report.actions[0].reason
+
+
+def test_unfinished_jail_claim_is_collected(world: World) -> None:
+    """SIGKILL during the claim leaves a temporary directory: it never blocks the id."""
+    claim = world.base / "firecracker" / ".claim-vm-c-0a1b2c3d"
+    claim.mkdir()
+    young = world.gc(orphan_grace_s=60.0)
+    assert claim.is_dir() and young.actions[0].action == "skipped"
+    _old(claim)
+    world.gc(orphan_grace_s=60.0)
+    assert not claim.exists()
+
+
+def test_vmm_in_the_recorded_jail_is_killed_only_there(world: World) -> None:
+    """The owner died before recording the VMM's pid: the VMM is found in the recorded
+    jail. A same-id jail elsewhere (another orchestrator's VM) is not touched."""
+    mine = world.jail("vm-j")
+    lost = subprocess.Popen(["sleep", "60"], cwd=mine / "root")
+    other = world.base / "firecracker-v9" / "vm-j"
+    (other / "root").mkdir(parents=True)
+    (other / JAIL_MARKER).write_text("vm-j")
+    theirs = subprocess.Popen(["sleep", "60"], cwd=other / "root")
+    try:
+        world.reg.claim("vm-j", owner_pid=dead_pid(), owner_start_time=1, jail_dir=mine)
+        report = world.gc()
+        assert report.ok, report.to_dict()
+        assert ("vmm", "killed") in {(a.kind, a.action) for a in report.actions}
+        assert lost.poll() is not None or not Path(f"/proc/{lost.pid}").exists()
+        assert theirs.poll() is None and other.is_dir()
+        assert not mine.exists()
+    finally:
+        for p in (lost, theirs):
+            p.kill()
+            with contextlib.suppress(ChildProcessError):
+                p.wait()

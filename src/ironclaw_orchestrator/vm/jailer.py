@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from .. import names
 from ..errors import (
+    ChrootBaseError,
     CleanupError,
     ConfigError,
     IronclawError,
@@ -37,7 +38,14 @@ from . import netns as ns
 from .api import FirecrackerApi
 from .binaries import Binaries, check_pair, find_firecracker, find_jailer
 from .config import JailerConfig
-from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_root
+from .hostcheck import (
+    check_chroot_base,
+    check_kvm,
+    check_not_swappable,
+    check_run_root,
+    check_socket_budget,
+    is_root,
+)
 from .jailer_args import CgroupArg, build_jailer_argv
 from .lifecycle import (
     DEFAULT_READY_TIMEOUT_S,
@@ -48,7 +56,7 @@ from .lifecycle import (
     wait_ready,
 )
 from .process import ChildProcess, become_subreaper
-from .rundir import CONSOLE_LOG, create_vm_run_dir
+from .rundir import CONSOLE_LOG, create_vm_run_dir, run_root
 from .staging import StagedFile, check_source, stage_file
 
 __all__ = [
@@ -268,6 +276,9 @@ async def start_with_jailer(
     config = config.model_copy(update={"exec_file": binaries.firecracker})
     check_kvm()
     check_chroot_base(config.chroot_base_dir)
+    if os.path.lexists(config.jail_dir.parent):
+        check_not_swappable(config.jail_dir.parent, "jail directory parent", ChrootBaseError)
+    check_run_root(run_root())
     check_socket_budget(config.api_socket_path)
     for f in files:
         check_source(f.src, f"file for {f.jail_path}", config.image_dirs)

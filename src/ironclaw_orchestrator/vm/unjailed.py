@@ -14,11 +14,11 @@ from .api import FirecrackerApi
 from .binaries import find_firecracker, read_version
 from .cleanup import remove_run_dir
 from .config import VmConfig
-from .hostcheck import check_kvm, check_socket_budget
+from .hostcheck import check_kvm, check_run_root, check_socket_budget
 from .jailer_args import firecracker_args
 from .lifecycle import DEFAULT_READY_TIMEOUT_S, VmmHandle, abort_start, wait_ready
 from .process import ChildProcess
-from .rundir import CONSOLE_LOG, create_vm_run_dir, vm_run_dir
+from .rundir import CONSOLE_LOG, create_vm_run_dir, run_root, vm_run_dir
 
 API_SOCKET_NAME = "firecracker.socket"
 
@@ -60,6 +60,7 @@ async def start_unjailed(
     firecracker = find_firecracker(explicit)
     read_version(firecracker)
     check_kvm()
+    check_run_root(run_root())
     socket = vm_run_dir(config.vm_id) / API_SOCKET_NAME
     check_socket_budget(socket)
     run_dir = create_vm_run_dir(config.vm_id)

@@ -1,0 +1,105 @@
+"""Making and removing a VM's host resources safely: atomic jail claim, no symlink followed,
+no swappable base, a taken namespace never adopted."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from ironclaw_orchestrator import names
+from ironclaw_orchestrator.errors import ChrootBaseError, ConfigError
+from ironclaw_orchestrator.safefs import rmtree_nofollow
+from ironclaw_orchestrator.vm import cleanup
+from ironclaw_orchestrator.vm import netns as ns
+from ironclaw_orchestrator.vm.hostcheck import (
+    check_chroot_base,
+    check_run_root,
+    swappable_reason,
+)
+
+
+def test_jail_claim_is_atomic_and_marked(tmp_path: Path) -> None:
+    jail = tmp_path / "fc" / "vm-1"
+    assert cleanup.claim_jail_dir(jail, "vm-1") == jail
+    marker = json.loads((jail / names.JAIL_MARKER).read_text())
+    assert marker["vm_id"] == "vm-1" and marker["orchestrator_pid"] == os.getpid()
+    assert stat.S_IMODE(jail.stat().st_mode) == 0o700
+    (jail / "root").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        cleanup.claim_jail_dir(jail, "vm-1")
+    assert (jail / "root").is_dir()  # the winner's jail is untouched
+    assert sorted(p.name for p in (tmp_path / "fc").iterdir()) == ["vm-1"]  # no temp left
+
+
+def test_an_empty_directory_is_not_replaced(tmp_path: Path) -> None:
+    """Plain rename() would replace an empty directory someone else just made."""
+    (tmp_path / "fc" / "vm-1").mkdir(parents=True)
+    with pytest.raises(ConfigError):
+        cleanup.claim_jail_dir(tmp_path / "fc" / "vm-1", "vm-1")
+    assert not (tmp_path / "fc" / "vm-1" / names.JAIL_MARKER).exists()
+
+
+def test_claim_names() -> None:
+    assert cleanup.claim_id_of(".claim-vm-1-0a1b2c3d") == "vm-1"
+    assert cleanup.claim_id_of(".claim-bad_id-0a1b2c3d") is None
+    assert cleanup.claim_id_of("vm-1") is None
+
+
+def test_remove_jail_dir_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
+    """Another user renames the VM's directory and plants a symlink: nothing else goes."""
+    precious = tmp_path / "precious"
+    (precious / "vm-1").mkdir(parents=True)
+    (precious / "vm-1" / "data").write_text("keep")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "fc").symlink_to(precious)  # a swapped-in parent component
+    with pytest.raises(OSError):
+        cleanup.remove_jail_dir(base / "fc" / "vm-1")
+    (tmp_path / "base2" / "fc").mkdir(parents=True)
+    (tmp_path / "base2" / "fc" / "vm-1").symlink_to(precious / "vm-1")  # the dir itself
+    with pytest.raises(OSError):
+        rmtree_nofollow(tmp_path / "base2" / "fc" / "vm-1")
+    assert (precious / "vm-1" / "data").read_text() == "keep"
+    assert rmtree_nofollow(tmp_path / "nothing" / "here") is False
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775])
+def test_writable_bases_are_refused_with_the_reason(tmp_path: Path, mode: int) -> None:
+    base = tmp_path / "jail"
+    base.mkdir()
+    os.chmod(base, mode)
+    with pytest.raises(ChrootBaseError, match="writable by group or others") as info:
+        check_chroot_base(base)
+    assert "chmod 755" in str(info.value)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        check_run_root(base)
+
+
+def test_swappable_parents_and_links(tmp_path: Path) -> None:
+    open_parent = tmp_path / "open"
+    (open_parent / "base").mkdir(parents=True)
+    os.chmod(open_parent, 0o777)
+    assert "without the sticky bit" in (swappable_reason(open_parent / "base") or "")
+    os.chmod(open_parent, 0o1777)  # sticky, like /tmp: others cannot rename our directory
+    assert swappable_reason(open_parent / "base") is None
+    (tmp_path / "link").symlink_to(open_parent / "base")
+    assert "symlink" in (swappable_reason(tmp_path / "link") or "")
+    assert swappable_reason(tmp_path / "missing", must_exist=False) is None
+
+
+def test_a_taken_namespace_is_refused_not_adopted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two orchestrators, one id: the loser must not record (and so not delete) the netns."""
+    monkeypatch.setattr(ns, "NETNS_DIR", tmp_path / "netns")
+    (tmp_path / "netns").mkdir()
+    lock = tmp_path / "netns.lock"
+    with cleanup.claim_netns("vm-1", lock) as name:
+        assert name == "ironclaw-vm-1"
+    (tmp_path / "netns" / "ironclaw-vm-1").write_text("")  # the winner's namespace
+    with pytest.raises(ConfigError, match="already exists"), cleanup.claim_netns("vm-1", lock):
+        pytest.fail("must not be reached")
