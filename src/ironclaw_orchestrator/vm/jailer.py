@@ -294,14 +294,13 @@ async def start_with_jailer(
             f"VM {config.jailer_id}: networking (tap / uplink) needs a network namespace of our "
             "own: leave netns unset and isolate_network=True"
         )
-    if config.netns is None and config.isolate_network:
-        taken = ns.netns_path(names.netns_name(config.jailer_id))
-        if os.path.lexists(taken):
-            raise ConfigError(
-                f"VM {config.jailer_id}: network namespace {taken} already exists: the id is in "
-                "use (perhaps by an orchestrator with another state directory), or a crash "
-                "left it behind (`ironclaw gc` removes leftovers)"
-            )
+    taken = _netns_taken(config)
+    if taken is not None:
+        raise ConfigError(
+            f"VM {config.jailer_id}: network namespace {taken} already exists: the id is in "
+            "use (perhaps by an orchestrator with another state directory), or a crash "
+            "left it behind (`ironclaw gc` removes leftovers)"
+        )
     if config.jail_dir.exists():
         raise ConfigError(
             f"VM {config.jailer_id}: jail directory {config.jail_dir} already exists: the id is "
@@ -399,6 +398,15 @@ async def start_with_jailer(
 
 #: Kept for importers: the marker's one home is :mod:`ironclaw_orchestrator.names`.
 JAIL_MARKER = names.JAIL_MARKER
+
+
+def _netns_taken(config: JailerConfig) -> Path | None:
+    """The VM's own namespace path if it exists already (a quick check before making
+    anything; :func:`cleanup.claim_netns` decides under a host lock)."""
+    if config.netns is not None or not config.isolate_network:
+        return None
+    path = ns.netns_path(names.netns_name(config.jailer_id))
+    return path if os.path.lexists(path) else None
 
 
 def _make_network(
