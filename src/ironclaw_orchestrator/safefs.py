@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import stat
@@ -80,13 +81,17 @@ def rmtree_nofollow(path: Path) -> bool:
     return True
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def rename_noreplace(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst``, failing with ``FileExistsError`` if ``dst`` exists.
 
     Plain ``rename`` would silently replace an empty directory at ``dst``.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    res = libc.renameat2(
+    res = _libc().renameat2(
         _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE
     )
     if res != 0:

@@ -30,6 +30,7 @@ __all__ = [
     "kill_jail_processes",
     "remove_cgroups",
     "remove_jail_dir",
+    "remove_jail_tree",
     "remove_network",
     "remove_run_dir",
 ]
@@ -97,6 +98,11 @@ def remove_jail_dir(jail: Path) -> None:
     """Kill what still runs inside the jail, then remove it (no symlink followed)."""
     if os.path.lexists(jail):
         kill_jail_processes(jail)
+    remove_jail_tree(jail)
+
+
+def remove_jail_tree(jail: Path) -> None:
+    """Remove the jail directory (no symlink followed); its VMM must be gone already."""
     rmtree_nofollow(jail)
 
 

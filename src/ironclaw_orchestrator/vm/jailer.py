@@ -119,6 +119,8 @@ class JailResources:
     staged: list[StagedFile] = field(default_factory=list)
     vmm_pid: int | None = None
     vmm_start_time: int | None = None
+    #: The jailer was spawned but the VMM's pid is not (yet) known: a VMM may run unwatched.
+    vmm_unknown: bool = False
     listener: Callable[[JailResources], None] | None = None
 
     def changed(self) -> None:
@@ -128,9 +130,10 @@ class JailResources:
     def release(self) -> None:
         """Remove everything; every step runs even if one fails, then one error lists all."""
         failures: list[str] = []
-        if self.jail_dir is not None:
-            # A VMM we lost track of (no pid file, a crash mid-start) still runs in the jail:
-            # found by its root link, killed and reaped before anything it uses goes away.
+        if self.jail_dir is not None and self.vmm_unknown:
+            # A VMM we lost track of (no pid file, start aborted before adoption) may run in
+            # the jail: found by its root, killed and reaped before what it uses goes away.
+            # (Scanning /proc costs milliseconds: only done when the VMM is not known.)
             try:
                 cleanup.kill_jail_processes(self.jail_dir)
             except OSError as exc:
@@ -149,7 +152,7 @@ class JailResources:
             except Exception as exc:
                 failures.append(f"network namespace {self.netns_name}: {exc}")
         for label, remove in (
-            ("jail_dir", cleanup.remove_jail_dir),
+            ("jail_dir", cleanup.remove_jail_tree),
             ("run_dir", cleanup.remove_run_dir),
         ):
             path: Path | None = getattr(self, label)
@@ -367,10 +370,12 @@ async def start_with_jailer(
             level=log_level,
         )
         log.debug("VM %s: %s", config.jailer_id, " ".join(argv))
+        res.vmm_unknown = config.new_pid_ns
         process = ChildProcess.spawn(argv, stdout_path=console)
         if config.new_pid_ns:
             process = await _adopt_vmm(process, config, console)
         res.vmm_pid, res.vmm_start_time = process.pid, process.start_time
+        res.vmm_unknown = False
         res.changed()
         cgroups.attach(process.pid)
         api = FirecrackerApi(config.api_socket_path, vm_id=config.jailer_id)

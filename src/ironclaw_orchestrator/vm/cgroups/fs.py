@@ -60,7 +60,12 @@ class CgroupFs:
         return mount is not None and mount.fs_type in ("cgroup", "cgroup2")
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
-        os.kill(pid, sig)
+        """Signal ``pid`` through a pidfd; ``ProcessLookupError`` if it is gone."""
+        from ...pidfd import opened, send_signal
+
+        with opened(pid) as fd:
+            if fd is None or not send_signal(fd, sig):
+                raise ProcessLookupError(pid)
 
 
 def read_pids(fs: CgroupFs, path: Path) -> list[int]:
