@@ -27,9 +27,23 @@ def vmm_exec_names() -> set[str]:
     return found
 
 
+def _jails(fragment: str, chroot_bases: tuple[Path, ...]) -> list[Path]:
+    return [
+        jail
+        for base in chroot_bases
+        if base.is_dir()
+        for exec_dir in base.iterdir()
+        if exec_dir.is_dir()
+        for jail in exec_dir.iterdir()
+        if fragment in jail.name
+    ]
+
+
 def _processes(fragment: str, chroot_bases: tuple[Path, ...]) -> list[str]:
+    """VMMs and jailers of ours by name and argv, plus anything rooted in a matching jail
+    (compared by inode: a jailed VMM's root link reads '/' in its own mount namespace)."""
     wanted = {names.process_name(n) for n in vmm_exec_names()} | {"jailer"}
-    bases = [str(b).rstrip("/") + "/" for b in chroot_bases]
+    pids = {p for jail in _jails(fragment, chroot_bases) for p in procfs.pids_using_dir(jail)}
     found = []
     for pid in procfs.all_pids():
         st = procfs.read_stat(pid)
@@ -37,13 +51,8 @@ def _processes(fragment: str, chroot_bases: tuple[Path, ...]) -> list[str]:
             continue
         cmd = procfs.read_cmdline(pid)
         name = os.path.basename(cmd[0]) if cmd else st.comm
-        try:
-            root = os.readlink(f"/proc/{pid}/root")
-        except OSError:
-            root = ""
         ours = st.comm in wanted or any(name.startswith(w) for w in wanted)
-        jailed = any(root.startswith(b) for b in bases) and fragment in root
-        if (ours and fragment in " ".join(cmd)) or jailed:
+        if (ours and fragment in " ".join(cmd)) or pid in pids:
             found.append(f"process {pid} ({st.comm}, state {st.state})")
     return found
 
@@ -53,12 +62,7 @@ def leftovers(
 ) -> list[str]:
     """Every VM resource on this host whose name contains ``vm_id_fragment``."""
     found = _processes(vm_id_fragment, chroot_bases)
-    for base in chroot_bases:
-        if base.is_dir():
-            for exec_dir in base.iterdir():
-                for jail in exec_dir.iterdir() if exec_dir.is_dir() else ():
-                    if vm_id_fragment in jail.name:
-                        found.append(f"jail dir {jail}")
+    found += [f"jail dir {jail}" for jail in _jails(vm_id_fragment, chroot_bases)]
     run = Path(os.environ.get("IRONCLAW_RUN_DIR") or "/run/ironclaw") / "vms"
     if run.is_dir():
         found += [f"run dir {p}" for p in run.iterdir() if vm_id_fragment in p.name]
