@@ -20,7 +20,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["open_dir_nofollow", "rename_noreplace", "rmtree_nofollow"]
+from .errors import ConfigError, HostError
+
+__all__ = [
+    "check_not_swappable",
+    "check_run_root",
+    "open_dir_nofollow",
+    "rename_noreplace",
+    "rmtree_nofollow",
+    "swappable_reason",
+]
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _AT_FDCWD = -100
@@ -97,3 +106,73 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     if res != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+# --------------------------------------------------------------------------- trust
+
+
+def swappable_reason(path: Path, *, must_exist: bool = True) -> str | None:
+    """Why another user could swap ``path`` (or a directory above it) for a symlink, or None.
+
+    We remove trees below such directories as root: a directory writable by group or others
+    lets them rename what we made and plant a symlink, and ``rmtree`` would then delete the
+    link's target. ``path`` must be a real directory owned by root or us and writable by
+    nobody else; each directory above it must not be writable by others either, unless it
+    is sticky (like /tmp: others cannot rename what they do not own).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if must_exist:
+            return "it does not exist"
+        st = None
+    except OSError as exc:
+        return f"it cannot be inspected ({exc.strerror})"
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            return f"it is a symlink (to {os.readlink(path)!r})"
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (0, os.geteuid()):
+            return f"it is owned by uid {st.st_uid}, not by root"
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return (
+                f"it is writable by group or others (mode {mode:04o}), so another user could "
+                "rename the VM directories in it and plant symlinks that a cleanup as root "
+                "would follow"
+            )
+    for parent in Path(os.path.abspath(path)).parents:
+        try:
+            pst = os.stat(parent)
+        except OSError:
+            continue
+        pmode = stat.S_IMODE(pst.st_mode)
+        if pmode & (stat.S_IWGRP | stat.S_IWOTH) and not pmode & stat.S_ISVTX:
+            return (
+                f"{parent} above it is writable by group or others without the sticky bit "
+                f"(mode {pmode:04o}), so another user could swap the whole directory"
+            )
+    return None
+
+
+def check_not_swappable(
+    path: Path, what: str, error: type[HostError] | type[ConfigError] = HostError
+) -> None:
+    """Refuse ``path`` as a directory we create VM directories in (see swappable_reason)."""
+    reason = swappable_reason(path)
+    if reason is not None:
+        raise error(
+            f"refusing {what} {path}: {reason}. Use a root-owned directory that only root "
+            f"can write: sudo mkdir -p {path} && sudo chown root:root {path} && "
+            f"sudo chmod 755 {path}"
+        )
+
+
+def check_run_root(root: Path) -> None:
+    """The orchestrator's run directory root must not be swappable by other users."""
+    reason = swappable_reason(root, must_exist=False)
+    if reason is not None:
+        raise ConfigError(
+            f"refusing run directory {root} (IRONCLAW_RUN_DIR): {reason}. Unset "
+            "IRONCLAW_RUN_DIR (default /run/ironclaw) or point it at a directory only root "
+            "can write"
+        )

@@ -12,14 +12,14 @@ import pytest
 
 from ironclaw_orchestrator import names
 from ironclaw_orchestrator.errors import ChrootBaseError, ConfigError
-from ironclaw_orchestrator.safefs import rmtree_nofollow
-from ironclaw_orchestrator.vm import cleanup
-from ironclaw_orchestrator.vm import netns as ns
-from ironclaw_orchestrator.vm.hostcheck import (
-    check_chroot_base,
+from ironclaw_orchestrator.safefs import (
+    check_not_swappable,
     check_run_root,
+    rmtree_nofollow,
     swappable_reason,
 )
+from ironclaw_orchestrator.vm import cleanup
+from ironclaw_orchestrator.vm import netns as ns
 
 
 def test_jail_claim_is_atomic_and_marked(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_writable_bases_are_refused_with_the_reason(tmp_path: Path, mode: int) -
     base.mkdir()
     os.chmod(base, mode)
     with pytest.raises(ChrootBaseError, match="writable by group or others") as info:
-        check_chroot_base(base)
+        check_not_swappable(base, "chroot base", ChrootBaseError)
     assert "chmod 755" in str(info.value)
     with pytest.raises(ConfigError, match="writable by group or others"):
         check_run_root(base)

@@ -32,20 +32,14 @@ from ..errors import (
     UsageError,
     VmExitedError,
 )
+from ..safefs import check_not_swappable, check_run_root
 from . import cgroups as cg
 from . import cleanup
 from . import netns as ns
 from .api import FirecrackerApi
 from .binaries import Binaries, check_pair, find_firecracker, find_jailer
 from .config import JailerConfig
-from .hostcheck import (
-    check_chroot_base,
-    check_kvm,
-    check_not_swappable,
-    check_run_root,
-    check_socket_budget,
-    is_root,
-)
+from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_root
 from .jailer_args import CgroupArg, build_jailer_argv
 from .lifecycle import (
     DEFAULT_READY_TIMEOUT_S,
@@ -279,6 +273,7 @@ async def start_with_jailer(
     config = config.model_copy(update={"exec_file": binaries.firecracker})
     check_kvm()
     check_chroot_base(config.chroot_base_dir)
+    check_not_swappable(config.chroot_base_dir, "chroot base", ChrootBaseError)
     if os.path.lexists(config.jail_dir.parent):
         check_not_swappable(config.jail_dir.parent, "jail directory parent", ChrootBaseError)
     check_run_root(run_root())

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CleanupError
+from ..safefs import check_run_root
 from .api import FirecrackerApi
 from .binaries import find_firecracker, read_version
 from .cleanup import remove_run_dir
 from .config import VmConfig
-from .hostcheck import check_kvm, check_run_root, check_socket_budget
+from .hostcheck import check_kvm, check_socket_budget
 from .jailer_args import firecracker_args
 from .lifecycle import DEFAULT_READY_TIMEOUT_S, VmmHandle, abort_start, wait_ready
 from .process import ChildProcess
