@@ -52,7 +52,9 @@ class ChildProcess:
         #: Write end of the child's stdin pipe (Firecracker's serial input), or None.
         self.stdin_fd = stdin_fd
         self.start_time = read_start_time(pid)
-        self._pidfd: int | None = os.pidfd_open(pid)
+        self._pidfd: int | None = pidfds.open_pidfd(pid)
+        if self._pidfd is None:
+            raise ProcessLookupError(pid)
         self.returncode: int | None = None
         self._exited: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
