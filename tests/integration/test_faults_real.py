@@ -98,6 +98,10 @@ ORCHESTRATOR = textwrap.dedent(
     import ironclaw_orchestrator.vm as vm_mod
     vm_mod.start_with_jailer = crashing_start
 
+    from ironclaw_orchestrator.vm import cleanup
+    if crash_at == "claim":  # dies with the jail half-made: marked, not yet renamed into place
+        cleanup.rename_noreplace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+
     async def main():
         vms = []
         for vm_id in ids:
@@ -138,6 +142,27 @@ async def test_orchestrator_killed_during_start(
         record = Registry(state_dir).get(vm_id)
         assert record is not None and record.jail_dir is not None  # recorded before made
         assert Path(record.jail_dir).exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        gc_ids(state_dir, [vm_id])
+
+
+async def test_orchestrator_killed_mid_jail_claim_never_blocks_the_id(
+    vm_id: str, chroot_base: Path, state_dir: Path
+) -> None:
+    """SIGKILL while the jail is being made: the id is usable again at once (the jail was
+    never in place), and gc removes the unfinished claim."""
+    proc = run_orchestrator([vm_id], "claim")
+    try:
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        claims = list(chroot_base.glob(f"*/.claim-{vm_id}-*"))
+        assert len(claims) == 1 and (claims[0] / ".ironclaw").is_file()
+        assert not list(chroot_base.glob(f"*/{vm_id}"))
+        gc_ids(state_dir, [vm_id])  # the dead owner's record, run dir and the claim
+        assert not list(chroot_base.glob(f"*/.claim-{vm_id}-*"))
+        vm = await start_firecracker(halt_config(vm_id))
+        await vm.stop()
     finally:
         proc.kill()
         proc.wait()
