@@ -25,6 +25,7 @@ __all__ = [
     "JAIL_MARKER",
     "NETNS_PREFIX",
     "PARENT_CGROUP_NAME",
+    "VMS_DIR",
     "check_id",
     "chroot_dir",
     "exec_file_name",
@@ -107,9 +108,13 @@ def process_name(exec_name: str) -> str:
 # --------------------------------------------------------------------------- run dir, cgroups
 
 
+#: Under the run root, the directory holding one private directory per VM.
+VMS_DIR = "vms"
+
+
 def vm_run_dir(run_root: Path, vm_id: str) -> Path:
     """The VM's private host-side directory: ``<run root>/vms/<id>``."""
-    return Path(run_root) / "vms" / check_id(vm_id)
+    return Path(run_root) / VMS_DIR / check_id(vm_id)
 
 
 def vm_cgroup_path(parent: str, vm_id: str) -> str:

@@ -133,7 +133,7 @@ class _Orphans:
             )  # fmt: skip
 
     def run_dirs(self) -> None:
-        for run_dir in _subdirs(self.c.run_root / "vms"):
+        for run_dir in _subdirs(self.c.run_root / names.VMS_DIR):
             vm_id = run_dir.name
             if not names.is_valid_id(vm_id) or not self.candidate(vm_id):
                 continue

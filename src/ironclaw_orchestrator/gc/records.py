@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
-from .. import procfs
+from .. import names, procfs
 from ..registry import Registry, VmRecord
 from .host import GcHost
 from .report import GcAction, GcReport
@@ -227,7 +227,7 @@ def _unsafe_dir(kind: str, path: Path, vm_id: str) -> str | None:
     """Why a recorded directory must not be deleted (a corrupt record must not hurt)."""
     if not path.is_absolute() or path.name != vm_id or ".." in path.parts:
         return f"recorded {kind} {path} is not a directory named after VM {vm_id}; not removed"
-    if kind == "run_dir" and path.parent.name != "vms":
+    if kind == "run_dir" and path.parent.name != names.VMS_DIR:
         return f"recorded run_dir {path} is not <run root>/vms/{vm_id}; not removed"
     if kind == "jail_dir" and len(path.parts) < 4:
         return f"recorded jail_dir {path} is not <chroot base>/<exec>/{vm_id}; not removed"

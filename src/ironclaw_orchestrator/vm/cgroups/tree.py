@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from ...errors import CgroupError, CleanupError, ConfigError
 from ...names import PARENT_CGROUP_NAME as DEFAULT_PARENT_CGROUP_NAME
-from ...names import is_valid_id
+from ...names import is_valid_id, vm_cgroup_path
 from . import ledger
 from .fs import CgroupFs, read_optional, read_pids
 from .layout import (
@@ -200,7 +200,8 @@ class VmCgroups:
     @property
     def paths(self) -> dict[str, Path]:
         """key (v1 controller or ``"unified"``) -> this VM's cgroup directory."""
-        return {k: m / self.parent / self.vm_id for k, m in self.mounts.items()}
+        rel = vm_cgroup_path(self.parent, self.vm_id)
+        return {k: m / rel for k, m in self.mounts.items()}
 
     def _key(self, controller: str) -> str:
         return UNIFIED if self.version == 2 else controller
@@ -640,7 +641,7 @@ class VmCgroups:
         mounts = {str(k): Path(v) for k, v in data["mounts"].items()}
         created = [Path(p) for p in data["created"]]
         # A corrupted record must never make remove() rmdir something unrelated.
-        vm_dirs = {m: m / parent / vm_id for m in mounts.values()}
+        vm_dirs = {m: m / vm_cgroup_path(parent, vm_id) for m in mounts.values()}
         for p in created:
             if not any(p != m and (p == d or p in d.parents) for m, d in vm_dirs.items()):
                 raise CgroupError(
