@@ -20,11 +20,11 @@ __all__ = [
     "ProcStat",
     "all_pids",
     "boot_time",
+    "cgroup_index",
     "cgroup_paths",
     "children_of",
     "describe_process",
     "is_alive",
-    "pids_in_cgroup_dir",
     "pids_using_dir",
     "read_cmdline",
     "read_comm",
@@ -182,17 +182,19 @@ def cgroup_paths(pid: int, proc: Path = PROC) -> list[str]:
     return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
 
 
-def pids_in_cgroup_dir(name: str, proc: Path = PROC) -> list[int]:
-    """Pids in a cgroup called ``name`` (or beneath it) in any hierarchy, found from /proc.
+def cgroup_index(proc: Path = PROC) -> dict[str, list[int]]:
+    """Every cgroup path component -> the pids in a cgroup of that name (or beneath it).
 
-    Reads every process's own membership rather than one directory's ``cgroup.procs``, so a
-    VM whose cgroups live under a parent we do not know is still found.
+    Built from every process's own membership rather than one directory's ``cgroup.procs``,
+    so a VM whose cgroups live under a parent we do not know is still found.
     """
-    out = []
+    index: dict[str, set[int]] = {}
     for pid in all_pids(proc):
-        if any(name in p.split("/") for p in cgroup_paths(pid, proc)):
-            out.append(pid)
-    return out
+        for path in cgroup_paths(pid, proc):
+            for part in path.split("/"):
+                if part:
+                    index.setdefault(part, set()).add(pid)
+    return {k: sorted(v) for k, v in index.items()}
 
 
 def boot_time(proc: Path = PROC) -> float | None:

@@ -31,8 +31,8 @@ def test_read_stat_with_odd_comm(tmp_path: Path) -> None:
     st = procfs.read_stat(42, tmp_path)
     assert st is not None and st.comm == "a) b (c" and st.ppid == 7 and st.start_time == 12345
     assert procfs.cgroup_paths(42, tmp_path) == ["/x/ironclaw/vm-1", "/"]
-    assert procfs.pids_in_cgroup_dir("vm-1", tmp_path) == [42]
-    assert procfs.pids_in_cgroup_dir("vm", tmp_path) == []
+    index = procfs.cgroup_index(tmp_path)
+    assert index["vm-1"] == [42] and index["ironclaw"] == [42] and "vm" not in index
 
 
 def test_zombie_is_not_alive() -> None:

@@ -58,13 +58,7 @@ class GcHost:
     def cgroup_users(self, vm_id: str) -> list[int]:
         """Pids in a cgroup named ``vm_id`` in any hierarchy (from every process's view)."""
         if self._cgroup_index is None:
-            index: dict[str, set[int]] = {}
-            for pid in procfs.all_pids(self.proc):
-                for path in procfs.cgroup_paths(pid, self.proc):
-                    for part in path.split("/"):
-                        if names.is_valid_id(part):
-                            index.setdefault(part, set()).add(pid)
-            self._cgroup_index = {k: sorted(v) for k, v in index.items()}
+            self._cgroup_index = procfs.cgroup_index(self.proc)
         return self._cgroup_index.get(vm_id, [])
 
     def cgroup_pids(self, path: Path) -> list[int]:
