@@ -103,3 +103,29 @@ def test_a_taken_namespace_is_refused_not_adopted(
     (tmp_path / "netns" / "ironclaw-vm-1").write_text("")  # the winner's namespace
     with pytest.raises(ConfigError, match="already exists"), cleanup.claim_netns("vm-1", lock):
         pytest.fail("must not be reached")
+
+
+async def test_a_cancelled_start_step_finishes_before_rollback() -> None:
+    """Rolling back while a threaded step still creates things would leak them."""
+    import asyncio
+    import threading
+
+    from ironclaw_orchestrator.vm.jailer import _ThreadSteps
+
+    steps = _ThreadSteps()
+    release = threading.Event()
+    made: list[str] = []
+
+    def slow_make() -> None:
+        release.wait(10)
+        made.append("netns")
+
+    task = asyncio.ensure_future(steps.run(slow_make))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert made == []  # still running in its thread
+    asyncio.get_running_loop().call_later(0.05, release.set)
+    await steps.settle()
+    assert made == ["netns"]  # rollback may now see (and remove) it

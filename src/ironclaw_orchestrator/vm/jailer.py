@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
 
 from .. import names
 from ..errors import (
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -324,13 +326,12 @@ async def start_with_jailer(
     res = JailResources(vm_id=config.jailer_id, listener=on_change)
     process: ChildProcess | None = None
     api: FirecrackerApi | None = None
+    steps = _ThreadSteps()
     try:
         # The run directory is created exclusively: it claims the id under this run root.
         res.run_dir = create_vm_run_dir(config.jailer_id)
         # The jail appears atomically with our marker: it claims the id under this base.
-        res.jail_dir = await asyncio.to_thread(
-            cleanup.claim_jail_dir, config.jail_dir, config.jailer_id
-        )
+        res.jail_dir = cleanup.claim_jail_dir(config.jail_dir, config.jailer_id)
         res.tap = tap
         res.uplink = uplink_subnet is not None
         res.cgroups = cgroups
@@ -339,10 +340,10 @@ async def start_with_jailer(
         console.touch(mode=0o600)
         netns = config.netns
         if netns is None and config.isolate_network:
-            netns = await asyncio.to_thread(
+            netns = await steps.run(
                 _make_network, res, config, tap, tap_host_cidr, uplink_subnet
             )
-        await asyncio.to_thread(cgroups.prepare)
+        await steps.run(cgroups.prepare)
         res.changed()  # with the cgroup directories prepare() created
         config.chroot_dir.mkdir(mode=0o755)
         for f in files:
@@ -379,6 +380,7 @@ async def start_with_jailer(
             vm_id=config.jailer_id, console_path=console, timeout_s=ready_timeout_s,
         )  # fmt: skip
     except BaseException:
+        await steps.settle()  # a cancelled step still runs in its thread: let it finish first
         await abort_start(process, api)
         try:
             await asyncio.to_thread(res.release)
@@ -394,6 +396,30 @@ async def start_with_jailer(
         api=api,
         argv=argv,
     )
+
+
+class _ThreadSteps:
+    """Blocking start-up steps run in a thread, shielded from cancellation.
+
+    A cancelled ``to_thread`` keeps running in its thread; rolling back while it still
+    creates things would leave them behind. So a cancel interrupts the wait, and the
+    rollback first waits for the step to finish (:meth:`settle`).
+    """
+
+    def __init__(self) -> None:
+        self._running: asyncio.Future[Any] | None = None
+
+    async def run(self, fn: Callable[..., _T], *args: object) -> _T:
+        fut: asyncio.Future[_T] = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._running = fut
+        return await asyncio.shield(fut)
+
+    async def settle(self) -> None:
+        fut = self._running
+        if fut is not None:
+            await asyncio.wait([fut])
+            if not fut.cancelled():
+                fut.exception()  # retrieved: the failure is reported by the caller
 
 
 #: Kept for importers: the marker's one home is :mod:`ironclaw_orchestrator.names`.
