@@ -77,6 +77,17 @@ def test_exec_name_rule_for_middle_versions(tmp_path: Path) -> None:
     b.check_exec_file_name(Path("vmm"), b.Version(1, 14, 1))  # allowed again in v1.13+
 
 
+def test_exec_file_name_rule_applies_to_the_resolved_file(tmp_path: Path) -> None:
+    """The jailer resolves symlinks before checking the name: so do we."""
+    (tmp_path / "vmm-v1.5.0").write_text("")
+    (tmp_path / "firecracker").symlink_to("vmm-v1.5.0")
+    with pytest.raises(ConfigError, match=r"resolved name 'vmm-v1\.5\.0'"):
+        b.check_exec_file_name(tmp_path / "firecracker", b.Version(1, 5, 0))
+    (tmp_path / "firecracker-v1.5.0").write_text("")
+    (tmp_path / "fc").symlink_to("firecracker-v1.5.0")
+    b.check_exec_file_name(tmp_path / "fc", b.Version(1, 5, 0))
+
+
 def test_not_a_firecracker(tmp_path: Path) -> None:
     path = tmp_path / "jailer"
     path.write_text("#!/bin/sh\necho hello\n")

@@ -16,6 +16,7 @@ from functools import total_ordering
 from pathlib import Path
 
 from ..errors import BinaryNotFoundError, ConfigError, JailerNotFoundError, VersionMismatchError
+from ..names import exec_file_name
 from .config import DEFAULT_EXEC_FILE, DEFAULT_JAILER_BINARY
 
 FIRECRACKER_ENV = "IRONCLAW_FIRECRACKER"
@@ -175,9 +176,15 @@ def check_pair(jailer: Path, firecracker: Path) -> Binaries:
 
 
 def check_exec_file_name(exec_file: Path, version: Version) -> None:
-    """Jailer v1.2 .. v1.12 refuse an exec file whose name lacks "firecracker"."""
-    if (1, 2, 0) <= version.release < (1, 13, 0) and "firecracker" not in exec_file.name:
+    """Jailer v1.2 .. v1.12 refuse an exec file whose name lacks "firecracker".
+
+    The jailer checks the name of the *resolved* file (it canonicalises ``--exec-file``), so
+    a symlink named ``firecracker`` to ``vmm-v1.5.0`` is refused as well.
+    """
+    name = exec_file_name(exec_file)
+    if (1, 2, 0) <= version.release < (1, 13, 0) and "firecracker" not in name:
         raise ConfigError(
-            f"exec_file {exec_file}: jailer {version} requires the file name to contain "
-            "'firecracker'; rename or symlink it (e.g. firecracker-" + str(version) + ")"
+            f"exec_file {exec_file} (resolved name {name!r}): jailer {version} requires the "
+            "file name to contain 'firecracker'; rename the file itself (e.g. firecracker-"
+            f"{version}): a symlink does not help, the jailer resolves it"
         )
