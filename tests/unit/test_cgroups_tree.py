@@ -85,9 +85,6 @@ class FakeKernel(CgroupFs):
             f.unlink()
         os.rmdir(path)
 
-    def is_cgroup(self, path: Path) -> bool:
-        return self.root in path.parents
-
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         self.killed.append(pid)
         for procs in self.root.rglob("cgroup.procs"):

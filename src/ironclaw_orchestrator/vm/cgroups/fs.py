@@ -50,14 +50,8 @@ class CgroupFs:
             return []
 
     def is_cgroup(self, path: Path) -> bool:
-        """True if ``path`` is on a cgroup file system (checked before removing by ledger)."""
-        from ..hostcheck import mount_of
-
-        try:
-            mount = mount_of(path)
-        except OSError:
-            return False
-        return mount is not None and mount.fs_type in ("cgroup", "cgroup2")
+        """True if ``path`` is a cgroup (the kernel gives every cgroup a ``cgroup.procs``)."""
+        return self.exists(path / "cgroup.procs")
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         """Signal ``pid`` through a pidfd; ``ProcessLookupError`` if it is gone."""
