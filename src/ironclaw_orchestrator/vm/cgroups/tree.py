@@ -238,6 +238,10 @@ class VmCgroups:
             except BaseException as exc:
                 for problem in self._remove_created():
                     exc.add_note(f"rollback: {problem}")
+                try:
+                    ledger.sweep(self.lock_path, self.fs, within=self._vm_dirs())
+                except OSError as sweep_exc:
+                    exc.add_note(f"rollback: intermediate cgroups: {sweep_exc}")
                 raise
         self.prepared = True
 
