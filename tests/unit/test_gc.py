@@ -418,3 +418,16 @@ def test_vmm_in_the_recorded_jail_is_killed_only_there(world: World) -> None:
             p.kill()
             with contextlib.suppress(ChildProcessError):
                 p.wait()
+
+
+def test_netns_of_an_id_being_started_is_as_young_as_its_dirs(world: World) -> None:
+    """A VM started without a registry makes its run dir and jail, then its namespace: a gc
+    in between must not take the namespace (it has no age of its own)."""
+    world.netns("ironclaw-starting")
+    run = world.run_dir("starting")
+    report = world.gc(orphan_grace_s=60.0)
+    assert (world.host.netns_dir / "ironclaw-starting").exists() and run.exists()
+    assert all("younger than 60s" in a.reason for a in report.actions)
+    _old(run)
+    world.gc(orphan_grace_s=60.0)
+    assert not (world.host.netns_dir / "ironclaw-starting").exists() and not run.exists()

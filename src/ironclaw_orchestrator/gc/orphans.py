@@ -56,18 +56,24 @@ class _Orphans:
     def candidate(self, vm_id: str | None) -> bool:
         return vm_id is not None and vm_id not in self.known and self.c.wanted(vm_id)
 
+    def id_dirs(self, vm_id: str) -> list[Path]:
+        """The id's jail directories (any base, any exec name) and run directory."""
+        found = [
+            exec_dir / vm_id
+            for base in self.c.chroot_bases
+            for exec_dir in _subdirs(base)
+            if _is_real_dir(exec_dir / vm_id)
+        ]
+        run_dir = names.vm_run_dir(self.c.run_root, vm_id)
+        return [*found, run_dir] if _is_real_dir(run_dir) else found
+
     def users(self, vm_id: str) -> list[int]:
         """Every process using any resource named after ``vm_id`` (cached per run)."""
         if vm_id not in self._busy:
             host = self.c.host
             pids = set(host.netns_users(names.netns_name(vm_id)))
-            for base in self.c.chroot_bases:
-                for exec_dir in _subdirs(base):
-                    if _is_real_dir(exec_dir / vm_id):
-                        pids.update(host.dir_users(exec_dir / vm_id))
-            run_dir = names.vm_run_dir(self.c.run_root, vm_id)
-            if _is_real_dir(run_dir):
-                pids.update(host.dir_users(run_dir))
+            for path in self.id_dirs(vm_id):
+                pids.update(host.dir_users(path))
             pids.update(host.cgroup_users(vm_id))
             self._busy[vm_id] = sorted(pids)
         return self._busy[vm_id]
@@ -83,7 +89,11 @@ class _Orphans:
                 " stop it first",
             )  # fmt: skip
             return False
-        if age_of is not None and vm_id not in self.c.released and age_s(age_of) < self.c.grace_s:
+        # A namespace has no age of its own: it is as young as the id's directories (a VM
+        # being started without a registry has made its jail and run dir just before).
+        ages = [age_of] if age_of is not None else self.id_dirs(vm_id)
+        young = any(age_s(p) < self.c.grace_s for p in ages)
+        if young and vm_id not in self.c.released:
             self.c.add(
                 kind, name, vm_id, "skipped",
                 f"no record, but younger than {self.c.grace_s:g}s (may be starting)",
