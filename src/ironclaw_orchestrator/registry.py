@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -300,9 +299,7 @@ class Registry:
 
     @staticmethod
     def _encode(record: VmRecord) -> bytes:
-        return (
-            json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
-        ).encode()
+        return record.model_dump_json().encode() + b"\n"
 
     def _read(self, path: Path) -> VmRecord:
         """Parse one record file; ``RegistryError`` if unreadable or invalid."""
@@ -315,7 +312,7 @@ class Registry:
         except OSError as exc:
             raise RegistryError(f"cannot read VM record {path}: {exc.strerror}") from exc
         try:
-            record = VmRecord.model_validate(json.loads(raw))
+            record = VmRecord.model_validate_json(raw)
         except (ValueError, ValidationError) as exc:
             raise RegistryError(
                 f"VM record {path} is corrupt ({str(exc).splitlines()[0]}); run `ironclaw gc`, "
@@ -350,10 +347,12 @@ class Registry:
 
     # ------------------------------------------------------------------ API
 
-    def claim(self, vm_id: str, **fields: Any) -> VmRecord:
+    def claim(self, vm_id: str, *, allocate_ids: bool = False, **fields: Any) -> VmRecord:
         """Reserve ``vm_id`` for the calling process before any host resource exists.
 
-        ``owner_pid``/``owner_start_time`` default to this process. Raises
+        ``owner_pid``/``owner_start_time`` default to this process. ``allocate_ids=True``
+        also gives the VM a uid/gid of its own (as :meth:`allocate_ids` does) in the same
+        locked write, so a start costs one registry write, not two. Raises
         :class:`RegistryError` if the id is held by a live owner, or left behind by a dead
         one (which ``ironclaw gc`` cleans up: a leftover is never silently taken over, since
         its VMM, jail or cgroups may still exist).
@@ -368,9 +367,14 @@ class Registry:
                     "(is /proc mounted, and the process alive?)"
                 )
             fields["owner_start_time"] = start
-        record = self._make(vm_id, fields, None)
         path = self.record_path(vm_id)
         with self.locked():
+            if allocate_ids and os.path.lexists(path):
+                raise self._in_use_error(vm_id)  # before scanning for free ids
+            if allocate_ids:
+                n = self._free_id(vm_id)
+                fields.update(uid=n, gid=n)
+            record = self._make(vm_id, fields, None)
             tmp = self._write_tmp(vm_id, self._encode(record))
             try:
                 # link() fails with EEXIST if the id is taken: an atomic create-with-content.
@@ -508,21 +512,29 @@ class Registry:
                 ) from None
             if current.uid is not None and current.gid is not None:
                 return current.uid, current.gid
-            used: set[int] = set()
-            found = self.scan()
-            for rec in found.records:
-                used.update(i for i in (rec.uid, rec.gid) if i is not None)
-            if found.problems:
-                log.warning(
-                    "allocating ids for VM %s while %d record(s) are unreadable: their ids are "
-                    "unknown (run `ironclaw gc`)",
-                    vm_id,
-                    len(found.problems),
-                )
-            for n in range(first, first + count):
-                if n not in used and not _host_has_id(n):
-                    self._replace(vm_id, self._make(vm_id, {"uid": n, "gid": n}, current))
-                    return n, n
+            n = self._free_id(vm_id, first, count)
+            self._replace(vm_id, self._make(vm_id, {"uid": n, "gid": n}, current))
+            return n, n
+
+    def _free_id(self, vm_id: str, first: int = 64_000, count: int = 1_000) -> int:
+        """The lowest id in ``[first, first + count)`` no record and no host account uses.
+
+        Call with the registry lock held.
+        """
+        used: set[int] = set()
+        found = self.scan()
+        for rec in found.records:
+            used.update(i for i in (rec.uid, rec.gid) if i is not None)
+        if found.problems:
+            log.warning(
+                "allocating ids for VM %s while %d record(s) are unreadable: their ids are "
+                "unknown (run `ironclaw gc`)",
+                vm_id,
+                len(found.problems),
+            )
+        for n in range(first, first + count):
+            if n not in used and not _host_has_id(n):
+                return n
         raise RegistryError(
             f"VM {vm_id}: all {count} uids/gids from {first} are in use by other VMs; stop some "
             "VMs, run `ironclaw gc` to free leftovers, or widen the range"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 
@@ -17,9 +18,10 @@ from ironclaw_orchestrator.errors import VmExitedError
 from ironclaw_orchestrator.gc import collect_garbage
 from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import JailerConfig, VmConfig, start_firecracker
-from ironclaw_orchestrator.vm.jailer import JailFile, JailResources, start_with_jailer
+from ironclaw_orchestrator.vm import jailer as jailer_mod
+from ironclaw_orchestrator.vm.jailer import JailFile, start_with_jailer
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
-from ironclaw_orchestrator.vm.process import become_subreaper
+from ironclaw_orchestrator.vm.process import ChildProcess, become_subreaper
 
 pytestmark = pytest.mark.integration
 
@@ -42,17 +44,21 @@ def halt_config(vm_id: str) -> VmConfig:
     )
 
 
-async def test_vmm_killed_during_start(vm_id: str, chroot_base: Path, state_dir: Path) -> None:
-    def kill_vmm_once_known(res: JailResources) -> None:
-        if res.vmm_pid is not None:
-            os.kill(res.vmm_pid, signal.SIGKILL)
+async def test_vmm_killed_during_start(
+    vm_id: str, chroot_base: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_wait_ready = jailer_mod.wait_ready
 
+    async def kill_vmm_then_wait(process: ChildProcess, *args: Any, **kwargs: Any) -> None:
+        os.kill(process.pid, signal.SIGKILL)  # the VMM dies between spawn and API ready
+        await real_wait_ready(process, *args, **kwargs)
+
+    monkeypatch.setattr(jailer_mod, "wait_ready", kill_vmm_then_wait)
     kernel = probe_kernel_path(ProbeBehaviour.HALT)
     with pytest.raises(VmExitedError) as info:
         await start_with_jailer(
             JailerConfig(jailer_id=vm_id),
             files=[JailFile(kernel, PurePosixPath("/vmlinux"))],
-            on_change=kill_vmm_once_known,
         )
     assert info.value.exit_code == -9
 

@@ -302,3 +302,28 @@ def test_concurrent_allocators_get_unique_ids(reg: Registry) -> None:
     uids = [uid for uid, _ in got]
     assert len(set(uids)) == n, got
     assert sorted(r.uid for r in reg.list()) == sorted(uids)  # type: ignore[type-var]
+
+
+def test_claim_allocates_ids_in_its_one_write(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry_mod, "_host_has_id", lambda n: n == 64_000)
+    writes: list[str] = []
+    real_write = Registry._write_tmp
+
+    def counting(self: Registry, vm_id: str, data: bytes) -> Path:
+        writes.append(vm_id)
+        return real_write(self, vm_id, data)
+
+    monkeypatch.setattr(Registry, "_write_tmp", counting)
+    a = reg.claim("a", allocate_ids=True)
+    b = reg.claim("b", allocate_ids=True)
+    assert (a.uid, a.gid, b.uid, b.gid) == (64_001, 64_001, 64_002, 64_002)
+    assert reg.get("a") == a
+    assert writes == ["a", "b"]  # one write per claim, ids included
+    assert reg.allocate_ids("a") == (64_001, 64_001)  # already has them: no new write
+    assert writes == ["a", "b"]
+    with pytest.raises(RegistryError, match="in use"):
+        reg.claim("a", allocate_ids=True)
+    reg.release("a")
+    assert reg.claim("c", allocate_ids=True).uid == 64_001  # freed with the record

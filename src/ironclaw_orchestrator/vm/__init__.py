@@ -192,12 +192,12 @@ async def start_firecracker(
     check_vm_inputs(config, jailed=use_jailer is not False)
     jailer_cfg = config.jailer_config()
     reason = _unjailed_reason(config, jailer_cfg, use_jailer)
-    recorder = _recorder(config, registry, claim, record)
+    recorder = _recorder(config, jailer_cfg, registry, claim, record, jailed=reason is None)
     vmm: JailerProcess | UnjailedProcess
     try:
         if reason is None:
             if recorder is not None:
-                jailer_cfg = _own_ids(config, jailer_cfg, recorder.registry)
+                jailer_cfg = _own_ids(config, jailer_cfg, recorder)
             vmm = await _start_jailed(
                 config,
                 jailer_cfg,
@@ -258,27 +258,49 @@ def _unjailed_reason(
 
 
 def _recorder(
-    config: VmConfig, registry: Registry | None, claim: bool, record: bool | None
+    config: VmConfig,
+    jailer_cfg: JailerConfig,
+    registry: Registry | None,
+    claim: bool,
+    record: bool | None,
+    *,
+    jailed: bool,
 ) -> VmRecorder | None:
     if record is None:
         record = registry is not None or is_root()
     if not record:
         return None
     registry = registry if registry is not None else Registry()
-    if claim:
-        registry.claim(
-            config.vm_id,
-            config=config.model_dump(mode="json"),
-            vcpus=config.vcpu_count,
-            memory_mb=config.memory_mb,
-        )
-    return VmRecorder(registry, config.vm_id, owns_claim=claim)
+    if not claim:
+        return VmRecorder(registry, config.vm_id, owns_claim=False)
+    # One write: the claim, with the VM's own uid/gid (or the ones the caller chose).
+    fields: dict[str, object] = {}
+    chosen = _chosen_ids(config)
+    if jailed and chosen:
+        fields.update(uid=jailer_cfg.uid, gid=jailer_cfg.gid)
+    claimed = registry.claim(
+        config.vm_id,
+        allocate_ids=jailed and not chosen,
+        config=config.model_dump(mode="json"),
+        vcpus=config.vcpu_count,
+        memory_mb=config.memory_mb,
+        **fields,
+    )
+    return VmRecorder(registry, config.vm_id, owns_claim=True, record=claimed)
 
 
-def _own_ids(config: VmConfig, jailer_cfg: JailerConfig, registry: Registry) -> JailerConfig:
-    """A uid/gid of the VM's own from the registry, unless the caller chose them."""
+def _chosen_ids(config: VmConfig) -> bool:
     chosen = config.jailer.model_fields_set if config.jailer is not None else set()
-    if {"uid", "gid"} & chosen:
+    return bool({"uid", "gid"} & chosen)
+
+
+def _own_ids(config: VmConfig, jailer_cfg: JailerConfig, recorder: VmRecorder) -> JailerConfig:
+    """A uid/gid of the VM's own from the registry, unless the caller chose them."""
+    claimed = recorder.record
+    if claimed is not None and claimed.uid is not None and claimed.gid is not None:
+        return jailer_cfg.model_copy(update={"uid": claimed.uid, "gid": claimed.gid})
+    registry = recorder.registry
+    if _chosen_ids(config):
         registry.update(config.vm_id, uid=jailer_cfg.uid, gid=jailer_cfg.gid)
         return jailer_cfg
     uid, gid = registry.allocate_ids(config.vm_id)

@@ -260,9 +260,10 @@ async def start_with_jailer(
     ``files`` are staged into the jail first (owned by the jail uid/gid). ``tap`` names a tap
     device to create in the VM's network namespace (addressed ``tap_host_cidr`` there);
     ``uplink_subnet`` opts in to a veth pair from that namespace to the host. Everything
-    created is removed again if any step fails. ``on_change`` is called each time a host
-    resource is about to be made (and once the VMM's pid is known), so a crash-safe registry
-    can record it first.
+    created is removed again if any step fails. ``on_change`` is called once, when the VM's
+    run and jail directories are claimed (made exclusively, so known to be ours) and before
+    its network namespace is made, so a crash-safe registry can record them first; the
+    caller records the rest once the VM runs (see :mod:`.recording`).
     """
     # 1. Checks that write nothing.
     if not is_root():
@@ -335,16 +336,18 @@ async def start_with_jailer(
         res.tap = tap
         res.uplink = uplink_subnet is not None
         res.cgroups = cgroups
-        res.changed()
         console = res.run_dir / CONSOLE_LOG
         console.touch(mode=0o600)
         netns = config.netns
         if netns is None and config.isolate_network:
-            netns = await steps.run(
-                _make_network, res, config, tap, tap_host_cidr, uplink_subnet
-            )
+            # Records the claimed dirs and the namespace in one write, before it is made.
+            netns = await steps.run(_make_network, res, config, tap, tap_host_cidr, uplink_subnet)
+        else:
+            res.changed()
+        # Not recorded again until the VM runs (the caller's record of a started VM): a
+        # crash in between leaves cgroups and a VMM that gc finds by the recorded jail (its
+        # processes are killed by their root) and by the VM's name (its cgroups).
         await steps.run(cgroups.prepare)
-        res.changed()  # with the cgroup directories prepare() created
         config.chroot_dir.mkdir(mode=0o755)
         for f in files:
             res.staged.append(
@@ -372,7 +375,6 @@ async def start_with_jailer(
             process = await _adopt_vmm(process, config, console)
         res.vmm_pid, res.vmm_start_time = process.pid, process.start_time
         res.vmm_unknown = False
-        res.changed()
         cgroups.attach(process.pid)
         api = FirecrackerApi(config.api_socket_path, vm_id=config.jailer_id)
         await wait_ready(

@@ -1,8 +1,14 @@
 """Keeping a VM's registry record in step with what exists on the host.
 
-Every resource is recorded *before* it is made (``start_with_jailer``'s ``on_change``), so an
-orchestrator killed at any moment leaves a record that names everything ``ironclaw gc`` has to
-remove, and never a resource nobody knows about.
+Three writes per VM, each before what it protects exists: the claim (the id and the VM's
+uid/gid), then ``start_with_jailer``'s ``on_change`` once the run and jail directories are
+claimed (exclusively: known to be ours) and before the network namespace is made, then the
+whole record once the VM runs (VMM pid and start time, the cgroup directories made). An
+orchestrator killed in between leaves a record naming the jail, run dir and namespace; the
+VMM is found and killed by its root inside the recorded jail, and cgroup directories made
+after the second write are found by the VM's name (``ironclaw gc``'s orphan pass, which a
+released record's id skips the grace period for). Fewer writes keep the registry off the
+start-up path (issue: per-VM CPU), without a resource nobody knows about.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RegistryError
-from ..registry import Registry, read_process_start
+from ..registry import Registry, VmRecord, read_process_start
 from .jailer import JailerProcess, JailResources
 
 if TYPE_CHECKING:
@@ -58,9 +64,13 @@ def record_fields(vm: FirecrackerProcess) -> dict[str, Any]:
 class VmRecorder:
     """The registry record of one VM: claimed (or adopted), updated, released."""
 
-    def __init__(self, registry: Registry, vm_id: str, *, owns_claim: bool) -> None:
+    def __init__(
+        self, registry: Registry, vm_id: str, *, owns_claim: bool, record: VmRecord | None = None
+    ) -> None:
         self.registry = registry
         self.vm_id = vm_id
+        #: The record as claimed (with the VM's uid/gid when the claim allocated them).
+        self.record = record
         #: Release the record at stop (we claimed it); otherwise the claimer does.
         self.owns_claim = owns_claim
 

@@ -1,0 +1,63 @@
+"""Work per start, counted (never timed): registry writes and API connections of a real VM.
+
+Guards the start-up cost (issue: per-VM CPU): a VM's record is written once when claimed
+(with its uid/gid), once before its namespace is made, and once when it runs; the API is one
+keep-alive connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from ironclaw_orchestrator.registry import Registry
+from ironclaw_orchestrator.vm import VmConfig, start_firecracker
+from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
+
+pytestmark = pytest.mark.integration
+
+
+async def test_registry_writes_and_api_connections_per_start(
+    vm_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[str] = []
+    real_write = Registry._write_tmp
+
+    def counting_write(self: Registry, ident: str, data: bytes) -> Path:
+        writes.append(ident)
+        return real_write(self, ident, data)
+
+    connections: list[str] = []
+    real_connect = asyncio.open_unix_connection
+
+    async def counting_connect(path: str, *args: object, **kwargs: object) -> object:
+        link = await real_connect(path, *args, **kwargs)  # type: ignore[arg-type]
+        connections.append(str(path))  # counted once connected
+        return link
+
+    monkeypatch.setattr(Registry, "_write_tmp", counting_write)
+    monkeypatch.setattr(asyncio, "open_unix_connection", counting_connect)
+    registry = Registry(tmp_path / "state")
+    cfg = VmConfig(
+        vm_id=vm_id,
+        kernel_path=str(probe_kernel_path(ProbeBehaviour.RESET)),
+        rootfs_path=None,
+        memory_mb=128,
+        boot_args=PROBE_BOOT_ARGS,
+    )
+    vm = await start_firecracker(cfg, use_jailer=True, registry=registry)
+    try:
+        assert writes == [vm_id] * 3, writes  # claim + ids, before the netns, running
+        record = registry.get(vm_id)
+        assert record is not None and record.vmm_pid == vm.pid and record.uid is not None
+        assert record.netns_name and record.jail_dir and record.cgroups
+        await vm.start_instance()
+        assert await vm.wait() == 0
+    finally:
+        await vm.stop()
+    assert writes == [vm_id] * 3  # stop releases the record: no further write
+    assert registry.get(vm_id) is None
+    # Readiness, configuration, boot and Ctrl-Alt-Del: one keep-alive connection.
+    assert connections == [str(vm.socket_path)], connections
