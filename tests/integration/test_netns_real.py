@@ -23,6 +23,8 @@ from pyroute2 import netns as pr_netns
 
 from ironclaw_orchestrator.errors import NetworkError
 from ironclaw_orchestrator.vm import netns
+from ironclaw_orchestrator.vm.netns import namespace
+from ironclaw_orchestrator.vm.netns.kernel import _run_in_netns
 
 pytestmark = [
     pytest.mark.integration,
@@ -233,7 +235,7 @@ def test_uplink_created_and_removed(vm_id: str) -> None:
             assert "172.31.250.1" in addrs
         # forwarding is switched on inside the namespace only
         assert fwd.read_text() == host_forward_before
-        assert netns._run_in_netns(name, fwd.read_text).strip() == "1"
+        assert _run_in_netns(name, fwd.read_text).strip() == "1"
 
         # traffic really flows: from inside the namespace to a listener on the host end
         with socket.create_server(("172.31.250.1", 0)) as server:
@@ -243,7 +245,7 @@ def test_uplink_created_and_removed(vm_id: str) -> None:
                 with socket.create_connection(("172.31.250.1", port), timeout=5) as c:
                     return str(c.getsockname()[0])
 
-            assert netns._run_in_netns(name, connect_from_inside) == "172.31.250.2"
+            assert _run_in_netns(name, connect_from_inside) == "172.31.250.2"
             conn, peer = server.accept()
             conn.close()
             assert peer[0] == "172.31.250.2"
@@ -288,7 +290,7 @@ def test_fast_path_needs_no_fork_and_matches_ip_netns(
     with monkeypatch.context() as m:
         m.setattr(os, "fork", no_fork)
         m.setattr(pr_netns, "create", no_pyroute2)
-        m.setattr(netns, "_lo_up_pyroute2", no_pyroute2)
+        m.setattr(namespace, "_lo_up_pyroute2", no_pyroute2)
         assert netns.ensure_netns(name) == path
         assert netns.ensure_netns(name) == path  # idempotent, still no fork
     assert _thread_netns_ino() == home, "the calling thread must never change namespace"
@@ -343,7 +345,7 @@ def test_falls_back_to_pyroute2_when_refused(
         real_create(p)
 
     with monkeypatch.context() as m:
-        m.setattr(netns, "_unshare_net", refused)
+        m.setattr(namespace, "_unshare_net", refused)
         m.setattr(pr_netns, "create", spy_create)
         assert netns.ensure_netns(name) == path
     assert calls == [str(path)]
@@ -361,7 +363,7 @@ def test_failed_bind_mount_leaves_nothing(vm_id: str, monkeypatch: pytest.Monkey
         return "/nonexistent/ns/net"
 
     with monkeypatch.context() as m:
-        m.setattr(netns, "_thread_netns_file", broken)
+        m.setattr(namespace, "_thread_netns_file", broken)
         with pytest.raises(NetworkError, match=r"could not create network namespace.*root"):
             netns.ensure_netns(name)
     assert not os.path.lexists(path)

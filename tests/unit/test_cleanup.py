@@ -95,7 +95,7 @@ def test_a_taken_namespace_is_refused_not_adopted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two orchestrators, one id: the loser must not record (and so not delete) the netns."""
-    monkeypatch.setattr(ns, "NETNS_DIR", tmp_path / "netns")
+    monkeypatch.setattr(ns.names, "NETNS_DIR", tmp_path / "netns")  # where netns_path reads it
     (tmp_path / "netns").mkdir()
     lock = tmp_path / "netns.lock"
     with cleanup.claim_netns("vm-1", lock) as name:

@@ -10,6 +10,7 @@ import pytest
 
 from ironclaw_orchestrator.errors import NetworkError
 from ironclaw_orchestrator.vm import netns
+from ironclaw_orchestrator.vm.netns import kernel, namespace
 
 IDS = ["a", "vm-1", "VM-1", "x" * 64, "0123456789-abcdef", "-"]
 
@@ -99,10 +100,10 @@ def test_tun_ioctl_numbers_match_the_kernel_abi() -> None:
 
     if platform.machine() not in ("x86_64", "aarch64", "i686", "armv7l", "s390x", "riscv64"):
         pytest.skip("constants below are for the common (non-ppc/mips) ioctl encoding")
-    assert netns._TUNSETIFF == 0x400454CA
-    assert netns._TUNSETPERSIST == 0x400454CB
-    assert netns._TUNSETOWNER == 0x400454CC
-    assert netns._TUNSETGROUP == 0x400454CE
+    assert kernel._TUNSETIFF == 0x400454CA
+    assert kernel._TUNSETPERSIST == 0x400454CB
+    assert kernel._TUNSETOWNER == 0x400454CC
+    assert kernel._TUNSETGROUP == 0x400454CE
 
 
 def test_called_from_event_loop_thread_is_refused_before_any_io() -> None:
@@ -117,15 +118,15 @@ def test_called_from_event_loop_thread_is_refused_before_any_io() -> None:
 
 
 def test_ifflags_ioctl_numbers_match_the_kernel_abi() -> None:
-    assert netns._SIOCGIFFLAGS == 0x8913
-    assert netns._SIOCSIFFLAGS == 0x8914
-    assert netns._IFF_UP == 1
+    assert kernel._SIOCGIFFLAGS == 0x8913
+    assert kernel._SIOCSIFFLAGS == 0x8914
+    assert kernel._IFF_UP == 1
 
 
 def test_missing_lo_is_reported_as_such() -> None:
-    exc = netns._lo_error("ironclaw-x", OSError(errno.ENODEV, "No such device"))
+    exc = namespace._lo_error("ironclaw-x", OSError(errno.ENODEV, "No such device"))
     assert "has no 'lo' link" in str(exc) and "remove_netns()" in str(exc)
-    exc = netns._lo_error("ironclaw-x", OSError(errno.EIO, "I/O error"))
+    exc = namespace._lo_error("ironclaw-x", OSError(errno.EIO, "I/O error"))
     assert "could not bring 'lo' up" in str(exc)
 
 
@@ -136,20 +137,20 @@ def test_fast_path_gives_way_to_pyroute2_on_eperm_enosys(
     def refused() -> None:
         raise OSError(err, "refused")
 
-    monkeypatch.setattr(netns, "_prepare_run_dir", refused)
-    assert netns._create_fast("ironclaw-x", Path("/nonexistent/ironclaw-x")) is False
+    monkeypatch.setattr(namespace, "_prepare_run_dir", refused)
+    assert namespace._create_fast("ironclaw-x", Path("/nonexistent/ironclaw-x")) is False
 
 
 def test_other_fast_path_errors_are_network_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     def refused() -> None:
         raise OSError(errno.EROFS, "read-only file system")
 
-    monkeypatch.setattr(netns, "_prepare_run_dir", refused)
+    monkeypatch.setattr(namespace, "_prepare_run_dir", refused)
     with pytest.raises(NetworkError, match=r"shared mount point.*check that we run as root"):
-        netns._create_fast("ironclaw-x", Path("/nonexistent/ironclaw-x"))
+        namespace._create_fast("ironclaw-x", Path("/nonexistent/ironclaw-x"))
 
 
 def test_missing_libc_symbol_counts_as_enosys() -> None:
     with pytest.raises(OSError) as info:
-        netns._libc_call("no_such_function_in_libc_hopefully")
+        kernel._libc_call("no_such_function_in_libc_hopefully")
     assert info.value.errno == errno.ENOSYS

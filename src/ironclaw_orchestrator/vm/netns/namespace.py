@@ -1,0 +1,286 @@
+"""Named network namespaces: create, remove, list, inspect.
+
+Namespace creation (:func:`ensure_netns`) needs no fork and no external binary: a helper
+thread ``unshare(CLONE_NEWNET)``-s (only that thread moves), bind-mounts its
+``/proc/thread-self/ns/net`` on ``/run/netns/<name>`` exactly like ``ip netns add``, brings
+``lo`` up with ``SIOCSIFFLAGS`` on a socket it created (sockets belong to their creator's
+namespace) and exits; the bind mount keeps the namespace alive. Only if that fails with
+EPERM/ENOSYS (e.g. a seccomp filter) does it fall back to pyroute2, which forks.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+import threading
+from contextlib import suppress
+from pathlib import Path
+
+from pyroute2 import netns as pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ...errors import NetworkError
+from .kernel import (
+    _IFF_UP,
+    _IFREQ_SIZE,
+    _MS_BIND,
+    _MS_REC,
+    _MS_SHARED,
+    _SIOCGIFFLAGS,
+    _SIOCSIFFLAGS,
+    _is_nsfs,
+    _mount,
+    _run_in_netns,
+    _run_in_thread,
+    _thread_netns_file,
+    _umount_detach,
+    _unshare_net,
+)
+from .names import NETNS_DIR, NETNS_PREFIX, netns_path
+from .netlink import _find_link, _ipr, _refuse_running_loop
+
+#: errnos of the fast creation path that make ensure_netns() fall back to pyroute2.
+_FALLBACK_ERRNOS = frozenset({errno.EPERM, errno.ENOSYS})
+
+
+_run_dir_lock = threading.Lock()
+_run_dir_ready = False
+
+
+def _prepare_run_dir() -> None:
+    """Make ``/run/netns`` a mount point with shared propagation, like ``ip netns add``.
+
+    iproute2 (``netns_add``): ``mkdir /run/netns``; ``mount --make-rshared /run/netns``; if
+    that fails with EINVAL (not a mount point) ``mount --rbind /run/netns /run/netns`` once
+    and retry. Shared propagation makes an unmount in one mount namespace reach the others,
+    so a removed namespace is really freed. Done once per process (under a lock).
+    """
+    global _run_dir_ready
+    with _run_dir_lock:
+        if _run_dir_ready:
+            return
+        with suppress(FileExistsError):
+            os.mkdir(NETNS_DIR, 0o755)
+        made_mount_point = False
+        while True:
+            try:
+                _mount("", str(NETNS_DIR), _MS_SHARED | _MS_REC)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or made_mount_point:
+                    raise
+            _mount(str(NETNS_DIR), str(NETNS_DIR), _MS_BIND | _MS_REC)
+            made_mount_point = True
+        _run_dir_ready = True
+
+
+def _set_lo_up_here() -> None:
+    """Bring ``lo`` up in this thread's network namespace (SIOCGIFFLAGS/SIOCSIFFLAGS).
+
+    The socket is created here, so it belongs to this thread's namespace.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifr = struct.pack("16sH", b"lo", 0).ljust(_IFREQ_SIZE, b"\0")
+        (flags,) = struct.unpack_from("H", fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, ifr), 16)
+        if not flags & _IFF_UP:
+            ifr = struct.pack("16sH", b"lo", flags | _IFF_UP).ljust(_IFREQ_SIZE, b"\0")
+            fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, ifr)
+
+
+def _lo_error(name: str, exc: BaseException) -> NetworkError:
+    if isinstance(exc, OSError) and exc.errno == errno.ENODEV:
+        return NetworkError(
+            f"network namespace {name!r} has no 'lo' link: remove it with "
+            "remove_netns() and create it again with ensure_netns()"
+        )
+    return NetworkError(
+        f"could not bring 'lo' up in network namespace {name!r}: {exc}; "
+        "remove the namespace with remove_netns() and try again"
+    )
+
+
+def _create_here(name: str, path: Path) -> None:
+    """Body of the creating thread: new netns for this thread, bind it on ``path``, lo up.
+
+    OSError before the bind mount leaves nothing behind (the file we made is unlinked and
+    the namespace dies with the thread); a failure to bring ``lo`` up is a NetworkError
+    (the namespace then exists, as with the pyroute2 path).
+    """
+    _unshare_net()
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    try:
+        _mount(_thread_netns_file(), str(path), _MS_BIND)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(path)
+        raise
+    try:
+        _set_lo_up_here()
+    except OSError as exc:
+        raise _lo_error(name, exc) from exc
+
+
+def _create_fast(name: str, path: Path) -> bool:
+    """Create the namespace without forking. False: not possible here (EPERM/ENOSYS),
+    nothing was left behind, use the pyroute2 path. True: it exists now (made by us, with
+    ``lo`` up, or concurrently by someone else)."""
+    try:
+        _prepare_run_dir()
+    except OSError as exc:
+        if exc.errno in _FALLBACK_ERRNOS:
+            return False
+        raise NetworkError(
+            f"could not make {NETNS_DIR} a shared mount point (as `ip netns add` does) for "
+            f"network namespace {name!r}: {exc}; check that we run as root and that "
+            f"{NETNS_DIR} is writable"
+        ) from exc
+    try:
+        _run_in_thread(name, lambda: _create_here(name, path))
+    except OSError as exc:
+        if exc.errno == errno.EEXIST and _is_nsfs(path):
+            return True  # someone else created it concurrently: fine
+        if exc.errno in _FALLBACK_ERRNOS:
+            return False
+        raise NetworkError(
+            f"could not create network namespace {name!r} at {path}: {exc}; "
+            f"check that we run as root and that {NETNS_DIR} is writable"
+        ) from exc
+    return True
+
+
+def _create_pyroute2(name: str, path: Path) -> None:
+    """Fallback creation through pyroute2 (forks a helper process)."""
+    try:
+        pr_netns.create(str(path))
+    except Exception as exc:
+        if not _is_nsfs(path):
+            if path.exists():
+                _remove_stale(path)
+            raise NetworkError(
+                f"could not create network namespace {name!r} at {path}: {exc}; "
+                f"check that we run as root and that {NETNS_DIR} is writable"
+            ) from exc
+        # Someone else created it concurrently: fine.
+
+
+def _lo_up_pyroute2(name: str) -> None:
+    try:
+        with _ipr(name) as ipr:
+            lo = _find_link(ipr, "lo")
+            if lo is None:
+                raise _lo_error(name, OSError(errno.ENODEV, "no such device"))
+            ipr.link("set", index=lo["index"], state="up")
+    except NetlinkError as exc:
+        raise _lo_error(name, exc) from exc
+
+
+def _lo_up(name: str) -> None:
+    """Bring ``lo`` up in an existing named namespace (setns thread; pyroute2 if refused)."""
+    try:
+        _run_in_netns(name, _set_lo_up_here)
+    except OSError as exc:
+        if exc.errno not in _FALLBACK_ERRNOS:
+            raise _lo_error(name, exc) from exc
+        _lo_up_pyroute2(name)
+
+
+def ensure_netns(name: str) -> Path:
+    """Create the named network namespace if it is missing and bring ``lo`` up in it.
+
+    Idempotent. A stale plain file at ``/run/netns/<name>`` (left by a crash) is replaced.
+    Returns the namespace's path (for the jailer's ``--netns``).
+
+    The namespace is made like ``ip netns add`` does (``/run/netns`` a shared mount point,
+    the namespace bind-mounted on ``/run/netns/<name>``) but in-process, by a short-lived
+    helper thread: no fork, no external binary. If the kernel refuses that with
+    EPERM/ENOSYS, pyroute2's forking implementation is used instead.
+    """
+    path = netns_path(name)
+    _refuse_running_loop(f"create network namespace {name!r}")
+    if path.exists() and not _is_nsfs(path):
+        _remove_stale(path)
+    if not path.exists():
+        if _create_fast(name, path):
+            return path
+        _create_pyroute2(name, path)
+    _lo_up(name)
+    return path
+
+
+def _remove_stale(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise NetworkError(
+            f"could not remove stale namespace file {path}: {exc}; remove it by hand "
+            f"(umount {path}; rm {path})"
+        ) from exc
+
+
+def remove_netns(name: str) -> None:
+    """Delete the named network namespace if it exists; do nothing if it does not.
+
+    This removes the name (lazily unmounts and unlinks ``/run/netns/<name>``, like ``ip
+    netns delete``); the kernel frees the namespace, with every TAP and veth end in it,
+    once no process is left inside.
+    """
+    path = netns_path(name)
+    if not os.path.lexists(path):
+        return
+    if not _is_nsfs(path):
+        _remove_stale(path)
+        return
+    try:
+        try:
+            _umount_detach(str(path))
+        except OSError as exc:
+            # EINVAL: no longer a mount point (unmounted concurrently); ENOENT: gone.
+            if exc.errno == errno.ENOENT:
+                return
+            if exc.errno != errno.EINVAL:
+                raise
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise NetworkError(
+            f"could not remove network namespace {name!r} ({path}): {exc}; check that "
+            f"we run as root, then retry or run `ip netns delete {name}`"
+        ) from exc
+
+
+def list_netns(prefix: str = NETNS_PREFIX) -> list[str]:
+    """Return the sorted names of the named network namespaces starting with ``prefix``."""
+    try:
+        names = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise NetworkError(f"could not list {NETNS_DIR}: {exc}; check that we run as root") from exc
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def netns_inode(path: Path) -> int:
+    """Return the inode of a namespace file, comparable with ``/proc/<pid>/ns/net``."""
+    try:
+        return os.stat(path).st_ino
+    except OSError as exc:
+        raise NetworkError(
+            f"could not stat network namespace file {path}: {exc}; "
+            "does the namespace (or the process) still exist?"
+        ) from exc
+
+
+def interfaces_in(netns: str) -> list[str]:
+    """Return the names of all links in the named network namespace, by ifindex."""
+    try:
+        with _ipr(netns) as ipr:
+            links = sorted(ipr.link("dump"), key=lambda m: m["index"])
+            return [str(m.get("ifname")) for m in links]
+    except NetlinkError as exc:
+        raise NetworkError(f"could not list links in network namespace {netns!r}: {exc}") from exc
