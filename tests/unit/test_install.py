@@ -29,6 +29,7 @@ from ironclaw_orchestrator.install import (
     normalize_version,
     parse_sha256_file,
     release_archive_url,
+    transaction,
 )
 
 VERSION = "v1.14.1"
@@ -782,14 +783,14 @@ async def test_cancel_during_unpack_rolls_back(
 ) -> None:
     make_archive(official_path(server))
     entered, release = threading.Event(), threading.Event()
-    real_select = inst._select_members
+    real_select = transaction._select_members
 
     def slow_select(*args: Any) -> Any:
         entered.set()
         release.wait(10)
         return real_select(*args)
 
-    monkeypatch.setattr(inst, "_select_members", slow_select)
+    monkeypatch.setattr(transaction, "_select_members", slow_select)
     task = asyncio.create_task(run(dirs))
     while not entered.is_set():
         await asyncio.sleep(0.01)
