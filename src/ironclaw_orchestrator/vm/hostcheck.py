@@ -1,4 +1,12 @@
-"""Read-only checks of the host, run before anything is spawned (and by ``ironclaw doctor``)."""
+"""Checks of the host, run before anything is spawned and by ``ironclaw doctor``.
+
+The one home of every host check. Each question has an ``inspect_*`` function that returns
+a :class:`Finding` (``pass`` / ``warn`` / ``fail``, what was found, how to fix it) and never
+raises for a host problem; ``ironclaw doctor`` reports findings as they are. The launch path
+uses the ``check_*`` wrappers, which raise the matching error of the error tree for a
+``fail`` and ignore warnings. Nothing here writes, except the write probe ``doctor`` asks
+for (a temporary directory, removed at once).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +15,47 @@ import fcntl
 import ipaddress
 import os
 import socket
-from collections.abc import Sequence
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..errors import ChrootBaseError, ConfigError, HostError, KvmUnavailableError
-from .config import MAX_SOCKET_PATH_BYTES
+from .config import MAX_SOCKET_PATH_BYTES, JailerConfig
 
 KVM_PATH = Path("/dev/kvm")
+MOUNTINFO_PATH = Path("/proc/self/mountinfo")
+TUN_PATH = Path("/dev/net/tun")
+NETNS_RUN_DIR = Path("/run/netns")
+#: Longest id the jailer accepts (and the one the socket budget is checked with).
+MAX_ID_LENGTH = 64
+#: How to make a usable chroot base; ``{base}`` is its path.
+CHROOT_BASE_FIX = "sudo mkdir -p {base} && sudo chmod 755 {base} && sudo chown root:root {base}"
+
+Level = Literal["pass", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The answer of one host check."""
+
+    level: Level
+    #: What was found (a path, a mode, a size), phrased to follow the subject of the check.
+    value: str
+    #: One line saying how to fix it; empty when the check passed.
+    fix: str = ""
+    #: Machine-readable extras (sizes, limits).
+    details: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.level == "fail"
+
+    @property
+    def message(self) -> str:
+        """``value: fix``, the text of the error the ``check_*`` wrappers raise."""
+        return f"{self.value}: {self.fix}" if self.fix else self.value
 
 
 @dataclass(frozen=True)
@@ -42,44 +83,123 @@ def mount_of(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> Moun
     return best
 
 
-def check_kvm(path: Path = KVM_PATH) -> None:
+def inspect_kvm(path: Path = KVM_PATH) -> Finding:
+    """Can we open ``/dev/kvm`` read-write (what firecracker does)?"""
     if not path.exists():
-        raise KvmUnavailableError(
-            f"{path} does not exist: enable virtualization in firmware and load kvm_intel or "
-            "kvm_amd (modprobe kvm_intel), or run on a host with nested virtualization"
+        return Finding(
+            "fail",
+            f"{path} does not exist",
+            "enable virtualization in firmware and load kvm_intel or kvm_amd (modprobe "
+            "kvm_intel), or run on a host with nested virtualization",
         )
-    if not os.access(path, os.R_OK | os.W_OK):
-        raise KvmUnavailableError(
-            f"{path} is not readable and writable by uid {os.geteuid()}: run as root or add "
-            "the user to the kvm group (setfacl -m u:$USER:rw /dev/kvm)"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return Finding(
+            "fail",
+            f"{path} cannot be opened read-write by uid {os.geteuid()}: {exc.strerror}",
+            "run as root or add the user to the kvm group (setfacl -m u:$USER:rw /dev/kvm)",
         )
+    os.close(fd)
+    return Finding("pass", f"{path} is readable and writable")
 
 
-def check_chroot_base(base: Path) -> None:
-    """The base must exist, be a writable directory and allow exec and device nodes."""
-    fix = f"sudo mkdir -p {base} && sudo chmod 755 {base} && sudo chown root:root {base}"
+def check_kvm(path: Path = KVM_PATH) -> None:
+    finding = inspect_kvm(path)
+    if finding.failed:
+        raise KvmUnavailableError(finding.message)
+
+
+def inspect_root(geteuid: Callable[[], int] = os.geteuid) -> Finding:
+    """Do we run as root (the jailer must be started by root)?"""
+    uid = geteuid()
+    if uid == 0:
+        return Finding("pass", "running as root (uid 0)")
+    return Finding(
+        "fail",
+        f"running as uid {uid}",
+        "the jailer must be started by root: run ironclaw as root (sudo)",
+    )
+
+
+def is_root(geteuid: Callable[[], int] = os.geteuid) -> bool:
+    return not inspect_root(geteuid).failed
+
+
+def inspect_chroot_base(
+    base: Path, *, mountinfo: Path = MOUNTINFO_PATH, write_probe_prefix: str | None = None
+) -> Finding:
+    """Is ``base`` a writable directory on a mount that allows exec and device nodes?
+
+    Writability is judged with ``access(2)``, or, given ``write_probe_prefix``, by creating
+    (and at once removing) a directory of that prefix in it. A tmpfs, or a mount missing
+    from ``mountinfo``, is a warning.
+    """
+    fix = CHROOT_BASE_FIX.format(base=base)
     if not base.exists():
-        raise ChrootBaseError(f"chroot base directory {base} does not exist: {fix}")
+        return Finding("fail", f"{base} does not exist", fix)
     if not base.is_dir():
-        raise ChrootBaseError(f"chroot base {base} is not a directory: remove it, then {fix}")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ChrootBaseError(
-            f"failed to create chroot: permission denied on {base} for uid {os.geteuid()}: "
-            f"run as root and {fix}"
-        )
-    mount = mount_of(base)
-    if mount is not None:
-        bad = sorted(mount.options & {"noexec", "nodev"})
-        if bad:
-            raise ChrootBaseError(
-                f"chroot base {base} is on {mount.mount_point}, mounted {','.join(bad)}: the "
-                "jailer needs exec and device nodes there; pick another chroot_base_dir or "
-                f"remount (mount -o remount,exec,dev {mount.mount_point})"
+        return Finding("fail", f"{base} is not a directory", f"remove it, then {fix}")
+    if write_probe_prefix is None:
+        if not os.access(base, os.W_OK | os.X_OK):
+            return Finding(
+                "fail",
+                f"{base} is not writable by uid {os.geteuid()} (permission denied)",
+                f"run as root and {fix}",
             )
+    else:
+        try:
+            probe = tempfile.mkdtemp(prefix=write_probe_prefix, dir=base)
+        except OSError as exc:
+            return Finding("fail", f"{base} is not writable: {exc.strerror}", fix)
+        try:
+            os.rmdir(probe)
+        except OSError as exc:
+            return Finding(
+                "fail", f"could not remove the write probe {probe}: {exc.strerror}",
+                f"remove it by hand (rmdir {probe}) and check the permissions of {base}",
+            )  # fmt: skip
+    try:
+        mount = mount_of(base, mountinfo)
+    except OSError:
+        mount = None
+    if mount is None:
+        return Finding(
+            "warn", f"{base}: mount not found in {mountinfo}",
+            "check that it is not mounted noexec/nodev",
+        )  # fmt: skip
+    bad = sorted(mount.options & {"noexec", "nodev"})
+    where = f"{base} on {mount.mount_point} ({mount.fs_type}, {','.join(sorted(mount.options))})"
+    if bad:
+        return Finding(
+            "fail",
+            f"{where}: mounted {','.join(bad)}, but the jailer needs exec and device nodes there",
+            f"remount (mount -o remount,exec,dev {mount.mount_point}) or pick another "
+            "chroot_base_dir on a disk-backed filesystem",
+        )
+    if mount.fs_type == "tmpfs":
+        return Finding(
+            "warn", f"{where}: tmpfs",
+            "use a disk-backed directory: staged disks would use RAM and tmpfs mounts are "
+            "often nodev after a reboot",
+        )  # fmt: skip
+    return Finding("pass", where)
+
+
+def check_chroot_base(base: Path, *, mountinfo: Path = MOUNTINFO_PATH) -> None:
+    """The base must exist, be a writable directory and allow exec and device nodes."""
+    finding = inspect_chroot_base(base, mountinfo=mountinfo)
+    if finding.failed:
+        raise ChrootBaseError(f"chroot base {finding.message}")
+
+
+def socket_path_bytes(path: Path) -> int:
+    """The length of ``path`` as the kernel counts it for a Unix socket address."""
+    return len(str(path).encode())
 
 
 def check_socket_budget(path: Path, what: str = "API socket") -> None:
-    size = len(str(path).encode())
+    size = socket_path_bytes(path)
     if size > MAX_SOCKET_PATH_BYTES:
         raise ConfigError(
             f"{what} path {path} is {size} bytes, over the {MAX_SOCKET_PATH_BYTES}-byte limit of "
@@ -88,8 +208,68 @@ def check_socket_budget(path: Path, what: str = "API socket") -> None:
         )
 
 
-def is_root() -> bool:
-    return os.geteuid() == 0
+def inspect_socket_budget(config: JailerConfig, exec_name: str) -> Finding:
+    """Does the API socket path of a VM with the longest id fit the Unix socket limit?
+
+    A warning says how long ids may be; a failure means not even a 1-character id fits.
+    """
+    probe = config.model_copy(
+        update={"jailer_id": "x" * MAX_ID_LENGTH, "exec_file": Path("/") / exec_name}
+    )
+    size = socket_path_bytes(probe.api_socket_path)
+    over = size - MAX_SOCKET_PATH_BYTES
+    value = (
+        f"{config.chroot_base_dir}/{exec_name}/<64-char id>/root{config.api_sock}: "
+        f"{size} of {MAX_SOCKET_PATH_BYTES} bytes"
+    )
+    details: dict[str, object] = {"bytes": size, "limit": MAX_SOCKET_PATH_BYTES}
+    if over <= 0:
+        return Finding("pass", value, details=details)
+    longest = MAX_ID_LENGTH - over
+    details["max_id_length"] = max(longest, 0)
+    fix = (
+        f"keep VM ids to {max(longest, 0)} characters, or shorten chroot_base_dir or the exec "
+        "file name"
+    )
+    if longest >= 1:
+        return Finding("warn", f"{value}; ids up to {longest} characters fit", fix, details)
+    return Finding("fail", f"{value}; not even a 1-character id fits", fix, details)
+
+
+def inspect_netns_support(
+    *, proc: Path = Path("/proc"), netns_dir: Path = NETNS_RUN_DIR, needed: bool = True
+) -> Finding:
+    """Does the kernel have network namespaces, and can ``netns_dir`` be written or made?
+
+    Nothing is created. Problems are failures when the VMs need a namespace of ours
+    (``needed``), else warnings.
+    """
+    bad: Level = "fail" if needed else "warn"
+    ns_file = proc / "self" / "ns" / "net"
+    if not ns_file.exists():
+        return Finding(
+            bad, f"{ns_file} missing: no network namespace support",
+            "use a kernel with CONFIG_NET_NS=y",
+        )  # fmt: skip
+    if netns_dir.is_dir():
+        ok = os.access(netns_dir, os.W_OK | os.X_OK)
+        value = f"{netns_dir} is {'writable' if ok else 'not writable'}"
+    else:
+        parent = netns_dir.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        ok = os.access(parent, os.W_OK | os.X_OK)
+        value = f"{netns_dir} missing; {'can' if ok else 'cannot'} be created under {parent}"
+    if ok:
+        return Finding("pass", f"supported; {value}")
+    return Finding(bad, value, f"run as root so {netns_dir} can be written")
+
+
+def inspect_tun(path: Path = TUN_PATH) -> Finding:
+    """Does the TUN/TAP device exist (needed only for VMs with networking)?"""
+    if path.exists():
+        return Finding("pass", f"{path} exists")
+    return Finding("warn", f"{path} missing (needed only for enable_networking)", "modprobe tun")
 
 
 # --------------------------------------------------------------------------- input vs host
