@@ -137,21 +137,22 @@ def inspect_chroot_base(
     """
     fix = CHROOT_BASE_FIX.format(base=base)
     if not base.exists():
-        return Finding("fail", f"{base} does not exist", fix)
+        return Finding("fail", f"chroot base directory {base} does not exist", fix)
     if not base.is_dir():
-        return Finding("fail", f"{base} is not a directory", f"remove it, then {fix}")
+        return Finding("fail", f"chroot base {base} is not a directory", f"remove it, then {fix}")
     if write_probe_prefix is None:
         if not os.access(base, os.W_OK | os.X_OK):
             return Finding(
                 "fail",
-                f"{base} is not writable by uid {os.geteuid()} (permission denied)",
+                # The words of the jailer's own error, which users search for.
+                f"failed to create chroot: permission denied on {base} for uid {os.geteuid()}",
                 f"run as root and {fix}",
             )
     else:
         try:
             probe = tempfile.mkdtemp(prefix=write_probe_prefix, dir=base)
         except OSError as exc:
-            return Finding("fail", f"{base} is not writable: {exc.strerror}", fix)
+            return Finding("fail", f"chroot base {base} is not writable: {exc.strerror}", fix)
         try:
             os.rmdir(probe)
         except OSError as exc:
@@ -173,7 +174,8 @@ def inspect_chroot_base(
     if bad:
         return Finding(
             "fail",
-            f"{where}: mounted {','.join(bad)}, but the jailer needs exec and device nodes there",
+            f"chroot base {where}: mounted {','.join(bad)}, but the jailer needs exec and "
+            "device nodes there",
             f"remount (mount -o remount,exec,dev {mount.mount_point}) or pick another "
             "chroot_base_dir on a disk-backed filesystem",
         )
@@ -190,7 +192,7 @@ def check_chroot_base(base: Path, *, mountinfo: Path = MOUNTINFO_PATH) -> None:
     """The base must exist, be a writable directory and allow exec and device nodes."""
     finding = inspect_chroot_base(base, mountinfo=mountinfo)
     if finding.failed:
-        raise ChrootBaseError(f"chroot base {finding.message}")
+        raise ChrootBaseError(finding.message)
 
 
 def socket_path_bytes(path: Path) -> int:
