@@ -44,7 +44,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.vsock",
         ),
     ),
-    ("vm lifecycle", ("vm", "vm.jailer", "vm.lifecycle", "vm.recording", "vm.unjailed")),
+    (
+        "vm lifecycle",
+        ("vm", "vm.inputs", "vm.jailer", "vm.lifecycle", "vm.recording", "vm.unjailed"),
+    ),
     ("tools", ("doctor", "install", "gc")),
     ("service", ("supervisor",)),
     ("cli", ("cli",)),
@@ -54,6 +57,7 @@ SIDEWAYS = frozenset(
     {
         ("vm.jailer_args", "vm.binaries"),  # the argv depends on the jailer's version
         # the lifecycle layer is one pipeline split over modules
+        ("vm", "vm.inputs"),
         ("vm", "vm.jailer"),
         ("vm", "vm.lifecycle"),
         ("vm", "vm.recording"),
