@@ -70,7 +70,6 @@ SIDEWAYS = frozenset(
     {
         ("vm.jailer_args", "vm.binaries"),  # the argv depends on the jailer's version
         ("pidfd", "procfs"),  # a pidfd is opened for a pid whose identity /proc confirms
-        ("vm.cgroups", "vm.hostcheck"),  # mount_of: is a path on a cgroup file system
     }
 )
 UI_LIBRARIES = ("typer", "rich")
