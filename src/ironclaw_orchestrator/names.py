@@ -20,6 +20,7 @@ from pathlib import Path
 from .errors import ConfigError, IronclawError, NetworkError
 
 __all__ = [
+    "ID_MAX_LENGTH",
     "ID_PATTERN",
     "ID_RULE",
     "JAIL_MARKER",
@@ -45,8 +46,9 @@ __all__ = [
 #: Ids the jailer accepts are a superset (Unicode alphanumerics); we restrict to ASCII so an
 #: id is safe everywhere: paths, cgroup names, netns names, log lines. Use with fullmatch
 #: (``$`` would accept a trailing newline).
-ID_PATTERN = re.compile(r"[A-Za-z0-9-]{1,64}")
-ID_RULE = "use 1 to 64 characters from A-Z, a-z, 0-9 and '-'"
+ID_MAX_LENGTH = 64
+ID_PATTERN = re.compile(rf"[A-Za-z0-9-]{{1,{ID_MAX_LENGTH}}}")
+ID_RULE = f"use 1 to {ID_MAX_LENGTH} characters from A-Z, a-z, 0-9 and '-'"
 
 #: Every network namespace we create is named ``ironclaw-<vm_id>``.
 NETNS_PREFIX = "ironclaw-"

@@ -70,6 +70,7 @@ SIDEWAYS = frozenset(
     {
         ("vm.jailer_args", "vm.binaries"),  # the argv depends on the jailer's version
         ("pidfd", "procfs"),  # a pidfd is opened for a pid whose identity /proc confirms
+        ("vm.hostcheck", "vm.netns"),  # where namespaces and the TUN device live
     }
 )
 UI_LIBRARIES = ("typer", "rich")

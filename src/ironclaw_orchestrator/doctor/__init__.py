@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 
+from ..names import ID_MAX_LENGTH as MAX_ID_LENGTH
 from ..vm.config import JailerConfig
-from ..vm.hostcheck import MAX_ID_LENGTH
 from .checks import (
     CGROUP_CONTROLLERS,
     REQUIRED_CONTROLLERS,

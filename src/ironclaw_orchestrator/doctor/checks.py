@@ -23,8 +23,6 @@ from ..vm.cgroups import CgroupLayout, choose_version, detect_layout
 from ..vm.config import JailerConfig
 from ..vm.hostcheck import (
     KVM_PATH,
-    NETNS_RUN_DIR,
-    TUN_PATH,
     inspect_chroot_base,
     inspect_kvm,
     inspect_netns_support,
@@ -32,6 +30,7 @@ from ..vm.hostcheck import (
     inspect_socket_budget,
     inspect_tun,
 )
+from ..vm.netns import NETNS_DIR, TUN_DEVICE
 from .report import DOCTOR_ID_PREFIX, Check, Status, _first_line, check_from
 
 #: Controllers a VM may use; ``cpu`` and ``memory`` are always used (limits), the others
@@ -53,8 +52,8 @@ class HostPaths:
     kvm: Path = KVM_PATH
     #: ``/proc``: ``self/mountinfo``, ``self/cgroup``, ``self/ns/net`` are read below it.
     proc: Path = Path("/proc")
-    netns_dir: Path = NETNS_RUN_DIR
-    tun: Path = TUN_PATH
+    netns_dir: Path = NETNS_DIR
+    tun: Path = TUN_DEVICE
     geteuid: Callable[[], int] = os.geteuid
 
     @property

@@ -22,14 +22,12 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import ChrootBaseError, ConfigError, HostError, KvmUnavailableError
+from ..names import ID_MAX_LENGTH
 from .config import MAX_SOCKET_PATH_BYTES, JailerConfig
+from .netns import NETNS_DIR, TUN_DEVICE
 
 KVM_PATH = Path("/dev/kvm")
 MOUNTINFO_PATH = Path("/proc/self/mountinfo")
-TUN_PATH = Path("/dev/net/tun")
-NETNS_RUN_DIR = Path("/run/netns")
-#: Longest id the jailer accepts (and the one the socket budget is checked with).
-MAX_ID_LENGTH = 64
 #: How to make a usable chroot base; ``{base}`` is its path.
 CHROOT_BASE_FIX = "sudo mkdir -p {base} && sudo chmod 755 {base} && sudo chown root:root {base}"
 
@@ -216,18 +214,18 @@ def inspect_socket_budget(config: JailerConfig, exec_name: str) -> Finding:
     A warning says how long ids may be; a failure means not even a 1-character id fits.
     """
     probe = config.model_copy(
-        update={"jailer_id": "x" * MAX_ID_LENGTH, "exec_file": Path("/") / exec_name}
+        update={"jailer_id": "x" * ID_MAX_LENGTH, "exec_file": Path("/") / exec_name}
     )
     size = socket_path_bytes(probe.api_socket_path)
     over = size - MAX_SOCKET_PATH_BYTES
     value = (
-        f"{config.chroot_base_dir}/{exec_name}/<64-char id>/root{config.api_sock}: "
+        f"{config.chroot_base_dir}/{exec_name}/<{ID_MAX_LENGTH}-char id>/root{config.api_sock}: "
         f"{size} of {MAX_SOCKET_PATH_BYTES} bytes"
     )
     details: dict[str, object] = {"bytes": size, "limit": MAX_SOCKET_PATH_BYTES}
     if over <= 0:
         return Finding("pass", value, details=details)
-    longest = MAX_ID_LENGTH - over
+    longest = ID_MAX_LENGTH - over
     details["max_id_length"] = max(longest, 0)
     fix = (
         f"keep VM ids to {max(longest, 0)} characters, or shorten chroot_base_dir or the exec "
@@ -239,7 +237,7 @@ def inspect_socket_budget(config: JailerConfig, exec_name: str) -> Finding:
 
 
 def inspect_netns_support(
-    *, proc: Path = Path("/proc"), netns_dir: Path = NETNS_RUN_DIR, needed: bool = True
+    *, proc: Path = Path("/proc"), netns_dir: Path = NETNS_DIR, needed: bool = True
 ) -> Finding:
     """Does the kernel have network namespaces, and can ``netns_dir`` be written or made?
 
@@ -267,7 +265,7 @@ def inspect_netns_support(
     return Finding(bad, value, f"run as root so {netns_dir} can be written")
 
 
-def inspect_tun(path: Path = TUN_PATH) -> Finding:
+def inspect_tun(path: Path = TUN_DEVICE) -> Finding:
     """Does the TUN/TAP device exist (needed only for VMs with networking)?"""
     if path.exists():
         return Finding("pass", f"{path} exists")

@@ -32,6 +32,7 @@ Layout (each module one concept; dependencies point down the list):
 from __future__ import annotations
 
 from . import forkguard as _forkguard  # noqa: F401  (installs the at-fork hook)
+from .kernel import TUN_DEVICE
 from .names import (
     IFNAME_MAX,
     NETNS_DIR,
@@ -50,6 +51,7 @@ __all__ = [
     "IFNAME_MAX",
     "NETNS_DIR",
     "NETNS_PREFIX",
+    "TUN_DEVICE",
     "Uplink",
     "ensure_netns",
     "ensure_tap",

@@ -33,7 +33,9 @@ _MNT_DETACH = 0x2
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
-_TUN_DEVICE = "/dev/net/tun"
+#: The TUN/TAP clone device (a TAP is made, and Firecracker attaches to it, through it).
+TUN_DEVICE = Path("/dev/net/tun")
+_TUN_DEVICE = str(TUN_DEVICE)
 
 # <linux/if_tun.h>
 _IFF_TAP = 0x0002
