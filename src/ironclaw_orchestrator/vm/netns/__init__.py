@@ -18,9 +18,10 @@ All errors are :class:`~ironclaw_orchestrator.errors.NetworkError`.
 
 Layout (each module one concept; dependencies point down the list):
 
-- :mod:`.names`: every name derived from a VM id (namespace, TAP, MAC, veth pair); pure.
-- :mod:`.kernel`: ioctl numbers, libc ``setns``/``unshare``/``mount``, running a function
-  in a helper thread that has joined a namespace.
+- :mod:`.names`: where namespaces live, name rules; the names derived from a VM id
+  (namespace, TAP, MAC, veth pair) are :mod:`ironclaw_orchestrator.names`, re-exported.
+- :mod:`.kernel`: the TUN device, ioctl numbers, libc ``setns``/``unshare``/``mount``,
+  running a function in a helper thread that has joined a namespace.
 - :mod:`.netlink`: rtnetlink sockets into the host or a namespace, link lookup.
 - :mod:`.namespace`: :func:`ensure_netns`, :func:`remove_netns`, :func:`list_netns`, ...
 - :mod:`.tap`: :func:`ensure_tap`, :func:`remove_tap`.
