@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -38,7 +39,14 @@ from . import cgroups as cg
 from . import cleanup
 from . import netns as ns
 from .api import FirecrackerApi
-from .binaries import Binaries, check_pair, find_firecracker, find_jailer
+from .binaries import (
+    FIRECRACKER_ENV,
+    JAILER_ENV,
+    Binaries,
+    check_pair,
+    find_firecracker,
+    find_jailer,
+)
 from .config import JailerConfig
 from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_root
 from .jailer_args import CgroupArg, build_jailer_argv
@@ -78,15 +86,39 @@ class JailFile:
     is_disk: bool = False
 
 
+#: (explicit paths, environment, PATH) -> (the pair, identity of both files when checked).
+_pairs: dict[tuple[object, ...], tuple[Binaries, tuple[tuple[int, int, int, int], ...]]] = {}
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)  # follows a symlink: re-pointing it is a change
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def resolve_binaries(config: JailerConfig) -> Binaries:
-    """Find the jailer and firecracker for ``config`` and check that their versions match."""
-    jailer = find_jailer(
-        config.jailer_binary if "jailer_binary" in config.model_fields_set else None
+    """Find the jailer and firecracker for ``config`` and check that their versions match.
+
+    Found and checked once per process; afterwards one ``stat`` per binary tells whether
+    either was replaced (then everything is checked again).
+    """
+    explicit_jailer = config.jailer_binary if "jailer_binary" in config.model_fields_set else None
+    explicit_exec = config.exec_file if "exec_file" in config.model_fields_set else None
+    key = (
+        explicit_jailer,
+        explicit_exec,
+        os.environ.get(JAILER_ENV),
+        os.environ.get(FIRECRACKER_ENV),
+        os.environ.get("PATH"),
     )
-    exec_file = find_firecracker(
-        config.exec_file if "exec_file" in config.model_fields_set else None
-    )
-    return check_pair(jailer, exec_file)
+    cached = _pairs.get(key)
+    if cached is not None:
+        pair, identity = cached
+        with contextlib.suppress(OSError):
+            if (_identity(pair.jailer), _identity(pair.firecracker)) == identity:
+                return pair
+    pair = check_pair(find_jailer(explicit_jailer), find_firecracker(explicit_exec))
+    _pairs[key] = (pair, (_identity(pair.jailer), _identity(pair.firecracker)))
+    return pair
 
 
 def jailer_available(config: JailerConfig | None = None) -> str | None:

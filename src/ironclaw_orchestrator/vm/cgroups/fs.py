@@ -44,8 +44,10 @@ class CgroupFs:
 
     def subdirs(self, path: Path) -> list[Path]:
         """Child cgroups of ``path`` (directories only)."""
+        # scandir's d_type, not a stat per entry: a v1 cgroup holds dozens of pseudo-files.
         try:
-            return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+            with os.scandir(path) as entries:
+                return sorted(path / e.name for e in entries if e.is_dir(follow_symlinks=False))
         except FileNotFoundError:
             return []
 

@@ -12,7 +12,11 @@ Sources (all below an injectable ``proc`` root, so tests can use fake trees):
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import select
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -145,12 +149,73 @@ def _read(path: Path) -> str:
         return ""
 
 
-def detect_layout(proc: Path = Path("/proc")) -> CgroupLayout:
-    """Read the host's cgroup layout (see the module docstring for the sources)."""
-    v1, unified, roots = parse_mountinfo(_read(proc / "self" / "mountinfo"))
+_PROC = Path("/proc")
+
+
+class _MountTableWatch:
+    """The mount-derived part of the layout, re-read only when the mount table changes.
+
+    The kernel marks an open ``/proc/self/mountinfo`` with ``POLLPRI`` after any mount or
+    unmount (proc(5)); reading it again through the same descriptor re-arms the check. So a
+    start costs one non-blocking ``poll`` instead of parsing every mount of the host.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._poll: select.poll | None = None
+        self._value: tuple[dict[str, Path], Path | None, dict[Path, str], frozenset[str]] | None
+        self._value = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[dict[str, Path], Path | None, dict[Path, str], frozenset[str]]:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child re-opens its own view
+                self._reset()
+            if self._value is not None and self._poll is not None and not self._poll.poll(0):
+                return self._value
+            if self._fd is None:
+                self._fd = os.open(_PROC / "self" / "mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+                self._poll = select.poll()
+                self._poll.register(self._fd, select.POLLPRI | select.POLLERR)
+                self._pid = os.getpid()
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            chunks = []
+            while chunk := os.read(self._fd, 65536):
+                chunks.append(chunk)
+            self._value = _from_mountinfo(b"".join(chunks).decode("utf-8", "replace"))
+            return self._value
+
+    def _reset(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd, self._poll, self._value = None, None, None
+
+
+_watch = _MountTableWatch()
+
+
+def _from_mountinfo(
+    text: str,
+) -> tuple[dict[str, Path], Path | None, dict[Path, str], frozenset[str]]:
+    v1, unified, roots = parse_mountinfo(text)
     controllers: frozenset[str] = frozenset()
     if unified is not None:
         controllers = frozenset(_read(unified / "cgroup.controllers").split())
+    return v1, unified, roots, controllers
+
+
+def detect_layout(proc: Path = _PROC) -> CgroupLayout:
+    """Read the host's cgroup layout (see the module docstring for the sources).
+
+    For the real ``/proc`` the mount-derived part is cached until the mount table changes;
+    the process's own cgroups are read every time (a process can be moved).
+    """
+    if proc == _PROC:
+        v1, unified, roots, controllers = _watch.get()
+    else:
+        v1, unified, roots, controllers = _from_mountinfo(_read(proc / "self" / "mountinfo"))
     own = parse_proc_cgroup(_read(proc / "self" / "cgroup"))
     mode: Mode
     if v1 and unified is not None:
@@ -163,11 +228,11 @@ def detect_layout(proc: Path = Path("/proc")) -> CgroupLayout:
         mode = "none"
     return CgroupLayout(
         mode=mode,
-        v1_mounts=v1,
+        v1_mounts=dict(v1),  # copies: the cached originals are shared
         unified_mount=unified,
         unified_controllers=controllers,
         own_paths=own,
-        mount_roots=roots,
+        mount_roots=dict(roots),
     )
 
 

@@ -19,6 +19,7 @@ from .fs import CgroupFs
 
 __all__ = ["ledger_path", "record_intermediate", "sweep"]
 
+
 def ledger_path(lock_path: Path) -> Path:
     return lock_path.with_name("cgroup-intermediates")
 
@@ -76,5 +77,6 @@ def sweep(
             if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY, errno.EEXIST):
                 raise
             keep.append(entry)
-    _write(path, keep)
+    if sorted(set(keep)) != sorted(set(entries)):
+        _write(path, keep)
     return removed
