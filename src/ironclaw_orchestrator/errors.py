@@ -16,6 +16,12 @@ Every message names what failed (VM id, path, value) and says how to fix it::
     │       └── CgroupControllerUnavailableError
     ├── StagingError                  placing kernel/rootfs/log files in the jail failed
     ├── NetworkError                  netns / tap / vsock set-up failed
+    ├── AgentError                    the guest agent (ironclaw-agent) failed or misbehaved
+    │   ├── AgentConnectionError      cannot reach the agent, or the connection was lost
+    │   ├── AgentProtocolError        malformed or hostile frames from the other end
+    │   │   └── AgentVersionMismatchError  the two ends speak no common protocol version
+    │   ├── AgentRequestError         the agent refused a request (bad path, spawn failed)
+    │   └── TransferIntegrityError    a file's size or SHA-256 did not match end to end
     ├── VmError                       the VMM (or the jailer launching it) failed
     │   ├── JailerError               the jailer refused (its "Jailer error: ..." parsed)
     │   ├── VmExitedError             the VMM exited before it was ready / unexpectedly
@@ -99,6 +105,34 @@ class StagingError(IronclawError):
 
 class NetworkError(IronclawError):
     """A network namespace, tap device or vsock connection could not be set up."""
+
+
+class AgentError(IronclawError):
+    """The guest agent (``ironclaw-agent``) failed, misbehaved or could not be reached."""
+
+
+class AgentConnectionError(AgentError):
+    """The agent could not be reached, or the connection to it was lost."""
+
+
+class AgentProtocolError(AgentError):
+    """The other end sent a malformed, oversized or unexpected message."""
+
+
+class AgentVersionMismatchError(AgentProtocolError):
+    """Host and agent share no protocol version; install a matching agent."""
+
+
+class AgentRequestError(AgentError):
+    """The agent refused or failed a request; ``code`` is its machine-readable reason."""
+
+    def __init__(self, message: str, *, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TransferIntegrityError(AgentError):
+    """A transferred file's size or SHA-256 differs between the two ends."""
 
 
 class VmError(IronclawError):

@@ -1,0 +1,64 @@
+"""Host side: following one command's output stream and refusing what does not add up.
+
+The tracker knows how many bytes of each stream it has received; an ``out`` message must
+continue exactly there and stay within the limit the client asked for, so a broken or
+hostile agent can neither repeat, skip nor inflate output.
+"""
+
+from __future__ import annotations
+
+from ..errors import AgentProtocolError
+from . import messages as m
+from .protocol import Message
+
+
+class OutputTracker:
+    """Turns the agent's messages for one command into events, checking each."""
+
+    def __init__(
+        self, where: str, offsets: tuple[int, int], limit: int, exec_id: str | None
+    ) -> None:
+        self.where = where
+        self.received = [offsets[0], offsets[1]]
+        self.limit = limit
+        self.exec_id = exec_id
+        self.marked: set[int] = set()
+
+    def accept(self, msg: Message, payload: bytes) -> m.ExecEvent | None:
+        """The event for one message (``None`` for one already reported before a retry)."""
+        got = m.parse(msg, m.StartedMsg, m.OutMsg, m.TruncatedMsg, m.ExitMsg, where=self.where)
+        if isinstance(got, m.StartedMsg):
+            if self.exec_id is not None:
+                if got.exec_id != self.exec_id:
+                    raise AgentProtocolError(
+                        f"{self.where}: resumed command {self.exec_id} but the agent answered "
+                        f"for {got.exec_id}"
+                    )
+                return None
+            self.exec_id = got.exec_id
+            return m.ExecStarted(got.exec_id, got.pid, got.reused)
+        if self.exec_id is None:
+            raise AgentProtocolError(f"{self.where}: command output before 'started'")
+        if isinstance(got, m.OutMsg):
+            i = got.fd - 1
+            if got.offset != self.received[i] or not payload:
+                raise AgentProtocolError(
+                    f"{self.where}: {m.STREAMS[got.fd]} chunk at offset {got.offset} "
+                    f"({len(payload)} bytes), expected offset {self.received[i]}"
+                )
+            if got.offset + len(payload) > self.limit:
+                raise AgentProtocolError(
+                    f"{self.where}: {m.STREAMS[got.fd]} exceeds the {self.limit}-byte limit "
+                    "the host asked for"
+                )
+            self.received[i] += len(payload)
+            return m.ExecOutput(m.STREAMS[got.fd], payload, got.offset)
+        if isinstance(got, m.TruncatedMsg):
+            if got.fd in self.marked:
+                return None
+            self.marked.add(got.fd)
+            return m.ExecTruncated(m.STREAMS[got.fd], self.limit)
+        assert isinstance(got, m.ExitMsg)
+        if got.exec_id != self.exec_id:
+            raise AgentProtocolError(f"{self.where}: exit of {got.exec_id}, not {self.exec_id}")
+        return m.exit_event(got)
