@@ -223,8 +223,9 @@ class Agent:
                     watcher.result()  # the client left or broke the protocol: raise
         finally:
             watcher.cancel()  # a cancelled read consumes nothing: the connection stays in step
-            with contextlib.suppress(BaseException):
-                await watcher
+            await asyncio.wait([watcher])
+            if not watcher.cancelled():
+                watcher.exception()  # retrieved: the loop above already acted on it
             cmd.cursors.remove(cursor)
             cmd.cursor_moved()
 
@@ -314,12 +315,14 @@ def _listen_socket(spec: str) -> tuple[socket.socket, str | None]:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)  # a stale socket of an earlier agent
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = f"{path}.{os.getpid()}"
         old = os.umask(0o077)
         try:
-            sock.bind(path)
+            sock.bind(tmp)
         finally:
             os.umask(old)
         sock.listen(64)
+        os.rename(tmp, path)  # the socket appears only once it accepts connections
         return sock, path
     if spec == "vsock" or spec.startswith("vsock:"):
         port = int(spec[6:]) if spec.startswith("vsock:") else DEFAULT_VSOCK_PORT

@@ -23,21 +23,23 @@ class OutputTracker:
         self.limit = limit
         self.exec_id = exec_id
         self.marked: set[int] = set()
+        self.announced = False
 
     def accept(self, msg: Message, payload: bytes) -> m.ExecEvent | None:
         """The event for one message (``None`` for one already reported before a retry)."""
         got = m.parse(msg, m.StartedMsg, m.OutMsg, m.TruncatedMsg, m.ExitMsg, where=self.where)
         if isinstance(got, m.StartedMsg):
-            if self.exec_id is not None:
-                if got.exec_id != self.exec_id:
-                    raise AgentProtocolError(
-                        f"{self.where}: resumed command {self.exec_id} but the agent answered "
-                        f"for {got.exec_id}"
-                    )
-                return None
+            if self.exec_id is not None and got.exec_id != self.exec_id:
+                raise AgentProtocolError(
+                    f"{self.where}: asked for command {self.exec_id} but the agent answered "
+                    f"for {got.exec_id}"
+                )
             self.exec_id = got.exec_id
+            if self.announced:
+                return None  # a resumed stream after a reconnect
+            self.announced = True
             return m.ExecStarted(got.exec_id, got.pid, got.reused)
-        if self.exec_id is None:
+        if not self.announced:
             raise AgentProtocolError(f"{self.where}: command output before 'started'")
         if isinstance(got, m.OutMsg):
             i = got.fd - 1
