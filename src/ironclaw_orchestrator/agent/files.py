@@ -81,7 +81,7 @@ async def handle_put(conn: Conn, msg: Message) -> None:
             received += len(payload)
             if received > size:
                 raise FrameError(
-                    f"put of {path}: more than the announced {size} bytes", "too_much_data"
+                    f"put of {path}: more than the announced {size} bytes", "bad_sequence"
                 )
             digest.update(payload)
             if failure is None:
