@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from ..agent.vmhandle import GuestAgentMixin
 from ..errors import (
     CleanupError,
     ConfigError,
@@ -59,8 +60,13 @@ INSTALL_JAILER_HINT = (
 )
 
 
-class FirecrackerProcess:
-    """A running microVM (spec: the handle returned by ``start_firecracker``)."""
+class FirecrackerProcess(GuestAgentMixin):
+    """A running microVM (spec: the handle returned by ``start_firecracker``).
+
+    With a vsock device and ``ironclaw-agent`` in the guest it also runs commands and moves
+    files: ``exec``, ``exec_stream``, ``put_file``, ``get_file``, ``agent_ping``,
+    ``wait_agent`` (see :class:`~ironclaw_orchestrator.agent.vmhandle.GuestAgentMixin`).
+    """
 
     def __init__(
         self,
