@@ -123,3 +123,35 @@ async def wait_gone(pid: int, timeout_s: float = 30) -> bool:
 def kill_quietly(pid: int) -> None:
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def fake_vsock_mux(uds: Path, agent_sock: Path, port: int = 5252) -> AsyncIterator[list[int]]:
+    """Firecracker's host side of vsock, as far as the host sees it: ``CONNECT <port>\\n`` ->
+    ``OK <n>\\n``, then the bytes of the guest's listener (here: the agent's Unix socket).
+    Yields the list of ports asked for."""
+    asked: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        asked.append(int(line.split()[1]))
+        if asked[-1] != port:
+            writer.close()  # what firecracker does when nothing listens on that port
+            return
+        up_r, up_w = await asyncio.open_unix_connection(str(agent_sock))
+        writer.write(b"OK 1073741824\n")
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_w), pump(up_r, writer), return_exceptions=True)
+
+    uds.parent.mkdir(parents=True, exist_ok=True)
+    server = await asyncio.start_unix_server(serve, str(uds))
+    try:
+        yield asked
+    finally:
+        server.close()

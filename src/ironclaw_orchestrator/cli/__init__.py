@@ -16,6 +16,7 @@ from ..registry import STATE_DIR_ENV
 from . import detached as _detached
 from . import doctor as _doctor
 from . import gc as _gc
+from . import guest as _guest
 from . import install as _install
 from . import vm as _vm
 from .common import ExitCode, VerboseOption, setup_logging
@@ -62,6 +63,7 @@ app.command(name="doctor", help=_doctor.HELP)(_doctor.doctor)
 app.command(name="install", help=_install.HELP)(_install.install)
 app.command(name="gc", help=_gc.HELP)(_gc.gc)
 _detached.register(_vm.app)
+_guest.register(_vm.app)
 app.add_typer(_vm.app, name="vm")
 
 
