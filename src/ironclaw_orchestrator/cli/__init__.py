@@ -17,6 +17,7 @@ from . import detached as _detached
 from . import doctor as _doctor
 from . import gc as _gc
 from . import guest as _guest
+from . import image as _image
 from . import install as _install
 from . import vm as _vm
 from .common import ExitCode, VerboseOption, setup_logging
@@ -65,6 +66,7 @@ app.command(name="gc", help=_gc.HELP)(_gc.gc)
 _detached.register(_vm.app)
 _guest.register(_vm.app)
 app.add_typer(_vm.app, name="vm")
+app.add_typer(_image.app, name="image")
 
 
 def main() -> None:
