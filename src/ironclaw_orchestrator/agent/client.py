@@ -265,11 +265,15 @@ class AgentClient:
             lambda conn: receive_file(conn, guest_path, Path(local), max_bytes, self.io_timeout_s)
         )
 
-    async def echo(self, data: bytes) -> bytes:
-        """Send ``data`` through the agent and back (diagnostics), checked by SHA-256."""
+    async def echo(self, data: bytes, *, digest: bool = True) -> bytes:
+        """Send ``data`` through the agent and back (diagnostics).
+
+        The bytes that come back must be ``data`` (compared by SHA-256 here); with ``digest``
+        the agent's own SHA-256 of what it received must match too.
+        """
 
         async def op(conn: Connection) -> bytes:
-            await conn.send({"t": "echo"})
+            await conn.send({"t": "echo", "digest": digest})
             m.parse((await conn.recv(self.io_timeout_s))[0], m.ReadyMsg, where=self.where)
             sender = asyncio.ensure_future(_send_chunks(conn, data))
             back = bytearray()
@@ -287,8 +291,11 @@ class AgentClient:
                 sender.cancel()
             want = hashlib.sha256(data).hexdigest()
             assert isinstance(got, m.EndMsg)
-            if got.size != len(data) or got.sha256 != want or bytes(back) != data:
-                raise m.integrity(self.where, "echo", len(data), want, got.size, got.sha256)
+            theirs = got.sha256 if digest else want
+            if got.size != len(data) or theirs != want or hashlib.sha256(back).hexdigest() != want:
+                raise m.integrity(
+                    self.where, "echo", len(data), want, got.size, got.sha256 or "none"
+                )
             return bytes(back)
 
         return await self._retrying(op)

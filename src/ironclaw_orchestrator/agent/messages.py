@@ -101,7 +101,8 @@ class DataMsg(_Msg):
 class EndMsg(_Msg):
     t: Literal["end"]
     size: Count
-    sha256: Sha256
+    #: Always there for ``get``; for ``echo`` only when a digest was asked for.
+    sha256: Sha256 | None = None
 
 
 M = TypeVar("M", bound=_Msg)

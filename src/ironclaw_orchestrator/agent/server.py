@@ -129,7 +129,7 @@ class Agent:
             elif kind == "get":
                 await handle_get(conn, msg)
             elif kind == "echo":
-                await self._echo(conn)
+                await self._echo(conn, msg.get("digest") is not False)
             else:
                 raise RequestError(f"unknown request {kind!r}", "unknown_request")
         except RequestError as exc:
@@ -240,8 +240,8 @@ class Agent:
             except RequestError:
                 raise FrameError("bad signal number") from None
 
-    async def _echo(self, conn: Conn) -> None:
-        """Diagnostics: send every ``data`` payload back, then its size and SHA-256."""
+    async def _echo(self, conn: Conn, digest_wanted: bool) -> None:
+        """Diagnostics: send every ``data`` payload back, then its size (and SHA-256)."""
         await conn.send({"t": "ready"})
         digest, size = hashlib.sha256(), 0
         while True:
@@ -255,7 +255,10 @@ class Agent:
             digest.update(data)
             size += len(data)
             await conn.send({"t": "data"}, data)
-        await conn.send({"t": "end", "size": size, "sha256": digest.hexdigest()})
+        end: Message = {"t": "end", "size": size}
+        if digest_wanted:
+            end["sha256"] = digest.hexdigest()
+        await conn.send(end)
 
 
 def _exec_request(msg: Message) -> dict[str, Any]:

@@ -114,7 +114,7 @@ async def receive_file(
                 view = view[os.write(fd, view) :]
         sha = digest.hexdigest()
         if received != info.size or got.size != received or got.sha256 != sha:
-            raise m.integrity(where, "get", received, sha, got.size, got.sha256)
+            raise m.integrity(where, "get", received, sha, got.size, got.sha256 or "none")
         os.fchmod(fd, info.mode & 0o777 & ~_umask())
         os.fsync(fd)
         os.replace(tmp, local)
