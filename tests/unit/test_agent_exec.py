@@ -283,3 +283,27 @@ async def test_run_as_another_user(agent: AgentClient) -> None:
 async def test_many_concurrent_commands(agent: AgentClient) -> None:
     results = await asyncio.gather(*(agent.exec(["sh", "-c", f"echo {i}"]) for i in range(20)))
     assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(20)]
+
+
+async def test_finished_commands_are_forgotten_within_bounds() -> None:
+    from ironclaw_orchestrator.agent import commands
+
+    table = commands.CommandTable()
+    running = commands.Command("k-running", ["sleep"], 10)
+    table.add(running)
+    for i in range(commands.KEEP_FINISHED + 5):
+        cmd = commands.Command(f"k{i}", ["true"], 10)
+        cmd.result = {"exit_code": 0}
+        table.add(cmd)
+    assert running.id in table.by_id  # a running command is never forgotten
+    assert len(table.by_id) == commands.KEEP_FINISHED + 1
+    assert table.find_key("k0") is None and table.find_key(f"k{commands.KEEP_FINISHED + 4}")
+    big = commands.Command("big", ["cat"], commands.MAX_KEPT_BYTES)
+    big.logs[1].append(b"x" * commands.MAX_KEPT_BYTES)
+    big.result = {"exit_code": 0}
+    table.add(big)
+    newest = commands.Command("newest", ["true"], 10)
+    newest.result = {"exit_code": 0}
+    newest.logs[1].append(b"y")
+    table.add(newest)  # kept output now exceeds the bound: old ones go, big one included
+    assert table.find_key("big") is None and table.find_key("newest") is newest

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -30,7 +29,6 @@ from ..errors import (
 )
 from . import messages as m
 from .protocol import (
-    CHUNK,
     DEFAULT_VSOCK_PORT,
     SUPPORTED_VERSIONS,
     FrameError,
@@ -39,7 +37,8 @@ from .protocol import (
     hello,
     read_frame,
 )
-from .transfer import receive_file, send_file
+from .streams import OutputTracker, exec_request
+from .transfer import echo_through, receive_file, send_chunks, send_file
 
 Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
@@ -272,33 +271,9 @@ class AgentClient:
         the agent's own SHA-256 of what it received must match too.
         """
 
-        async def op(conn: Connection) -> bytes:
-            await conn.send({"t": "echo", "digest": digest})
-            m.parse((await conn.recv(self.io_timeout_s))[0], m.ReadyMsg, where=self.where)
-            sender = asyncio.ensure_future(_send_chunks(conn, data))
-            back = bytearray()
-            try:
-                while True:
-                    msg, payload = await conn.recv(self.io_timeout_s)
-                    got = m.parse(msg, m.DataMsg, m.EndMsg, where=f"{self.where} (echo)")
-                    if isinstance(got, m.EndMsg):
-                        break
-                    if len(back) + len(payload) > len(data):
-                        raise AgentProtocolError(f"{self.where}: echo returned more than was sent")
-                    back += payload
-                await sender
-            finally:
-                sender.cancel()
-            want = hashlib.sha256(data).hexdigest()
-            assert isinstance(got, m.EndMsg)
-            theirs = got.sha256 if digest else want
-            if got.size != len(data) or theirs != want or hashlib.sha256(back).hexdigest() != want:
-                raise m.integrity(
-                    self.where, "echo", len(data), want, got.size, got.sha256 or "none"
-                )
-            return bytes(back)
-
-        return await self._retrying(op)
+        return await self._retrying(
+            lambda conn: echo_through(conn, data, digest, self.io_timeout_s)
+        )
 
     # ------------------------------------------------------------------ commands
     async def exec(
@@ -355,7 +330,7 @@ class AgentClient:
         Leaving the loop early leaves the command running: :meth:`attach` to it again by
         ``ExecStarted.exec_id``, or :meth:`signal` it.
         """
-        request = _exec_request(argv, env, cwd, stdin, timeout_s, user, output_limit)
+        request = exec_request(argv, env, cwd, stdin, timeout_s, user, output_limit)
         request["key"] = idempotency_key or uuid.uuid4().hex
         async for event in self._stream(request, stdin, None, (0, 0), output_limit, retries):
             yield event
@@ -383,8 +358,6 @@ class AgentClient:
         limit: int,
         retries: int,
     ) -> AsyncIterator[m.ExecEvent]:
-        from .streams import OutputTracker
-
         tracker = OutputTracker(self.where, offsets, limit, exec_id)
         deadline = None
         if request is not None and request.get("timeout_s") is not None:
@@ -396,7 +369,7 @@ class AgentClient:
                     if tracker.exec_id is None and request is not None:
                         await conn.send(dict(request, offsets=list(tracker.received)))
                         if stdin is not None:
-                            await _send_chunks(conn, stdin, "stdin", "stdin_end")
+                            await send_chunks(conn, stdin, "stdin", "stdin_end")
                     else:
                         await conn.send(
                             {
@@ -424,45 +397,9 @@ class AgentClient:
                 await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
 
 
-async def _send_chunks(conn: Connection, data: bytes, kind: str = "data", end: str = "end") -> None:
-    for i in range(0, len(data), CHUNK):
-        await conn.send({"t": kind}, data[i : i + CHUNK])
-    await conn.send({"t": end})
-
-
 def _check_guest_path(path: str) -> None:
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
         raise ConfigError(f"guest path {path!r} must be absolute (start with '/')")
-
-
-def _exec_request(
-    argv: Sequence[str],
-    env: Mapping[str, str] | None,
-    cwd: str | None,
-    stdin: bytes | None,
-    timeout_s: float | None,
-    user: str | None,
-    output_limit: int,
-) -> Message:
-    if isinstance(argv, str | bytes) or not argv or not all(isinstance(a, str) for a in argv):
-        raise ConfigError(f"exec: argv must be a non-empty list of strings, got {argv!r}")
-    if timeout_s is not None and not timeout_s > 0:
-        raise ConfigError(f"exec: timeout_s must be positive, got {timeout_s!r}")
-    if not 0 <= output_limit <= 256 * 1024 * 1024:
-        raise ConfigError(f"exec: output_limit must be 0 .. 256 MiB, got {output_limit!r}")
-    if env is not None and not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-    ):
-        raise ConfigError("exec: env must map strings to strings")
-    request: Message = {"t": "exec", "argv": list(argv), "output_limit": output_limit}
-    if env is not None:
-        request["env"] = dict(env)
-    for key, value in (("cwd", cwd), ("user", user), ("timeout_s", timeout_s)):
-        if value is not None:
-            request[key] = value
-    if stdin is not None:
-        request["stdin"] = True
-    return request
 
 
 __all__ = ["AgentClient", "AgentRequestError", "Connection"]

@@ -31,8 +31,10 @@ WINDOW = 1024 * 1024
 #: Default bytes kept per stream (stdout, stderr) of one command.
 DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024
 MAX_OUTPUT_LIMIT = 256 * 1024 * 1024
-#: Finished commands remembered (for re-attach and idempotent retries); oldest go first.
+#: Finished commands remembered (for re-attach and idempotent retries); oldest go first,
+#: also once their kept output exceeds MAX_KEPT_BYTES (the guest's memory is small).
 KEEP_FINISHED = 64
+MAX_KEPT_BYTES = 64 * 1024 * 1024
 READ_SIZE = 64 * 1024
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -283,8 +285,18 @@ class CommandTable:
         self.by_id[cmd.id] = cmd
         if cmd.key:
             self.by_key[cmd.key] = cmd
+        self.prune()
+
+    def prune(self) -> None:
+        """Forget the oldest finished commands beyond the count and memory bounds."""
         finished = [c for c in self.by_id.values() if c.result is not None]
-        for old in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+        kept = sum(len(c.logs[1].data) + len(c.logs[2].data) for c in finished)
+        count = len(finished)
+        for old in finished:
+            if count <= KEEP_FINISHED and kept <= MAX_KEPT_BYTES:
+                break
+            count -= 1
+            kept -= len(old.logs[1].data) + len(old.logs[2].data)
             del self.by_id[old.id]
             if old.key:
                 self.by_key.pop(old.key, None)

@@ -368,7 +368,11 @@ def _set(fut: asyncio.Future[None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ironclaw-agent", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ironclaw-agent",
+        description="The ironclaw guest agent: runs commands and moves files for the host "
+        "over vsock (or a Unix socket). Protocol: docs/agent-protocol.md.",
+    )
     parser.add_argument(
         "--listen",
         action="append",

@@ -7,9 +7,13 @@ hostile agent can neither repeat, skip nor inflate output.
 
 from __future__ import annotations
 
-from ..errors import AgentProtocolError
+from collections.abc import Mapping, Sequence
+
+from ..errors import AgentProtocolError, ConfigError
 from . import messages as m
 from .protocol import Message
+
+MAX_OUTPUT_LIMIT = 256 * 1024 * 1024
 
 
 class OutputTracker:
@@ -64,3 +68,33 @@ class OutputTracker:
         if got.exec_id != self.exec_id:
             raise AgentProtocolError(f"{self.where}: exit of {got.exec_id}, not {self.exec_id}")
         return m.exit_event(got)
+
+
+def exec_request(
+    argv: Sequence[str],
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    stdin: bytes | None,
+    timeout_s: float | None,
+    user: str | None,
+    output_limit: int,
+) -> Message:
+    if isinstance(argv, str | bytes) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ConfigError(f"exec: argv must be a non-empty list of strings, got {argv!r}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ConfigError(f"exec: timeout_s must be positive, got {timeout_s!r}")
+    if not 0 <= output_limit <= MAX_OUTPUT_LIMIT:
+        raise ConfigError(f"exec: output_limit must be 0 .. 256 MiB, got {output_limit!r}")
+    if env is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise ConfigError("exec: env must map strings to strings")
+    request: Message = {"t": "exec", "argv": list(argv), "output_limit": output_limit}
+    if env is not None:
+        request["env"] = dict(env)
+    for key, value in (("cwd", cwd), ("user", user), ("timeout_s", timeout_s)):
+        if value is not None:
+            request[key] = value
+    if stdin is not None:
+        request["stdin"] = True
+    return request

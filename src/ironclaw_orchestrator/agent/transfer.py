@@ -7,6 +7,7 @@ other outcome removes the temporary file. The only path used on the host is the 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import stat
@@ -130,3 +131,36 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+async def echo_through(conn: Connection, data: bytes, digest: bool, io_timeout_s: float) -> bytes:
+    """``echo``: ``data`` to the agent and back, read while it is written (see client.echo)."""
+    where = f"{conn.where} (echo)"
+    await conn.send({"t": "echo", "digest": digest})
+    m.parse((await conn.recv(io_timeout_s))[0], m.ReadyMsg, where=where)
+    sender = asyncio.ensure_future(send_chunks(conn, data))
+    back = bytearray()
+    try:
+        while True:
+            msg, payload = await conn.recv(io_timeout_s)
+            got = m.parse(msg, m.DataMsg, m.EndMsg, where=where)
+            if isinstance(got, m.EndMsg):
+                break
+            if len(back) + len(payload) > len(data):
+                raise AgentProtocolError(f"{where}: more came back than was sent")
+            back += payload
+        await sender
+    finally:
+        sender.cancel()
+    want = hashlib.sha256(data).hexdigest()
+    theirs = got.sha256 if digest else want
+    if got.size != len(data) or theirs != want or hashlib.sha256(back).hexdigest() != want:
+        raise m.integrity(where, "echo", len(data), want, got.size, got.sha256 or "none")
+    return bytes(back)
+
+
+async def send_chunks(conn: Connection, data: bytes, kind: str = "data", end: str = "end") -> None:
+    """``data`` as ``kind`` frames of at most :data:`CHUNK` bytes, then an ``end`` frame."""
+    for i in range(0, len(data), CHUNK):
+        await conn.send({"t": kind}, data[i : i + CHUNK])
+    await conn.send({"t": end})
