@@ -307,3 +307,54 @@ async def test_finished_commands_are_forgotten_within_bounds() -> None:
     newest.logs[1].append(b"y")
     table.add(newest)  # kept output now exceeds the bound: old ones go, big one included
     assert table.find_key("big") is None and table.find_key("newest") is newest
+
+
+async def test_stopping_the_agent_kills_running_commands(workdir: Path) -> None:
+    with running_agent(workdir) as (sock, proc):
+        client = await AgentClient.connect_unix(sock)
+        stream = client.exec_stream(["sh", "-c", "sleep 600 & echo $!; wait"])
+        pids = []
+        async for event in stream:
+            if isinstance(event, ExecStarted):
+                pids.append(event.pid)
+            elif isinstance(event, ExecOutput):
+                pids.append(int(event.data))
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        await stream.aclose()
+        await client.close()
+    try:
+        for pid in pids:
+            assert await wait_gone(pid), f"process {pid} outlived the agent"
+    finally:
+        for pid in pids:
+            kill_quietly(pid)
+
+
+def test_agent_listens_on_vsock_when_the_host_has_it() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    if not hasattr(socket, "AF_VSOCK"):
+        pytest.skip("no AF_VSOCK in this Python")
+    try:
+        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+    except OSError as exc:
+        pytest.skip(f"this host has no vsock ({exc})")
+    port = 40000 + os.getpid() % 20000
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ironclaw_orchestrator.agent", "--listen", f"vsock:{port}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert f"listening on vsock:{port}" in line
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        if proc.stderr:
+            proc.stderr.close()

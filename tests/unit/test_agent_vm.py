@@ -124,3 +124,23 @@ def test_cli_exec_and_cp_find_the_vm_in_the_registry(
     assert results[2][0] == 0 and (workdir / "back").read_bytes() == b"payload"
     assert results[3][0] == 2 and "no vsock device" in results[3][1]
     assert results[4][0] == 2 and "exactly one" in results[4][1]
+
+
+def test_cli_exec_sends_stdin_and_cp_refuses_bad_input(agent_sock: Path, workdir: Path) -> None:
+    agent = f"unix:{agent_sock}"
+    result = runner.invoke(
+        app, ["vm", "exec", "x", "-i", "--agent", agent, "--", "sha256sum"], input="hello\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert hashlib.sha256(b"hello\n").hexdigest() in result.output
+    result = runner.invoke(
+        app, ["vm", "exec", "x", "--agent", agent, "-e", "NOEQUALS", "--", "true"]
+    )
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output
+    result = runner.invoke(app, ["vm", "exec", "x", "--agent", "tcp:1", "--", "true"])
+    assert result.exit_code == 2 and "unix:PATH" in result.output
+    result = runner.invoke(app, ["vm", "cp", "--agent", agent, "--mode", "9z", "a", "x:/b"])
+    assert result.exit_code == 2 and "octal" in result.output
+    result = runner.invoke(app, ["vm", "cp", "--agent", agent, "x:/no/such/file", str(workdir)])
+    assert result.exit_code == 1 and "not_found" not in result.output
+    assert "cannot open /no/such/file" in result.output

@@ -7,7 +7,8 @@ Serves the protocol of docs/agent-protocol.md on vsock inside a guest (default p
     ironclaw-agent --listen vsock:5252
 
 Each connection starts with the ``hello`` handshake, then carries requests one after the
-other. Commands outlive the connection that started them.
+other. Commands outlive the connection that started them, not the agent: on SIGTERM or
+SIGINT it kills the process groups of the commands still running, then exits.
 """
 
 from __future__ import annotations
@@ -357,6 +358,9 @@ async def serve(specs: list[str]) -> None:
     finally:
         for server in servers:
             server.close()
+        for cmd in agent.table.by_id.values():
+            if cmd.result is None:
+                cmd.kill(signal.SIGKILL)  # nothing outlives the agent that started it
         for path in paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
