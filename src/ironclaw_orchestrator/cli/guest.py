@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from .. import names
 from ..agent import AgentClient, ExecExit, ExecOutput, ExecStarted, ExecTruncated, FileTransfer
 from ..agent.protocol import DEFAULT_VSOCK_PORT
 from ..agent.vmhandle import vsock_host_path
@@ -64,7 +65,7 @@ def _vsock_path(vm_id: str) -> Path:
             "start it with vsock_guest_cid set (e.g. `vsock_guest_cid = 3` in its TOML config)"
         )
     return vsock_host_path(
-        record.jail_dir / "root", config.get("vsock_uds_path") or "/run/vsock.sock"
+        names.chroot_dir(record.jail_dir), config.get("vsock_uds_path") or "/run/vsock.sock"
     )
 
 
