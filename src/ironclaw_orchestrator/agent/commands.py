@@ -126,6 +126,8 @@ class Command:
                 close_fds=True,
                 **kwargs,
             )
+        except TypeError as exc:  # user=/group= need Python 3.9
+            raise SpawnError(f"cannot run {self.argv[0]!r} as another user here: {exc}") from None
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             raise SpawnError(f"cannot run {self.argv[0]!r}: {exc}") from None
         assert self.proc.stdout is not None and self.proc.stderr is not None

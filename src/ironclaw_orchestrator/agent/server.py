@@ -82,6 +82,9 @@ class Agent:
                 await conn.send(error(exc.code, str(exc)))
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass  # the client went away; its commands keep running
+        except Exception as exc:  # a bug of ours: say so, and keep serving others
+            with contextlib.suppress(Exception):
+                await conn.send(error("internal", f"agent error: {type(exc).__name__}: {exc}"))
         finally:
             writer.close()
 
