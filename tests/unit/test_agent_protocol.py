@@ -73,11 +73,11 @@ async def test_read_frame_refuses_non_objects_and_truncation() -> None:
     assert await read_frame(reader) is None
 
 
-def test_guest_modules_parse_as_python_3_8() -> None:
+def test_guest_modules_parse_as_python_3_7() -> None:
     """The agent is copied into guest images whose Python may be old."""
     base = Path(agent_pkg.__file__).parent
     for name in GUEST_MODULES:
-        ast.parse((base / name).read_text(), name, feature_version=(3, 8))
+        ast.parse((base / name).read_text(), name, feature_version=(3, 7))
         text = (base / name).read_text()
         assert "ironclaw_orchestrator" not in text.replace("ironclaw_orchestrator.agent", "")
         assert "import pydantic" not in text and "from .." not in text

@@ -1,4 +1,4 @@
-"""Guest side: running commands for the agent (standard library only, Python 3.8+).
+"""Guest side: running commands for the agent (standard library only, Python 3.7+).
 
 A :class:`Command` is one process started in a process group (session) of its own. It is
 finished when that process exits, not when its pipes close: a background child that keeps

@@ -1,4 +1,4 @@
-"""Guest side: file transfers for the agent (standard library only, Python 3.8+).
+"""Guest side: file transfers for the agent (standard library only, Python 3.7+).
 
 ``put`` writes into a temporary file beside the target, checks size and SHA-256 against
 what the host announced, fsyncs, then renames it over the target (and fsyncs the

@@ -1,7 +1,7 @@
 """The agent wire protocol: frames, limits and the version handshake (docs/agent-protocol.md).
 
 Shared by the guest agent and the host client, so it is standard library only and runs on
-Python 3.8+ (the agent is copied into guest images whose Python may be old). Nothing here
+Python 3.7+ (the agent is copied into guest images whose Python may be old). Nothing here
 imports the rest of the project.
 
 A frame is an 8-byte header, two big-endian ``u32``: the length of a UTF-8 JSON object
@@ -32,7 +32,7 @@ MAX_PAYLOAD = 256 * 1024
 #: Size of the data chunks the two ends send (file bodies, command output).
 CHUNK = 64 * 1024
 
-Message = Dict[str, Any]  # noqa: UP006 (the guest may run Python 3.8)
+Message = Dict[str, Any]  # noqa: UP006 (the guest may run Python 3.7)
 
 
 class FrameError(Exception):

@@ -1,4 +1,4 @@
-"""``ironclaw-agent``: the guest agent (standard library only, Python 3.8+).
+"""``ironclaw-agent``: the guest agent (standard library only, Python 3.7+).
 
 Serves the protocol of docs/agent-protocol.md on vsock inside a guest (default port
 :data:`~.protocol.DEFAULT_VSOCK_PORT`) or on a Unix socket anywhere::

@@ -52,5 +52,5 @@ def add_agent(
     if not done.python_found:
         stderr.print(
             "[yellow]warning: no python3 found in the image (/usr/bin/python3, "
-            "/usr/local/bin/python3): the agent needs Python 3.8+ in the guest[/]"
+            "/usr/local/bin/python3): the agent needs Python 3.7+ in the guest[/]"
         )
