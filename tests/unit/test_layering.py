@@ -46,6 +46,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.vsock",
         ),
     ),
+    # The guest agent and its client (guest side: standard library only); the VM handle
+    # reaches it over vm.vsock.
+    ("guest agent", ("agent",)),
     (
         "vm lifecycle",
         (
