@@ -19,6 +19,7 @@ from . import gc as _gc
 from . import guest as _guest
 from . import image as _image
 from . import install as _install
+from . import serve as _serve
 from . import vm as _vm
 from .common import ExitCode, VerboseOption, setup_logging
 
@@ -63,6 +64,7 @@ def _root(
 app.command(name="doctor", help=_doctor.HELP)(_doctor.doctor)
 app.command(name="install", help=_install.HELP)(_install.install)
 app.command(name="gc", help=_gc.HELP)(_gc.gc)
+app.command(name="serve", help=_serve.HELP)(_serve.serve)
 _detached.register(_vm.app)
 _guest.register(_vm.app)
 app.add_typer(_vm.app, name="vm")

@@ -1,0 +1,304 @@
+"""The host agent's HTTP+JSON API (FastAPI), a thin layer over :class:`.agent.HostAgent`.
+
+Resources (all under ``/v1``; OpenAPI at ``/openapi.json``)::
+
+    POST   /v1/vms[?start=true]    define a VM from a VmConfig (JSON), or start it at once
+    POST   /v1/vms/{id}/start      start a defined VM
+    GET    /v1/vms                 every VM on this host (running, starting, stale, defined)
+    GET    /v1/vms/{id}            one VM
+    GET    /v1/vms/{id}/stats      cgroup counters
+    GET    /v1/vms/{id}/logs       console (or ?source=supervisor); ?follow=true streams
+    DELETE /v1/vms/{id}            stop a VM (everything made for it is removed)
+    POST   /v1/gc[?orphans=true]   collect VMs whose owner died
+    GET    /v1/host                capacity, committed, health, version, labels
+
+Errors are ``{"error": {"type", "message", "status", "reason"?}}`` with the status from
+:func:`.errors.status_for`: one table, the library's own messages. Requests over TCP need
+``Authorization: Bearer <token>`` (compared in constant time); the Unix socket is guarded
+by its file mode (root only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import IronclawError
+from ..vm import VmConfig
+from .agent import HostAgent, agent_version
+from .errors import AdmissionError, RequestError, status_for
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: How often a followed log checks whether its VM still exists.
+FOLLOW_POLL_S = 0.1
+LOG_CHUNK = 64 * 1024
+
+
+def error_body(exc: IronclawError) -> dict[str, Any]:
+    status = status_for(exc)
+    err: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc), "status": status}
+    if isinstance(exc, AdmissionError):
+        err["reason"] = exc.reason
+    return {"error": err}
+
+
+def error_response(exc: IronclawError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, AdmissionError) and exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    if isinstance(exc, RequestError) and exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: bearer token on TCP listeners, and a bound on request bodies.
+
+    A Unix-socket connection has ``scope["server"] == (path, None)``; a TCP one has a port.
+    The body limit applies to the declared ``Content-Length`` and to what actually arrives
+    (chunked bodies), so a client cannot make the agent buffer more than the limit.
+    """
+
+    def __init__(self, app: ASGIApp, *, token: bytes | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.expected = b"Bearer " + token if token is not None else None
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        server = scope.get("server")
+        if server is None or server[1] is not None:  # TCP (or unknown): token required
+            if self.expected is None:
+                await self._reject(scope, send, RequestError("TCP access is disabled", 403))
+                return
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                what = "a wrong bearer token" if given else "no bearer token"
+                await self._reject(
+                    scope,
+                    send,
+                    RequestError(
+                        f"unauthorized: the request carried {what}; send 'Authorization: "
+                        "Bearer <the token in the agent's --token-file>'",
+                        401,
+                    ),
+                )
+                return
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await self._reject(scope, send, self._too_large())
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._reject(scope, send, self._too_large())
+
+    def _too_large(self) -> RequestError:
+        return RequestError(
+            f"request body too large: at most {self.max_body} bytes (a VmConfig is far smaller)",
+            413,
+        )
+
+    @staticmethod
+    async def _reject(scope: Scope, send: Send, exc: RequestError) -> None:
+        response = error_response(exc)
+
+        async def no_body() -> Message:
+            return {"type": "http.disconnect"}
+
+        await response(scope, no_body, send)
+
+
+def _config_schema_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """OpenAPI with the VmConfig schema as the POST /v1/vms body (we parse it ourselves)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            defs = VmConfig.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs.pop("$defs", {}))
+            components["VmConfig"] = defs
+            op = schema["paths"]["/v1/vms"]["post"]
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/VmConfig"}}
+                },
+            }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
+async def _json_body(request: Request) -> object:
+    raw = await request.body()
+    if not raw:
+        raise RequestError("the request body is empty: send a VmConfig as JSON")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}") from None
+
+
+def create_app(agent: HostAgent, *, token: bytes | None = None) -> ASGIApp:
+    """The agent's ASGI application (FastAPI routes wrapped in :class:`Guard`)."""
+    app = FastAPI(
+        title="ironclaw host agent",
+        version=agent_version(),
+        description="One host's Firecracker microVMs, each jailed and owned by a supervisor.",
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @app.exception_handler(IronclawError)
+    async def _ironclaw(request: Request, exc: IronclawError) -> JSONResponse:
+        if status_for(exc) >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            lines.append(f"  {loc}: {err.get('msg', 'invalid')}")
+        return error_response(RequestError("invalid request:\n" + "\n".join(lines), 422))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"no such resource: {request.method} {request.url.path} (see /openapi.json)"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(RequestError(message, exc.status_code))
+
+    @app.post("/v1/vms", status_code=201, summary="Define a VM, or start it with ?start=true")
+    async def create_vm(
+        request: Request, start: Annotated[bool, Query(description="Boot it now.")] = False
+    ) -> dict[str, Any]:
+        return await agent.create(await _json_body(request), start=start)
+
+    @app.post("/v1/vms/{vm_id}/start", summary="Start a defined VM")
+    async def start_vm(vm_id: str) -> dict[str, Any]:
+        return await agent.start_defined(vm_id)
+
+    @app.get("/v1/vms", summary="List the VMs on this host")
+    async def list_vms() -> list[dict[str, Any]]:
+        return await asyncio.to_thread(agent.list)
+
+    @app.get("/v1/vms/{vm_id}", summary="One VM")
+    async def get_vm(vm_id: str) -> dict[str, Any]:
+        return agent.get(vm_id)
+
+    @app.get("/v1/vms/{vm_id}/stats", summary="A VM's cgroup counters")
+    async def vm_stats(vm_id: str) -> dict[str, Any]:
+        return await agent.stats(vm_id)
+
+    @app.get("/v1/vms/{vm_id}/logs", summary="A VM's console or supervisor log (streamed)")
+    async def vm_logs(
+        vm_id: str,
+        follow: bool = False,
+        source: Literal["console", "supervisor"] = "console",
+    ) -> StreamingResponse:
+        path = agent.log_path(vm_id, source)
+        return StreamingResponse(
+            _stream_log(agent, vm_id, path, follow), media_type="text/plain; charset=utf-8"
+        )
+
+    @app.delete("/v1/vms/{vm_id}", summary="Stop a VM and remove everything made for it")
+    async def delete_vm(vm_id: str) -> dict[str, Any]:
+        return await agent.stop(vm_id)
+
+    @app.post("/v1/gc", summary="Collect VMs whose owner died")
+    async def gc(orphans: bool = False) -> dict[str, Any]:
+        return await agent.gc(orphans=orphans)
+
+    @app.get("/v1/host", summary="Capacity, committed resources, health, version, labels")
+    async def host() -> dict[str, Any]:
+        return await asyncio.to_thread(agent.host_info)
+
+    app.openapi = _config_schema_openapi(app)  # type: ignore[method-assign]
+    return Guard(app, token=token, max_body_bytes=agent.settings.max_body_bytes)
+
+
+async def _stream_log(
+    agent: HostAgent, vm_id: str, path: Path, follow: bool
+) -> AsyncIterator[bytes]:
+    """The file's bytes; with ``follow``, new bytes until the VM's record is gone."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed in finally, across yields
+    except FileNotFoundError:
+        if not follow:
+            return
+        f = None
+    try:
+        while True:
+            if f is None:
+                with contextlib.suppress(FileNotFoundError):
+                    f = open(path, "rb")  # noqa: SIM115
+            chunk = f.read(LOG_CHUNK) if f is not None else b""
+            if chunk:
+                yield chunk
+                continue
+            if not follow or agent.registry.get(vm_id) is None:
+                if f is not None:
+                    rest = f.read()
+                    if rest:
+                        yield rest
+                return
+            await asyncio.sleep(FOLLOW_POLL_S)
+    finally:
+        if f is not None:
+            f.close()
