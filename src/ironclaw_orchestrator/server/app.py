@@ -71,10 +71,6 @@ def error_response(exc: IronclawError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class Guard:
     """ASGI middleware: bearer token on TCP listeners, and a bound on request bodies.
 
@@ -115,29 +111,26 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             await self._reject(scope, send, self._too_large())
             return
+        # Read the whole body first (it is small), counting what actually arrives: a
+        # chunked body has no Content-Length to check.
+        messages: list[Message] = []
         seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
                 await self._reject(scope, send, self._too_large())
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
     def _too_large(self) -> RequestError:
         return RequestError(
