@@ -383,3 +383,20 @@ async def test_real_uvicorn_over_the_unix_socket(agent: HostAgent, tmp_path: Pat
         server.should_exit = True
         await task
         sock.close()
+
+
+async def test_sweep_removes_only_stale_unused_spawn_files(agent: HostAgent) -> None:
+    state = agent.settings.state_dir
+    old_cfg, new_cfg = state / ".config-aa.json", state / ".config-bb.json"
+    old_log, record = state / ".spawn-cc.tmp", state / "keep.log"
+    for path in (old_cfg, new_cfg, old_log, record):
+        path.write_text("x")
+    for path in (old_cfg, old_log, record):
+        os.utime(path, (1, 1))
+    held = (state / ".spawn-dd.tmp").open("w")  # a live supervisor's stdout
+    os.utime(state / ".spawn-dd.tmp", (1, 1))
+    try:
+        assert sorted(agent.sweep_spawn_files()) == [".config-aa.json", ".spawn-cc.tmp"]
+    finally:
+        held.close()
+    assert new_cfg.exists() and record.exists() and (state / ".spawn-dd.tmp").exists()

@@ -25,9 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, RegistryError
-from ..gc import collect_garbage
+from ..gc import GcHost, collect_garbage
 from ..registry import Registry, VmRecord, check_vm_id
-from ..supervisor import list_vms, reap_supervisors, spawn_supervisor, stop_detached
+from ..supervisor import (
+    CONFIG_PREFIX,
+    SPAWN_LOG_PREFIX,
+    list_vms,
+    reap_supervisors,
+    spawn_supervisor,
+    stop_detached,
+)
 from ..vm import VmConfig
 from ..vm.cgroups import VmCgroups
 from .admission import Admission, Capacity, Usage
@@ -56,6 +63,9 @@ HOST_OWNED_JAILER_KEYS = frozenset(
 #: Top-level keys a request may not set: a host veth is the operator's choice.
 HOST_OWNED_KEYS = frozenset({"uplink_subnet", "image_dirs"})
 DEFINED_DIR = "defined"
+#: A supervisor reads (and deletes) its config file within a second of being spawned; one
+#: older than this was never picked up (the agent died between writing it and the spawn).
+SPAWN_FILE_GRACE_S = 15.0
 
 
 def agent_version() -> str:
@@ -84,6 +94,7 @@ class HostAgent:
     async def startup(self) -> None:
         """Re-adopt every VM whose supervisor lives; gc the ones whose owner died."""
         self.defined_dir.mkdir(mode=0o700, exist_ok=True)
+        self.sweep_spawn_files()
         statuses = list_vms(self.registry)
         self.adopted = [s.record.vm_id for s in statuses if s.owner_alive]
         dead = [s.record.vm_id for s in statuses if not s.owner_alive]
@@ -97,6 +108,33 @@ class HostAgent:
             len(self.adopted),
             len(self.collected),
         )
+
+    def sweep_spawn_files(self, grace_s: float = SPAWN_FILE_GRACE_S) -> list[str]:
+        """Remove hand-over files of starts that never reached a supervisor.
+
+        An agent killed between writing a VM's config file and spawning its supervisor
+        leaves the file (and possibly the spawn log) behind; gc scoped to VM ids does not
+        see them, as they name no VM yet. Removed once older than ``grace_s`` and, for a
+        spawn log, no longer open in any process.
+        """
+        removed = []
+        now = time.time()
+        host = GcHost()
+        for path in self.settings.state_dir.iterdir():
+            name = path.name
+            config = name.startswith(CONFIG_PREFIX) and name.endswith(".json")
+            spawn = name.startswith(SPAWN_LOG_PREFIX) and name.endswith(".tmp")
+            if not (config or spawn) or path.is_symlink():
+                continue
+            try:
+                if now - path.stat().st_mtime < grace_s or (spawn and host.dir_users(path)):
+                    continue
+                path.unlink()
+            except OSError:
+                continue
+            removed.append(name)
+            log.warning("removed %s: a start that never reached its supervisor", path)
+        return removed
 
     def _collect(self, vm_ids: list[str] | None) -> Any:
         return collect_garbage(

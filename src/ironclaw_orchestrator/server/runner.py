@@ -117,10 +117,12 @@ class _AgentServer(uvicorn.Server):
         self.should_exit = True
 
 
-async def _reaper() -> None:
+async def _reaper(agent: HostAgent) -> None:
+    """Reap exited supervisors (no zombies) and sweep hand-over files of failed spawns."""
     while True:
         await asyncio.sleep(REAP_INTERVAL_S)
         reap_supervisors()
+        await asyncio.to_thread(agent.sweep_spawn_files)
 
 
 async def _serve(
@@ -138,7 +140,7 @@ async def _serve(
     )
     server = _AgentServer(config, agent)
     server.loop = asyncio.get_running_loop()
-    reaper = asyncio.ensure_future(_reaper())
+    reaper = asyncio.ensure_future(_reaper(agent))
     try:
         await server.serve(sockets=sockets)
     finally:

@@ -1,0 +1,196 @@
+"""The host agent (`ironclaw serve`) against the real jailer + firecracker: API over the Unix
+socket and TCP, restart with VMs running, kill -9 mid-start, dead VMs collected on start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from agent_harness import AgentHarness, probe_body, vm_leftovers
+
+from ironclaw_orchestrator.registry import is_alive
+from ironclaw_orchestrator.vm.process import become_subreaper
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def harness(real_host: None) -> Iterator[AgentHarness]:
+    become_subreaper()  # VMMs of killed supervisors are re-parented to us and reaped by gc
+    h = AgentHarness(tcp_port=free_port())
+    try:
+        yield h
+    finally:
+        left = h.teardown()
+        assert not left, f"the test left resources behind: {left}"
+
+
+def new_id() -> str:
+    return f"sv-{uuid.uuid4().hex[:10]}"
+
+
+def test_api_over_unix_socket_and_tcp_with_a_real_vm(harness: AgentHarness) -> None:
+    harness.start()
+    assert os.stat(harness.socket).st_mode & 0o777 == 0o600
+    vm_id = new_id()
+    with harness.client() as c:
+        r = c.post("/v1/vms", params={"start": "true"}, json=probe_body(vm_id))
+        assert r.status_code == 201, r.text
+        vm = r.json()
+        assert vm["status"] == "running" and vm["sandboxed"] is True and vm["detached"]
+        assert [v["vm_id"] for v in c.get("/v1/vms").json()] == [vm_id]
+        assert c.get(f"/v1/vms/{vm_id}").json()["vmm_pid"] == vm["vmm_pid"]
+        stats = c.get(f"/v1/vms/{vm_id}/stats").json()
+        assert stats["memory_current_bytes"] > 0 and stats["memory_limit_bytes"] > 128 * 2**20
+        deadline = time.monotonic() + 30
+        while "IRONCLAW-PROBE-READY" not in c.get(f"/v1/vms/{vm_id}/logs").text:
+            assert time.monotonic() < deadline, "the probe's console never showed up"
+            time.sleep(0.1)
+        host = c.get("/v1/host").json()
+        assert host["committed"] == {"vcpus": 1, "memory_mb": 128}
+        dup = c.post("/v1/vms", params={"start": "true"}, json=probe_body(vm_id))
+        assert dup.status_code == 409 and "in use" in dup.json()["error"]["message"]
+
+    with harness.tcp_client(token=None) as t:
+        r = t.get("/v1/vms")
+        assert r.status_code == 401 and "no bearer token" in r.json()["error"]["message"]
+    with harness.tcp_client(token="wrong-token-wrong-token") as t:
+        assert t.delete(f"/v1/vms/{vm_id}").status_code == 401
+    with harness.tcp_client() as t:
+        assert [v["vm_id"] for v in t.get("/v1/vms").json()] == [vm_id]
+        # A followed log ends when the VM is stopped.
+        result: dict[str, bytes] = {}
+
+        def follow() -> None:
+            with (
+                harness.client() as c2,
+                c2.stream("GET", f"/v1/vms/{vm_id}/logs", params={"follow": "true"}) as s,
+            ):
+                result["body"] = b"".join(s.iter_bytes())
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        time.sleep(0.3)
+        r = t.delete(f"/v1/vms/{vm_id}")
+        assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
+        follower.join(30)
+        assert not follower.is_alive() and b"IRONCLAW-PROBE-READY" in result["body"]
+        assert t.get(f"/v1/vms/{vm_id}").status_code == 404
+    assert not vm_leftovers(vm_id, harness)
+    assert harness.signal(signal.SIGTERM) == 0
+    assert not harness.socket.exists()
+
+
+def test_restart_keeps_running_vms_and_lists_them_again(harness: AgentHarness) -> None:
+    harness.start()
+    ids = [new_id(), new_id()]
+    with harness.client() as c:
+        vms = [c.post("/v1/vms", params={"start": "true"}, json=probe_body(i)).json() for i in ids]
+    assert all(v["status"] == "running" for v in vms), vms
+    assert harness.signal(signal.SIGTERM) == 0  # drains, exits; VMs stay with supervisors
+    records = {r.vm_id: r for r in harness.registry().list()}
+    assert sorted(records) == sorted(ids)
+    assert all(r.vmm_alive() and r.owner_alive() for r in records.values())
+
+    harness.start()  # a new agent (an upgrade would look the same)
+    with harness.client() as c:
+        host = c.get("/v1/host").json()
+        assert sorted(host["adopted"]) == sorted(ids) and host["collected"] == []
+        listed = {v["vm_id"]: v for v in c.get("/v1/vms").json()}
+        assert sorted(listed) == sorted(ids)
+        assert all(v["status"] == "running" for v in listed.values())
+        assert [listed[v["vm_id"]]["vmm_pid"] for v in vms] == [v["vmm_pid"] for v in vms]
+        for vm_id in ids:
+            assert c.delete(f"/v1/vms/{vm_id}").status_code == 200
+    for vm_id in ids:
+        assert not vm_leftovers(vm_id, harness)
+
+
+def test_agent_killed_mid_start_then_nothing_is_left(harness: AgentHarness) -> None:
+    harness.start()
+    vm_id = new_id()
+    outcome: dict[str, object] = {}
+
+    def post() -> None:
+        try:
+            with harness.client() as c:
+                outcome["r"] = c.post("/v1/vms", params={"start": "true"}, json=probe_body(vm_id))
+        except httpx.TransportError as exc:
+            outcome["error"] = exc
+
+    poster = threading.Thread(target=post)
+    poster.start()
+    # Kill the agent as soon as the supervisor has the VM in hand (config file or record).
+    deadline = time.monotonic() + 30
+    while not any(
+        p.name.startswith(".config-") or p.name == f"{vm_id}.json" for p in harness.state.iterdir()
+    ):
+        assert time.monotonic() < deadline, "the start never began"
+        time.sleep(0.002)
+    assert harness.signal(signal.SIGKILL) == -signal.SIGKILL
+    poster.join(30)
+    assert "error" in outcome, outcome  # the client saw the connection drop
+
+    harness.start()  # re-adopts the VM if its supervisor carried on, or collects it
+    with harness.client() as c:
+        deadline = time.monotonic() + 30
+        while True:
+            listed = {v["vm_id"]: v["status"] for v in c.get("/v1/vms").json()}
+            if listed.get(vm_id) in (None, "running"):
+                break
+            assert time.monotonic() < deadline, listed
+            time.sleep(0.1)
+        if vm_id in listed:
+            assert c.delete(f"/v1/vms/{vm_id}").status_code == 200
+        gc = c.post("/v1/gc").json()
+        assert gc["ok"], gc
+    assert not vm_leftovers(vm_id, harness)
+    # A config file written just before the kill, never picked up: the agent sweeps it
+    # once no supervisor can still want it.
+    deadline = time.monotonic() + 60
+    while list(harness.state.glob(".config-*")) or list(harness.state.glob(".spawn-*")):
+        assert time.monotonic() < deadline, sorted(p.name for p in harness.state.iterdir())
+        time.sleep(0.5)
+
+
+def test_vms_whose_supervisor_died_are_collected_on_start(harness: AgentHarness) -> None:
+    harness.start()
+    vm_id = new_id()
+    with harness.client() as c:
+        vm = c.post("/v1/vms", params={"start": "true"}, json=probe_body(vm_id)).json()
+    assert harness.signal(signal.SIGKILL) == -signal.SIGKILL
+    [rec] = harness.registry().list()
+    os.kill(rec.owner_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while is_alive(rec.owner_pid, rec.owner_start_time):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert rec.vmm_alive()
+
+    harness.start()
+    with harness.client() as c:
+        host = c.get("/v1/host").json()
+        assert host["collected"] == [vm_id] and host["adopted"] == []
+        assert c.get("/v1/vms").json() == []
+    assert not is_alive(vm["vmm_pid"], rec.vmm_start_time)
+    assert not vm_leftovers(vm_id, harness)
+
+
+def test_tcp_refused_without_token_file(harness: AgentHarness) -> None:
+    harness.token_file.unlink()
+    with pytest.raises(AssertionError, match="cannot be opened"):
+        harness.start(timeout_s=30)
+    assert not harness.socket.exists()
