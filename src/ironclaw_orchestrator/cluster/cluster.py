@@ -78,7 +78,8 @@ class HostState:
 
     @property
     def hostname(self) -> str:
-        return str((self.info or {}).get("hostname") or self.node_id[:12])
+        """``<agent hostname>:<node id prefix>`` (several nodes may share a machine)."""
+        return f"{(self.info or {}).get('hostname') or '?'}:{self.node_id[:8]}"
 
     def load(self) -> float:
         """Committed over admissible, the larger of vCPUs and memory (1.0 = full)."""
@@ -193,6 +194,8 @@ class Cluster:
                 name=f"ironclaw-host-{node_id}",
                 namespace=NAMESPACE,
                 get_if_exists=True,
+                # One per node, shared by every Cluster client; not tied to this driver.
+                lifetime="detached",
                 num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
                 max_restarts=-1,
@@ -227,7 +230,7 @@ class Cluster:
         except (TimeoutError, ray.exceptions.RayError) as exc:
             self._mark_unhealthy(host, f"its actor did not answer: {type(exc).__name__}")
             raise HostLostError(
-                f"host {host.hostname} ({host.node_id[:12]}) is gone: {host.problem}"
+                f"host {host.hostname} is gone: {host.problem}"
             ) from None
         if reply.get("ok"):
             return reply["value"]
@@ -236,7 +239,7 @@ class Cluster:
         if err.get("type") == AgentUnreachableError.__name__:
             self._mark_unhealthy(host, f"its agent does not answer: {err.get('message')}")
             raise HostLostError(
-                f"host {host.hostname} ({host.node_id[:12]}) is gone: {host.problem}"
+                f"host {host.hostname} is gone: {host.problem}"
             )
         raise error
 

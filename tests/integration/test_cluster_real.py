@@ -1,0 +1,202 @@
+"""Placement across a local 3-node Ray cluster, each node with its own host agent (own
+socket, state dir, run dir and chroot base), against the real jailer + firecracker."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from agent_harness import AgentHarness, probe_body, vm_leftovers
+from conftest import _missing
+
+from ironclaw_orchestrator.cluster import (
+    HOST_RESOURCE,
+    Cluster,
+    ClusterFullError,
+    HostLostError,
+    VmHandle,
+)
+from ironclaw_orchestrator.cluster.client import AGENT_SOCKET_ENV
+from ironclaw_orchestrator.vm.process import become_subreaper
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+pytestmark = pytest.mark.integration
+
+VMS = 30
+ZONES = ("a", "b", "c")
+
+
+@dataclass
+class Node:
+    zone: str
+    agent: AgentHarness
+    node_id: str = ""
+
+
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[dict[str, Node]]:
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    become_subreaper()
+    # Zone c is small: two 128 MiB VMs fill it.
+    agents = {
+        "a": AgentHarness("a", extra=["--label", "zone=a", "--cpu-overcommit", "16"]),
+        "b": AgentHarness("b", extra=["--label", "zone=b", "--cpu-overcommit", "16"]),
+        "c": AgentHarness("c", extra=["--label", "zone=c", "--capacity-memory", "300"]),
+    }
+    out = {z: Node(z, a) for z, a in agents.items()}
+    rc: Any = None
+    try:
+        for a in agents.values():
+            a.start()
+        # Head plus two workers, one CPU each, each told where its agent is.
+        args = [
+            dict(
+                num_cpus=1,
+                resources={HOST_RESOURCE: 1},
+                labels={"zone": z},
+                env_vars={AGENT_SOCKET_ENV: str(agents[z].socket)},
+                object_store_memory=80 * 2**20,
+            )
+            for z in ZONES
+        ]
+        rc = cluster_utils.Cluster(
+            initialize_head=True, head_node_args={**args[0], "include_dashboard": False}
+        )
+        for extra in args[1:]:
+            rc.add_node(**extra)
+        rc.wait_for_nodes()
+        ray.init(address=rc.address, namespace="ironclaw", log_to_driver=False)
+        for n in ray.nodes():
+            zone = (n.get("Labels") or {}).get("zone")
+            if zone in out and n["Alive"]:
+                out[zone].node_id = n["NodeID"]
+        yield out
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if rc is not None:
+            rc.shutdown()
+        left = [x for a in agents.values() for x in a.teardown()]
+        assert not left, f"cluster test left resources behind: {left}"
+
+
+@pytest.fixture
+async def cluster(nodes: dict[str, Node]) -> AsyncIterator[Cluster]:
+    c = await Cluster.connect(call_timeout_s=60, seed=1)
+    yield c
+
+
+def zone_of(nodes: dict[str, Node], node_id: str) -> str:
+    return next(z for z, n in nodes.items() if n.node_id == node_id)
+
+
+async def test_thirty_vms_placed_by_capacity_and_stopped(
+    nodes: dict[str, Node], cluster: Cluster
+) -> None:
+    assert sorted(h.labels["zone"] for h in cluster.hosts.values()) == list(ZONES)
+    run = uuid.uuid4().hex[:6]
+    gate = asyncio.Semaphore(6)
+
+    async def place(i: int) -> VmHandle:
+        async with gate:
+            return await cluster.start_vm(probe_body(f"cl-{run}-{i}"))
+
+    handles = await asyncio.gather(*(place(i) for i in range(VMS)))
+    per_zone = {z: 0 for z in ZONES}
+    for h in handles:
+        assert h.info["status"] == "running" and h.info["sandboxed"] is True
+        per_zone[zone_of(nodes, h.node_id)] += 1
+    assert sum(per_zone.values()) == VMS
+    assert per_zone["c"] <= 2, per_zone  # 300 MiB holds two 128 MiB VMs, never more
+    assert per_zone["a"] > 0 and per_zone["b"] > 0, per_zone
+    listed = await cluster.ls()
+    ours = [v for v in listed if v["vm_id"].startswith(f"cl-{run}-")]
+    assert len(ours) == VMS and all(v["status"] == "running" for v in ours)
+    for v in ours:
+        assert zone_of(nodes, v["node_id"]) == zone_of(
+            nodes, next(h.node_id for h in handles if h.vm_id == v["vm_id"])
+        )
+    await asyncio.gather(*(h.stop() for h in handles))
+    assert not [v for v in await cluster.ls() if v["vm_id"].startswith(f"cl-{run}-")]
+    for h in handles:
+        assert not vm_leftovers(h.vm_id, nodes[zone_of(nodes, h.node_id)].agent)
+
+
+async def test_full_node_refuses_and_the_vm_lands_elsewhere(
+    nodes: dict[str, Node], cluster: Cluster
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    small = nodes["c"]
+    filled: list[str] = []
+    with small.agent.client() as c:  # fill zone c behind the cluster's back
+        for i in range(3):
+            r = c.post("/v1/vms", params={"start": "true"}, json=probe_body(f"fill-{run}-{i}"))
+            if r.status_code == 429:
+                assert r.json()["error"]["reason"] == "host_full"
+                break
+            assert r.status_code == 201, r.text
+            filled.append(r.json()["vm_id"])
+    assert len(filled) == 2
+    try:
+        # The cluster still believes zone c is empty (a stale report): it tries c first.
+        await cluster.refresh()
+        host_c = cluster.hosts[small.node_id]
+        assert host_c.info is not None
+        for h in cluster.hosts.values():
+            assert h.info is not None
+            # ... and the others busier than it, so the least loaded of the K is c.
+            half = h.info["capacity"]["admit_memory_mb"] // 2
+            h.info["committed"] = {"vcpus": 0, "memory_mb": 0 if h is host_c else half}
+            h.info_at = time.monotonic() + 3600
+        handle = await cluster.start_vm(probe_body(f"else-{run}"))
+        assert handle.node_id != small.node_id
+        assert [name for name, _ in handle.refusals] == [host_c.hostname]
+        assert "host_full" in handle.refusals[0][1]
+        await handle.stop()
+
+        with pytest.raises(ClusterFullError, match="cluster full") as info:
+            await cluster.start_vm(probe_body(f"full-{run}"), labels={"zone": "c"})
+        assert "host_full" in str(info.value) or "host full" in str(info.value)
+        with pytest.raises(ClusterFullError, match="no host with labels"):
+            await cluster.start_vm(probe_body(f"none-{run}"), labels={"zone": "mars"})
+    finally:
+        with small.agent.client() as c:
+            for vm_id in filled:
+                assert c.delete(f"/v1/vms/{vm_id}").status_code == 200
+
+
+async def test_killed_agent_marks_its_host_unhealthy_and_its_vms_lost(
+    nodes: dict[str, Node], cluster: Cluster
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    b = nodes["b"]
+    on_b = await cluster.start_vm(probe_body(f"lost-{run}"), labels={"zone": "b"})
+    assert on_b.node_id == b.node_id
+    b.agent.signal(signal.SIGKILL)
+    try:
+        listed = {v["vm_id"]: v for v in await cluster.ls()}
+        assert listed[on_b.vm_id]["status"] == "lost"
+        assert b.node_id in cluster.unhealthy()
+        with pytest.raises(HostLostError, match="is gone"):
+            await on_b.stop()
+        # The other hosts keep working, and placement avoids the lost one.
+        other = await cluster.start_vm(probe_body(f"alive-{run}"))
+        assert other.node_id != b.node_id
+        await other.stop()
+    finally:
+        b.agent.start()  # the VM survived with its supervisor; the new agent adopts it
+    await cluster.refresh()
+    assert b.node_id not in cluster.unhealthy()
+    assert cluster.hosts[b.node_id].info["adopted"] == [on_b.vm_id]  # type: ignore[index]
+    await cluster.stop(on_b.vm_id)
+    assert not vm_leftovers(on_b.vm_id, b.agent)
