@@ -69,9 +69,9 @@ def nodes() -> Iterator[dict[str, Node]]:
             )
             for z in ZONES
         ]
-        rc = cluster_utils.Cluster(
-            initialize_head=True, head_node_args={**args[0], "include_dashboard": False}
-        )
+        # Ray's session files go under agent a's private dir, removed with it.
+        head = {**args[0], "include_dashboard": False, "temp_dir": str(agents["a"].root / "ray")}
+        rc = cluster_utils.Cluster(initialize_head=True, head_node_args=head)
         for extra in args[1:]:
             rc.add_node(**extra)
         rc.wait_for_nodes()
