@@ -4,6 +4,7 @@ socket, state dir, run dir and chroot base), against the real jailer + firecrack
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import uuid
@@ -55,6 +56,9 @@ def nodes() -> Iterator[dict[str, Node]]:
     }
     out = {z: Node(z, a) for z, a in agents.items()}
     rc: Any = None
+    # Ray's session files go under agent a's private dir, removed with it.
+    old_tmp = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(agents["a"].root)
     try:
         for a in agents.values():
             a.start()
@@ -69,8 +73,7 @@ def nodes() -> Iterator[dict[str, Node]]:
             )
             for z in ZONES
         ]
-        # Ray's session files go under agent a's private dir, removed with it.
-        head = {**args[0], "include_dashboard": False, "temp_dir": str(agents["a"].root / "ray")}
+        head = {**args[0], "include_dashboard": False}
         rc = cluster_utils.Cluster(initialize_head=True, head_node_args=head)
         for extra in args[1:]:
             rc.add_node(**extra)
@@ -86,6 +89,10 @@ def nodes() -> Iterator[dict[str, Node]]:
             ray.shutdown()
         if rc is not None:
             rc.shutdown()
+        if old_tmp is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old_tmp
         left = [x for a in agents.values() for x in a.teardown()]
         assert not left, f"cluster test left resources behind: {left}"
 
