@@ -170,7 +170,9 @@ async def test_logs_stream_and_follow_until_the_vm_is_gone(
         (b'{"jailer": {"chroot_base_dir": "/"}}', 403, "jailer.chroot_base_dir"),
         (b'{"uplink_subnet": "10.9.0.0/30"}', 403, "uplink_subnet is set by"),
         (b'{"kernel_path": "/etc/shadow"}', 403, "not in an image directory"),
-        (b'{"kernel_path": "vmlinux"}', 422, "must be an absolute path"),
+        (b'{"kernel_path": "vmlinux"}', 403, "not in an image directory"),
+        (b'{"image_dirs": ["/"]}', 403, "image_dirs is set by"),
+        (b'{"jailer": {"image_dirs": ["/"]}}', 403, "jailer.image_dirs"),
         (b'{"require_sandbox": false}', 403, "jailed VMs only"),
     ],
 )

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from .. import errors as errors_mod
 from ..errors import IronclawError
 from ..server import errors as server_errors
 from ..server.errors import AdmissionError, RequestError
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "AGENT_SOCKET_ENV",
@@ -72,7 +73,10 @@ class AgentClient:
     ) -> None:
         if (socket_path is None) == (url is None):
             raise errors_mod.ConfigError("give the agent's socket_path or its url (not both)")
+        import httpx  # here, not at import: httpx pulls in rich and click when they are installed
+
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http: httpx.AsyncClient
         if socket_path is not None:
             self.where = str(socket_path)
             transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
@@ -103,6 +107,8 @@ class AgentClient:
     async def request(
         self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
     ) -> Any:
+        import httpx
+
         try:
             response = await self._http.request(method, path, json=json, params=params)
         except httpx.TransportError as exc:

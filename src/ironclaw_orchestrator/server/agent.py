@@ -58,6 +58,7 @@ HOST_OWNED_JAILER_KEYS = frozenset(
         "netns",
         "jailer_id",
         "cgroup_version",
+        "image_dirs",
     }
 )
 #: Top-level keys a request may not set: a host veth is the operator's choice.
@@ -174,6 +175,8 @@ class HostAgent:
                     "this host agent runs jailed VMs only (require_sandbox cannot be false here)"
                 )
             body["require_sandbox"] = True
+        # The library confines kernel/rootfs to these again when it stages them.
+        body["image_dirs"] = [str(d) for d in self.settings.image_dirs]
         config = VmConfig(**body)  # ConfigError with the library's messages
         jailer_cfg = (config.jailer.model_dump(exclude_unset=True) if config.jailer else {}) | {
             "chroot_base_dir": str(self.settings.chroot_base)

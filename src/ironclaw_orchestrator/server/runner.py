@@ -16,8 +16,7 @@ import socket
 import stat
 from pathlib import Path
 from types import FrameType
-
-import uvicorn
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, UsageError
 from ..registry import STATE_DIR_ENV
@@ -26,6 +25,9 @@ from ..vm.rundir import RUN_DIR_ENV
 from .agent import HostAgent
 from .app import create_app
 from .settings import AgentSettings, read_token
+
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = ["bind_tcp", "bind_unix", "serve"]
 
@@ -87,34 +89,40 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _AgentServer(uvicorn.Server):
+def _agent_server(config: uvicorn.Config, agent: HostAgent) -> uvicorn.Server:
     """uvicorn, but SIGTERM drains: stop admitting, let starts in flight finish, exit 0.
 
     Running VMs are left to their supervisors; SIGINT (Ctrl-C) stops at once, likewise
-    leaving every VM running.
+    leaving every VM running. (uvicorn is imported here: it pulls in click, which only the
+    CLI may load at import time.)
     """
+    import uvicorn
 
-    def __init__(self, config: uvicorn.Config, agent: HostAgent) -> None:
-        super().__init__(config)
-        self.agent = agent
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.drain_task: asyncio.Task[None] | None = None
+    class AgentServer(uvicorn.Server):
+        def __init__(self) -> None:
+            super().__init__(config)
+            self.loop = asyncio.get_running_loop()
+            self.drain_task: asyncio.Task[None] | None = None
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self.loop is not None:
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if sig == signal.SIGTERM:
+                if self.drain_task is None:
+                    self.loop.call_soon_threadsafe(self._start_drain)
+                return
+            super().handle_exit(sig, frame)
+
+        def _start_drain(self) -> None:
             if self.drain_task is None:
-                self.loop.call_soon_threadsafe(self._start_drain)
-            return
-        super().handle_exit(sig, frame)
+                log.warning(
+                    "SIGTERM: draining (no new VMs); running VMs stay with their supervisors"
+                )
+                self.drain_task = asyncio.ensure_future(self._drain())
 
-    def _start_drain(self) -> None:
-        if self.drain_task is None:
-            log.warning("SIGTERM: draining (no new VMs); running VMs stay with their supervisors")
-            self.drain_task = asyncio.ensure_future(self._drain())
+        async def _drain(self) -> None:
+            await agent.drain(agent.settings.drain_timeout_s)
+            self.should_exit = True
 
-    async def _drain(self) -> None:
-        await self.agent.drain(self.agent.settings.drain_timeout_s)
-        self.should_exit = True
+    return AgentServer()
 
 
 async def _reaper(agent: HostAgent) -> None:
@@ -130,6 +138,8 @@ async def _serve(
 ) -> None:
     agent = HostAgent(settings)
     await agent.startup()
+    import uvicorn
+
     app = create_app(agent, token=token)
     config = uvicorn.Config(
         app,
@@ -138,8 +148,7 @@ async def _serve(
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    server = _AgentServer(config, agent)
-    server.loop = asyncio.get_running_loop()
+    server = _agent_server(config, agent)
     reaper = asyncio.ensure_future(_reaper(agent))
     try:
         await server.serve(sockets=sockets)
