@@ -194,3 +194,52 @@ def test_tcp_refused_without_token_file(harness: AgentHarness) -> None:
     with pytest.raises(AssertionError, match="cannot be opened"):
         harness.start(timeout_s=30)
     assert not harness.socket.exists()
+
+
+def test_sigterm_drains_a_start_in_flight_then_exits(harness: AgentHarness) -> None:
+    harness.start()
+    vm_id = new_id()
+    outcome: dict[str, httpx.Response] = {}
+
+    def post() -> None:
+        with harness.client() as c:
+            outcome["r"] = c.post("/v1/vms", params={"start": "true"}, json=probe_body(vm_id))
+
+    poster = threading.Thread(target=post)
+    poster.start()
+    deadline = time.monotonic() + 30
+    while not any(p.name.startswith(".config-") for p in harness.state.iterdir()):
+        assert time.monotonic() < deadline, "the start never began"
+        time.sleep(0.002)
+    assert harness.signal(signal.SIGTERM) == 0  # waits for the start, then exits 0
+    poster.join(30)
+    r = outcome["r"]
+    assert r.status_code == 201 and r.json()["status"] == "running", r.text
+    [rec] = harness.registry().list()
+    assert rec.vm_id == vm_id and rec.vmm_alive() and rec.owner_alive()
+    harness.start()
+    with harness.client() as c:
+        assert c.get("/v1/host").json()["adopted"] == [vm_id]
+        assert c.delete(f"/v1/vms/{vm_id}").status_code == 200
+    assert not vm_leftovers(vm_id, harness)
+
+
+def test_hostile_requests_over_the_real_socket_leave_nothing(harness: AgentHarness) -> None:
+    harness.start()
+    before = sorted(p.name for p in harness.state.iterdir())
+    with harness.client() as c:
+        checks = [
+            (c.post("/v1/vms", content=b'{"vm_id": "x",'), 400, "not valid JSON"),
+            (c.post("/v1/vms", content=b"{" + b" " * 100_000 + b"}"), 413, "too large"),
+            (c.post("/v1/vms", content=iter([b" " * 8192] * 20)), 413, "too large"),
+            (c.post("/v1/vms", json=probe_body("a", nope=1)), 422, "nope"),
+            (c.post("/v1/vms", json=probe_body("../x")), 422, "vm_id"),
+            (c.post("/v1/vms", json=probe_body("a", kernel_path="/etc/shadow")), 403, "image"),
+            (c.get("/v1/vms/..%2F..%2Fetc%2Fshadow"), 404, "no such resource"),
+            (c.get("/v1/vms/a.b/logs"), 422, "vm_id"),
+            (c.delete("/v1/vms/never-was"), 404, "no VM"),
+        ]
+        for r, status, needle in checks:
+            assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+    assert sorted(p.name for p in harness.state.iterdir()) == before
+    assert not any(harness.jail.iterdir())

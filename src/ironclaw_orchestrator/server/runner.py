@@ -164,8 +164,6 @@ def serve(settings: AgentSettings) -> None:
     The token file is read and every listener bound before anything else, so a bad flag
     or a busy socket fails fast with nothing changed.
     """
-    if os.geteuid() != 0:
-        raise UsageError("ironclaw serve must run as root (the jailer needs it)")
     token: bytes | None = None
     if settings.tcp is not None:
         if settings.token_file is None:
@@ -173,6 +171,8 @@ def serve(settings: AgentSettings) -> None:
                 "--tcp needs --token-file: the agent never listens on TCP without a bearer token"
             )
         token = read_token(settings.token_file)
+    if os.geteuid() != 0:
+        raise UsageError("ironclaw serve must run as root (the jailer needs it)")
     # Supervisors inherit the environment: they must agree on where state and run dirs are.
     os.environ[STATE_DIR_ENV] = str(settings.state_dir)
     os.environ[RUN_DIR_ENV] = str(settings.run_dir)
