@@ -35,6 +35,9 @@ VMS = 30
 ZONES = ("a", "b", "c")
 
 
+_RAY: dict[str, Any] = {}
+
+
 @dataclass
 class Node:
     zone: str
@@ -78,6 +81,7 @@ def nodes() -> Iterator[dict[str, Node]]:
         for extra in args[1:]:
             rc.add_node(**extra)
         rc.wait_for_nodes()
+        _RAY["cluster"] = rc
         ray.init(address=rc.address, namespace="ironclaw", log_to_driver=False)
         for n in ray.nodes():
             zone = (n.get("Labels") or {}).get("zone")
@@ -95,6 +99,11 @@ def nodes() -> Iterator[dict[str, Node]]:
             os.environ["RAY_TMPDIR"] = old_tmp
         left = [x for a in agents.values() for x in a.teardown()]
         assert not left, f"cluster test left resources behind: {left}"
+
+
+@pytest.fixture
+def ray_cluster(nodes: dict[str, Node]) -> Any:
+    return _RAY["cluster"]
 
 
 @pytest.fixture
@@ -207,3 +216,31 @@ async def test_killed_agent_marks_its_host_unhealthy_and_its_vms_lost(
     assert cluster.hosts[b.node_id].info["adopted"] == [on_b.vm_id]  # type: ignore[index]
     await cluster.stop(on_b.vm_id)
     assert not vm_leftovers(on_b.vm_id, b.agent)
+
+
+async def test_removed_node_marks_its_host_lost_without_waiting(
+    nodes: dict[str, Node], cluster: Cluster, ray_cluster: Any
+) -> None:
+    """Runs last: it takes zone c's node out of the Ray cluster (its agent keeps running)."""
+    run = uuid.uuid4().hex[:6]
+    c = nodes["c"]
+    on_c = await cluster.start_vm(probe_body(f"gone-{run}"), labels={"zone": "c"})
+    worker = next(n for n in ray_cluster.worker_nodes if n.node_id == c.node_id)
+    ray_cluster.remove_node(worker)
+    try:
+        deadline = time.monotonic() + 60
+        while c.node_id not in cluster.unhealthy():
+            assert time.monotonic() < deadline, "Ray never reported the node gone"
+            await asyncio.sleep(0.5)
+            await cluster.discover()
+        assert "Ray node is gone" in cluster.unhealthy()[c.node_id]
+        t0 = time.monotonic()
+        listed = {v["vm_id"]: v for v in await cluster.ls()}
+        assert listed[on_c.vm_id]["status"] == "lost"
+        with pytest.raises(HostLostError):
+            await on_c.stop()
+        assert time.monotonic() - t0 < 30  # reported, not hung on
+    finally:
+        with c.agent.client() as client:  # the VM itself is fine: stop it on its host
+            assert client.delete(f"/v1/vms/{on_c.vm_id}").status_code == 200
+    assert not vm_leftovers(on_c.vm_id, c.agent)

@@ -68,6 +68,8 @@ class HostState:
     info_at: float = 0.0
     healthy: bool = True
     problem: str | None = None
+    #: Its Ray node left the cluster: its actor cannot run anywhere, so it is not called.
+    node_gone: bool = False
     #: VM ids last seen on (or placed on) this host.
     known_vms: set[str] = field(default_factory=set)
 
@@ -204,6 +206,7 @@ class Cluster:
             self.hosts[node_id] = HostState(node_id=node_id, actor=actor, ray_labels=labels)
         for node_id, host in self.hosts.items():
             if node_id not in alive:
+                host.node_gone = True
                 self._mark_unhealthy(host, "its Ray node is gone")
         if not self.hosts:
             raise ClusterFullError(
@@ -224,6 +227,8 @@ class Cluster:
     async def _call(self, host: HostState, method: str, *args: Any) -> Any:
         """Call the host's actor; unwrap its envelope; a gone host raises HostLostError."""
         ray = _ray()
+        if host.node_gone:
+            raise HostLostError(f"host {host.hostname} is gone: {host.problem}")
         try:
             ref = getattr(host.actor, method).remote(*args)
             reply = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.call_timeout_s)
