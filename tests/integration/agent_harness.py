@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from ironclaw_orchestrator.gc import collect_garbage
-from ironclaw_orchestrator.registry import Registry, is_alive
+from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.supervisor import reap_supervisors
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 
@@ -122,31 +122,48 @@ class AgentHarness:
             + [f"run dir {p}" for p in (self.run / "vms").glob("*")]
         )
 
+    def supervisors(self) -> list[int]:
+        """Pids of live supervisors of this agent's state dir (started, maybe not claimed)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"ironclaw_orchestrator.supervisor" in argv and str(self.state).encode() in argv:
+                found.append(int(entry))
+        return found
+
     def teardown(self) -> list[str]:
-        """Kill the agent and every supervisor it left, gc, and return what remained."""
+        """Kill the agent, stop every supervisor it left (starts in flight too), gc, and
+        return what remained."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait(10)
             self.proc = None
         left: list[str] = []
+        # SIGTERM first: a supervisor stops its VM (or cancels its start) and cleans up.
+        for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+            pids = self.supervisors()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + wait_s
+            while self.supervisors() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        reap_supervisors()
         if self.state.is_dir():
             reg = self.registry()
             ids = [r.vm_id for r in reg.list()]
-            for rec in reg.list():
-                if rec.owner_alive():
-                    os.kill(rec.owner_pid, signal.SIGKILL)
-                    deadline = time.monotonic() + 10
-                    while is_alive(rec.owner_pid, rec.owner_start_time):
-                        if time.monotonic() > deadline:
-                            break
-                        time.sleep(0.02)
             if ids:
                 report = collect_garbage(
                     reg, vm_ids=ids, chroot_bases=(self.jail,), run_root=self.run, orphan_grace_s=0
                 )
                 left += [f"{a.kind} {a.name}: {a.error}" for a in report.errors]
-            reap_supervisors()
             left += self.leftovers()
+        left += [f"supervisor pid {p}" for p in self.supervisors()]
         shutil.rmtree(self.root, ignore_errors=True)
         return left
 
