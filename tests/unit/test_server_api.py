@@ -104,6 +104,9 @@ async def test_openapi_documents_v1_and_the_vmconfig_body(client: httpx.AsyncCli
     assert body["schema"] == {"$ref": "#/components/schemas/VmConfig"}
     schemas = doc["components"]["schemas"]
     assert "memory_mb" in schemas["VmConfig"]["properties"] and "JailerConfig" in schemas
+    get_host = doc["paths"]["/v1/host"]["get"]["responses"]
+    assert get_host["200"]["content"]["application/json"]["schema"]["$ref"].endswith("HostInfo")
+    assert get_host["429"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")
 
 
 async def test_define_list_get_delete_without_starting(

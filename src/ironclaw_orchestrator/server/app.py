@@ -38,6 +38,7 @@ from ..errors import IronclawError
 from ..vm import VmConfig
 from .agent import HostAgent, agent_version
 from .errors import AdmissionError, RequestError, status_for
+from .models import ERROR_RESPONSES, HostInfo, StopResult, VmInfo
 
 __all__ = ["create_app"]
 
@@ -191,6 +192,7 @@ def create_app(agent: HostAgent, *, token: bytes | None = None) -> ASGIApp:
         description="One host's Firecracker microVMs, each jailed and owned by a supervisor.",
         docs_url=None,
         redoc_url=None,
+        responses=ERROR_RESPONSES,
     )
 
     @app.exception_handler(IronclawError)
@@ -217,21 +219,26 @@ def create_app(agent: HostAgent, *, token: bytes | None = None) -> ASGIApp:
             message = str(exc.detail)
         return error_response(RequestError(message, exc.status_code))
 
-    @app.post("/v1/vms", status_code=201, summary="Define a VM, or start it with ?start=true")
+    @app.post(
+        "/v1/vms",
+        status_code=201,
+        response_model=VmInfo,
+        summary="Define a VM, or start it with ?start=true",
+    )
     async def create_vm(
         request: Request, start: Annotated[bool, Query(description="Boot it now.")] = False
     ) -> dict[str, Any]:
         return await agent.create(await _json_body(request), start=start)
 
-    @app.post("/v1/vms/{vm_id}/start", summary="Start a defined VM")
+    @app.post("/v1/vms/{vm_id}/start", response_model=VmInfo, summary="Start a defined VM")
     async def start_vm(vm_id: str) -> dict[str, Any]:
         return await agent.start_defined(vm_id)
 
-    @app.get("/v1/vms", summary="List the VMs on this host")
+    @app.get("/v1/vms", response_model=list[VmInfo], summary="List the VMs on this host")
     async def list_vms() -> list[dict[str, Any]]:
         return await asyncio.to_thread(agent.list)
 
-    @app.get("/v1/vms/{vm_id}", summary="One VM")
+    @app.get("/v1/vms/{vm_id}", response_model=VmInfo, summary="One VM")
     async def get_vm(vm_id: str) -> dict[str, Any]:
         return agent.get(vm_id)
 
@@ -250,7 +257,11 @@ def create_app(agent: HostAgent, *, token: bytes | None = None) -> ASGIApp:
             _stream_log(agent, vm_id, path, follow), media_type="text/plain; charset=utf-8"
         )
 
-    @app.delete("/v1/vms/{vm_id}", summary="Stop a VM and remove everything made for it")
+    @app.delete(
+        "/v1/vms/{vm_id}",
+        response_model=StopResult,
+        summary="Stop a VM and remove everything made for it",
+    )
     async def delete_vm(vm_id: str) -> dict[str, Any]:
         return await agent.stop(vm_id)
 
@@ -258,7 +269,11 @@ def create_app(agent: HostAgent, *, token: bytes | None = None) -> ASGIApp:
     async def gc(orphans: bool = False) -> dict[str, Any]:
         return await agent.gc(orphans=orphans)
 
-    @app.get("/v1/host", summary="Capacity, committed resources, health, version, labels")
+    @app.get(
+        "/v1/host",
+        response_model=HostInfo,
+        summary="Capacity, committed resources, health, version, labels",
+    )
     async def host() -> dict[str, Any]:
         return await asyncio.to_thread(agent.host_info)
 
