@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
 from ..registry import default_state_dir
-from ..vm.config import DEFAULT_CHROOT_BASE
+from ..vm.config import DEFAULT_CHROOT_BASE, config_error
 from ..vm.rundir import run_root
 
 __all__ = [
@@ -59,6 +60,12 @@ class AgentSettings(BaseModel):
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     #: How long SIGTERM waits for starts in flight before the agent exits.
     drain_timeout_s: float = Field(default=60.0, ge=0)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise config_error(exc, "ironclaw serve settings") from None
 
     @field_validator("socket_path", "state_dir", "run_dir", "chroot_base", "token_file")
     @classmethod
