@@ -13,9 +13,13 @@ from the first request until every VM runs, interleaved in rounds in one run:
   workers), each with its own agent, all on this machine: placement (power of K choices)
   plus a Ray actor call plus the agent.
 
-VMs are stopped between rounds (not timed). The raw jailer + firecracker baseline (bare
-socket client) is in ``benchmarks/startup.py``; every path here adds a supervisor process
-per VM on top of it. Asserts nothing: timings never live in tests.
+and, as the baseline, ``raw``: whole lifecycles (spawn, configure, boot, guest exit, cleanup)
+of the raw jailer + firecracker driven by the bare socket client of ``benchmarks/startup.py``
+(nothing of ironclaw's), at the same concurrency. Raw includes boot-to-exit and cleanup that
+the others do later, untimed; the others add a supervisor process per VM (a Python
+interpreter start), which is the price of VMs that outlive the agent.
+
+VMs are stopped between rounds (not timed). Asserts nothing: timings never live in tests.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -100,6 +105,17 @@ async def timed(n: int, concurrency: int, start: Callable[[str], Awaitable[Any]]
     return time.perf_counter() - t0
 
 
+def _raw_baseline() -> Any:
+    """``startup.Raw``: the bare-socket jailer + firecracker lifecycle (the RESET probe)."""
+    spec = importlib.util.spec_from_file_location("startup", Path(__file__).with_name("startup.py"))
+    assert spec is not None and spec.loader is not None
+    startup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(startup)
+    from ironclaw_orchestrator.vm.binaries import find_firecracker, find_jailer
+
+    return startup.Raw(find_jailer(), find_firecracker(), probe_kernel_path(ProbeBehaviour.RESET))
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray.cluster_utils import Cluster as RayCluster
@@ -155,13 +171,24 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             agent_ids.clear()
             handles.clear()
 
-        paths = {"library": via_library, "agent": via_agent, "cluster": via_cluster}
+        raw = _raw_baseline()
+
+        async def via_raw(vm_id: str) -> None:
+            await raw.lifecycle()
+
+        paths = {
+            "raw": via_raw,
+            "library": via_library,
+            "agent": via_agent,
+            "cluster": via_cluster,
+        }
         seconds: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(args.rounds):
             for name, start in paths.items():
                 seconds[name].append(await timed(args.vms, args.concurrency, start))
                 await cleanup()
         await agent.close()
+        raw.close()
     finally:
         if ray.is_initialized():
             ray.shutdown()
