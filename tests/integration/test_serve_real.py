@@ -243,3 +243,43 @@ def test_hostile_requests_over_the_real_socket_leave_nothing(harness: AgentHarne
             assert r.status_code == status and needle in r.json()["error"]["message"], r.text
     assert sorted(p.name for p in harness.state.iterdir()) == before
     assert not any(harness.jail.iterdir())
+
+
+def test_concurrent_starts_on_a_small_host_are_admitted_or_refused_at_once(
+    harness: AgentHarness,
+) -> None:
+    harness.extra += ["--capacity-memory", "300"]  # two 128 MiB VMs fit, a third does not
+    harness.start()
+    ids = [new_id() for _ in range(4)]
+    with harness.client() as c:  # a defined VM counts only once started
+        assert c.post("/v1/vms", json=probe_body(ids[0])).json()["status"] == "defined"
+    results: dict[str, httpx.Response] = {}
+
+    def start(vm_id: str, defined: bool) -> None:
+        with harness.client() as c:
+            if defined:
+                results[vm_id] = c.post(f"/v1/vms/{vm_id}/start")
+            else:
+                results[vm_id] = c.post("/v1/vms", params={"start": "true"}, json=probe_body(vm_id))
+
+    threads = [threading.Thread(target=start, args=(i, i == ids[0])) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    codes = sorted(r.status_code for r in results.values())
+    assert codes in ([200, 201, 429, 429], [201, 201, 429, 429]), {
+        k: r.text for k, r in results.items()
+    }
+    refused = [r.json()["error"] for r in results.values() if r.status_code == 429]
+    assert all(e["reason"] == "host_full" and "300 MiB" in e["message"] for e in refused)
+    running = [i for i, r in results.items() if r.status_code in (200, 201)]
+    with harness.client() as c:
+        host = c.get("/v1/host").json()
+        assert host["committed"]["memory_mb"] == 256 and host["starting"] == 0
+        for vm_id in running:
+            assert c.delete(f"/v1/vms/{vm_id}").status_code == 200
+        if ids[0] not in running:
+            assert c.delete(f"/v1/vms/{ids[0]}").json()["status"] == "deleted"
+    for vm_id in ids:
+        assert not vm_leftovers(vm_id, harness)
