@@ -45,8 +45,8 @@ import httpx
 
 from ironclaw_orchestrator.cluster import HOST_RESOURCE, AgentClient, Cluster
 from ironclaw_orchestrator.cluster.client import AGENT_SOCKET_ENV
+from ironclaw_orchestrator.detach import spawn_supervisor, stop_detached
 from ironclaw_orchestrator.registry import Registry
-from ironclaw_orchestrator.supervisor import spawn_supervisor, stop_detached
 from ironclaw_orchestrator.vm import VmConfig
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 from ironclaw_orchestrator.vm.process import become_subreaper

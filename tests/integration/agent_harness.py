@@ -16,9 +16,9 @@ from typing import Any
 
 import httpx
 
+from ironclaw_orchestrator.detach import reap_supervisors
 from ironclaw_orchestrator.gc import collect_garbage
 from ironclaw_orchestrator.registry import Registry
-from ironclaw_orchestrator.supervisor import reap_supervisors
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -391,17 +391,29 @@ async def test_real_uvicorn_over_the_unix_socket(agent: HostAgent, tmp_path: Pat
 
 
 async def test_sweep_removes_only_stale_unused_spawn_files(agent: HostAgent) -> None:
+    import subprocess
+    import sys
+
     state = agent.settings.state_dir
     old_cfg, new_cfg = state / ".config-aa.json", state / ".config-bb.json"
     old_log, record = state / ".spawn-cc.tmp", state / "keep.log"
-    for path in (old_cfg, new_cfg, old_log, record):
+    live_cfg, live_log = state / ".config-dd.json", state / ".spawn-dd.tmp"
+    for path in (old_cfg, new_cfg, old_log, record, live_cfg, live_log):
         path.write_text("x")
-    for path in (old_cfg, old_log, record):
+    for path in (old_cfg, old_log, record, live_cfg, live_log):
         os.utime(path, (1, 1))
-    held = (state / ".spawn-dd.tmp").open("w")  # a live supervisor's stdout
-    os.utime(state / ".spawn-dd.tmp", (1, 1))
+    # A live "supervisor" naming .config-dd.json: its hand-over files are in use.
+    code = "import time; time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(state), "vm", live_cfg.name])
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    for _ in range(500):  # until it has exec'd
+        if live_cfg.name.encode() in cmdline.read_bytes():
+            break
+        await asyncio.sleep(0.01)
     try:
         assert sorted(agent.sweep_spawn_files()) == [".config-aa.json", ".spawn-cc.tmp"]
     finally:
-        held.close()
-    assert new_cfg.exists() and record.exists() and (state / ".spawn-dd.tmp").exists()
+        proc.kill()
+        proc.wait()
+    assert new_cfg.exists() and record.exists() and live_cfg.exists() and live_log.exists()
+    assert sorted(agent.sweep_spawn_files()) == [".config-dd.json", ".spawn-dd.tmp"]

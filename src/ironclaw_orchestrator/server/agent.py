@@ -24,10 +24,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, RegistryError
-from ..gc import GcHost, collect_garbage
-from ..registry import Registry, VmRecord, check_vm_id
-from ..supervisor import (
+from .. import procfs
+from ..detach import (
     CONFIG_PREFIX,
     SPAWN_LOG_PREFIX,
     list_vms,
@@ -35,6 +33,9 @@ from ..supervisor import (
     spawn_supervisor,
     stop_detached,
 )
+from ..errors import ConfigError, RegistryError
+from ..gc import collect_garbage
+from ..registry import Registry, VmRecord, check_vm_id
 from ..vm import VmConfig
 from ..vm.cgroups import VmCgroups
 from .admission import Admission, Capacity, Usage
@@ -115,20 +116,33 @@ class HostAgent:
 
         An agent killed between writing a VM's config file and spawning its supervisor
         leaves the file (and possibly the spawn log) behind; gc scoped to VM ids does not
-        see them, as they name no VM yet. Removed once older than ``grace_s`` and, for a
-        spawn log, no longer open in any process.
+        see them, as they name no VM yet. ``.config-<token>.json`` and ``.spawn-<token>.tmp``
+        are removed once older than ``grace_s`` and no live supervisor names that config
+        file in its argv.
         """
+        names = [p.name for p in self.settings.state_dir.iterdir()]
+        tokens = {}
+        for name in names:
+            if name.startswith(CONFIG_PREFIX) and name.endswith(".json"):
+                tokens[name] = name[len(CONFIG_PREFIX) : -len(".json")]
+            elif name.startswith(SPAWN_LOG_PREFIX) and name.endswith(".tmp"):
+                tokens[name] = name[len(SPAWN_LOG_PREFIX) : -len(".tmp")]
+        if not tokens:
+            return []
+        in_use = {
+            arg[len(CONFIG_PREFIX) : -len(".json")]
+            for pid in procfs.all_pids()
+            for arg in procfs.read_cmdline(pid)
+            if arg.startswith(CONFIG_PREFIX) and arg.endswith(".json")
+        }
         removed = []
         now = time.time()
-        host = GcHost()
-        for path in self.settings.state_dir.iterdir():
-            name = path.name
-            config = name.startswith(CONFIG_PREFIX) and name.endswith(".json")
-            spawn = name.startswith(SPAWN_LOG_PREFIX) and name.endswith(".tmp")
-            if not (config or spawn) or path.is_symlink():
+        for name, token in tokens.items():
+            path = self.settings.state_dir / name
+            if token in in_use or path.is_symlink():
                 continue
             try:
-                if now - path.stat().st_mtime < grace_s or (spawn and host.dir_users(path)):
+                if now - path.stat().st_mtime < grace_s:
                     continue
                 path.unlink()
             except OSError:

@@ -18,9 +18,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from ..detach import reap_supervisors
 from ..errors import ConfigError, UsageError
 from ..registry import STATE_DIR_ENV
-from ..supervisor import reap_supervisors
 from ..vm.rundir import RUN_DIR_ENV
 from .agent import HostAgent
 from .app import create_app
