@@ -63,6 +63,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("tools", ("doctor", "install", "gc")),
     ("service", ("detach", "supervisor")),
+    ("host agent", ("server",)),  # ironclaw serve: the library over HTTP
+    ("placement", ("cluster",)),  # Ray actors and Cluster, clients of host agents
     ("cli", ("cli",)),
 ]
 #: Layers whose components may import each other (one pipeline split over modules; the two
