@@ -34,7 +34,7 @@ from ..detach import (
     stop_detached,
 )
 from ..errors import ConfigError, RegistryError
-from ..gc import collect_garbage
+from ..gc import GcReport, collect_garbage
 from ..registry import Registry, VmRecord, check_vm_id
 from ..vm import VmConfig
 from ..vm.cgroups import VmCgroups
@@ -151,7 +151,7 @@ class HostAgent:
             log.warning("removed %s: a start that never reached its supervisor", path)
         return removed
 
-    def _collect(self, vm_ids: list[str] | None) -> Any:
+    def _collect(self, vm_ids: list[str] | None) -> GcReport:
         return collect_garbage(
             self.registry,
             vm_ids=vm_ids,
@@ -165,9 +165,10 @@ class HostAgent:
     def prepare_config(self, data: object) -> VmConfig:
         """Validate a request body into the ``VmConfig`` this host will run.
 
-        Library validation first (``ConfigError`` naming each bad key), then host policy
-        (``PolicyError``): host-owned keys, images outside the image directories, unjailed
-        VMs on a host that requires the sandbox. A missing ``vm_id`` gets a fresh one.
+        Host-owned keys and unjailed VMs on a host that requires the sandbox are refused
+        first (``PolicyError``), then the library validates (``ConfigError`` naming each bad
+        key), then images outside the image directories are refused (``PolicyError``). A
+        missing ``vm_id`` gets a fresh one.
         """
         if not isinstance(data, dict):
             raise ConfigError("invalid VmConfig: the request body must be a JSON object")
