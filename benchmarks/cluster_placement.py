@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from ironclaw_orchestrator.cluster import HOST_RESOURCE, AgentClient, Cluster
+from ironclaw_orchestrator.cluster import HOST_RESOURCE, Cluster, HostAgentClient
 from ironclaw_orchestrator.cluster.client import AGENT_SOCKET_ENV
 from ironclaw_orchestrator.detach import spawn_supervisor, stop_detached
 from ironclaw_orchestrator.registry import Registry
@@ -145,7 +145,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         rc.wait_for_nodes()
         ray.init(address=rc.address, namespace="ironclaw", log_to_driver=False)
         cluster = await Cluster.connect()
-        agent = AgentClient(socket_path=agents[0].socket)
+        agent = HostAgentClient(socket_path=agents[0].socket)
         jail = {"chroot_base_dir": str(lib_root / "jail")}
 
         lib_ids: list[str] = []

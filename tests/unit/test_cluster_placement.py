@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from ironclaw_orchestrator.cluster import Cluster, ClusterFullError, HostLostError, HostState
-from ironclaw_orchestrator.cluster.client import AgentUnreachableError, error_from_body
+from ironclaw_orchestrator.cluster.client import HostAgentUnreachableError, error_from_body
 from ironclaw_orchestrator.errors import ConfigError, IronclawError, RegistryError
 from ironclaw_orchestrator.server.errors import DrainingError, HostFullError
 
@@ -34,7 +34,7 @@ class FakeAgent:
     def handle(self, method: str, *args: Any) -> Any:
         self.calls.append(method)
         if self.gone:
-            raise AgentUnreachableError(f"{self.name} is gone")
+            raise HostAgentUnreachableError(f"{self.name} is gone")
         if method == "host":
             return self.info()
         if method == "create":
@@ -63,7 +63,7 @@ class FakeCluster(Cluster):
     async def _call(self, host: HostState, method: str, *args: Any) -> Any:
         try:
             return host.actor.handle(method, *args)
-        except AgentUnreachableError as exc:
+        except HostAgentUnreachableError as exc:
             self._mark_unhealthy(host, f"its agent does not answer: {exc}")
             raise HostLostError(f"host {host.hostname} is gone: {host.problem}") from None
 

@@ -9,15 +9,15 @@ needs is not part of the library.
 
 from __future__ import annotations
 
-from .client import AgentClient, AgentUnreachableError
+from .client import HostAgentClient, HostAgentUnreachableError
 from .cluster import HOST_RESOURCE, Cluster, ClusterFullError, HostLostError, HostState, VmHandle
 
 __all__ = [
     "HOST_RESOURCE",
-    "AgentClient",
-    "AgentUnreachableError",
     "Cluster",
     "ClusterFullError",
+    "HostAgentClient",
+    "HostAgentUnreachableError",
     "HostLostError",
     "HostState",
     "VmHandle",

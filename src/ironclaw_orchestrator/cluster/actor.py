@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import IronclawError
 from ..server.errors import AdmissionError
-from .client import AgentClient
+from .client import HostAgentClient
 
 __all__ = ["HostActor", "envelope_error"]
 
@@ -31,7 +31,7 @@ class HostActor:
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
-        self.client = AgentClient.from_env()
+        self.client = HostAgentClient.from_env()
 
     async def _call(self, coro: Any) -> dict[str, Any]:
         try:

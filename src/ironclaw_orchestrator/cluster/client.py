@@ -2,7 +2,7 @@
 
 Errors come back as the library's own exception classes, rebuilt from the agent's
 ``{"error": {"type", "message"}}`` body, so ``except HostFullError`` works across the wire.
-An agent that does not answer at all is :class:`AgentUnreachableError`.
+An agent that does not answer at all is :class:`HostAgentUnreachableError`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ __all__ = [
     "AGENT_SOCKET_ENV",
     "AGENT_TOKEN_FILE_ENV",
     "AGENT_URL_ENV",
-    "AgentClient",
-    "AgentUnreachableError",
+    "HostAgentClient",
+    "HostAgentUnreachableError",
     "error_from_body",
 ]
 
@@ -36,7 +36,7 @@ AGENT_TOKEN_FILE_ENV = "IRONCLAW_AGENT_TOKEN_FILE"
 DEFAULT_TIMEOUT_S = 90.0
 
 
-class AgentUnreachableError(IronclawError):
+class HostAgentUnreachableError(IronclawError):
     """The host agent did not answer (socket gone, connection refused, timed out)."""
 
 
@@ -60,7 +60,7 @@ def error_from_body(status: int, body: object) -> IronclawError:
     return IronclawError(message)
 
 
-class AgentClient:
+class HostAgentClient:
     """Talks to one host agent. Give ``socket_path``, or ``url`` (+ ``token``)."""
 
     def __init__(
@@ -88,7 +88,7 @@ class AgentClient:
             self._http = httpx.AsyncClient(base_url=str(url), timeout=timeout_s, headers=headers)
 
     @classmethod
-    def from_env(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> AgentClient:
+    def from_env(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> HostAgentClient:
         """The agent named by ``IRONCLAW_AGENT_URL`` (+ token file) or ``..._SOCKET``."""
         from ..server.settings import DEFAULT_SOCKET
 
@@ -112,7 +112,7 @@ class AgentClient:
         try:
             response = await self._http.request(method, path, json=json, params=params)
         except httpx.TransportError as exc:
-            raise AgentUnreachableError(
+            raise HostAgentUnreachableError(
                 f"host agent at {self.where} did not answer {method} {path}: "
                 f"{type(exc).__name__}: {exc}; is `ironclaw serve` running there?"
             ) from None

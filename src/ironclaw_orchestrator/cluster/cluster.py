@@ -27,7 +27,7 @@ from ..errors import IronclawError
 from ..server.errors import AdmissionError
 from ..vm import VmConfig
 from .actor import HostActor
-from .client import AgentUnreachableError, error_from_body
+from .client import HostAgentUnreachableError, error_from_body
 
 __all__ = [
     "HOST_RESOURCE",
@@ -234,18 +234,14 @@ class Cluster:
             reply = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.call_timeout_s)
         except (TimeoutError, ray.exceptions.RayError) as exc:
             self._mark_unhealthy(host, f"its actor did not answer: {type(exc).__name__}")
-            raise HostLostError(
-                f"host {host.hostname} is gone: {host.problem}"
-            ) from None
+            raise HostLostError(f"host {host.hostname} is gone: {host.problem}") from None
         if reply.get("ok"):
             return reply["value"]
         err = reply.get("error") or {}
         error = error_from_body(0, {"error": err})
-        if err.get("type") == AgentUnreachableError.__name__:
+        if err.get("type") == HostAgentUnreachableError.__name__:
             self._mark_unhealthy(host, f"its agent does not answer: {err.get('message')}")
-            raise HostLostError(
-                f"host {host.hostname} is gone: {host.problem}"
-            )
+            raise HostLostError(f"host {host.hostname} is gone: {host.problem}")
         raise error
 
     async def refresh(self, *, force: bool = True) -> None:
