@@ -8,6 +8,7 @@ Resources (all under ``/v1``; OpenAPI at ``/openapi.json``)::
     GET    /v1/vms/{id}            one VM
     GET    /v1/vms/{id}/stats      cgroup counters
     GET    /v1/vms/{id}/logs       console (or ?source=supervisor); ?follow=true streams
+    POST   /v1/vms/{id}/exec       run a command through the guest agent, wait for its exit
     DELETE /v1/vms/{id}            stop a VM (everything made for it is removed)
     POST   /v1/gc[?orphans=true]   collect VMs whose owner died
     GET    /v1/host                capacity, committed, health, version, labels
@@ -34,10 +35,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import IronclawError
+from ..errors import AgentRequestError, IronclawError
 from ..vm import VmConfig
 from .agent import HostAgent, agent_version
 from .errors import AdmissionError, RequestError, status_for
+from .guest import ExecRequest, ExecResponse, run_exec
 from .models import ERROR_RESPONSES, HostInfo, StopResult, VmInfo
 
 __all__ = ["create_app"]
@@ -60,6 +62,8 @@ def error_body(exc: IronclawError) -> dict[str, Any]:
     err: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc), "status": status}
     if isinstance(exc, AdmissionError):
         err["reason"] = exc.reason
+    elif isinstance(exc, AgentRequestError):
+        err["reason"] = exc.code
     return {"error": err}
 
 
@@ -256,6 +260,14 @@ def create_app(agent: HostAgent, *, token: bytes | None = None) -> ASGIApp:
         return StreamingResponse(
             _stream_log(agent, vm_id, path, follow), media_type="text/plain; charset=utf-8"
         )
+
+    @app.post(
+        "/v1/vms/{vm_id}/exec",
+        response_model=ExecResponse,
+        summary="Run a command in the VM through its guest agent and wait for it",
+    )
+    async def exec_in_vm(vm_id: str, req: ExecRequest) -> ExecResponse:
+        return await run_exec(agent.record(vm_id), req)
 
     @app.delete(
         "/v1/vms/{vm_id}",

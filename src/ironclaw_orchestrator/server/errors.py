@@ -9,6 +9,8 @@ to the client unchanged, so an HTTP client reads the same words as a library use
 from __future__ import annotations
 
 from ..errors import (
+    AgentError,
+    AgentRequestError,
     CleanupError,
     ConfigError,
     HostError,
@@ -84,6 +86,8 @@ STATUS_TABLE: tuple[tuple[type[IronclawError], int], ...] = (
     (RegistryError, 409),  # the id is in use (unknown ids are NotFoundError)
     (UsageError, 409),
     (HostError, 503),  # the host cannot run VMs (KVM, binaries, cgroups, chroot base)
+    (AgentRequestError, 422),  # the guest agent refused the request (its code says why)
+    (AgentError, 502),  # the guest agent cannot be reached or misbehaved
     (CleanupError, 500),
     (VmError, 500),
     (IronclawError, 500),

@@ -91,9 +91,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "No such VM"),
         (409, "The VM id is in use"),
         (413, "Body too large"),
-        (422, "Invalid VmConfig or query: each bad key named"),
+        (422, "Invalid VmConfig or query (each bad key named); guest agent refused"),
         (429, "Host full or too many VMs starting (reason, Retry-After)"),
         (500, "The VM failed (the library's error)"),
+        (502, "The guest agent cannot be reached"),
         (503, "Draining, or the host cannot run VMs"),
     )
 }
