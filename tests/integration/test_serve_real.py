@@ -283,3 +283,34 @@ def test_concurrent_starts_on_a_small_host_are_admitted_or_refused_at_once(
             assert c.delete(f"/v1/vms/{ids[0]}").json()["status"] == "deleted"
     for vm_id in ids:
         assert not vm_leftovers(vm_id, harness)
+
+
+def test_exec_reaches_the_guest_agent_of_a_real_vm(harness: AgentHarness) -> None:
+    """Through the agent to a jailed VM's vsock: the C test guest answers the handshake and
+    refuses ``exec`` (it only speaks hello, ping and echo), and that refusal comes back."""
+    from ironclaw_orchestrator.agent.guest import build_vsock_guest
+    from ironclaw_orchestrator.errors import HostError
+
+    try:
+        kernel = build_vsock_guest()
+    except HostError as exc:
+        pytest.skip(f"cannot build the vsock test guest: {exc}")
+    harness.extra += ["--image-dir", str(kernel.parent)]
+    harness.start()
+    vm_id = new_id()
+    with harness.client() as c:
+        body = probe_body(vm_id, kernel_path=str(kernel), vsock_guest_cid=3)
+        r = c.post("/v1/vms", params={"start": "true"}, json=body)
+        assert r.status_code == 201, r.text
+        deadline = time.monotonic() + 120
+        while True:
+            r = c.post(f"/v1/vms/{vm_id}/exec", json={"argv": ["true"]})
+            if r.status_code != 502:  # 502: the guest's agent is not listening yet
+                break
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.2)
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["type"] == "AgentRequestError", r.text
+        assert err["reason"] == "unknown_request"
+        assert c.delete(f"/v1/vms/{vm_id}").status_code == 200
+    assert not vm_leftovers(vm_id, harness)

@@ -46,6 +46,10 @@ class FakeAgent:
             return self.vms[body["vm_id"]]
         if method == "list":
             return list(self.vms.values())
+        if method == "exec":
+            vm_id, request = args
+            assert vm_id in self.vms
+            return {"exit_code": 0, "stdout": " ".join(request["argv"]), "cwd": request.get("cwd")}
         if method == "stop":
             del self.vms[args[0]]
             return {"status": "stopped"}
@@ -148,8 +152,10 @@ async def test_lost_host_reports_its_vms_lost_and_others_keep_working() -> None:
     listed = {v["vm_id"]: v for v in await cluster.ls()}
     assert listed["v1"]["status"] == "lost" and "gone" in listed["v1"]["problem"]
     assert list(cluster.unhealthy()) == ["node0"]
-    with pytest.raises(HostLostError, match="lost"):
+    with pytest.raises(HostLostError, match="gone"):
         await on_a.stop()
+    with pytest.raises(HostLostError, match="gone"):
+        await on_a.exec(["true"])
     other = await cluster.start_vm(body("v2"))
     assert other.node_id == "node1"
     agents[0].gone = False
@@ -169,3 +175,13 @@ def test_errors_cross_the_wire_as_the_same_class() -> None:
     odd = error_from_body(500, {"error": {"type": "os.system", "message": "m"}})
     assert type(odd) is IronclawError
     assert "HTTP 502" in str(error_from_body(502, "<html>bad gateway</html>"))
+
+
+async def test_exec_goes_to_the_vms_host() -> None:
+    agents = [FakeAgent("a", 1000), FakeAgent("b", 1000, used=500)]
+    cluster = FakeCluster(agents, seed=0)
+    vm = await cluster.start_vm(body("v1"))
+    result = await vm.exec(["echo", "hi"], cwd="/tmp")
+    assert result == {"exit_code": 0, "stdout": "echo hi", "cwd": "/tmp"}
+    assert agents[0].calls.count("exec") == 1 and "exec" not in agents[1].calls
+    assert (await cluster.exec("v1", ["true"]))["exit_code"] == 0

@@ -54,5 +54,8 @@ class HostActor:
     async def get(self, vm_id: str) -> dict[str, Any]:
         return await self._call(self.client.get(vm_id))
 
+    async def exec(self, vm_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self.client.exec(vm_id, request))
+
     async def stop(self, vm_id: str) -> dict[str, Any]:
         return await self._call(self.client.stop(vm_id))

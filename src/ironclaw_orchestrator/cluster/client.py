@@ -141,6 +141,11 @@ class HostAgentClient:
         result: dict[str, Any] = await self.request("GET", f"/v1/vms/{vm_id}")
         return result
 
+    async def exec(self, vm_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/vms/{id}/exec``: run a command through the VM's guest agent."""
+        result: dict[str, Any] = await self.request("POST", f"/v1/vms/{vm_id}/exec", json=request)
+        return result
+
     async def stop(self, vm_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.request("DELETE", f"/v1/vms/{vm_id}")
         return result

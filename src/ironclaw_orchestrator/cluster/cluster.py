@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IronclawError
-from ..server.errors import AdmissionError
+from ..server.errors import AdmissionError, NotFoundError
 from ..vm import VmConfig
 from .actor import HostActor
 from .client import HostAgentUnreachableError, error_from_body
@@ -128,6 +128,10 @@ class VmHandle:
     async def refresh(self) -> dict[str, Any]:
         self.info = await self.cluster.get(self)
         return self.info
+
+    async def exec(self, argv: list[str], **options: Any) -> dict[str, Any]:
+        """Run ``argv`` in the VM through its guest agent; see :meth:`Cluster.exec`."""
+        return await self.cluster.exec(self, argv, **options)
 
 
 def _ray() -> Any:
@@ -339,31 +343,35 @@ class Cluster:
         return vm, None
 
     async def get(self, vm: VmHandle | str) -> dict[str, Any]:
+        vm_id, host = await self._locate(vm)
+        result: dict[str, Any] = await self._call(host, "get", vm_id)
+        return result
+
+    async def _locate(self, vm: VmHandle | str) -> tuple[str, HostState]:
         vm_id, host = self._host_of(vm)
         if host is None:
             await self.ls()
             vm_id, host = self._host_of(vm_id)
         if host is None:
-            from ..server.errors import NotFoundError
-
             raise NotFoundError(f"no VM {vm_id!r} on any host of this cluster")
-        if not host.healthy:
+        if host.node_gone:
             raise HostLostError(f"VM {vm_id} is lost: host {host.hostname} is {host.problem}")
-        result: dict[str, Any] = await self._call(host, "get", vm_id)
+        return vm_id, host
+
+    async def exec(self, vm: VmHandle | str, argv: list[str], **options: Any) -> dict[str, Any]:
+        """Run ``argv`` in the VM through its guest agent and wait for it to exit.
+
+        ``options`` are the fields of the host agent's exec request (``env``, ``cwd``,
+        ``user``, ``stdin``, ``stdin_b64``, ``timeout_s``, ``output_limit``, ``output``).
+        Returns ``exit_code``, ``stdout``, ``stderr``, ``signal``, ``timed_out``, ...
+        """
+        vm_id, host = await self._locate(vm)
+        result: dict[str, Any] = await self._call(host, "exec", vm_id, {"argv": argv, **options})
         return result
 
     async def stop(self, vm: VmHandle | str) -> None:
         """Stop a VM on its host. ``HostLostError`` if that host is gone."""
-        vm_id, host = self._host_of(vm)
-        if host is None:
-            await self.ls()
-            vm_id, host = self._host_of(vm_id)
-        if host is None:
-            from ..server.errors import NotFoundError
-
-            raise NotFoundError(f"no VM {vm_id!r} on any host of this cluster")
-        if not host.healthy and host.problem and "gone" in host.problem:
-            raise HostLostError(f"VM {vm_id} is lost: host {host.hostname} is {host.problem}")
+        vm_id, host = await self._locate(vm)
         await self._call(host, "stop", vm_id)
         host.known_vms.discard(vm_id)
         host.info_at = 0.0
