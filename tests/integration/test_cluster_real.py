@@ -10,12 +10,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_harness import AgentHarness, probe_body, vm_leftovers
 from conftest import _missing
 
+from ironclaw_orchestrator.agent.guest import build_vsock_guest
 from ironclaw_orchestrator.cluster import (
     HOST_RESOURCE,
     Cluster,
@@ -24,6 +26,7 @@ from ironclaw_orchestrator.cluster import (
     VmHandle,
 )
 from ironclaw_orchestrator.cluster.client import AGENT_SOCKET_ENV
+from ironclaw_orchestrator.errors import AgentRequestError, HostError
 from ironclaw_orchestrator.vm.process import become_subreaper
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
@@ -36,6 +39,17 @@ ZONES = ("a", "b", "c")
 
 
 _RAY: dict[str, Any] = {}
+
+
+def _vsock_guest() -> Path | None:
+    try:
+        return build_vsock_guest()
+    except (HostError, OSError):
+        return None
+
+
+#: The C vsock test guest (speaks the guest agent's handshake), if it can be built here.
+VSOCK_GUEST = _vsock_guest()
 
 
 @dataclass
@@ -51,11 +65,12 @@ def nodes() -> Iterator[dict[str, Node]]:
     if reason:
         pytest.skip(reason)
     become_subreaper()
+    images = ["--image-dir", str(VSOCK_GUEST.parent)] if VSOCK_GUEST else []
     # Zone c is small: two 128 MiB VMs fill it.
     agents = {
-        "a": AgentHarness("a", extra=["--label", "zone=a", "--cpu-overcommit", "16"]),
-        "b": AgentHarness("b", extra=["--label", "zone=b", "--cpu-overcommit", "16"]),
-        "c": AgentHarness("c", extra=["--label", "zone=c", "--capacity-memory", "300"]),
+        "a": AgentHarness("a", extra=["--label", "zone=a", "--cpu-overcommit", "16", *images]),
+        "b": AgentHarness("b", extra=["--label", "zone=b", "--cpu-overcommit", "16", *images]),
+        "c": AgentHarness("c", extra=["--label", "zone=c", "--capacity-memory", "300", *images]),
     }
     out = {z: Node(z, a) for z, a in agents.items()}
     rc: Any = None
@@ -216,6 +231,32 @@ async def test_killed_agent_marks_its_host_unhealthy_and_its_vms_lost(
     assert cluster.hosts[b.node_id].info["adopted"] == [on_b.vm_id]  # type: ignore[index]
     await cluster.stop(on_b.vm_id)
     assert not vm_leftovers(on_b.vm_id, b.agent)
+
+
+async def test_exec_through_the_cluster_reaches_the_guest_agent(
+    nodes: dict[str, Node], cluster: Cluster
+) -> None:
+    if VSOCK_GUEST is None:
+        pytest.skip("cannot build the C vsock test guest (gcc missing?)")
+    body = probe_body(f"ex-{uuid.uuid4().hex[:6]}", kernel_path=str(VSOCK_GUEST))
+    vm = await cluster.start_vm({**body, "vsock_guest_cid": 3})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                await vm.exec(["true"])
+            except AgentRequestError as exc:  # the C guest speaks only hello, ping, echo
+                assert exc.code == "unknown_request"
+                break
+            except Exception:
+                # the guest's agent is not listening yet (AgentConnectionError)
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("the C test guest ran a command?")
+    finally:
+        await vm.stop()
+    assert not vm_leftovers(vm.vm_id, nodes[zone_of(nodes, vm.node_id)].agent)
 
 
 async def test_removed_node_marks_its_host_lost_without_waiting(

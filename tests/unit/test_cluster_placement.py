@@ -185,3 +185,14 @@ async def test_exec_goes_to_the_vms_host() -> None:
     assert result == {"exit_code": 0, "stdout": "echo hi", "cwd": "/tmp"}
     assert agents[0].calls.count("exec") == 1 and "exec" not in agents[1].calls
     assert (await cluster.exec("v1", ["true"]))["exit_code"] == 0
+
+
+def test_guest_agent_refusals_keep_their_code_across_the_wire() -> None:
+    from ironclaw_orchestrator.cluster.actor import envelope_error
+    from ironclaw_orchestrator.errors import AgentRequestError
+
+    body = {"error": {"type": "AgentRequestError", "message": "no", "reason": "bad_cwd"}}
+    exc = error_from_body(422, body)
+    assert isinstance(exc, AgentRequestError) and exc.code == "bad_cwd"
+    again = error_from_body(0, envelope_error(exc))  # through the Ray actor's envelope
+    assert isinstance(again, AgentRequestError) and again.code == "bad_cwd"

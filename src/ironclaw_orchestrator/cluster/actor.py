@@ -12,7 +12,7 @@ import os
 import socket
 from typing import Any
 
-from ..errors import IronclawError
+from ..errors import AgentRequestError, IronclawError
 from ..server.errors import AdmissionError
 from .client import HostAgentClient
 
@@ -23,6 +23,8 @@ def envelope_error(exc: IronclawError) -> dict[str, Any]:
     err: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
     if isinstance(exc, AdmissionError):
         err["reason"] = exc.reason
+    elif isinstance(exc, AgentRequestError):
+        err["reason"] = exc.code
     return {"ok": False, "error": err}
 
 

@@ -52,6 +52,8 @@ def error_from_body(status: int, body: object) -> IronclawError:
         return cls(message)
     if cls is RequestError:
         return RequestError(message, status)
+    if cls is errors_mod.AgentRequestError:
+        return errors_mod.AgentRequestError(message, code=str(err.get("reason") or "error"))
     if isinstance(cls, type) and issubclass(cls, IronclawError):
         try:
             return cls(message)
