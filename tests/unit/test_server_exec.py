@@ -123,9 +123,59 @@ async def test_exec_errors_are_clear(
     for body, needle in (({"argv": []}, "argv"), ({"argv": ["x"], "bogus": 1}, "bogus")):
         r = await c.post("/v1/vms/deaf/exec", json=body)
         assert r.status_code == 422 and needle in r.json()["error"]["message"]
-    r = await c.post(
-        "/v1/vms/deaf/exec", json={"argv": ["cat"], "stdin": "a", "stdin_b64": "YQ=="}
-    )
+    r = await c.post("/v1/vms/deaf/exec", json={"argv": ["cat"], "stdin": "a", "stdin_b64": "YQ=="})
     assert r.status_code == 422 and "not both" in r.json()["error"]["message"]
     for vm_id in ("novsock", "deaf"):
         agent.registry.release(vm_id)
+
+
+async def test_files_up_and_down_verified_and_bounded(
+    guest: Path, client: tuple[httpx.AsyncClient, HostAgent], tmp_path: Path
+) -> None:
+    c, agent = client
+    agent.registry.claim("ex-1", jail_dir=guest, config={"vsock_guest_cid": 3})
+    target = tmp_path / "in-guest" / "job.bin"  # the "guest" is this host here
+    data = bytes(range(256)) * 4096
+    r = await c.put(
+        "/v1/vms/ex-1/files", params={"path": str(target), "mode": "0750"}, content=data
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["size"] == len(data) and target.read_bytes() == data
+    assert target.stat().st_mode & 0o777 == 0o750
+
+    r = await c.get("/v1/vms/ex-1/files", params={"path": str(target)})
+    assert r.status_code == 200 and r.content == data
+
+    r = await c.get("/v1/vms/ex-1/files", params={"path": str(tmp_path / "missing")})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "AgentRequestError"
+    r = await c.put("/v1/vms/ex-1/files", params={"path": "relative.txt"}, content=b"x")
+    assert r.status_code == 422 and "must be absolute" in r.json()["error"]["message"]
+    r = await c.put("/v1/vms/ex-1/files", params={"path": "/x", "mode": "999"}, content=b"x")
+    assert r.status_code == 422
+
+    agent.settings = agent.settings.model_copy(update={"max_file_bytes": 1000})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"y" * 500
+
+    app_c = httpx.AsyncClient(
+        transport=httpx.ASGITransport(
+            app=_unix(create_app(agent))  # the new limit
+        ),
+        base_url="http://agent",
+    )
+    async with app_c:
+        r = await app_c.put("/v1/vms/ex-1/files", params={"path": "/tmp/big"}, content=chunks())
+        assert r.status_code == 413 and "too large" in r.json()["error"]["message"]
+        r = await app_c.put("/v1/vms/ex-1/files", params={"path": "/tmp/big"}, content=b"z" * 2000)
+        assert r.status_code == 413
+    assert not list((agent.settings.run_dir / "transfers").iterdir())
+    agent.registry.release("ex-1")
+
+
+def _unix(app: object) -> object:
+    async def wrapped(scope: dict[str, object], receive: object, send: object) -> None:
+        await app({**scope, "server": ("agent.sock", None)}, receive, send)  # type: ignore[operator]
+
+    return wrapped

@@ -9,6 +9,8 @@ Resources (all under ``/v1``; OpenAPI at ``/openapi.json``)::
     GET    /v1/vms/{id}/stats      cgroup counters
     GET    /v1/vms/{id}/logs       console (or ?source=supervisor); ?follow=true streams
     POST   /v1/vms/{id}/exec       run a command through the guest agent, wait for its exit
+    PUT    /v1/vms/{id}/files      upload the body to ?path= in the guest (&mode=0644)
+    GET    /v1/vms/{id}/files      download ?path= from the guest
     DELETE /v1/vms/{id}            stop a VM (everything made for it is removed)
     POST   /v1/gc[?orphans=true]   collect VMs whose owner died
     GET    /v1/host                capacity, committed, health, version, labels
@@ -26,20 +28,31 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AgentRequestError, IronclawError
 from ..vm import VmConfig
 from .agent import HostAgent, agent_version
 from .errors import AdmissionError, RequestError, status_for
-from .guest import ExecRequest, ExecResponse, run_exec
+from .guest import (
+    ExecRequest,
+    ExecResponse,
+    TransferResponse,
+    download,
+    run_exec,
+    transfer_file,
+    upload,
+    vsock_path,
+)
 from .models import ERROR_RESPONSES, HostInfo, StopResult, VmInfo
 
 __all__ = ["create_app"]
@@ -55,6 +68,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: How often a followed log checks whether its VM still exists.
 FOLLOW_POLL_S = 0.1
 LOG_CHUNK = 64 * 1024
+#: Uploads stream to a file under their own, larger limit instead of being buffered.
+UPLOAD_PATH = re.compile(r"^/v1/vms/[^/]+/files$")
 
 
 def error_body(exc: IronclawError) -> dict[str, Any]:
@@ -84,10 +99,13 @@ class Guard:
     (chunked bodies), so a client cannot make the agent buffer more than the limit.
     """
 
-    def __init__(self, app: ASGIApp, *, token: bytes | None, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, token: bytes | None, max_body_bytes: int, max_file_bytes: int
+    ) -> None:
         self.app = app
         self.expected = b"Bearer " + token if token is not None else None
         self.max_body = max_body_bytes
+        self.max_file = max_file_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -112,9 +130,14 @@ class Guard:
                     ),
                 )
                 return
+        upload = scope.get("method") == "PUT" and UPLOAD_PATH.match(scope.get("path", ""))
+        limit = self.max_file if upload else self.max_body
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await self._reject(scope, send, self._too_large())
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await self._reject(scope, send, self._too_large(limit))
+            return
+        if upload:  # the route streams it to a file, counting against max_file_bytes
+            await self.app(scope, receive, send)
             return
         # Read the whole body first (it is small), counting what actually arrives: a
         # chunked body has no Content-Length to check.
@@ -127,7 +150,7 @@ class Guard:
                 break
             seen += len(message.get("body", b""))
             if seen > self.max_body:
-                await self._reject(scope, send, self._too_large())
+                await self._reject(scope, send, self._too_large(self.max_body))
                 return
             if not message.get("more_body", False):
                 break
@@ -137,11 +160,9 @@ class Guard:
 
         await self.app(scope, replay, send)
 
-    def _too_large(self) -> RequestError:
-        return RequestError(
-            f"request body too large: at most {self.max_body} bytes (a VmConfig is far smaller)",
-            413,
-        )
+    @staticmethod
+    def _too_large(limit: int) -> RequestError:
+        return RequestError(f"request body too large: at most {limit} bytes", 413)
 
     @staticmethod
     async def _reject(scope: Scope, send: Send, exc: RequestError) -> None:
@@ -269,6 +290,60 @@ def create_app(agent: HostAgent, *, token: bytes | None = None) -> ASGIApp:
     async def exec_in_vm(vm_id: str, req: ExecRequest) -> ExecResponse:
         return await run_exec(agent.record(vm_id), req)
 
+    @app.put(
+        "/v1/vms/{vm_id}/files",
+        response_model=TransferResponse,
+        summary="Upload the request body to a file in the guest (atomic, SHA-256 verified)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        },
+    )
+    async def put_file(
+        vm_id: str,
+        request: Request,
+        path: Annotated[str, Query(description="Absolute path in the guest.")],
+        mode: Annotated[str | None, Query(pattern=r"^[0-7]{3,4}$", description="Octal.")] = None,
+    ) -> TransferResponse:
+        record = agent.record(vm_id)
+        vsock_path(record)  # no vsock device: refuse before taking the body
+        limit = agent.settings.max_file_bytes
+        local = transfer_file(agent.settings.run_dir / "transfers")
+        try:
+            size = 0
+            with local.open("wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise RequestError(f"file too large: at most {limit} bytes", 413)
+                    f.write(chunk)
+            return await upload(record, local, path, None if mode is None else int(mode, 8))
+        finally:
+            local.unlink(missing_ok=True)
+
+    @app.get(
+        "/v1/vms/{vm_id}/files",
+        response_class=FileResponse,
+        responses={200: {"content": {"application/octet-stream": {}}}},
+        summary="Download a file from the guest (SHA-256 verified)",
+    )
+    async def get_file(
+        vm_id: str, path: Annotated[str, Query(description="Absolute path in the guest.")]
+    ) -> FileResponse:
+        record = agent.record(vm_id)
+        vsock_path(record)
+        local = transfer_file(agent.settings.run_dir / "transfers")
+        await download(record, path, local, agent.settings.max_file_bytes)
+        return FileResponse(
+            local,
+            media_type="application/octet-stream",
+            background=BackgroundTask(local.unlink, missing_ok=True),
+        )
+
     @app.delete(
         "/v1/vms/{vm_id}",
         response_model=StopResult,
@@ -290,7 +365,12 @@ def create_app(agent: HostAgent, *, token: bytes | None = None) -> ASGIApp:
         return await asyncio.to_thread(agent.host_info)
 
     app.openapi = _config_schema_openapi(app)  # type: ignore[method-assign]
-    return Guard(app, token=token, max_body_bytes=agent.settings.max_body_bytes)
+    return Guard(
+        app,
+        token=token,
+        max_body_bytes=agent.settings.max_body_bytes,
+        max_file_bytes=agent.settings.max_file_bytes,
+    )
 
 
 async def _stream_log(

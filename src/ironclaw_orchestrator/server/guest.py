@@ -1,14 +1,19 @@
-"""Running a command in a VM through its guest agent (``POST /v1/vms/{id}/exec``).
+"""Commands and files in a VM through its guest agent (``/v1/vms/{id}/exec``, ``/files``).
 
 The host agent finds the VM's vsock socket from its registry record, exactly as
 ``ironclaw vm exec`` does, and drives the guest agent with the library's
 :class:`~ironclaw_orchestrator.agent.AgentClient`: the command's exit code, output (up to
 ``output_limit`` bytes per stream), signal and timeout come back as one JSON document.
+Files travel through a private temporary file on the host (the guest agent's transfers are
+atomic and SHA-256 verified at both ends).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +25,15 @@ from ..agent.vmhandle import vsock_host_path
 from ..errors import ConfigError, UsageError
 from ..registry import VmRecord
 
-__all__ = ["ExecRequest", "ExecResponse", "run_exec", "vsock_path"]
+__all__ = [
+    "ExecRequest",
+    "ExecResponse",
+    "TransferResponse",
+    "download",
+    "run_exec",
+    "upload",
+    "vsock_path",
+]
 
 #: Output kept per stream when the request does not say (the JSON answer holds all of it).
 DEFAULT_EXEC_OUTPUT_LIMIT = 4 * 1024 * 1024
@@ -59,6 +72,12 @@ class ExecResponse(BaseModel):
     exec_id: str
     stdout_dropped: int
     stderr_dropped: int
+
+
+class TransferResponse(BaseModel):
+    path: str
+    size: int
+    sha256: str
 
 
 def vsock_path(record: VmRecord) -> Path:
@@ -122,3 +141,43 @@ async def run_exec(record: VmRecord, req: ExecRequest) -> ExecResponse:
         stdout_dropped=result.stdout_dropped,
         stderr_dropped=result.stderr_dropped,
     )
+
+
+async def _connect(record: VmRecord) -> AgentClient:
+    return await AgentClient.connect_vsock(
+        vsock_path(record), DEFAULT_VSOCK_PORT, connect_timeout_s=GUEST_CONNECT_TIMEOUT_S
+    )
+
+
+def transfer_file(directory: Path) -> Path:
+    """A new private (0600) temporary file in ``directory`` (0700, created if needed)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="transfer-", dir=directory)
+    os.close(fd)
+    return Path(name)
+
+
+async def upload(
+    record: VmRecord, local: Path, guest_path: str, mode: int | None
+) -> TransferResponse:
+    """Copy the host file ``local`` to ``guest_path`` in the VM (atomic, verified)."""
+    client = await _connect(record)
+    try:
+        done = await client.put_file(local, guest_path, mode=0o644 if mode is None else mode)
+    finally:
+        await client.close()
+    return TransferResponse(path=guest_path, size=done.size, sha256=done.sha256)
+
+
+async def download(record: VmRecord, guest_path: str, local: Path, max_bytes: int) -> Path:
+    """Copy ``guest_path`` from the VM to ``local``; removes ``local`` if that fails."""
+    client = await _connect(record)
+    try:
+        await client.get_file(guest_path, local, max_bytes=max_bytes)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            local.unlink()
+        raise
+    finally:
+        await client.close()
+    return local

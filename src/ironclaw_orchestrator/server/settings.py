@@ -30,6 +30,7 @@ DEFAULT_SOCKET = Path("/run/ironclaw/agent.sock")
 DEFAULT_IMAGE_DIR = Path("/var/lib/ironclaw/images")
 #: A VmConfig is a few hundred bytes; 64 KiB leaves room and bounds what a client can send.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
+DEFAULT_MAX_FILE_BYTES = 512 * 2**20
 MIN_TOKEN_BYTES = 16
 
 
@@ -58,6 +59,8 @@ class AgentSettings(BaseModel):
     memory_overcommit: float = Field(default=1.0, gt=0, le=16)
     max_starting: int = Field(default=16, ge=1)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
+    #: Largest file uploaded to (or downloaded from) a guest through ``/v1/vms/{id}/files``.
+    max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, ge=1)
     #: How long SIGTERM waits for starts in flight before the agent exits.
     drain_timeout_s: float = Field(default=60.0, ge=0)
 
