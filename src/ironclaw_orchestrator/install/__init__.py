@@ -42,12 +42,10 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from ..errors import InstallError
 from .fetch import (
-    _DEFAULT_TIMEOUT,
     ProgressCallback,
     _copy_local,
     _download,
@@ -55,6 +53,7 @@ from .fetch import (
     _Location,
     _normalize_sha256,
     _parse_source,
+    default_timeout,
     parse_sha256_file,
 )
 from .release import (
@@ -71,6 +70,9 @@ from .release import (
     release_archive_url,
 )
 from .transaction import _Cancelled, _preflight, _unpack_and_install
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "DEFAULT_CHROOT_BASE_DIR",
@@ -179,11 +181,7 @@ async def install_firecracker(
     _preflight(plan)
 
     own_client = client is None
-    http = (
-        client
-        if client is not None
-        else httpx.AsyncClient(follow_redirects=True, timeout=_DEFAULT_TIMEOUT)
-    )
+    http = client if client is not None else _new_client()
     try:
         if expected is not None:
             sha256_source = "--sha256"
@@ -256,3 +254,9 @@ async def install_firecracker(
         sha256_source=sha256_source,
         notes=tuple(notes),
     )
+
+
+def _new_client() -> httpx.AsyncClient:
+    import httpx  # only to download: importing httpx loads click and rich if installed
+
+    return httpx.AsyncClient(follow_redirects=True, timeout=default_timeout())

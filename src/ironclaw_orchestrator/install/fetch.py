@@ -15,10 +15,12 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-
-import httpx
+from typing import TYPE_CHECKING
 
 from ..errors import InstallError
+
+if TYPE_CHECKING:
+    import httpx
 
 #: ``progress(bytes_done, total_bytes_or_None)``, called as the archive is read.
 ProgressCallback = Callable[[int, int | None], None]
@@ -26,7 +28,12 @@ ProgressCallback = Callable[[int, int | None], None]
 _HEX64_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _CHUNK = 64 * 1024
 _MAX_CHECKSUM_FILE = 64 * 1024
-_DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=20.0)
+
+
+def default_timeout() -> httpx.Timeout:
+    import httpx  # only when downloading: importing httpx loads click and rich if installed
+
+    return httpx.Timeout(60.0, connect=20.0)
 
 
 def _normalize_sha256(value: str) -> str:
@@ -152,6 +159,8 @@ def _report(progress: ProgressCallback | None, done: int, total: int | None) -> 
 
 async def _fetch_checksum_file(client: httpx.AsyncClient, location: _Location) -> str | None:
     """Return the text of a checksum file, or ``None`` if it does not exist."""
+    import httpx
+
     if location.path is not None:
         try:
             with location.path.open("rb") as fh:
@@ -209,6 +218,8 @@ async def _download(
     not_found_hint: str,
 ) -> str:
     """Stream ``url`` into ``dest``; return the SHA-256 of the bytes written."""
+    import httpx
+
     digest = hashlib.sha256()
     try:
         async with client.stream("GET", url, follow_redirects=True) as response:
