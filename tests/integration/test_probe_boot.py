@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 
 from ironclaw_orchestrator.vm.probe import (
+    COUNT_PREFIX,
     PROBE_BOOT_ARGS,
     READY_LINE,
     ProbeBehaviour,
+    parse_counts,
     probe_kernel_path,
 )
 
@@ -228,3 +230,12 @@ async def test_touch_grows_vmm_rss(boot: Boot) -> None:
     # touch_mib MiB; 1 MiB of slack absorbs VMM pages the two processes touch differently.
     assert grown_kib >= (touch_mib - 1) * 1024, grown_kib
     assert idle.proc.returncode is None and toucher.proc.returncode is None
+
+
+async def test_count_prints_consecutive_numbers_with_carry(boot: Boot) -> None:
+    vm = await boot(ProbeBehaviour.COUNT)
+    await vm.wait_for_line(READY_LINE)
+    await vm.wait_for_line(f"{COUNT_PREFIX} 0000000012")  # past the first decimal carry
+    counts = parse_counts("\n".join(vm.lines) + "\n")
+    assert counts == list(range(13)), vm.lines
+    assert vm.proc.returncode is None

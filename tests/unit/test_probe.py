@@ -16,11 +16,14 @@ import pytest
 from ironclaw_orchestrator.errors import ConfigError, StagingError
 from ironclaw_orchestrator.vm import probe
 from ironclaw_orchestrator.vm.probe import (
+    COUNT_PREFIX,
+    DEFAULT_COUNT_TICKS,
     MAX_TOUCH_MIB,
     PROBE_BOOT_ARGS,
     READY_LINE,
     ProbeBehaviour,
     build_probe_kernel,
+    parse_counts,
     probe_kernel_path,
     probe_listing,
     write_probe_kernel,
@@ -320,3 +323,65 @@ def test_unusable_explicit_cache_dir_is_staging_error(tmp_path: Path) -> None:
     blocker.write_bytes(b"")
     with pytest.raises(StagingError, match="cache"):
         probe_kernel_path(cache_dir=blocker / "probe")
+
+
+# --------------------------------------------------------------------------- counter
+
+
+def test_count_line_is_the_counter_in_ram() -> None:
+    image = build_probe_kernel(ProbeBehaviour.COUNT)
+    line = f"{COUNT_PREFIX} {'0' * 10}\n".encode()
+    assert image.count(line) == 1
+    assert image.endswith(line)  # the digits are the last bytes, incremented in place
+    assert b"\x0f\x31" in image  # rdtsc
+    assert b"\x48\x3d" + struct.pack("<I", DEFAULT_COUNT_TICKS) in image  # cmp rax, ticks
+    assert b"\xfe\x07\x80\x3f\x3a" in image  # inc byte [rdi]; cmp byte [rdi], '9' + 1
+    assert b"\xb0\xfe\xe6\x64" not in image and b"\xfa\xf4" not in image  # never stops
+
+
+def test_count_ticks_change_only_the_wait() -> None:
+    fast = build_probe_kernel(ProbeBehaviour.COUNT, count_ticks=1000)
+    slow = build_probe_kernel(ProbeBehaviour.COUNT, count_ticks=2**31 - 1)
+    assert len(fast) == len(slow)
+    assert b"\x48\x3d" + struct.pack("<I", 1000) in fast
+    assert sum(a != b for a, b in zip(fast, slow, strict=True)) <= 4
+
+
+def test_count_listing_labels() -> None:
+    listing = probe_listing(ProbeBehaviour.COUNT)
+    for text in ("count_loop:", "jb count_wait", "jne count_loop", "jmp count_carry"):
+        assert text in listing
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2**31, True, 1.0])
+def test_bad_count_ticks_is_config_error(bad: object) -> None:
+    with pytest.raises(ConfigError, match="count_ticks"):
+        build_probe_kernel(ProbeBehaviour.COUNT, count_ticks=bad)  # type: ignore[arg-type]
+
+
+def _emulate_increment(digits: bytearray) -> None:
+    """What the carry loop does, step by step as encoded: inc, compare, wrap, move left."""
+    i = len(digits) - 1
+    while True:
+        digits[i] += 1
+        if digits[i] != 0x3A:
+            return
+        digits[i] = 0x30
+        i -= 1
+
+
+def test_parse_counts_whole_lines_only() -> None:
+    digits = bytearray(b"0000000098")
+    text = ""
+    for _ in range(4):
+        text += f"{COUNT_PREFIX} {digits.decode()}\n"
+        _emulate_increment(digits)
+    text += f"{COUNT_PREFIX} 00000"  # cut off mid-line
+    assert parse_counts(f"garbage\n{READY_LINE}\n" + text) == [98, 99, 100, 101]
+    assert parse_counts("CONT 0000000001\n") == []
+
+
+def test_count_cache_name_depends_on_ticks(tmp_path: Path) -> None:
+    a = probe_kernel_path(ProbeBehaviour.COUNT, cache_dir=tmp_path)
+    b = probe_kernel_path(ProbeBehaviour.COUNT, cache_dir=tmp_path, count_ticks=1000)
+    assert a != b and a.name.startswith("ironclaw-probe-count-touch0-")

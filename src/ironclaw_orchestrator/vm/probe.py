@@ -19,7 +19,14 @@ What the guest does, in order:
    VMM's resident memory grows by about ``touch_mib`` MiB, then prints
    ``"IRONCLAW-PROBE-TOUCHED <touch_mib>\\n"``;
 3. does its :class:`ProbeBehaviour`: reset the machine (Firecracker exits with status 0),
-   halt forever, or spin forever.
+   halt forever, spin forever, or count: print ``"IRONCLAW-PROBE-COUNT <n>\\n"`` (``n`` ten
+   decimal digits, from 0 up) every ``count_ticks`` time-stamp-counter ticks, forever.
+
+The counter lives in guest RAM (the digits of the line it prints, incremented in place), so
+it is state a test can see: a snapshot taken at count ``n`` and restored goes on from ``n``
+(or ``n + 1``), never from zero, and each clone of one snapshot counts on by itself. Its
+delay is a ``rdtsc`` busy-wait (the probe has no interrupts), so a counting probe burns a
+host CPU like ``SPIN``; keep counting VMs few and short-lived.
 
 The guest memory size (``mem_size_mib``) must be larger than ``16 + touch_mib``; touching
 memory the guest does not have makes the VMM fail, not the probe. Boot it with
@@ -47,6 +54,8 @@ from pathlib import Path
 from ..errors import ConfigError, StagingError
 
 __all__ = [
+    "COUNT_PREFIX",
+    "DEFAULT_COUNT_TICKS",
     "MAX_TOUCH_MIB",
     "PROBE_BOOT_ARGS",
     "PROBE_LOAD_ADDRESS",
@@ -55,6 +64,7 @@ __all__ = [
     "TOUCH_START_MIB",
     "ProbeBehaviour",
     "build_probe_kernel",
+    "parse_counts",
     "probe_kernel_path",
     "probe_listing",
     "write_probe_kernel",
@@ -64,6 +74,11 @@ __all__ = [
 READY_LINE = "IRONCLAW-PROBE-READY"
 #: The line printed after the memory touch, followed by ``" <touch_mib>\n"``.
 TOUCHED_PREFIX = "IRONCLAW-PROBE-TOUCHED"
+#: Each line a counting probe prints: this, a space, ten decimal digits, ``"\n"``.
+COUNT_PREFIX = "IRONCLAW-PROBE-COUNT"
+_COUNT_DIGITS = 10
+#: Time-stamp-counter ticks between two count lines (about 10-20 ms on a 2-3 GHz host).
+DEFAULT_COUNT_TICKS = 1 << 25
 #: Kernel command line for a probe VM (the same as a Linux guest's; the probe ignores it).
 PROBE_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
 #: Physical (= virtual) address the image is linked and loaded at: above the 1 MiB that
@@ -102,6 +117,8 @@ class ProbeBehaviour(enum.Enum):
     HALT = "halt"
     #: Busy-loop forever: the vCPU thread burns a full host CPU until the VMM is stopped.
     SPIN = "spin"
+    #: Print a counter line every ``count_ticks`` TSC ticks, forever (busy-waits like SPIN).
+    COUNT = "count"
 
 
 # --------------------------------------------------------------------------- assembler
@@ -198,7 +215,9 @@ class _Assembler:
         return b"".join(code for _, code, _ in self.lines())
 
 
-def _program(behaviour: ProbeBehaviour, touch_mib: int) -> list[_Item]:
+def _program(
+    behaviour: ProbeBehaviour, touch_mib: int, count_ticks: int = DEFAULT_COUNT_TICKS
+) -> list[_Item]:
     """The probe's code and data, each instruction as (bytes it encodes to, assembly).
 
     Opcode notes (Intel SDM vol. 2): ``REX.W`` = ``0x48``; ModRM byte = mod<<6 | reg<<3 | rm
@@ -255,6 +274,8 @@ def _program(behaviour: ProbeBehaviour, touch_mib: int) -> list[_Item]:
             _Label("spin"),
             _Insn("jmp spin", b"\xeb", "spin", 1),  # EB cb: jmp to itself, burns the CPU
         ]
+    elif behaviour is ProbeBehaviour.COUNT:
+        items += _count_loop(count_ticks)
     else:
         items += [
             _Label("halt"),
@@ -280,7 +301,57 @@ def _program(behaviour: ProbeBehaviour, touch_mib: int) -> list[_Item]:
     ]
     if touch_mib > 0:
         items += [_Label("touched_msg"), _Data(f"db {touched!r}", touched)]
+    if behaviour is ProbeBehaviour.COUNT:
+        prefix = f"{COUNT_PREFIX} ".encode("ascii")
+        digits = b"0" * _COUNT_DIGITS
+        items += [
+            # The line lives in guest RAM and its digits are the counter itself.
+            _Label("count_msg"),
+            _Data(f"db {prefix + digits[:-1]!r}", prefix + digits[:-1]),
+            _Label("count_last_digit"),
+            _Data("db b'0\\n'", b"0\n"),
+        ]
     return items
+
+
+def _count_len() -> int:
+    return len(COUNT_PREFIX) + 1 + _COUNT_DIGITS + 1
+
+
+def _count_loop(count_ticks: int) -> list[_Item]:
+    """Print the count line, busy-wait ``count_ticks`` TSC ticks, add one to the digits."""
+
+    def rdtsc64() -> list[_Item]:
+        return [
+            _Insn("rdtsc", b"\x0f\x31"),  # 0F 31: edx:eax <- TSC
+            _Insn("shl rdx, 0x20", b"\x48\xc1\xe2\x20"),  # REX.W C1 /4 ib, ModRM 11 100 010
+            _Insn("or rax, rdx", b"\x48\x09\xd0"),  # REX.W 09 /r, ModRM 11 010 000
+        ]
+
+    return [
+        _Label("count_loop"),
+        _Insn("lea rsi, [rip + count_msg]", b"\x48\x8d\x35", "count_msg", 4),
+        _Insn(f"mov ecx, {_count_len():#x}", b"\xb9", imm=_u32(_count_len())),
+        _Insn("call print", b"\xe8", "print", 4),
+        *rdtsc64(),
+        _Insn("mov rbx, rax", b"\x48\x89\xc3"),  # REX.W 89 /r, ModRM 11 000 011
+        _Label("count_wait"),
+        _Insn("pause", b"\xf3\x90"),  # F3 90: spin-wait hint
+        *rdtsc64(),
+        _Insn("sub rax, rbx", b"\x48\x29\xd8"),  # REX.W 29 /r, ModRM 11 011 000
+        # REX.W 3D id: cmp rax, imm32 (sign-extended, hence count_ticks < 2**31)
+        _Insn(f"cmp rax, {count_ticks:#x}", b"\x48\x3d", imm=_u32(count_ticks)),
+        _Insn("jb count_wait", b"\x72", "count_wait", 1),  # 72 cb
+        # Decimal increment in place, from the last digit leftwards while it carries.
+        _Insn("lea rdi, [rip + count_last_digit]", b"\x48\x8d\x3d", "count_last_digit", 4),
+        _Label("count_carry"),
+        _Insn("inc byte [rdi]", b"\xfe\x07"),  # FE /0, ModRM 00 000 111
+        _Insn("cmp byte [rdi], 0x3a", b"\x80\x3f\x3a"),  # 80 /7 ib: past '9'?
+        _Insn("jne count_loop", b"\x75", "count_loop", 1),  # 75 cb
+        _Insn("mov byte [rdi], 0x30", b"\xc6\x07\x30"),  # C6 /0 ib: back to '0' ...
+        _Insn("dec rdi", b"\x48\xff\xcf"),  # REX.W FF /1, ModRM 11 001 111
+        _Insn("jmp count_carry", b"\xeb", "count_carry", 1),  # ... and carry left
+    ]
 
 
 # --------------------------------------------------------------------------- ELF image
@@ -329,7 +400,9 @@ def _elf64(code: bytes) -> bytes:
 # --------------------------------------------------------------------------- public API
 
 
-def _check(behaviour: ProbeBehaviour, touch_mib: int) -> None:
+def _check(
+    behaviour: ProbeBehaviour, touch_mib: int, count_ticks: int = DEFAULT_COUNT_TICKS
+) -> None:
     if not isinstance(behaviour, ProbeBehaviour):
         raise ConfigError(
             f"probe behaviour {behaviour!r} is not a ProbeBehaviour; "
@@ -344,25 +417,40 @@ def _check(behaviour: ProbeBehaviour, touch_mib: int) -> None:
             f"probe touch_mib={touch_mib} is out of range; use 0..{MAX_TOUCH_MIB} "
             f"(the touched range starts at {TOUCH_START_MIB} MiB and must stay in the first GiB)"
         )
+    if isinstance(count_ticks, bool) or not isinstance(count_ticks, int):
+        raise ConfigError(f"probe count_ticks {count_ticks!r} is not an int; pass TSC ticks")
+    if not 1 <= count_ticks < 2**31:
+        raise ConfigError(
+            f"probe count_ticks={count_ticks} is out of range; use 1..{2**31 - 1} "
+            "(the wait compares against a sign-extended 32-bit immediate)"
+        )
 
 
-def probe_listing(behaviour: ProbeBehaviour = ProbeBehaviour.RESET, touch_mib: int = 0) -> str:
+def probe_listing(
+    behaviour: ProbeBehaviour = ProbeBehaviour.RESET,
+    touch_mib: int = 0,
+    *,
+    count_ticks: int = DEFAULT_COUNT_TICKS,
+) -> str:
     """An assembly listing of the probe's code: load address, bytes, instruction.
 
     Meant for debugging and review; :func:`build_probe_kernel` emits exactly these bytes
     after the ELF headers.
     """
-    _check(behaviour, touch_mib)
+    _check(behaviour, touch_mib, count_ticks)
     base = PROBE_LOAD_ADDRESS + _ELF_HEADER_SIZE + _PROGRAM_HEADER_SIZE
     rows = []
-    for offset, code, asm in _Assembler(_program(behaviour, touch_mib)).lines():
+    for offset, code, asm in _Assembler(_program(behaviour, touch_mib, count_ticks)).lines():
         shown = code.hex(" ") if len(code) <= 8 else code[:8].hex(" ") + " ..."
         rows.append(f"{base + offset:08x}  {shown:<27} {asm}")
     return "\n".join(rows) + "\n"
 
 
 def build_probe_kernel(
-    behaviour: ProbeBehaviour = ProbeBehaviour.RESET, touch_mib: int = 0
+    behaviour: ProbeBehaviour = ProbeBehaviour.RESET,
+    touch_mib: int = 0,
+    *,
+    count_ticks: int = DEFAULT_COUNT_TICKS,
 ) -> bytes:
     """Return the probe guest as an ELF64 image Firecracker can boot (a few hundred bytes).
 
@@ -374,8 +462,8 @@ def build_probe_kernel(
         ConfigError: ``behaviour`` is not a :class:`ProbeBehaviour` or ``touch_mib`` is out
             of range.
     """
-    _check(behaviour, touch_mib)
-    return _elf64(_Assembler(_program(behaviour, touch_mib)).assemble())
+    _check(behaviour, touch_mib, count_ticks)
+    return _elf64(_Assembler(_program(behaviour, touch_mib, count_ticks)).assemble())
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -398,6 +486,8 @@ def write_probe_kernel(
     path: Path,
     behaviour: ProbeBehaviour = ProbeBehaviour.RESET,
     touch_mib: int = 0,
+    *,
+    count_ticks: int = DEFAULT_COUNT_TICKS,
 ) -> Path:
     """Build the probe kernel and write it to ``path`` atomically (temp file + rename).
 
@@ -408,7 +498,7 @@ def write_probe_kernel(
         ConfigError: bad ``behaviour`` or ``touch_mib`` (nothing is written).
         StagingError: the file could not be written (directory missing, not writable, ...).
     """
-    data = build_probe_kernel(behaviour, touch_mib)
+    data = build_probe_kernel(behaviour, touch_mib, count_ticks=count_ticks)
     path = Path(path)
     try:
         _write_atomically(path, data)
@@ -439,6 +529,8 @@ def probe_kernel_path(
     behaviour: ProbeBehaviour = ProbeBehaviour.RESET,
     touch_mib: int = 0,
     cache_dir: Path | None = None,
+    *,
+    count_ticks: int = DEFAULT_COUNT_TICKS,
 ) -> Path:
     """Return the path of a cached probe kernel, building it first if needed.
 
@@ -455,7 +547,7 @@ def probe_kernel_path(
         ConfigError: bad ``behaviour`` or ``touch_mib``.
         StagingError: no usable cache directory, or the file could not be written.
     """
-    data = build_probe_kernel(behaviour, touch_mib)
+    data = build_probe_kernel(behaviour, touch_mib, count_ticks=count_ticks)
     digest = hashlib.sha256(data).hexdigest()[:16]
     name = f"ironclaw-probe-{behaviour.value}-touch{touch_mib}-{digest}.elf"
 
@@ -474,4 +566,14 @@ def probe_kernel_path(
             return path
     except OSError:
         pass  # unreadable: rewrite it below
-    return write_probe_kernel(path, behaviour, touch_mib)
+    return write_probe_kernel(path, behaviour, touch_mib, count_ticks=count_ticks)
+
+
+def parse_counts(console: str) -> list[int]:
+    """The counter values in a counting probe's console output, in order (whole lines only)."""
+    prefix = COUNT_PREFIX + " "
+    values = []
+    for line in console.split("\n")[:-1]:  # the last piece may be a line still being written
+        if line.startswith(prefix) and len(line) == _count_len() - 1 and line[-10:].isdigit():
+            values.append(int(line[len(prefix) :]))
+    return values
