@@ -38,13 +38,17 @@ from .jailer import (
 )
 from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, read_tail
 from .recording import VmRecorder
+from .snapshot import Progress, Snapshot, take_snapshot
 from .unjailed import UnjailedProcess, start_unjailed
 
 __all__ = [
     "FirecrackerProcess",
     "JailerConfig",
     "JailerProcess",
+    "Snapshot",
     "VmConfig",
+    "WarmPool",
+    "restore_snapshot",
     "start_firecracker",
     "start_with_jailer",
     "stop_firecracker",
@@ -79,6 +83,8 @@ class FirecrackerProcess(GuestAgentMixin):
         self.vmm = vmm
         self.recorder = recorder
         self.exit_code: int | None = None
+        #: The snapshot this VM last wrote or was restored from (a Diff snapshot builds on it).
+        self.last_snapshot: Snapshot | None = None
 
     @property
     def pid(self) -> int:
@@ -153,6 +159,28 @@ class FirecrackerProcess(GuestAgentMixin):
                 f"VM {self.vm_id} runs unjailed (development mode): it has no cgroups to read"
             )
         return self.vmm.stats()
+
+    async def pause(self) -> None:
+        """Pause the guest's vCPUs (``PATCH /vm Paused``)."""
+        await self.vmm.api.pause()
+
+    async def resume(self) -> None:
+        """Resume a paused guest."""
+        await self.vmm.api.resume()
+
+    async def snapshot(
+        self,
+        dest_dir: Path | str,
+        *,
+        diff: bool = False,
+        resume: bool = True,
+        progress: Progress | None = None,
+    ) -> Snapshot:
+        """Pause, snapshot into the new directory ``dest_dir``, resume unless ``resume=False``.
+
+        See :mod:`.snapshot` for the layout and crash safety.
+        """
+        return await take_snapshot(self, dest_dir, diff=diff, resume=resume, progress=progress)
 
     async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
         """Stop the VM and remove everything made for it. Idempotent.
@@ -383,3 +411,8 @@ async def _configure(vm: FirecrackerProcess) -> None:
         if not jailed:
             raise ConfigError(f"VM {cfg.vm_id}: vsock is only supported for jailed VMs")
         await api.put_vsock(cfg.vsock_guest_cid, cfg.vsock_uds_path)
+
+
+# Built on FirecrackerProcess and the start path above.
+from .pool import WarmPool  # noqa: E402
+from .restore import restore_snapshot  # noqa: E402

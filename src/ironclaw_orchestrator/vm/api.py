@@ -211,6 +211,15 @@ class FirecrackerApi:
     async def resume(self) -> None:
         await self.request("PATCH", "/vm", {"state": "Resumed"})
 
+    # Snapshots: bodies differ by version, see ``snapshot_api``. Writing or mapping guest
+    # memory can take much longer than the default timeout on a big guest.
+
+    async def create_snapshot(self, body: dict[str, Any], *, timeout_s: float = 300.0) -> None:
+        await self.request("PUT", "/snapshot/create", body, timeout_s=timeout_s)
+
+    async def load_snapshot(self, body: dict[str, Any], *, timeout_s: float = 60.0) -> None:
+        await self.request("PUT", "/snapshot/load", body, timeout_s=timeout_s)
+
 
 def _fault(data: bytes, reason: str) -> str:
     try:

@@ -1,0 +1,342 @@
+"""A warm pool of pre-jailed VMMs: spawned, jailed, in their cgroups and netns, API ready.
+
+Ids: a jail's id is fixed when the jailer runs, so a pooled VMM is spawned as
+``pool-<12 hex>`` (its chroot, cgroups and network namespace carry that name). When it is
+claimed as ``vm_id``, the registry gets a record under ``vm_id`` that names the pooled
+jail's resources (``jail_dir``, ``cgroups``, ``netns_name``, ...), and only then is the
+``pool-...`` record dropped. So ``vm_id`` is what ``ironclaw vm ls/stop`` and ``gc`` see;
+host paths keep the pool name. A crash between the two steps leaves two records naming the
+same resources, which ``gc`` removes once (every removal is idempotent).
+
+A pool either boots (``snapshot=None``: kernel and root drive are staged at spawn, the VM is
+configured from the claimed config and started) or restores (``snapshot=``: its files are
+staged at spawn, the claim only loads and resumes it). Limits that differ from the template
+are written to the VM's cgroup files at claim; what is fixed at spawn (uid/gid, jail,
+network namespace, vsock) cannot be overridden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, IronclawError, UsageError
+from ..registry import Registry, check_vm_id
+from . import (
+    KERNEL_JAIL_PATH,
+    ROOTFS_JAIL_PATH,
+    FirecrackerProcess,
+    _configure,
+    _own_ids,
+    _recorder,
+)
+from . import cgroups as cg
+from . import netns as ns
+from .config import VmConfig
+from .jailer import JailerProcess, JailFile, start_with_jailer
+from .lifecycle import DEFAULT_READY_TIMEOUT_S
+from .recording import VmRecorder, record_fields
+from .restore import check_clone, clone_config, load_into, snapshot_files
+from .snapshot import Snapshot
+from .staging import stage_file
+
+__all__ = ["POOL_ID_PREFIX", "WarmPool"]
+
+log = logging.getLogger(__name__)
+
+POOL_ID_PREFIX = "pool-"
+#: Settings fixed when the VMM is spawned (claim refuses to change them).
+_FIXED = (
+    "enable_networking",
+    "tap_host_cidr",
+    "uplink_subnet",
+    "vsock_guest_cid",
+    "vsock_uds_path",
+)
+_FIXED_JAIL = (
+    "uid",
+    "gid",
+    "chroot_base_dir",
+    "exec_file",
+    "jailer_binary",
+    "netns",
+    "isolate_network",
+    "new_pid_ns",
+    "api_sock",
+    "cgroup_version",
+    "parent_cgroup",
+)
+_MAX_TRIES = 3
+
+
+class WarmPool:
+    """Keeps ``size`` VMMs ready; :meth:`claim` hands one out, configured and running."""
+
+    def __init__(
+        self,
+        template: VmConfig,
+        size: int = 4,
+        *,
+        snapshot: Snapshot | None = None,
+        registry: Registry | None = None,
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+    ) -> None:
+        if size < 0:
+            raise ConfigError(f"WarmPool size {size} must be >= 0")
+        self.snapshot = snapshot
+        self.template = clone_config(snapshot, "pool", template.jailer) if snapshot else template
+        self.size = size
+        self.registry = registry if registry is not None else Registry()
+        self.ready_timeout_s = ready_timeout_s
+        self._idle: list[FirecrackerProcess] = []
+        self._spawning = 0
+        self._wake = asyncio.Event()
+        self._refiller: asyncio.Task[None] | None = None
+        self._closed = False
+        #: Why the last background spawn failed (``None`` once one succeeds).
+        self.last_error: BaseException | None = None
+
+    async def __aenter__(self) -> WarmPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def ready(self) -> int:
+        return len(self._idle)
+
+    async def start(self, *, wait: bool = True) -> None:
+        """Start the background refill; with ``wait`` return once the pool is full."""
+        if self._closed:
+            raise UsageError("this WarmPool was closed")
+        if self._refiller is None:
+            self._refiller = asyncio.create_task(self._refill_loop())
+        if wait:
+            while len(self._idle) < self.size:
+                if self.last_error is not None:
+                    raise self.last_error
+                await asyncio.sleep(0.005)
+
+    # ------------------------------------------------------------------ spawning
+
+    def _pool_config(self) -> VmConfig:
+        vm_id = POOL_ID_PREFIX + secrets.token_hex(6)
+        base = self.template.jailer
+        if base is not None and "jailer_id" in base.model_fields_set:
+            raise ConfigError(
+                "WarmPool template: leave jailer.jailer_id unset (pool ids are made up)"
+            )
+        return self.template.model_copy(update={"vm_id": vm_id})
+
+    async def _spawn(self) -> FirecrackerProcess:
+        config = self._pool_config()
+        jailer_cfg = config.jailer_config()
+        if self.snapshot is not None:
+            check_clone(self.snapshot, config, jailer_cfg)
+            files = snapshot_files(self.snapshot, config)
+            tap = self.snapshot.manifest.tap
+        else:
+            files = [JailFile(Path(config.kernel_path), KERNEL_JAIL_PATH, read_only=True)]
+            if config.rootfs_path is not None:
+                files.append(JailFile(Path(config.rootfs_path), ROOTFS_JAIL_PATH,
+                                      read_only=config.rootfs_read_only, is_disk=True))  # fmt: skip
+            tap = None  # made at claim, named after the claimed id
+        recorder = _recorder(config, self.registry, True, True)
+        assert recorder is not None
+        try:
+            jailer_cfg = _own_ids(config, jailer_cfg, recorder.registry)
+            vmm = await start_with_jailer(
+                jailer_cfg, files=files, tap=tap,
+                tap_host_cidr=config.tap_host_cidr if tap else None,
+                ready_timeout_s=self.ready_timeout_s, on_change=recorder.on_change,
+            )  # fmt: skip
+        except BaseException:
+            recorder.abandoned()
+            raise
+        vm = FirecrackerProcess(config, vmm, recorder=recorder)
+        recorder.started(vm)
+        return vm
+
+    async def _refill_loop(self) -> None:
+        while not self._closed:
+            while len(self._idle) + self._spawning < self.size and not self._closed:
+                self._spawning += 1
+                try:
+                    vm = await self._spawn()
+                except Exception as exc:
+                    self.last_error = exc
+                    log.error("warm pool: spawning a VMM failed: %s", exc)
+                    await asyncio.sleep(1.0)  # do not spin on a broken host
+                    continue
+                finally:
+                    self._spawning -= 1
+                self.last_error = None
+                if self._closed:
+                    await vm.stop()
+                else:
+                    self._idle.append(vm)
+            self._wake.clear()
+            await self._wake.wait()
+
+    # ------------------------------------------------------------------ claiming
+
+    def _claimed_config(self, vm_id: str, overrides: dict[str, Any]) -> VmConfig:
+        check_vm_id(vm_id)
+        if self.snapshot is not None:
+            guest = set(overrides) - {"jailer", "require_sandbox", "memory_headroom_mb"}
+            if guest:
+                raise ConfigError(
+                    f"WarmPool.claim({vm_id}): {sorted(guest)} are fixed by the pool's snapshot"
+                )
+        for key in _FIXED:
+            if key in overrides and overrides[key] != getattr(self.template, key):
+                raise ConfigError(
+                    f"WarmPool.claim({vm_id}): {key} is fixed when the pool spawns its VMMs"
+                )
+        data = self.template.model_dump(exclude={"vm_id", "jailer"}, exclude_unset=True)
+        data.update(overrides)
+        jailer = overrides.get("jailer", self.template.jailer)
+        if jailer is not None and not isinstance(jailer, dict):
+            jailer = jailer.model_dump(exclude_unset=True)
+        tmpl_jail = self.template.jailer_config()
+        for key in _FIXED_JAIL:
+            if jailer and key in jailer and jailer[key] != getattr(tmpl_jail, key):
+                raise ConfigError(
+                    f"WarmPool.claim({vm_id}): jailer.{key} is fixed when the pool spawns its VMMs"
+                )
+        data["jailer"] = jailer
+        return VmConfig(vm_id=vm_id, **data)
+
+    async def claim(self, vm_id: str, **overrides: Any) -> FirecrackerProcess:
+        """Hand out a pooled VMM as ``vm_id``: configured and started (or restored), running.
+
+        ``overrides`` are ``VmConfig`` fields (e.g. ``boot_args``, ``memory_mb``, ``jailer=``
+        with other limits). If no VMM is ready one is spawned on the spot.
+        """
+        if self._closed:
+            raise UsageError("this WarmPool was closed")
+        config = self._claimed_config(vm_id, overrides)
+        # Files named by the claim are checked before anything is taken or written.
+        if self.snapshot is None:
+            from .staging import check_source
+
+            check_source(Path(config.kernel_path), "kernel_path")
+            if config.rootfs_path is not None:
+                check_source(Path(config.rootfs_path), "rootfs_path")
+        self.registry.claim(vm_id, config=config.model_dump(mode="json"),
+                            vcpus=config.vcpu_count, memory_mb=config.memory_mb)  # fmt: skip
+        recorder = VmRecorder(self.registry, vm_id, owns_claim=True)
+        try:
+            for attempt in range(_MAX_TRIES):
+                pooled = await self._take()
+                vm = FirecrackerProcess(config, pooled.vmm, recorder=recorder)
+                try:
+                    await self._hand_over(vm, pooled)
+                    return vm
+                except IronclawError:
+                    died = not pooled.vmm.process.alive
+                    await vm.stop(timeout_s=0.5)
+                    if not died or attempt == _MAX_TRIES - 1:
+                        raise
+                    self.registry.claim(vm_id, config=config.model_dump(mode="json"))
+                    log.warning(
+                        "warm pool: VMM %s died during its claim; taking another", pooled.vm_id
+                    )
+            raise AssertionError("unreachable")
+        except BaseException:
+            with contextlib.suppress(IronclawError):
+                self.registry.release(vm_id)
+            raise
+        finally:
+            self._wake.set()
+
+    async def _take(self) -> FirecrackerProcess:
+        """An idle VMM whose process still runs; dead ones are cleaned up on the way."""
+        while self._idle:
+            vm = self._idle.pop(0)
+            if vm.vmm.process.alive:
+                return vm
+            log.warning("warm pool: VMM %s died while waiting; removing it", vm.vm_id)
+            with contextlib.suppress(IronclawError):
+                await vm.stop()
+        self._wake.set()
+        return await self._spawn()
+
+    async def _hand_over(self, vm: FirecrackerProcess, pooled: FirecrackerProcess) -> None:
+        vmm = vm.vmm
+        assert isinstance(vmm, JailerProcess)
+        # The claimed id's record takes over the pooled jail, then the pool record goes.
+        self.registry.update(vm.vm_id, **record_fields(vm))
+        self.registry.release(pooled.vm_id)
+        await asyncio.to_thread(self._apply_limits, vm, vmm)
+        if self.snapshot is not None:
+            await load_into(vmm, self.snapshot, resume=True)
+            vm.last_snapshot = self.snapshot
+            return
+        await asyncio.to_thread(self._restage, vm, pooled, vmm)
+        await _configure(vm)
+        await vm.start_instance()
+
+    @staticmethod
+    def _restage(vm: FirecrackerProcess, pooled: FirecrackerProcess, vmm: JailerProcess) -> None:
+        """Files and tap that depend on the claimed config."""
+        cfg, jcfg = vm.config, vmm.config
+        if cfg.kernel_path != pooled.config.kernel_path:
+            stage_file(Path(cfg.kernel_path), jcfg.chroot_dir, KERNEL_JAIL_PATH,
+                       uid=jcfg.uid, gid=jcfg.gid, read_only=True)  # fmt: skip
+        if cfg.rootfs_path is not None and cfg.rootfs_path != pooled.config.rootfs_path:
+            stage_file(Path(cfg.rootfs_path), jcfg.chroot_dir, ROOTFS_JAIL_PATH,
+                       uid=jcfg.uid, gid=jcfg.gid, read_only=cfg.rootfs_read_only)  # fmt: skip
+        res = vmm.resources
+        if cfg.enable_networking and res.netns_name is not None:
+            res.tap = ns.tap_name(cfg.vm_id)
+            res.changed()
+            ns.ensure_tap(res.netns_name, res.tap, jcfg.uid, jcfg.gid, host_cidr=cfg.tap_host_cidr)
+
+    @staticmethod
+    def _apply_limits(vm: FirecrackerProcess, vmm: JailerProcess) -> None:
+        """Write the claimed config's cgroup values that differ from the spawned ones."""
+        cgroups = vmm.resources.cgroups
+        if cgroups is None:
+            return
+        wanted = vm.config.jailer_config().model_copy(update={"jailer_id": vmm.config.jailer_id})
+        new = cg.cgroup_settings(wanted, cgroups.version, None)
+        old = {(s.controller, s.file): s.value for s in cgroups.settings}
+        for s in new:
+            if old.get((s.controller, s.file)) == s.value:
+                continue
+            if s.controller not in cgroups.controllers and cgroups.version == 1:
+                raise ConfigError(
+                    f"VM {vm.vm_id}: limit {s.file}={s.value} needs the {s.controller} cgroup, "
+                    "which the pooled VMM was spawned without: set that limit in the pool's "
+                    "template"
+                )
+            cgroups._write_setting(s)  # same writer (and error messages) as at spawn
+        cgroups.settings = list(new)
+        vmm.config = vmm.config.model_copy(
+            update={k: getattr(wanted, k) for k in type(wanted).model_fields if k not in _FIXED_JAIL
+                    and k != "jailer_id"}
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        """Stop the refill and every idle VMM (claimed VMs are the claimer's to stop)."""
+        self._closed = True
+        self._wake.set()
+        if self._refiller is not None:
+            self._refiller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refiller
+            self._refiller = None
+        idle, self._idle = self._idle, []
+        results = await asyncio.gather(
+            *(vm.stop(timeout_s=0.5) for vm in idle), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]

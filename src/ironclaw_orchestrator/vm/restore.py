@@ -1,0 +1,151 @@
+"""Restoring a snapshot into a fresh jail (and so forking a VM: N restores of one snapshot).
+
+Each restore is a new VMM started by the same path as any jailed VM (``start_with_jailer``:
+its own chroot, uid/gid from the registry, cgroups, network namespace, recorded before each
+resource exists), with the snapshot's files staged in instead of a kernel:
+
+* ``memory`` and ``vmstate`` are hard-linked read-only (0444, root-owned) when the snapshot
+  lives on the jail's filesystem, else copied. Firecracker maps guest memory ``MAP_PRIVATE``
+  from that file, so clones share its page cache and none can write it;
+* the root drive gets a writable copy of its own per clone, at the jail path the VM state
+  names (``/rootfs.ext4``);
+* the tap the state names is created in the clone's own network namespace (so every clone
+  has the same tap name without clashing); the vsock socket is recreated by Firecracker at
+  its jail path inside the clone's own chroot.
+
+Then ``PUT /snapshot/load`` (body by version) and, unless ``resume=False``, the VM runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path, PurePosixPath
+
+from ..errors import ConfigError
+from ..registry import Registry
+from . import FirecrackerProcess, _own_ids, _recorder
+from .config import JailerConfig, VmConfig
+from .hostcheck import check_socket_budget
+from .jailer import JailerProcess, JailFile, resolve_binaries, start_with_jailer
+from .lifecycle import DEFAULT_READY_TIMEOUT_S
+from .snapshot import JAIL_SNAPSHOT_DIR, MEMORY, VMSTATE, Snapshot
+from .snapshot_api import load_body
+
+__all__ = ["check_clone", "clone_config", "load_into", "restore_snapshot", "snapshot_files"]
+
+log = logging.getLogger(__name__)
+
+
+def clone_config(snap: Snapshot, vm_id: str, jailer: JailerConfig | None = None) -> VmConfig:
+    """The source VM's config under ``vm_id``; ``jailer`` replaces its jail settings/limits.
+
+    Guest-visible settings (memory, vCPUs, devices) are fixed by the snapshot.
+    """
+    src = snap.config
+    base = jailer if jailer is not None else src.jailer
+    if base is not None and "jailer_id" in base.model_fields_set and jailer is None:
+        # The source's explicit jail id names the source's jail, never a clone's.
+        base = JailerConfig(**base.model_dump(exclude={"jailer_id"}, exclude_unset=True))
+    data = src.model_dump(exclude={"vm_id", "jailer"}, exclude_unset=True)
+    return VmConfig(vm_id=vm_id, jailer=base, **data)
+
+
+def snapshot_files(snap: Snapshot, config: VmConfig) -> list[JailFile]:
+    """What to stage into a clone's jail for ``snap``."""
+    files = [
+        JailFile(snap.memory_path, JAIL_SNAPSHOT_DIR / MEMORY, read_only=True),
+        JailFile(snap.state_path, JAIL_SNAPSHOT_DIR / VMSTATE, read_only=True),
+    ]
+    rootfs = snap.rootfs_path
+    if rootfs is not None and snap.manifest.rootfs_jail_path is not None:
+        files.append(
+            JailFile(
+                rootfs,
+                PurePosixPath(snap.manifest.rootfs_jail_path),
+                read_only=config.rootfs_read_only,
+                is_disk=True,
+            )
+        )
+    return files
+
+
+def check_clone(snap: Snapshot, config: VmConfig, jailer_cfg: JailerConfig) -> None:
+    """Checks that write nothing: snapshot unchanged, version, socket budget."""
+    snap.check_unchanged()
+    snap.check_version(resolve_binaries(jailer_cfg).version)
+    if snap.manifest.tap is not None and (
+        jailer_cfg.netns is not None or not jailer_cfg.isolate_network
+    ):
+        raise ConfigError(
+            f"VM {config.vm_id}: the snapshot has a network interface on tap "
+            f"{snap.manifest.tap}, which a clone recreates in a network namespace of its own: "
+            "leave jailer.netns unset and isolate_network=True"
+        )
+    if snap.manifest.vsock_uds_path is not None:
+        host = jailer_cfg.chroot_dir / snap.manifest.vsock_uds_path.lstrip("/")
+        check_socket_budget(Path(f"{host}_4294967295"), "vsock socket (with _<port>)")
+
+
+async def restore_snapshot(
+    snap: Snapshot | Path | str,
+    vm_id: str,
+    *,
+    resume: bool = True,
+    jailer: JailerConfig | None = None,
+    registry: Registry | None = None,
+    record: bool | None = None,
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+) -> FirecrackerProcess:
+    """Start a new VMM in a fresh jail as ``vm_id`` and load ``snap`` into it.
+
+    ``snap`` is a :class:`Snapshot` (verified by :meth:`Snapshot.load`; only re-checked for
+    changes here) or a directory to load and verify first. ``jailer`` sets the clone's jail
+    and limits (default: the source VM's, with a uid/gid of the clone's own from the
+    registry). The returned VM runs (or is paused with ``resume=False``) and is recorded in
+    the registry like any other, so ``stop()`` and ``ironclaw gc`` clean it up.
+    """
+    if not isinstance(snap, Snapshot):
+        snap = Snapshot.load(snap)
+    config = clone_config(snap, vm_id, jailer)
+    jailer_cfg = config.jailer_config()
+    check_clone(snap, config, jailer_cfg)
+    recorder = _recorder(config, registry, True, record)
+    try:
+        if recorder is not None:
+            jailer_cfg = _own_ids(config, jailer_cfg, recorder.registry)
+        vmm = await start_with_jailer(
+            jailer_cfg,
+            files=snapshot_files(snap, config),
+            tap=snap.manifest.tap,
+            tap_host_cidr=config.tap_host_cidr if snap.manifest.tap else None,
+            uplink_subnet=config.uplink_subnet,
+            ready_timeout_s=ready_timeout_s,
+            on_change=recorder.on_change if recorder is not None else None,
+        )
+    except BaseException:
+        if recorder is not None:
+            recorder.abandoned()
+        raise
+    vm = FirecrackerProcess(config, vmm, recorder=recorder)
+    try:
+        await load_into(vmm, snap, resume=resume)
+        if recorder is not None:
+            recorder.started(vm)
+    except BaseException:
+        await vm.stop()
+        raise
+    vm.last_snapshot = snap
+    return vm
+
+
+async def load_into(vmm: JailerProcess, snap: Snapshot, *, resume: bool) -> None:
+    """``PUT /snapshot/load`` of the files staged at their jail paths."""
+    body = load_body(
+        vmm.binaries.version,
+        JAIL_SNAPSHOT_DIR / VMSTATE,
+        JAIL_SNAPSHOT_DIR / MEMORY,
+        resume=resume,
+    )
+    await vmm.api.load_snapshot(body)
+    # The guest is live: a stop sends Ctrl-Alt-Del first, as for a booted VM.
+    vmm.booted = True

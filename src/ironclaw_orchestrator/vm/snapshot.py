@@ -1,0 +1,415 @@
+"""Snapshots of a running microVM: taking them, and verifying them before anyone uses one.
+
+A snapshot is a directory::
+
+    manifest.json   VmConfig, firecracker version, type, creation time, size + SHA-256 of
+                    each file, the jail-relative names the VM state refers to
+    memory          guest memory (Firecracker's mem file)
+    vmstate         the VMM/device state
+    rootfs.ext4     the root drive as it was at the pause (reflink or sparse copy), if any
+
+Files are 0444 root-owned in a 0700 directory: restores hard-link them into each clone's
+jail (the memory file is mapped privately by Firecracker, so clones share its page cache and
+can never write it); the writable root drive is copied per clone.
+
+Crash safety: everything is built inside the source VM's jail directory (which the VM's
+registry record names, so ``ironclaw gc`` removes it with the VM after a crash) and only
+renamed to ``dest_dir`` once complete, manifest last. On another filesystem it is copied to
+``.<name>.incomplete-<pid>`` beside ``dest_dir`` first; a crash there leaves a directory
+without a manifest whose name says it is incomplete, which :meth:`Snapshot.load` refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import ConfigError, StagingError, UsageError, VersionMismatchError
+from .binaries import Version
+from .config import VmConfig
+from .jailer import JailerProcess
+from .snapshot_api import create_body
+from .staging import make_owned_dir
+
+if TYPE_CHECKING:
+    from . import FirecrackerProcess
+
+__all__ = ["MANIFEST", "Snapshot", "SnapshotManifest", "copy_sparse", "take_snapshot"]
+
+MANIFEST = "manifest.json"
+MEMORY = "memory"
+VMSTATE = "vmstate"
+ROOTFS = "rootfs.ext4"
+FORMAT = 1
+INCOMPLETE = ".incomplete-"
+#: Where snapshot files live inside a jail (the source's while writing, each clone's).
+JAIL_SNAPSHOT_DIR = PurePosixPath("/snapshot")
+#: ``(phase, bytes done, bytes total)``: copying the drive, hashing.
+Progress = Callable[[str, int, int], None]
+_CHUNK = 1 << 20
+_FICLONE = 0x40049409
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    size: int
+    sha256: str
+
+
+class SnapshotManifest(BaseModel):
+    """``manifest.json``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: int
+    snapshot_type: Literal["Full", "Diff"]
+    firecracker_version: str
+    created_at: datetime
+    source_vm_id: str
+    #: ``VmConfig.model_dump(mode="json")`` of the source VM.
+    config: dict[str, Any]
+    mem_size_mib: int
+    files: dict[str, FileEntry]
+    #: Jail-relative names inside the VM state that a restore must recreate.
+    rootfs_jail_path: str | None
+    tap: str | None
+    vsock_uds_path: str | None
+
+
+@dataclass
+class Snapshot:
+    """A verified snapshot directory. Build with :meth:`load` (or :func:`take_snapshot`)."""
+
+    path: Path
+    manifest: SnapshotManifest
+    #: name -> (inode, size, mtime_ns) when verified: a later change is refused.
+    fingerprints: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    @property
+    def config(self) -> VmConfig:
+        return VmConfig(**self.manifest.config)
+
+    @property
+    def version(self) -> Version:
+        return Version.parse(self.manifest.firecracker_version)
+
+    @property
+    def memory_path(self) -> Path:
+        return self.path / MEMORY
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / VMSTATE
+
+    @property
+    def rootfs_path(self) -> Path | None:
+        return self.path / ROOTFS if ROOTFS in self.manifest.files else None
+
+    @classmethod
+    def load(cls, path: Path | str, *, firecracker_version: Version | None = None) -> Snapshot:
+        """Read and verify the snapshot in ``path`` (every file's size and SHA-256).
+
+        Raises ``ConfigError`` for a missing, incomplete, truncated or altered snapshot and
+        ``VersionMismatchError`` if ``firecracker_version`` differs from the one that wrote it.
+        """
+        path = Path(path)
+        if INCOMPLETE in path.name:
+            raise ConfigError(
+                f"snapshot {path} is incomplete (its writer was interrupted): remove it and "
+                "take the snapshot again"
+            )
+        manifest = _read_manifest(path)
+        snap = cls(path, manifest)
+        for name, entry in manifest.files.items():
+            file = path / name
+            try:
+                st = file.stat()
+            except OSError as exc:
+                raise ConfigError(
+                    f"snapshot {path}: {name} is missing or unreadable ({exc.strerror}): the "
+                    "snapshot is damaged; take it again"
+                ) from None
+            if st.st_size != entry.size:
+                raise ConfigError(
+                    f"snapshot {path}: {name} is {st.st_size} bytes, the manifest says "
+                    f"{entry.size} (truncated or replaced): take the snapshot again"
+                )
+            digest = sha256_file(file)
+            if digest != entry.sha256:
+                raise ConfigError(
+                    f"snapshot {path}: {name} has SHA-256 {digest}, the manifest says "
+                    f"{entry.sha256} (altered): take the snapshot again"
+                )
+            snap.fingerprints[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if firecracker_version is not None:
+            snap.check_version(firecracker_version)
+        return snap
+
+    def check_version(self, running: Version) -> None:
+        if running.release != self.version.release:
+            raise VersionMismatchError(
+                f"snapshot {self.path} was written by Firecracker {self.version} but this host "
+                f"runs {running}: Firecracker only loads snapshots of its own release here; "
+                "restore with the same release (exec_file / IRONCLAW_FIRECRACKER)"
+            )
+
+    def check_unchanged(self) -> None:
+        """Refuse files changed since :meth:`load` verified them (cheap: no re-hashing)."""
+        for name, (ino, size, mtime) in self.fingerprints.items():
+            try:
+                st = (self.path / name).stat()
+            except OSError as exc:
+                raise ConfigError(
+                    f"snapshot {self.path}: {name} disappeared after it was verified "
+                    f"({exc.strerror}); load the snapshot again"
+                ) from None
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime):
+                raise ConfigError(
+                    f"snapshot {self.path}: {name} changed after it was verified; "
+                    "Snapshot.load() it again"
+                )
+        if set(self.fingerprints) != set(self.manifest.files):
+            raise ConfigError(f"snapshot {self.path} was not verified: use Snapshot.load()")
+
+
+def _read_manifest(path: Path) -> SnapshotManifest:
+    file = path / MANIFEST
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} is not a snapshot ({MANIFEST} missing): it may be incomplete; take the "
+            "snapshot again"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"snapshot manifest {file} is unreadable: {exc}") from None
+    try:
+        manifest = SnapshotManifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"snapshot manifest {file} is invalid: {where}: {first['msg']}") from None
+    if manifest.format != FORMAT:
+        raise ConfigError(
+            f"snapshot {path} has format {manifest.format}; this version reads {FORMAT}"
+        )
+    expected = {MEMORY, VMSTATE} | ({ROOTFS} if manifest.rootfs_jail_path else set())
+    if set(manifest.files) != expected:
+        raise ConfigError(
+            f"snapshot manifest {file} lists {sorted(manifest.files)}, not {sorted(expected)}"
+        )
+    return manifest
+
+
+def sha256_file(path: Path, progress: Progress | None = None, done: int = 0, total: int = 0) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress("hash", done, total)
+    return h.hexdigest()
+
+
+def copy_sparse(src: Path, dest: Path, progress: Progress | None = None) -> None:
+    """Copy ``src`` to a new file ``dest``: reflink if possible, else only its data extents."""
+    with open(src, "rb") as fin, open(dest, "xb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+            if progress is not None:
+                progress("copy", size, size)
+            return
+        except OSError:
+            pass  # no reflink here: copy data extents, leave holes as holes
+        fd_in, fd_out, pos = fin.fileno(), fout.fileno(), 0
+        while pos < size:
+            try:
+                start = os.lseek(fd_in, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
+                    break
+                raise
+            end = os.lseek(fd_in, start, os.SEEK_HOLE)
+            while start < end:
+                n = os.copy_file_range(fd_in, fd_out, end - start, start, start)
+                if n == 0:
+                    break
+                start += n
+                if progress is not None:
+                    progress("copy", start, size)
+            pos = end
+        os.ftruncate(fd_out, size)
+
+
+async def take_snapshot(
+    vm: FirecrackerProcess,
+    dest_dir: Path | str,
+    *,
+    diff: bool = False,
+    resume: bool = True,
+    progress: Progress | None = None,
+) -> Snapshot:
+    """Pause ``vm``, snapshot it into the new directory ``dest_dir``, resume it (unless not).
+
+    ``diff=True`` writes a Diff snapshot (only pages dirtied since the last one; the VM must
+    track dirty pages) on top of a copy of the previous snapshot's memory, so the result is
+    still complete on its own.
+    """
+    dest = Path(dest_dir)
+    vmm = vm.vmm
+    if not isinstance(vmm, JailerProcess):
+        raise UsageError(f"VM {vm.vm_id}: snapshots need a jailed VM (this one runs unjailed)")
+    if not vmm.booted:
+        raise UsageError(f"VM {vm.vm_id} was never started: there is nothing to snapshot")
+    if dest.exists() or dest.is_symlink():
+        raise ConfigError(f"snapshot destination {dest} already exists: choose a new directory")
+    if not dest.parent.is_dir():
+        raise ConfigError(f"snapshot destination's parent {dest.parent} does not exist: create it")
+    base = vm.last_snapshot if diff else None
+    if diff and base is None:
+        raise UsageError(
+            f"VM {vm.vm_id}: a Diff snapshot needs an earlier snapshot of this VM to build on; "
+            "take a full one first"
+        )
+    jail_rel = JAIL_SNAPSHOT_DIR.with_name(f"snapshot-{secrets.token_hex(4)}")
+    work = vmm.jail_host_path(jail_rel)
+    cfg = vmm.config
+    paused = False
+    try:
+        make_owned_dir(work, cfg.uid, cfg.gid)
+        if base is not None:
+            # Firecracker writes a Diff's dirty pages over an existing file: start from the base.
+            await asyncio.to_thread(copy_sparse, base.memory_path, work / MEMORY)
+            os.chown(work / MEMORY, cfg.uid, cfg.gid)
+            os.chmod(work / MEMORY, 0o600)
+        state = (await vmm.api.describe()).get("state")
+        if state != "Paused":
+            await vmm.api.pause()
+            paused = True
+        body = create_body(vmm.binaries.version, jail_rel / VMSTATE, jail_rel / MEMORY, diff=diff)
+        await vmm.api.create_snapshot(body)
+        rootfs_jail = _rootfs_jail_path(vm)
+        if rootfs_jail is not None:
+            await asyncio.to_thread(
+                copy_sparse, vmm.jail_host_path(rootfs_jail), work / ROOTFS, progress
+            )
+        if paused and resume:
+            await vmm.api.resume()
+            paused = False
+        snap = await asyncio.to_thread(
+            _finish, vm, work, dest, diff=diff, rootfs_jail=rootfs_jail, progress=progress
+        )
+    except BaseException:
+        if paused and resume and vmm.process.alive:
+            with contextlib.suppress(Exception):
+                await vmm.api.resume()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(work)
+        raise
+    vm.last_snapshot = snap
+    return snap
+
+
+def _rootfs_jail_path(vm: FirecrackerProcess) -> PurePosixPath | None:
+    from . import ROOTFS_JAIL_PATH
+
+    return ROOTFS_JAIL_PATH if vm.config.rootfs_path is not None else None
+
+
+def _finish(
+    vm: FirecrackerProcess,
+    work: Path,
+    dest: Path,
+    *,
+    diff: bool,
+    rootfs_jail: PurePosixPath | None,
+    progress: Progress | None,
+) -> Snapshot:
+    """Seal the files, hash them, write the manifest, move the directory into place."""
+    from . import netns as ns
+
+    vmm = vm.vmm
+    assert isinstance(vmm, JailerProcess)
+    names = [MEMORY, VMSTATE] + ([ROOTFS] if rootfs_jail is not None else [])
+    total = sum((work / n).stat().st_size for n in names)
+    files: dict[str, FileEntry] = {}
+    done = 0
+    for name in names:
+        file = work / name
+        os.chown(file, 0, 0)
+        os.chmod(file, 0o444)
+        size = file.stat().st_size
+        files[name] = FileEntry(size=size, sha256=sha256_file(file, progress, done, total))
+        done += size
+    cfg = vm.config
+    manifest = SnapshotManifest(
+        format=FORMAT,
+        snapshot_type="Diff" if diff else "Full",
+        firecracker_version=str(vmm.binaries.version),
+        created_at=datetime.now(UTC),
+        source_vm_id=vm.vm_id,
+        config=cfg.model_dump(mode="json"),
+        mem_size_mib=cfg.memory_mb,
+        files=files,
+        rootfs_jail_path=str(rootfs_jail) if rootfs_jail is not None else None,
+        tap=ns.tap_name(cfg.vm_id) if cfg.enable_networking else None,
+        vsock_uds_path=str(cfg.vsock_uds_path) if cfg.vsock_guest_cid is not None else None,
+    )
+    os.chown(work, 0, 0)
+    os.chmod(work, 0o700)
+    _write_manifest(work / MANIFEST, manifest)
+    try:
+        os.rename(work, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise StagingError(f"could not move the snapshot to {dest}: {exc.strerror}") from exc
+        _copy_across(work, dest, names)
+    return _verified(dest, manifest)
+
+
+def _verified(dest: Path, manifest: SnapshotManifest) -> Snapshot:
+    """The snapshot just written: hashed as written, so only fingerprinted here."""
+    snap = Snapshot(dest, manifest)
+    for name in manifest.files:
+        st = (dest / name).stat()
+        snap.fingerprints[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return snap
+
+
+def _write_manifest(path: Path, manifest: SnapshotManifest) -> None:
+    with open(path, "x") as f:
+        f.write(manifest.model_dump_json(indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o444)
+
+
+def _copy_across(work: Path, dest: Path, names: list[str]) -> None:
+    """Another filesystem: copy to an incomplete-named directory, then rename."""
+    tmp = dest.with_name(f".{dest.name}{INCOMPLETE}{os.getpid()}")
+    try:
+        tmp.mkdir(mode=0o700)
+        for name in [*names, MANIFEST]:
+            copy_sparse(work / name, tmp / name)
+            os.chmod(tmp / name, 0o444)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
