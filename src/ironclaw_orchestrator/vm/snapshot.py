@@ -48,7 +48,14 @@ from .staging import make_owned_dir
 if TYPE_CHECKING:
     from . import FirecrackerProcess
 
-__all__ = ["MANIFEST", "Snapshot", "SnapshotManifest", "copy_sparse", "take_snapshot"]
+__all__ = [
+    "MANIFEST",
+    "Snapshot",
+    "SnapshotManifest",
+    "copy_sparse",
+    "seal_snapshot",
+    "take_snapshot",
+]
 
 MANIFEST = "manifest.json"
 MEMORY = "memory"
@@ -313,8 +320,9 @@ async def take_snapshot(
             await vmm.api.resume()
             paused = False
         snap = await asyncio.to_thread(
-            _finish, vm, work, dest, diff=diff, rootfs_jail=rootfs_jail, progress=progress
-        )
+            seal_snapshot, work, dest, config=vm.config, version=vmm.binaries.version,
+            diff=diff, rootfs_jail=rootfs_jail, progress=progress,
+        )  # fmt: skip
     except BaseException:
         if paused and resume and vmm.process.alive:
             with contextlib.suppress(Exception):
@@ -332,46 +340,45 @@ def _rootfs_jail_path(vm: FirecrackerProcess) -> PurePosixPath | None:
     return ROOTFS_JAIL_PATH if vm.config.rootfs_path is not None else None
 
 
-def _finish(
-    vm: FirecrackerProcess,
+def seal_snapshot(
     work: Path,
     dest: Path,
     *,
+    config: VmConfig,
+    version: Version,
     diff: bool,
     rootfs_jail: PurePosixPath | None,
-    progress: Progress | None,
+    progress: Progress | None = None,
 ) -> Snapshot:
-    """Seal the files, hash them, write the manifest, move the directory into place."""
+    """Seal the files in ``work`` (0444, root), hash them, write the manifest last, and move
+    the directory to ``dest``. ``config`` is the source VM's."""
     from . import netns as ns
 
-    vmm = vm.vmm
-    assert isinstance(vmm, JailerProcess)
     names = [MEMORY, VMSTATE] + ([ROOTFS] if rootfs_jail is not None else [])
     total = sum((work / n).stat().st_size for n in names)
     files: dict[str, FileEntry] = {}
     done = 0
     for name in names:
         file = work / name
-        os.chown(file, 0, 0)
+        _own(file)
         os.chmod(file, 0o444)
         size = file.stat().st_size
         files[name] = FileEntry(size=size, sha256=sha256_file(file, progress, done, total))
         done += size
-    cfg = vm.config
     manifest = SnapshotManifest(
         format=FORMAT,
         snapshot_type="Diff" if diff else "Full",
-        firecracker_version=str(vmm.binaries.version),
+        firecracker_version=str(version),
         created_at=datetime.now(UTC),
-        source_vm_id=vm.vm_id,
-        config=cfg.model_dump(mode="json"),
-        mem_size_mib=cfg.memory_mb,
+        source_vm_id=config.vm_id,
+        config=config.model_dump(mode="json"),
+        mem_size_mib=config.memory_mb,
         files=files,
         rootfs_jail_path=str(rootfs_jail) if rootfs_jail is not None else None,
-        tap=ns.tap_name(cfg.vm_id) if cfg.enable_networking else None,
-        vsock_uds_path=str(cfg.vsock_uds_path) if cfg.vsock_guest_cid is not None else None,
+        tap=ns.tap_name(config.vm_id) if config.enable_networking else None,
+        vsock_uds_path=str(config.vsock_uds_path) if config.vsock_guest_cid is not None else None,
     )
-    os.chown(work, 0, 0)
+    _own(work)
     os.chmod(work, 0o700)
     _write_manifest(work / MANIFEST, manifest)
     try:
@@ -381,6 +388,12 @@ def _finish(
             raise StagingError(f"could not move the snapshot to {dest}: {exc.strerror}") from exc
         _copy_across(work, dest, names)
     return _verified(dest, manifest)
+
+
+def _own(path: Path) -> None:
+    """Take a file written by the jailed VMM away from its uid (root writes snapshots)."""
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
 
 
 def _verified(dest: Path, manifest: SnapshotManifest) -> Snapshot:

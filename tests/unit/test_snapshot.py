@@ -1,0 +1,177 @@
+"""Snapshot directories: sealing, manifest, verification before use, sparse copies."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from ironclaw_orchestrator.errors import ConfigError, VersionMismatchError
+from ironclaw_orchestrator.vm.binaries import Version
+from ironclaw_orchestrator.vm.config import VmConfig
+from ironclaw_orchestrator.vm.restore import clone_config, snapshot_files
+from ironclaw_orchestrator.vm.snapshot import (
+    MANIFEST,
+    Snapshot,
+    copy_sparse,
+    seal_snapshot,
+)
+
+V1 = Version.parse("v1.0.0")
+
+
+def make_snapshot(tmp_path: Path, *, rootfs: bool = True, name: str = "snap") -> Snapshot:
+    work = tmp_path / f"work-{name}"
+    work.mkdir()
+    (work / "memory").write_bytes(os.urandom(64 * 1024))
+    (work / "vmstate").write_bytes(b"state" * 100)
+    if rootfs:
+        (work / "rootfs.ext4").write_bytes(b"disk" * 1000)
+    config = VmConfig(
+        vm_id="src",
+        kernel_path="/k",
+        rootfs_path="/r" if rootfs else None,
+        memory_mb=128,
+        enable_networking=True,
+        vsock_guest_cid=3,
+    )
+    return seal_snapshot(
+        work,
+        tmp_path / name,
+        config=config,
+        version=V1,
+        diff=False,
+        rootfs_jail=PurePosixPath("/rootfs.ext4") if rootfs else None,
+    )
+
+
+def test_seal_writes_manifest_and_read_only_files(tmp_path: Path) -> None:
+    snap = make_snapshot(tmp_path)
+    assert not (tmp_path / "work-snap").exists()  # moved into place, not copied
+    manifest = json.loads((snap.path / MANIFEST).read_text())
+    assert manifest["firecracker_version"] == "v1.0.0"
+    assert manifest["snapshot_type"] == "Full"
+    assert manifest["mem_size_mib"] == 128
+    assert manifest["config"]["vm_id"] == "src"
+    assert manifest["files"]["memory"]["size"] == 64 * 1024
+    assert len(manifest["files"]["vmstate"]["sha256"]) == 64
+    assert manifest["tap"].startswith("icl") and manifest["vsock_uds_path"] == "/run/vsock.sock"
+    assert manifest["rootfs_jail_path"] == "/rootfs.ext4"
+    for name in ("memory", "vmstate", "rootfs.ext4", MANIFEST):
+        assert stat.S_IMODE((snap.path / name).stat().st_mode) == 0o444
+    assert stat.S_IMODE(snap.path.stat().st_mode) == 0o700
+    loaded = Snapshot.load(snap.path, firecracker_version=V1)
+    assert loaded.manifest == snap.manifest
+    assert loaded.config.memory_mb == 128
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    snap = make_snapshot(tmp_path)
+    os.chmod(snap.memory_path, 0o644)
+    with open(snap.memory_path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ConfigError, match=r"memory is 1000 bytes.*truncated"):
+        Snapshot.load(snap.path)
+
+
+def test_altered_file_is_refused(tmp_path: Path) -> None:
+    snap = make_snapshot(tmp_path)
+    os.chmod(snap.state_path, 0o644)
+    with open(snap.state_path, "r+b") as f:
+        f.write(b"X")
+    with pytest.raises(ConfigError, match=r"vmstate has SHA-256 .*altered"):
+        Snapshot.load(snap.path)
+
+
+def test_missing_file_and_manifest(tmp_path: Path) -> None:
+    snap = make_snapshot(tmp_path)
+    (snap.path / "rootfs.ext4").unlink()
+    with pytest.raises(ConfigError, match=r"rootfs.ext4 is missing"):
+        Snapshot.load(snap.path)
+    (snap.path / MANIFEST).unlink()
+    with pytest.raises(ConfigError, match=r"not a snapshot .*incomplete"):
+        Snapshot.load(snap.path)
+
+
+def test_incomplete_name_is_refused(tmp_path: Path) -> None:
+    snap = make_snapshot(tmp_path)
+    partial = snap.path.with_name(".snap.incomplete-123")
+    snap.path.rename(partial)
+    with pytest.raises(ConfigError, match=r"incomplete"):
+        Snapshot.load(partial)
+
+
+def test_bad_manifest(tmp_path: Path) -> None:
+    snap = make_snapshot(tmp_path)
+    manifest = snap.path / MANIFEST
+    os.chmod(manifest, 0o644)
+    data = json.loads(manifest.read_text())
+    data["format"] = 99
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"format 99"):
+        Snapshot.load(snap.path)
+    del data["files"]
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"invalid: files"):
+        Snapshot.load(snap.path)
+    manifest.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"unreadable"):
+        Snapshot.load(snap.path)
+
+
+def test_version_mismatch(tmp_path: Path) -> None:
+    snap = make_snapshot(tmp_path)
+    with pytest.raises(VersionMismatchError, match=r"written by Firecracker v1.0.0.*v1.14.1"):
+        Snapshot.load(snap.path, firecracker_version=Version.parse("v1.14.1"))
+
+
+def test_change_after_verification_is_refused(tmp_path: Path) -> None:
+    snap = Snapshot.load(make_snapshot(tmp_path).path)
+    snap.check_unchanged()
+    os.chmod(snap.memory_path, 0o644)
+    with open(snap.memory_path, "r+b") as f:
+        f.write(b"evil")
+    with pytest.raises(ConfigError, match=r"memory changed after it was verified"):
+        snap.check_unchanged()
+
+
+def test_unverified_snapshot_is_refused(tmp_path: Path) -> None:
+    snap = make_snapshot(tmp_path)
+    bare = Snapshot(snap.path, snap.manifest)
+    with pytest.raises(ConfigError, match=r"not verified"):
+        bare.check_unchanged()
+
+
+def test_copy_sparse_keeps_holes_and_content(tmp_path: Path) -> None:
+    src = tmp_path / "sparse.img"
+    with open(src, "wb") as f:
+        f.seek(8 << 20)
+        f.write(b"middle")
+        f.truncate(32 << 20)
+    dest = tmp_path / "copy.img"
+    seen: list[tuple[str, int, int]] = []
+    copy_sparse(src, dest, lambda *a: seen.append(a))
+    assert dest.stat().st_size == 32 << 20
+    with open(dest, "rb") as f:
+        f.seek(8 << 20)
+        assert f.read(6) == b"middle"
+    assert dest.stat().st_blocks * 512 < 4 << 20  # holes stayed holes (or a reflink)
+    assert seen and seen[-1][0] == "copy"
+    with pytest.raises(FileExistsError):
+        copy_sparse(src, dest)
+
+
+def test_clone_config_keeps_guest_and_drops_source_jail_id(tmp_path: Path) -> None:
+    snap = make_snapshot(tmp_path)
+    cfg = clone_config(snap, "clone-1")
+    assert cfg.vm_id == "clone-1" and cfg.memory_mb == 128 and cfg.enable_networking
+    assert cfg.jailer_config().jailer_id == "clone-1"
+    files = snapshot_files(snap, cfg)
+    assert [(str(f.jail_path), f.read_only) for f in files] == [
+        ("/snapshot/memory", True),
+        ("/snapshot/vmstate", True),
+        ("/rootfs.ext4", False),  # each clone writes its own copy
+    ]
