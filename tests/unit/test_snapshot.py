@@ -175,3 +175,21 @@ def test_clone_config_keeps_guest_and_drops_source_jail_id(tmp_path: Path) -> No
         ("/snapshot/vmstate", True),
         ("/rootfs.ext4", False),  # each clone writes its own copy
     ]
+
+
+def test_manifest_keeps_only_chosen_jail_settings(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "memory").write_bytes(b"m")
+    (work / "vmstate").write_bytes(b"s")
+    from ironclaw_orchestrator.vm.config import JailerConfig
+
+    config = VmConfig(
+        vm_id="s", kernel_path="/k", rootfs_path=None, jailer=JailerConfig(cpu_limit=2.0)
+    )
+    snap = seal_snapshot(
+        work, tmp_path / "s", config=config, version=V1, diff=False, rootfs_jail=None
+    )
+    assert snap.manifest.config["jailer"] == {"cpu_limit": 2.0}
+    cfg = clone_config(snap, "c")
+    assert cfg.jailer is not None and cfg.jailer.model_fields_set == {"cpu_limit"}

@@ -371,7 +371,7 @@ def seal_snapshot(
         firecracker_version=str(version),
         created_at=datetime.now(UTC),
         source_vm_id=config.vm_id,
-        config=config.model_dump(mode="json"),
+        config=_config_dump(config),
         mem_size_mib=config.memory_mb,
         files=files,
         rootfs_jail_path=str(rootfs_jail) if rootfs_jail is not None else None,
@@ -388,6 +388,15 @@ def seal_snapshot(
             raise StagingError(f"could not move the snapshot to {dest}: {exc.strerror}") from exc
         _copy_across(work, dest, names)
     return _verified(dest, manifest)
+
+
+def _config_dump(config: VmConfig) -> dict[str, Any]:
+    """The config as JSON; jail settings only where chosen, so that defaults and the
+    binaries found on the restoring host still apply (e.g. ``exec_file``)."""
+    data = config.model_dump(mode="json", exclude={"jailer"})
+    if config.jailer is not None:
+        data["jailer"] = config.jailer.model_dump(mode="json", exclude_unset=True)
+    return data
 
 
 def _own(path: Path) -> None:

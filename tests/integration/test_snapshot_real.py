@@ -1,0 +1,322 @@
+"""Snapshots, restores into fresh jails, forks and the warm pool, with the real binaries.
+
+The guest is the counting probe: it prints a counter kept in guest RAM, so a restore that
+continues the sequence (instead of starting at zero) proves the memory and vCPU state came
+back. Every test leaves nothing behind: the ``vm_id`` fixture checks processes, jails, run
+directories, cgroups and records named after the test's id; pooled jails are checked here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ironclaw_orchestrator.errors import ConfigError
+from ironclaw_orchestrator.gc import collect_garbage
+from ironclaw_orchestrator.registry import Registry
+from ironclaw_orchestrator.vm import (
+    FirecrackerProcess,
+    JailerConfig,
+    Snapshot,
+    VmConfig,
+    WarmPool,
+    restore_snapshot,
+    start_firecracker,
+)
+from ironclaw_orchestrator.vm.probe import (
+    PROBE_BOOT_ARGS,
+    READY_LINE,
+    ProbeBehaviour,
+    parse_counts,
+    probe_kernel_path,
+)
+from ironclaw_orchestrator.vm.process import become_subreaper
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_S = 60.0
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from leftovers import leftovers  # noqa: E402
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "state"
+    monkeypatch.setenv("IRONCLAW_STATE_DIR", str(path))
+    return path
+
+
+def probe_config(vm_id: str, tmp_path: Path, behaviour: ProbeBehaviour) -> VmConfig:
+    disk = tmp_path / "disk.img"
+    if not disk.exists():
+        disk.write_bytes(b"D" * 65536)
+    return VmConfig(
+        vm_id=vm_id,
+        kernel_path=str(probe_kernel_path(behaviour)),
+        rootfs_path=str(disk),
+        memory_mb=128,
+        boot_args=PROBE_BOOT_ARGS,
+        require_sandbox=True,
+        # The counting guest busy-waits its vCPU: with a quota of exactly one CPU it would
+        # starve the VMM's own API thread (same cgroup), and pause requests would time out.
+        jailer=JailerConfig(cpu_limit=2.0),
+    )
+
+
+async def counts_after(vm: FirecrackerProcess, n: int) -> list[int]:
+    """The console's counter values once at least ``n`` were printed."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        counts = parse_counts(vm.console_path.read_text(errors="replace"))
+        if len(counts) >= n:
+            return counts
+        assert vm.vmm.process.alive, vm.console_tail()
+        assert time.monotonic() < deadline, vm.console_tail()
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def running(
+    vm_id: str, chroot_base: Path, state_dir: Path, tmp_path: Path
+) -> AsyncIterator[list[FirecrackerProcess]]:
+    """VMs a test started; all stopped (quickly: the probe ignores Ctrl-Alt-Del) after it."""
+    vms: list[FirecrackerProcess] = []
+    yield vms
+    for vm in vms:
+        await vm.stop(timeout_s=0.2)
+
+
+async def start_counting(
+    vm_id: str, tmp_path: Path, vms: list[FirecrackerProcess]
+) -> FirecrackerProcess:
+    vm = await start_firecracker(probe_config(vm_id, tmp_path, ProbeBehaviour.COUNT))
+    vms.append(vm)
+    await vm.start_instance()
+    await counts_after(vm, 5)
+    return vm
+
+
+def ns_inode(pid: int, kind: str) -> int:
+    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+
+
+async def test_restore_continues_the_count_in_a_fresh_jail(
+    vm_id: str, tmp_path: Path, running: list[FirecrackerProcess], state_dir: Path
+) -> None:
+    src = await start_counting(vm_id, tmp_path, running)
+    taken = await src.snapshot(tmp_path / "snap", resume=False)
+    at_pause = parse_counts(src.console_path.read_text())[-1]
+    assert (await src.api.describe())["state"] == "Paused"
+
+    loaded = Snapshot.load(tmp_path / "snap")
+    assert loaded.manifest == taken.manifest
+    assert loaded.manifest.source_vm_id == vm_id and loaded.manifest.snapshot_type == "Full"
+    clone = await restore_snapshot(loaded, f"{vm_id}-c")
+    running.append(clone)
+    await src.stop(timeout_s=0.2)  # the clone does not depend on the source
+    counts = await counts_after(clone, 5)
+    assert READY_LINE not in clone.console_path.read_text()  # not booted again
+    assert at_pause <= counts[0] <= at_pause + 2, (at_pause, counts[:3])
+    assert counts == list(range(counts[0], counts[0] + len(counts)))
+
+    # Its own jail: another uid, chroot, netns, cgroups; memory shared read-only.
+    assert clone.vmm.config.uid != src.vmm.config.uid
+    assert os.stat(f"/proc/{clone.pid}").st_uid == clone.vmm.config.uid
+    assert ns_inode(clone.pid, "net") != ns_inode(os.getpid(), "net")
+    assert f"{vm_id}-c" in Path(f"/proc/{clone.pid}/cgroup").read_text()
+    mem_in_jail = clone.vmm.jail_host_path("/snapshot/memory")
+    assert mem_in_jail.stat().st_ino == loaded.memory_path.stat().st_ino  # hard link
+    assert loaded.memory_path.stat().st_mode & 0o222 == 0
+    disk_in_jail = clone.vmm.jail_host_path("/rootfs.ext4")
+    assert disk_in_jail.stat().st_ino != (loaded.path / "rootfs.ext4").stat().st_ino
+    assert disk_in_jail.stat().st_uid == clone.vmm.config.uid
+
+    rec = Registry(state_dir).get(f"{vm_id}-c")
+    assert rec is not None and rec.vmm_pid == clone.pid
+    netns = clone.vmm.netns_path
+    await clone.stop(timeout_s=0.2)
+    assert netns is not None and not Path(netns).exists()
+    assert Registry(state_dir).get(f"{vm_id}-c") is None
+    assert loaded.memory_path.stat().st_nlink == 1
+    Snapshot.load(tmp_path / "snap")  # untouched by its clones
+
+
+async def test_two_forks_count_on_independently(
+    vm_id: str, tmp_path: Path, running: list[FirecrackerProcess]
+) -> None:
+    src = await start_counting(vm_id, tmp_path, running)
+    snap = await src.snapshot(tmp_path / "snap")
+    await src.stop(timeout_s=0.2)
+    forks = await asyncio.gather(
+        restore_snapshot(snap, f"{vm_id}-f1"), restore_snapshot(snap, f"{vm_id}-f2")
+    )
+    running.extend(forks)
+    one, two = [await counts_after(f, 5) for f in forks]
+    assert abs(one[0] - two[0]) <= 1  # both continue from the snapshot's count ...
+    await forks[0].stop(timeout_s=0.2)  # ... and one going away does not stop the other
+    more = await counts_after(forks[1], len(two) + 5)
+    assert more == list(range(more[0], more[0] + len(more)))
+    assert len({f.vmm.config.uid for f in forks}) == 2
+    assert ns_inode(forks[0].pid if forks[0].vmm.process.alive else forks[1].pid, "net") != 0
+
+
+async def test_restore_refuses_a_damaged_snapshot_before_starting(
+    vm_id: str, tmp_path: Path, running: list[FirecrackerProcess], state_dir: Path
+) -> None:
+    src = await start_counting(vm_id, tmp_path, running)
+    snap = await src.snapshot(tmp_path / "snap")
+    os.chmod(snap.state_path, 0o644)
+    with open(snap.state_path, "r+b") as f:
+        f.write(b"\0\0\0\0")
+    with pytest.raises(ConfigError, match="changed after it was verified"):
+        await restore_snapshot(snap, f"{vm_id}-bad")
+    with pytest.raises(ConfigError, match="altered"):
+        await restore_snapshot(tmp_path / "snap", f"{vm_id}-bad")
+    assert Registry(state_dir).get(f"{vm_id}-bad") is None
+    assert not leftovers(f"{vm_id}-bad")
+
+
+def pool_leftovers(state_dir: Path) -> list[str]:
+    found = [r.vm_id for r in Registry(state_dir).list()]
+    base = Path("/var/jail")
+    for exec_dir in base.iterdir():
+        if exec_dir.is_dir():
+            found += [str(j) for j in exec_dir.iterdir() if j.name in found]
+    return found
+
+
+async def test_warm_pool_boots_and_restores(
+    vm_id: str, tmp_path: Path, running: list[FirecrackerProcess], state_dir: Path
+) -> None:
+    template = probe_config(vm_id, tmp_path, ProbeBehaviour.HALT)
+    async with WarmPool(template, size=2) as pool:
+        pooled = {vm.vmm.vm_id: vm.pid for vm in pool._idle}
+        assert len(pooled) == 2 and all(i.startswith("pool-") for i in pooled)
+        victim = pool._idle[0]
+        victim.vmm.process.kill()  # dies while waiting: must never be handed out
+        await victim.vmm.process.wait()
+        vm = await pool.claim(f"{vm_id}-a", jailer=JailerConfig(memory_limit_mb=300))
+        running.append(vm)
+        assert vm.vmm.process.alive and vm.pid != victim.pid
+        assert (await vm.api.describe())["state"] == "Running"
+        rec = Registry(state_dir).get(f"{vm_id}-a")
+        assert rec is not None and rec.jail_dir == vm.vmm.jail_dir  # user id -> pooled jail
+        assert Registry(state_dir).get(vm.vmm.vm_id) is None
+        limit = vm.vmm.resources.cgroups.paths["memory"] / "memory.limit_in_bytes"  # type: ignore[union-attr]
+        assert int(limit.read_text()) == 300 << 20  # applied at claim
+        deadline = time.monotonic() + DEADLINE_S
+        while READY_LINE not in vm.console_path.read_text():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await vm.stop(timeout_s=0.2)
+    assert pool_leftovers(state_dir) == []
+
+    src = await start_counting(f"{vm_id}-s", tmp_path, running)
+    snap = await src.snapshot(tmp_path / "snap")
+    await src.stop(timeout_s=0.2)
+    async with WarmPool(template, size=1, snapshot=snap) as pool:
+        clone = await pool.claim(f"{vm_id}-b")
+        running.append(clone)
+        counts = await counts_after(clone, 3)
+        assert counts[0] > 0
+        with pytest.raises(ConfigError, match="fixed by the pool's snapshot"):
+            await pool.claim(f"{vm_id}-x", memory_mb=256)
+        await clone.stop(timeout_s=0.2)
+    assert pool_leftovers(state_dir) == []
+
+
+ORCHESTRATOR = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    from pathlib import Path
+    from ironclaw_orchestrator.vm import VmConfig, Snapshot, restore_snapshot, start_firecracker
+    from ironclaw_orchestrator.vm import api, jailer
+    from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
+
+    vm_id, mode, snap_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+
+    async def main():
+        if mode == "snapshot":
+            cfg = VmConfig(vm_id=vm_id, kernel_path=str(probe_kernel_path(ProbeBehaviour.HALT)),
+                           rootfs_path=None, memory_mb=128, boot_args=PROBE_BOOT_ARGS,
+                           require_sandbox=True)
+            vm = await start_firecracker(cfg)
+            await vm.start_instance()
+            real = api.FirecrackerApi.create_snapshot
+            async def crash(self, body, **kw):
+                await real(self, body, **kw)
+                os.kill(os.getpid(), signal.SIGKILL)  # files written, nothing sealed yet
+            api.FirecrackerApi.create_snapshot = crash
+            await vm.snapshot(snap_dir)
+        else:
+            real = api.FirecrackerApi.load_snapshot
+            async def crash(self, body, **kw):
+                await real(self, body, **kw)
+                os.kill(os.getpid(), signal.SIGKILL)  # clone running, not yet recorded as such
+            api.FirecrackerApi.load_snapshot = crash
+            await restore_snapshot(Snapshot.load(snap_dir), vm_id)
+
+    asyncio.run(main())
+    """
+)
+
+
+def run_orchestrator(vm_id: str, mode: str, snap_dir: Path) -> int:
+    proc = subprocess.run(
+        [sys.executable, "-c", ORCHESTRATOR, vm_id, mode, str(snap_dir)], timeout=120
+    )
+    return proc.returncode
+
+
+def gc_ids(state_dir: Path, ids: list[str]) -> None:
+    become_subreaper()
+    report = collect_garbage(Registry(state_dir), vm_ids=ids, orphan_grace_s=0)
+    assert report.ok, report.to_dict()
+
+
+async def test_orchestrator_killed_during_snapshot_then_gc(
+    vm_id: str, chroot_base: Path, state_dir: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "snap"
+    try:
+        assert run_orchestrator(vm_id, "snapshot", dest) == -signal.SIGKILL
+        rec = Registry(state_dir).get(vm_id)
+        assert rec is not None and rec.jail_dir is not None
+        # The half-written snapshot is inside the dead VM's jail, never at dest.
+        assert list(Path(rec.jail_dir, "root").glob("snapshot-*/memory"))
+        assert not dest.exists()
+        with pytest.raises(ConfigError):
+            Snapshot.load(dest)
+    finally:
+        gc_ids(state_dir, [vm_id])
+    assert not dest.exists() and list(tmp_path.iterdir()) == [state_dir]
+    assert Registry(state_dir).list() == []
+
+
+async def test_orchestrator_killed_during_restore_then_gc(
+    vm_id: str, tmp_path: Path, running: list[FirecrackerProcess], state_dir: Path
+) -> None:
+    src = await start_counting(vm_id, tmp_path, running)
+    snap = await src.snapshot(tmp_path / "snap")
+    await src.stop(timeout_s=0.2)
+    clone_id = f"{vm_id}-r"
+    try:
+        assert run_orchestrator(clone_id, "restore", snap.path) == -signal.SIGKILL
+        rec = Registry(state_dir).get(clone_id)
+        assert rec is not None and rec.vmm_pid is not None
+        assert snap.memory_path.stat().st_nlink == 2  # linked into the orphaned clone
+    finally:
+        gc_ids(state_dir, [clone_id])
+    assert Registry(state_dir).get(clone_id) is None
+    assert snap.memory_path.stat().st_nlink == 1
+    assert not leftovers(clone_id)
+    Snapshot.load(snap.path)
