@@ -20,6 +20,7 @@ from . import guest as _guest
 from . import image as _image
 from . import install as _install
 from . import serve as _serve
+from . import snapshot as _snapshot
 from . import vm as _vm
 from .common import ExitCode, VerboseOption, setup_logging
 
@@ -67,6 +68,7 @@ app.command(name="gc", help=_gc.HELP)(_gc.gc)
 app.command(name="serve", help=_serve.HELP)(_serve.serve)
 _detached.register(_vm.app)
 _guest.register(_vm.app)
+_snapshot.register(_vm.app)
 app.add_typer(_vm.app, name="vm")
 app.add_typer(_image.app, name="image")
 

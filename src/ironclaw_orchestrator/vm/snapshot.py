@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import ConfigError, StagingError, UsageError, VersionMismatchError
+from .api import FirecrackerApi
 from .binaries import Version
 from .config import VmConfig
 from .jailer import JailerProcess
@@ -52,8 +53,10 @@ __all__ = [
     "MANIFEST",
     "Snapshot",
     "SnapshotManifest",
+    "SnapshotSource",
     "copy_sparse",
     "seal_snapshot",
+    "snapshot_vm",
     "take_snapshot",
 ]
 
@@ -264,6 +267,21 @@ def copy_sparse(src: Path, dest: Path, progress: Progress | None = None) -> None
         os.ftruncate(fd_out, size)
 
 
+@dataclass(frozen=True)
+class SnapshotSource:
+    """What taking a snapshot needs of a running jailed VM (from a handle or a record)."""
+
+    api: FirecrackerApi
+    chroot_dir: Path
+    uid: int
+    gid: int
+    version: Version
+    config: VmConfig
+
+    def host_path(self, jail_path: PurePosixPath) -> Path:
+        return self.chroot_dir / str(jail_path).lstrip("/")
+
+
 async def take_snapshot(
     vm: FirecrackerProcess,
     dest_dir: Path | str,
@@ -278,66 +296,85 @@ async def take_snapshot(
     track dirty pages) on top of a copy of the previous snapshot's memory, so the result is
     still complete on its own.
     """
-    dest = Path(dest_dir)
     vmm = vm.vmm
     if not isinstance(vmm, JailerProcess):
         raise UsageError(f"VM {vm.vm_id}: snapshots need a jailed VM (this one runs unjailed)")
     if not vmm.booted:
         raise UsageError(f"VM {vm.vm_id} was never started: there is nothing to snapshot")
-    if dest.exists() or dest.is_symlink():
-        raise ConfigError(f"snapshot destination {dest} already exists: choose a new directory")
-    if not dest.parent.is_dir():
-        raise ConfigError(f"snapshot destination's parent {dest.parent} does not exist: create it")
     base = vm.last_snapshot if diff else None
     if diff and base is None:
         raise UsageError(
             f"VM {vm.vm_id}: a Diff snapshot needs an earlier snapshot of this VM to build on; "
             "take a full one first"
         )
-    jail_rel = JAIL_SNAPSHOT_DIR.with_name(f"snapshot-{secrets.token_hex(4)}")
-    work = vmm.jail_host_path(jail_rel)
     cfg = vmm.config
-    paused = False
-    try:
-        make_owned_dir(work, cfg.uid, cfg.gid)
-        if base is not None:
-            # Firecracker writes a Diff's dirty pages over an existing file: start from the base.
-            await asyncio.to_thread(copy_sparse, base.memory_path, work / MEMORY)
-            os.chown(work / MEMORY, cfg.uid, cfg.gid)
-            os.chmod(work / MEMORY, 0o600)
-        state = (await vmm.api.describe()).get("state")
-        if state != "Paused":
-            await vmm.api.pause()
-            paused = True
-        body = create_body(vmm.binaries.version, jail_rel / VMSTATE, jail_rel / MEMORY, diff=diff)
-        await vmm.api.create_snapshot(body)
-        rootfs_jail = _rootfs_jail_path(vm)
-        if rootfs_jail is not None:
-            await asyncio.to_thread(
-                copy_sparse, vmm.jail_host_path(rootfs_jail), work / ROOTFS, progress
-            )
-        if paused and resume:
-            await vmm.api.resume()
-            paused = False
-        snap = await asyncio.to_thread(
-            seal_snapshot, work, dest, config=vm.config, version=vmm.binaries.version,
-            diff=diff, rootfs_jail=rootfs_jail, progress=progress,
-        )  # fmt: skip
-    except BaseException:
-        if paused and resume and vmm.process.alive:
-            with contextlib.suppress(Exception):
-                await vmm.api.resume()
-        with contextlib.suppress(OSError):
-            shutil.rmtree(work)
-        raise
+    source = SnapshotSource(
+        vmm.api, cfg.chroot_dir, cfg.uid, cfg.gid, vmm.binaries.version, vm.config
+    )
+    snap = await snapshot_vm(
+        source, dest_dir, diff=diff, base=base, resume=resume, progress=progress
+    )
     vm.last_snapshot = snap
     return snap
 
 
-def _rootfs_jail_path(vm: FirecrackerProcess) -> PurePosixPath | None:
+async def snapshot_vm(
+    source: SnapshotSource,
+    dest_dir: Path | str,
+    *,
+    diff: bool = False,
+    base: Snapshot | None = None,
+    resume: bool = True,
+    progress: Progress | None = None,
+) -> Snapshot:
+    """Snapshot the VM behind ``source`` (see :func:`take_snapshot`)."""
+    dest = Path(dest_dir)
+    if dest.exists() or dest.is_symlink():
+        raise ConfigError(f"snapshot destination {dest} already exists: choose a new directory")
+    if not dest.parent.is_dir():
+        raise ConfigError(f"snapshot destination's parent {dest.parent} does not exist: create it")
+    jail_rel = JAIL_SNAPSHOT_DIR.with_name(f"snapshot-{secrets.token_hex(4)}")
+    work = source.host_path(jail_rel)
+    api = source.api
+    paused = False
+    try:
+        make_owned_dir(work, source.uid, source.gid)
+        if base is not None:
+            # Firecracker writes a Diff's dirty pages over an existing file: start from the base.
+            await asyncio.to_thread(copy_sparse, base.memory_path, work / MEMORY)
+            os.chown(work / MEMORY, source.uid, source.gid)
+            os.chmod(work / MEMORY, 0o600)
+        state = (await api.describe()).get("state")
+        if state != "Paused":
+            await api.pause()
+            paused = True
+        body = create_body(source.version, jail_rel / VMSTATE, jail_rel / MEMORY, diff=diff)
+        await api.create_snapshot(body)
+        rootfs_jail = _rootfs_jail_path(source.config)
+        if rootfs_jail is not None:
+            await asyncio.to_thread(
+                copy_sparse, source.host_path(rootfs_jail), work / ROOTFS, progress
+            )
+        if paused and resume:
+            await api.resume()
+            paused = False
+        return await asyncio.to_thread(
+            seal_snapshot, work, dest, config=source.config, version=source.version,
+            diff=diff, rootfs_jail=rootfs_jail, progress=progress,
+        )  # fmt: skip
+    except BaseException:
+        if paused and resume:
+            with contextlib.suppress(Exception):
+                await api.resume()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(work)
+        raise
+
+
+def _rootfs_jail_path(config: VmConfig) -> PurePosixPath | None:
     from . import ROOTFS_JAIL_PATH
 
-    return ROOTFS_JAIL_PATH if vm.config.rootfs_path is not None else None
+    return ROOTFS_JAIL_PATH if config.rootfs_path is not None else None
 
 
 def seal_snapshot(

@@ -1,0 +1,198 @@
+"""``ironclaw vm pause / resume / snapshot / restore``: thin layers over the library.
+
+pause, resume and snapshot act on any running jailed VM in the registry (detached or owned
+by another program) through its API socket; restore starts a new VM from a snapshot in a
+fresh jail and runs it in the foreground (Ctrl-C stops it and removes everything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from ..errors import UsageError
+from ..registry import VmRecord
+from ..vm import restore_snapshot
+from ..vm.api import FirecrackerApi
+from ..vm.binaries import Version
+from ..vm.config import JailerConfig, VmConfig
+from ..vm.snapshot import Snapshot, SnapshotSource, snapshot_vm
+from .common import ExitCode, IdOption, VerboseOption, handle_errors, setup_logging, stderr
+from .detached import JsonOption, get_record, open_registry
+
+__all__ = ["pause", "register", "restore", "resume", "snapshot"]
+
+PAUSE_HELP = "Pause a running VM's vCPUs.\n\nExample:\n\nironclaw vm pause web-1"
+RESUME_HELP = "Resume a paused VM.\n\nExample:\n\nironclaw vm resume web-1"
+SNAPSHOT_HELP = (
+    "Snapshot a running jailed VM into the new directory DIR.\n\n"
+    "The VM is paused while its memory, state and root drive are written, then resumed "
+    "(--no-resume leaves it paused). DIR gets the files and a manifest (config, firecracker "
+    "version, sizes, SHA-256 of each file); it appears only once complete.\n\n"
+    "Examples:\n\n"
+    "ironclaw vm snapshot web-1 /var/lib/ironclaw/snaps/web-1\n\n"
+    "ironclaw vm snapshot web-1 ./snap --json"
+)
+RESTORE_HELP = (
+    "Restore the snapshot in DIR as a new VM in a fresh jail and run it in the foreground.\n\n"
+    "The snapshot is verified first (sizes, SHA-256, firecracker version); nothing starts if "
+    "it is incomplete, altered or from another release. The new VM has its own uid/gid, "
+    "cgroups, network namespace and copy of the root drive. Ctrl-C stops it and removes "
+    "everything.\n\n"
+    "Examples:\n\n"
+    "ironclaw vm restore ./snap --id web-1-fork\n\n"
+    "ironclaw vm restore ./snap --id paused-1 --paused"
+)
+
+
+def _running_record(vm_id: str) -> VmRecord:
+    record = get_record(open_registry(), vm_id)
+    if record.api_socket is None or not record.vmm_alive():
+        raise UsageError(
+            f"VM {vm_id} is not running (no live VMM in its record): see `ironclaw vm ls`"
+        )
+    return record
+
+
+def _print(data: dict[str, Any], json_output: bool, text: str) -> None:
+    if json_output:
+        print(json.dumps(data, indent=2))
+    else:
+        print(text, flush=True)
+
+
+async def _patch_state(record: VmRecord, state: str) -> None:
+    assert record.api_socket is not None
+    async with FirecrackerApi(record.api_socket, vm_id=record.vm_id) as api:
+        await (api.pause() if state == "Paused" else api.resume())
+
+
+def pause(
+    vm_id: Annotated[str, typer.Argument(help="VM id.")], json_output: JsonOption = False
+) -> None:
+    with handle_errors():
+        asyncio.run(_patch_state(_running_record(vm_id), "Paused"))
+    _print({"vm_id": vm_id, "state": "Paused"}, json_output, f"{vm_id} paused")
+
+
+def resume(
+    vm_id: Annotated[str, typer.Argument(help="VM id.")], json_output: JsonOption = False
+) -> None:
+    with handle_errors():
+        asyncio.run(_patch_state(_running_record(vm_id), "Resumed"))
+    _print({"vm_id": vm_id, "state": "Running"}, json_output, f"{vm_id} resumed")
+
+
+def record_config(record: VmRecord) -> VmConfig:
+    """The VM's config from its record, jail settings reduced to those that differ from the
+    defaults and are not host-specific (ids, binaries), so a restore elsewhere works."""
+    data = dict(record.config or {})
+    jailer = data.pop("jailer", None) or {}
+    defaults = JailerConfig().model_dump(mode="json")
+    host_specific = {"jailer_id", "uid", "gid", "exec_file", "jailer_binary", "memory_limit_mb",
+                     "cpu_count"}  # fmt: skip
+    kept = {k: v for k, v in jailer.items() if k not in host_specific and defaults.get(k) != v}
+    return VmConfig(**data, jailer=JailerConfig(**kept) if kept else None)
+
+
+async def _snapshot(
+    record: VmRecord, dest: Path, resume_after: bool, progress: Progress
+) -> Snapshot:
+    assert record.api_socket is not None and record.jail_dir is not None
+    if record.uid is None or record.gid is None:
+        raise UsageError(f"VM {record.vm_id} is not jailed: snapshots need a jailed VM")
+    tasks: dict[str, Any] = {}
+
+    def report(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(
+                "copying root drive" if phase == "copy" else "hashing", total=total
+            )
+        progress.update(tasks[phase], completed=done, total=total)
+
+    async with FirecrackerApi(record.api_socket, vm_id=record.vm_id) as api:
+        info = await api.describe()
+        version = Version.parse("v" + str(info.get("vmm_version", "")).lstrip("v"))
+        chroot = Path(record.jail_dir) / "root"
+        config = record_config(record)
+        source = SnapshotSource(api, chroot, record.uid, record.gid, version, config)
+        return await snapshot_vm(source, dest, resume=resume_after, progress=report)
+
+
+def snapshot(
+    vm_id: Annotated[str, typer.Argument(help="VM id.")],
+    dest: Annotated[Path, typer.Argument(help="New directory for the snapshot.")],
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Leave the VM paused.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    with handle_errors():
+        record = _running_record(vm_id)
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+        )
+        with Progress(*columns, console=stderr, transient=True, disable=json_output) as progress:
+            snap = asyncio.run(_snapshot(record, dest.absolute(), not no_resume, progress))
+    data = snap.manifest.model_dump(mode="json", exclude={"config"})
+    _print({"path": str(snap.path), **data}, json_output, str(snap.path))
+
+
+async def _restore_and_wait(snap_dir: Path, vm_id: str, resume_vm: bool, json_output: bool) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    snap = await asyncio.to_thread(Snapshot.load, snap_dir)
+    vm = await restore_snapshot(snap, vm_id, resume=resume_vm)
+    try:
+        _print(
+            {"vm_id": vm.vm_id, "vmm_pid": vm.pid, "console": str(vm.console_path)},
+            json_output,
+            vm.vm_id,
+        )
+        stderr.print(
+            f"VM {escape(vm.vm_id)} restored from {escape(str(snap.path))} (VMM pid {vm.pid}, "
+            f"console {escape(str(vm.console_path))}); Ctrl-C stops it"
+        )
+        waiting = asyncio.ensure_future(vm.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if waiting.done():
+            return int(ExitCode.OK if waiting.result() == 0 else ExitCode.VM_ERROR)
+        waiting.cancel()
+        return int(ExitCode.INTERRUPTED)
+    finally:
+        await vm.stop()
+
+
+def restore(
+    snap_dir: Annotated[Path, typer.Argument(help="Snapshot directory.")],
+    vm_id: IdOption = None,
+    paused: Annotated[bool, typer.Option("--paused", help="Load it without resuming.")] = False,
+    json_output: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    if verbose:
+        setup_logging(True)
+    with handle_errors():
+        new_id = vm_id or f"{snap_dir.name[:40]}-restored"
+        code = asyncio.run(_restore_and_wait(snap_dir, new_id, not paused, json_output))
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``pause``, ``resume``, ``snapshot`` and ``restore`` to the ``vm`` group."""
+    app.command(name="pause", help=PAUSE_HELP)(pause)
+    app.command(name="resume", help=RESUME_HELP)(resume)
+    app.command(name="snapshot", help=SNAPSHOT_HELP)(snapshot)
+    app.command(name="restore", help=RESTORE_HELP)(restore)

@@ -1,0 +1,69 @@
+"""``ironclaw vm pause|resume|snapshot|restore``: argument handling and errors (no VMs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from ironclaw_orchestrator.cli import app
+from ironclaw_orchestrator.cli.snapshot import record_config
+from ironclaw_orchestrator.registry import STATE_DIR_ENV, Registry
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's --state-dir sets the environment in this process: restore it afterwards."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "unused-state"))
+
+
+def invoke(state: Path, *args: str) -> Result:
+    return runner.invoke(app, ["--state-dir", str(state), *args], env={"COLUMNS": "200"})
+
+
+@pytest.mark.parametrize("command", ["pause", "resume", "snapshot", "restore"])
+def test_commands_are_registered(command: str) -> None:
+    result = runner.invoke(app, ["vm", command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "--json" in result.output
+
+
+def test_unknown_vm_is_a_usage_error(tmp_path: Path) -> None:
+    for args in (["vm", "pause", "nope"], ["vm", "snapshot", "nope", str(tmp_path / "s")]):
+        result = invoke(tmp_path / "state", *args)
+        assert result.exit_code == 2, result.output
+        assert "no VM 'nope'" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_vm_without_live_vmm_is_refused(tmp_path: Path) -> None:
+    Registry(tmp_path / "state").claim("idle-1", config={})  # a record, no VMM yet
+    result = invoke(tmp_path / "state", "vm", "resume", "idle-1")
+    assert result.exit_code == 2 and "is not running" in result.output
+
+
+def test_restore_of_a_non_snapshot_starts_nothing(tmp_path: Path) -> None:
+    (tmp_path / "junk").mkdir()
+    result = invoke(tmp_path / "state", "vm", "restore", str(tmp_path / "junk"), "--id", "r-1")
+    assert result.exit_code == 2, result.output
+    assert "manifest.json missing" in result.output
+    assert Registry(tmp_path / "state").get("r-1") is None
+
+
+def test_record_config_drops_host_specific_jail_settings() -> None:
+    from ironclaw_orchestrator.registry import VmRecord
+    from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig
+
+    cfg = VmConfig(
+        vm_id="a", kernel_path="/k", rootfs_path=None, jailer=JailerConfig(cpu_limit=0.5)
+    )
+    dumped = cfg.model_dump(mode="json")
+    dumped["jailer"].update(uid=64005, gid=64005, exec_file="/opt/fc", jailer_id="a")
+    record = VmRecord(vm_id="a", owner_pid=os.getpid(), owner_start_time=1, config=dumped)
+    rebuilt = record_config(record)
+    assert rebuilt.jailer is not None
+    assert rebuilt.jailer.model_dump(exclude_unset=True) == {"cpu_limit": 0.5}
