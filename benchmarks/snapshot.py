@@ -1,0 +1,206 @@
+"""Snapshot restore, warm-pool claims and restore throughput, against raw firecracker, in one run.
+
+Run as root on a host with /dev/kvm, firecracker and jailer:
+
+    sudo .venv/bin/python benchmarks/snapshot.py [--runs 20] [--flight 16] [--total 64]
+
+Set-up: a jailed probe VM (ProbeBehaviour.HALT, 128 MiB) is booted, snapshotted (Full) into
+a directory on the jail filesystem, verified once with ``Snapshot.load`` and stopped.
+
+Measured (medians, p90), each to "the restored VM runs":
+
+* raw: firecracker alone, unjailed, driven by a bare Unix-socket HTTP client written here
+  (not the project's code): spawn -> API ready -> ``PUT /snapshot/load`` with
+  ``resume_vm`` -> ``GET /`` says Running. ``load+resume`` is the part after API ready.
+* restore: ``restore_snapshot`` into a fresh jail (own uid/gid, cgroups, netns, chroot,
+  staged files, registry record), returning a running VM;
+* claim: ``WarmPool(..., snapshot=)`` and ``WarmPool`` booting the probe, ``claim()`` from a
+  full pool (the pool is refilled between samples, outside the timing);
+* throughput: ``--total`` restore -> running -> stop cycles with ``--flight`` in flight.
+
+Asserts nothing; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from ironclaw_orchestrator.vm import (
+    Snapshot,
+    VmConfig,
+    WarmPool,
+    restore_snapshot,
+    start_firecracker,
+)
+from ironclaw_orchestrator.vm.binaries import find_firecracker
+from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
+
+# --------------------------------------------------------------------------- raw baseline
+
+
+async def http(
+    sock: Path, method: str, path: str, body: dict[str, object] | None = None
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request over a Unix socket, by hand."""
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    try:
+        data = json.dumps(body).encode() if body is not None else b""
+        head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(data)}\r\n"
+        if body is not None:
+            head += "Content-Type: application/json\r\n"
+        writer.write(head.encode() + b"\r\n" + data)
+        await writer.drain()
+        status_line = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        payload = await reader.readexactly(length) if length else b""
+        return int(status_line.split()[1]), payload
+    finally:
+        writer.close()
+
+
+async def raw_once(firecracker: Path, snap: Snapshot) -> dict[str, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="fc-raw-snap-"))
+    sock = tmp / "api.sock"
+    t0 = time.perf_counter()
+    out = open(tmp / "out", "wb")  # noqa: SIM115
+    proc = await asyncio.create_subprocess_exec(
+        str(firecracker),
+        "--api-sock",
+        str(sock),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=out,
+        stderr=out,
+    )
+    try:
+        while True:
+            if sock.exists():
+                try:
+                    if (await http(sock, "GET", "/"))[0] == 200:
+                        break
+                except OSError:
+                    pass
+            await asyncio.sleep(0.001)
+        t1 = time.perf_counter()
+        status, text = await http(
+            sock, "PUT", "/snapshot/load",
+            {"snapshot_path": str(snap.state_path), "mem_file_path": str(snap.memory_path),
+             "enable_diff_snapshots": False, "resume_vm": True},
+        )  # fmt: skip
+        assert status == 204, text
+        status, text = await http(sock, "GET", "/")
+        assert b'"Running"' in text, text
+        t2 = time.perf_counter()
+    finally:
+        proc.kill()
+        await proc.wait()
+        out.close()
+        shutil.rmtree(tmp)
+    return {"spawn->running": t2 - t0, "load+resume": t2 - t1}
+
+
+# --------------------------------------------------------------------------- ironclaw
+
+
+async def restore_once(snap: Snapshot) -> dict[str, float]:
+    t0 = time.perf_counter()
+    vm = await restore_snapshot(snap, f"bench-r-{uuid.uuid4().hex[:8]}")
+    t1 = time.perf_counter()
+    await vm.stop(timeout_s=0)
+    return {"restore->running": t1 - t0}
+
+
+async def claim_samples(pool: WarmPool, runs: int, prefix: str) -> list[dict[str, float]]:
+    out = []
+    for _ in range(runs):
+        while pool.ready < pool.size:  # refilled between samples, outside the timing
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.02)
+        t0 = time.perf_counter()
+        vm = await pool.claim(f"{prefix}-{uuid.uuid4().hex[:8]}")
+        t1 = time.perf_counter()
+        await vm.stop(timeout_s=0)
+        out.append({"claim->running": t1 - t0})
+    return out
+
+
+async def throughput(snap: Snapshot, flight: int, total: int) -> float:
+    sem = asyncio.Semaphore(flight)
+
+    async def one() -> None:
+        async with sem:
+            vm = await restore_snapshot(snap, f"bench-t-{uuid.uuid4().hex[:8]}")
+            await vm.stop(timeout_s=0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(total)))
+    return total / (time.perf_counter() - t0)
+
+
+def report(name: str, samples: list[dict[str, float]]) -> None:
+    for key in samples[0]:
+        values = sorted(s[key] * 1000 for s in samples)
+        p90 = values[min(len(values) - 1, int(len(values) * 0.9))]
+        print(
+            f"{name:<28} {key:<18} median {statistics.median(values):7.1f} ms   p90 {p90:7.1f} ms"
+        )
+
+
+async def main(runs: int, flight: int, total: int, workdir: Path) -> None:
+    kernel = probe_kernel_path(ProbeBehaviour.HALT)
+    template = VmConfig(
+        kernel_path=str(kernel), rootfs_path=None, memory_mb=128, boot_args=PROBE_BOOT_ARGS
+    )
+    src = await start_firecracker(template.model_copy(update={"vm_id": f"bench-src-{os.getpid()}"}))
+    try:
+        await src.start_instance()
+        await asyncio.sleep(0.1)
+        t0 = time.perf_counter()
+        await src.snapshot(workdir / "snap")
+        print(
+            f"snapshot (128 MiB, Full, incl. SHA-256): {(time.perf_counter() - t0) * 1000:.0f} ms"
+        )
+    finally:
+        await src.stop(timeout_s=0)
+    t0 = time.perf_counter()
+    snap = Snapshot.load(workdir / "snap")
+    print(f"Snapshot.load (verify):                 {(time.perf_counter() - t0) * 1000:.0f} ms")
+    firecracker = find_firecracker()
+    print(f"firecracker {snap.manifest.firecracker_version}, {runs} runs each\n")
+
+    report("raw firecracker (unjailed)", [await raw_once(firecracker, snap) for _ in range(runs)])
+    report("restore into fresh jail", [await restore_once(snap) for _ in range(runs)])
+    async with WarmPool(template, size=2, snapshot=snap) as pool:
+        report("warm pool claim (snapshot)", await claim_samples(pool, runs, "bench-ps"))
+    async with WarmPool(template, size=2) as pool:
+        report("warm pool claim (boot)", await claim_samples(pool, runs, "bench-pb"))
+    rate = await throughput(snap, flight, total)
+    print(f"\nrestore -> running -> stop, {flight} in flight, {total} total: {rate:.0f} restores/s")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--flight", type=int, default=16)
+    parser.add_argument("--total", type=int, default=64)
+    parser.add_argument("--workdir", type=Path, default=Path("/var/jail"),
+                        help="Parent of the snapshot directory (on the jail filesystem).")  # fmt: skip
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ironclaw-bench-snap-", dir=args.workdir))
+    os.environ.setdefault("IRONCLAW_STATE_DIR", str(work / "registry"))  # a private registry
+    try:
+        asyncio.run(main(args.runs, args.flight, args.total, work))
+    finally:
+        shutil.rmtree(work)
