@@ -8,11 +8,18 @@ jail's resources (``jail_dir``, ``cgroups``, ``netns_name``, ...), and only then
 host paths keep the pool name. A crash between the two steps leaves two records naming the
 same resources, which ``gc`` removes once (every removal is idempotent).
 
-A pool either boots (``snapshot=None``: kernel and root drive are staged at spawn, the VM is
-configured from the claimed config and started) or restores (``snapshot=``: its files are
-staged at spawn, the claim only loads and resumes it). Limits that differ from the template
-are written to the VM's cgroup files at claim; what is fixed at spawn (uid/gid, jail,
-network namespace, vsock) cannot be overridden.
+A pool either boots (``snapshot=None``) or restores (``snapshot=``). Both do all they can
+before a claim, so that a claim does as little as possible:
+
+* boot: kernel and root drive are staged and the VMM is configured from the template at
+  spawn (tap named after the pool id); the claim re-sends only guest settings it overrides,
+  then ``InstanceStart``;
+* restore: the snapshot's files are staged and loaded *paused* at spawn (guest memory is
+  the shared, read-only page cache of the snapshot's memory file until the guest writes);
+  the claim only resumes it.
+
+Limits that differ from the template are written to the VM's cgroup files at claim; what is
+fixed at spawn (uid/gid, jail, network namespace, tap, vsock) cannot be overridden.
 """
 
 from __future__ import annotations
@@ -93,8 +100,8 @@ class WarmPool:
         self.registry = registry if registry is not None else Registry()
         self.ready_timeout_s = ready_timeout_s
         self._idle: list[FirecrackerProcess] = []
-        self._spawning = 0
         self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
         self._refiller: asyncio.Task[None] | None = None
         self._closed = False
         #: Why the last background spawn failed (``None`` once one succeeds).
@@ -146,7 +153,7 @@ class WarmPool:
             if config.rootfs_path is not None:
                 files.append(JailFile(Path(config.rootfs_path), ROOTFS_JAIL_PATH,
                                       read_only=config.rootfs_read_only, is_disk=True))  # fmt: skip
-            tap = None  # made at claim, named after the claimed id
+            tap = ns.tap_name(config.vm_id) if config.enable_networking else None
         recorder = _recorder(config, self.registry, True, True)
         assert recorder is not None
         try:
@@ -160,29 +167,42 @@ class WarmPool:
             recorder.abandoned()
             raise
         vm = FirecrackerProcess(config, vmm, recorder=recorder)
-        recorder.started(vm)
+        try:
+            if self.snapshot is not None:
+                await load_into(vmm, self.snapshot, resume=False)
+            else:
+                await _configure(vm)
+            recorder.started(vm)
+        except BaseException:
+            await vm.stop(timeout_s=0)
+            raise
         return vm
 
     async def _refill_loop(self) -> None:
+        """Spawn one VMM at a time until the pool is full; sleep until a claim wakes it.
+
+        Never cancelled mid-spawn: :meth:`close` sets ``_closed`` and waits, so a VMM being
+        spawned is always either put in the pool or stopped, never left running.
+        """
         while not self._closed:
-            while len(self._idle) + self._spawning < self.size and not self._closed:
-                self._spawning += 1
-                try:
-                    vm = await self._spawn()
-                except Exception as exc:
-                    self.last_error = exc
-                    log.error("warm pool: spawning a VMM failed: %s", exc)
-                    await asyncio.sleep(1.0)  # do not spin on a broken host
-                    continue
-                finally:
-                    self._spawning -= 1
-                self.last_error = None
-                if self._closed:
-                    await vm.stop()
-                else:
-                    self._idle.append(vm)
-            self._wake.clear()
-            await self._wake.wait()
+            if len(self._idle) >= self.size:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                vm = await self._spawn()
+            except Exception as exc:
+                self.last_error = exc
+                log.error("warm pool: spawning a VMM failed: %s", exc)
+                with contextlib.suppress(TimeoutError):  # do not spin on a broken host
+                    async with asyncio.timeout(1.0):
+                        await self._closing.wait()
+                continue
+            self.last_error = None
+            if self._closed:
+                await vm.stop(timeout_s=0)
+            else:
+                self._idle.append(vm)
 
     # ------------------------------------------------------------------ claiming
 
@@ -194,6 +214,15 @@ class WarmPool:
                 raise ConfigError(
                     f"WarmPool.claim({vm_id}): {sorted(guest)} are fixed by the pool's snapshot"
                 )
+        if (
+            "rootfs_path" in overrides
+            and overrides["rootfs_path"] is None
+            and (self.template.rootfs_path is not None)
+        ):
+            raise ConfigError(
+                f"WarmPool.claim({vm_id}): the pool's VMMs have a root drive configured; "
+                "Firecracker cannot remove it before boot: use a pool without rootfs_path"
+            )
         for key in _FIXED:
             if key in overrides and overrides[key] != getattr(self.template, key):
                 raise ConfigError(
@@ -229,30 +258,30 @@ class WarmPool:
             check_source(Path(config.kernel_path), "kernel_path")
             if config.rootfs_path is not None:
                 check_source(Path(config.rootfs_path), "rootfs_path")
-        self.registry.claim(vm_id, config=config.model_dump(mode="json"),
-                            vcpus=config.vcpu_count, memory_mb=config.memory_mb)  # fmt: skip
         recorder = VmRecorder(self.registry, vm_id, owns_claim=True)
         try:
             for attempt in range(_MAX_TRIES):
                 pooled = await self._take()
                 vm = FirecrackerProcess(config, pooled.vmm, recorder=recorder)
                 try:
+                    # One write: the claimed id's record, naming the pooled jail's resources.
+                    fields = record_fields(vm)  # vcpus, memory, uid/gid, jail, cgroups, ...
+                    self.registry.claim(vm_id, config=config.model_dump(mode="json"), **fields)
+                except BaseException:
+                    self._idle.insert(0, pooled)  # untouched: back into the pool
+                    raise
+                try:
                     await self._hand_over(vm, pooled)
                     return vm
                 except IronclawError:
                     died = not pooled.vmm.process.alive
-                    await vm.stop(timeout_s=0.5)
+                    await vm.stop(timeout_s=0.5)  # also drops the claimed record
                     if not died or attempt == _MAX_TRIES - 1:
                         raise
-                    self.registry.claim(vm_id, config=config.model_dump(mode="json"))
                     log.warning(
                         "warm pool: VMM %s died during its claim; taking another", pooled.vm_id
                     )
             raise AssertionError("unreachable")
-        except BaseException:
-            with contextlib.suppress(IronclawError):
-                self.registry.release(vm_id)
-            raise
         finally:
             self._wake.set()
 
@@ -271,33 +300,44 @@ class WarmPool:
     async def _hand_over(self, vm: FirecrackerProcess, pooled: FirecrackerProcess) -> None:
         vmm = vm.vmm
         assert isinstance(vmm, JailerProcess)
-        # The claimed id's record takes over the pooled jail, then the pool record goes.
-        self.registry.update(vm.vm_id, **record_fields(vm))
+        # The claimed id's record names the pooled jail now: the pool's record goes.
         self.registry.release(pooled.vm_id)
         await asyncio.to_thread(self._apply_limits, vm, vmm)
         if self.snapshot is not None:
-            await load_into(vmm, self.snapshot, resume=True)
+            await vmm.api.resume()
             vm.last_snapshot = self.snapshot
             return
-        await asyncio.to_thread(self._restage, vm, pooled, vmm)
-        await _configure(vm)
+        await self._reconfigure(vm, pooled, vmm)
         await vm.start_instance()
 
     @staticmethod
-    def _restage(vm: FirecrackerProcess, pooled: FirecrackerProcess, vmm: JailerProcess) -> None:
-        """Files and tap that depend on the claimed config."""
-        cfg, jcfg = vm.config, vmm.config
-        if cfg.kernel_path != pooled.config.kernel_path:
-            stage_file(Path(cfg.kernel_path), jcfg.chroot_dir, KERNEL_JAIL_PATH,
-                       uid=jcfg.uid, gid=jcfg.gid, read_only=True)  # fmt: skip
-        if cfg.rootfs_path is not None and cfg.rootfs_path != pooled.config.rootfs_path:
-            stage_file(Path(cfg.rootfs_path), jcfg.chroot_dir, ROOTFS_JAIL_PATH,
-                       uid=jcfg.uid, gid=jcfg.gid, read_only=cfg.rootfs_read_only)  # fmt: skip
-        res = vmm.resources
-        if cfg.enable_networking and res.netns_name is not None:
-            res.tap = ns.tap_name(cfg.vm_id)
-            res.changed()
-            ns.ensure_tap(res.netns_name, res.tap, jcfg.uid, jcfg.gid, host_cidr=cfg.tap_host_cidr)
+    async def _reconfigure(
+        vm: FirecrackerProcess, pooled: FirecrackerProcess, vmm: JailerProcess
+    ) -> None:
+        """Re-send the guest settings the claim changed (allowed until InstanceStart)."""
+        cfg, old, jcfg, api = vm.config, pooled.config, vmm.config, vmm.api
+        if (cfg.vcpu_count, cfg.memory_mb) != (old.vcpu_count, old.memory_mb):
+            await api.put_machine_config(cfg.vcpu_count, cfg.memory_mb)
+        if cfg.kernel_path != old.kernel_path:
+            await asyncio.to_thread(
+                stage_file, Path(cfg.kernel_path), jcfg.chroot_dir, KERNEL_JAIL_PATH,
+                uid=jcfg.uid, gid=jcfg.gid, read_only=True,
+            )  # fmt: skip
+        if cfg.kernel_path != old.kernel_path or cfg.boot_args != old.boot_args:
+            boot_args = cfg.boot_args
+            if cfg.enable_networking and "ip=" not in boot_args.split("#")[0]:
+                boot_args = f"{boot_args} {cfg.guest_ip_arg()}"
+            await api.put_boot_source(KERNEL_JAIL_PATH, boot_args)
+        if cfg.rootfs_path is not None and (
+            cfg.rootfs_path != old.rootfs_path or cfg.rootfs_read_only != old.rootfs_read_only
+        ):
+            await asyncio.to_thread(
+                stage_file, Path(cfg.rootfs_path), jcfg.chroot_dir, ROOTFS_JAIL_PATH,
+                uid=jcfg.uid, gid=jcfg.gid, read_only=cfg.rootfs_read_only,
+            )  # fmt: skip
+            await api.put_drive(
+                "rootfs", ROOTFS_JAIL_PATH, root=True, read_only=cfg.rootfs_read_only
+            )
 
     @staticmethod
     def _apply_limits(vm: FirecrackerProcess, vmm: JailerProcess) -> None:
@@ -332,8 +372,7 @@ class WarmPool:
             self._refiller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refiller
-            self._refiller = None
-        idle, self._idle = self._idle, []
+            idle, self._idle = self._idle, []
         results = await asyncio.gather(
             *(vm.stop(timeout_s=0.5) for vm in idle), return_exceptions=True
         )
