@@ -41,7 +41,7 @@ from ironclaw_orchestrator.vm import (
     restore_snapshot,
     start_firecracker,
 )
-from ironclaw_orchestrator.vm.binaries import find_firecracker
+from ironclaw_orchestrator.vm.binaries import find_firecracker, find_jailer
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 
 # --------------------------------------------------------------------------- raw baseline
@@ -51,7 +51,7 @@ async def http(
     sock: Path, method: str, path: str, body: dict[str, object] | None = None
 ) -> tuple[int, bytes]:
     """One HTTP/1.1 request over a Unix socket, by hand."""
-    reader, writer = await asyncio.open_unix_connection(str(sock))
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(sock)), 10)
     try:
         data = json.dumps(body).encode() if body is not None else b""
         head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(data)}\r\n"
@@ -59,7 +59,7 @@ async def http(
             head += "Content-Type: application/json\r\n"
         writer.write(head.encode() + b"\r\n" + data)
         await writer.drain()
-        status_line = await reader.readline()
+        status_line = await asyncio.wait_for(reader.readline(), 30)
         length = 0
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
@@ -109,6 +109,64 @@ async def raw_once(firecracker: Path, snap: Snapshot) -> dict[str, float]:
         out.close()
         shutil.rmtree(tmp)
     return {"spawn->running": t2 - t0, "load+resume": t2 - t1}
+
+
+async def raw_jailed_once(
+    jailer: Path, firecracker: Path, snap: Snapshot, base: Path
+) -> dict[str, float]:
+    """The jailer + firecracker by hand: chroot, uid 64999, files hard-linked in, no cgroups
+    or netns (what the jailer itself costs, as the floor for a restore into a fresh jail)."""
+    vm_id = f"raw-{uuid.uuid4().hex[:10]}"
+    jail = base / firecracker.resolve().name / vm_id
+    root = jail / "root"
+    t0 = time.perf_counter()
+    root.mkdir(parents=True)
+    for src, name in ((snap.memory_path, "memory"), (snap.state_path, "vmstate")):
+        os.link(src, root / name)
+    sock = root / "run" / "firecracker.socket"
+    out = open(jail.parent / f"{vm_id}.out", "wb")  # noqa: SIM115
+    argv = [str(jailer), "--id", vm_id, "--exec-file", str(firecracker.resolve()), "--uid",
+            "64999", "--gid", "64999", "--chroot-base-dir", str(base), "--",
+            "--api-sock", "/run/firecracker.socket"]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=out, stderr=out
+    )
+    try:
+        while True:
+            if sock.exists():
+                try:
+                    if (await http(sock, "GET", "/"))[0] == 200:
+                        break
+                except OSError:
+                    pass
+            assert proc.returncode is None, (jail.parent / f"{vm_id}.out").read_text()
+            await asyncio.sleep(0.001)
+        body = {"snapshot_path": "/vmstate", "mem_file_path": "/memory",
+                "enable_diff_snapshots": False, "resume_vm": True}  # fmt: skip
+        status, text = await http(sock, "PUT", "/snapshot/load", body)
+        assert status == 204, text
+        t1 = time.perf_counter()
+    finally:
+        proc.kill()
+        await proc.wait()
+        out.close()
+        (jail.parent / f"{vm_id}.out").unlink()
+        shutil.rmtree(jail)
+    return {"spawn->running": t1 - t0}
+
+
+async def raw_jailed_throughput(
+    jailer: Path, firecracker: Path, snap: Snapshot, base: Path, flight: int, total: int
+) -> float:
+    sem = asyncio.Semaphore(flight)
+
+    async def one() -> None:
+        async with sem:
+            await raw_jailed_once(jailer, firecracker, snap, base)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(total)))
+    return total / (time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- ironclaw
@@ -180,14 +238,22 @@ async def main(runs: int, flight: int, total: int, workdir: Path) -> None:
     firecracker = find_firecracker()
     print(f"firecracker {snap.manifest.firecracker_version}, {runs} runs each\n")
 
+    jailer = find_jailer()
+    raw_base = workdir / "raw-jails"
+    raw_base.mkdir()
     report("raw firecracker (unjailed)", [await raw_once(firecracker, snap) for _ in range(runs)])
+    raw_j = [await raw_jailed_once(jailer, firecracker, snap, raw_base) for _ in range(runs)]
+    report("raw jailer+firecracker", raw_j)
     report("restore into fresh jail", [await restore_once(snap) for _ in range(runs)])
     async with WarmPool(template, size=2, snapshot=snap) as pool:
         report("warm pool claim (snapshot)", await claim_samples(pool, runs, "bench-ps"))
     async with WarmPool(template, size=2) as pool:
         report("warm pool claim (boot)", await claim_samples(pool, runs, "bench-pb"))
+    raw_rate = await raw_jailed_throughput(jailer, firecracker, snap, raw_base, flight, total)
     rate = await throughput(snap, flight, total)
-    print(f"\nrestore -> running -> stop, {flight} in flight, {total} total: {rate:.0f} restores/s")
+    print(f"\n{flight} in flight, {total} total, each spawn -> running -> stopped and removed:")
+    print(f"  raw jailer+firecracker:  {raw_rate:6.0f} restores/s")
+    print(f"  restore into fresh jail: {rate:6.0f} restores/s")
 
 
 if __name__ == "__main__":
@@ -195,8 +261,12 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--flight", type=int, default=16)
     parser.add_argument("--total", type=int, default=64)
-    parser.add_argument("--workdir", type=Path, default=Path("/var/jail"),
-                        help="Parent of the snapshot directory (on the jail filesystem).")  # fmt: skip
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/jail"),
+        help="Parent of the snapshot directory (on the jail filesystem).",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ironclaw-bench-snap-", dir=args.workdir))
     os.environ.setdefault("IRONCLAW_STATE_DIR", str(work / "registry"))  # a private registry
