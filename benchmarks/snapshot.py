@@ -116,7 +116,7 @@ async def raw_jailed_once(
 ) -> dict[str, float]:
     """The jailer + firecracker by hand: chroot, uid 64999, files hard-linked in, no cgroups
     or netns (what the jailer itself costs, as the floor for a restore into a fresh jail)."""
-    vm_id = f"raw-{uuid.uuid4().hex[:10]}"
+    vm_id = f"raw-{uuid.uuid4().hex[:8]}"
     jail = base / firecracker.resolve().name / vm_id
     root = jail / "root"
     t0 = time.perf_counter()
@@ -131,14 +131,17 @@ async def raw_jailed_once(
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.PIPE, stdout=out, stderr=out
     )
+    deadline = time.monotonic() + 10
+    last: Exception | None = None
     try:
         while True:
+            assert time.monotonic() < deadline, f"{sock} never answered: {last!r}"
             if sock.exists():
                 try:
                     if (await http(sock, "GET", "/"))[0] == 200:
                         break
-                except OSError:
-                    pass
+                except OSError as exc:
+                    last = exc
             assert proc.returncode is None, (jail.parent / f"{vm_id}.out").read_text()
             await asyncio.sleep(0.001)
         body = {"snapshot_path": "/vmstate", "mem_file_path": "/memory",
@@ -239,7 +242,7 @@ async def main(runs: int, flight: int, total: int, workdir: Path) -> None:
     print(f"firecracker {snap.manifest.firecracker_version}, {runs} runs each\n")
 
     jailer = find_jailer()
-    raw_base = workdir / "raw-jails"
+    raw_base = workdir / "rj"  # short: the socket path must fit in 107 bytes
     raw_base.mkdir()
     report("raw firecracker (unjailed)", [await raw_once(firecracker, snap) for _ in range(runs)])
     raw_j = [await raw_jailed_once(jailer, firecracker, snap, raw_base) for _ in range(runs)]
@@ -268,7 +271,7 @@ if __name__ == "__main__":
         help="Parent of the snapshot directory (on the jail filesystem).",
     )
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ironclaw-bench-snap-", dir=args.workdir))
+    work = Path(tempfile.mkdtemp(prefix="icb-", dir=args.workdir))
     os.environ.setdefault("IRONCLAW_STATE_DIR", str(work / "registry"))  # a private registry
     try:
         asyncio.run(main(args.runs, args.flight, args.total, work))
