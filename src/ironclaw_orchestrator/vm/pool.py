@@ -367,12 +367,12 @@ class WarmPool:
     async def close(self) -> None:
         """Stop the refill and every idle VMM (claimed VMs are the claimer's to stop)."""
         self._closed = True
+        self._closing.set()
         self._wake.set()
         if self._refiller is not None:
-            self._refiller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refiller
-            idle, self._idle = self._idle, []
+            await self._refiller  # finishes (or stops) a spawn in progress, then returns
+            self._refiller = None
+        idle, self._idle = self._idle, []
         results = await asyncio.gather(
             *(vm.stop(timeout_s=0.5) for vm in idle), return_exceptions=True
         )
