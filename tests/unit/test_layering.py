@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.probe",
             "vm.process",
             "vm.rundir",
+            "vm.snapshot_api",
             "vm.staging",
             "vm.vsock",
         ),
@@ -57,7 +58,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.inputs",
             "vm.jailer",
             "vm.lifecycle",
+            "vm.pool",
             "vm.recording",
+            "vm.restore",
+            "vm.snapshot",
             "vm.unjailed",
         ),
     ),
@@ -74,6 +78,7 @@ COHESIVE = frozenset({"vm lifecycle", "service"})
 SIDEWAYS = frozenset(
     {
         ("vm.jailer_args", "vm.binaries"),  # the argv depends on the jailer's version
+        ("vm.snapshot_api", "vm.binaries"),  # so do the snapshot request bodies
         ("pidfd", "procfs"),  # a pidfd is opened for a pid whose identity /proc confirms
         ("vm.hostcheck", "vm.netns"),  # where namespaces and the TUN device live
     }

@@ -25,7 +25,7 @@ from ..vm.binaries import Version
 from ..vm.config import JailerConfig, VmConfig
 from ..vm.snapshot import Snapshot, SnapshotSource, snapshot_vm
 from .common import ExitCode, IdOption, VerboseOption, handle_errors, setup_logging, stderr
-from .detached import JsonOption, get_record, open_registry
+from .records import JsonOption, get_record, open_registry
 
 __all__ = ["pause", "register", "restore", "resume", "snapshot"]
 

@@ -154,10 +154,10 @@ class WarmPool:
                 files.append(JailFile(Path(config.rootfs_path), ROOTFS_JAIL_PATH,
                                       read_only=config.rootfs_read_only, is_disk=True))  # fmt: skip
             tap = ns.tap_name(config.vm_id) if config.enable_networking else None
-        recorder = _recorder(config, self.registry, True, True)
+        recorder = _recorder(config, jailer_cfg, self.registry, True, True, jailed=True)
         assert recorder is not None
         try:
-            jailer_cfg = _own_ids(config, jailer_cfg, recorder.registry)
+            jailer_cfg = _own_ids(config, jailer_cfg, recorder)
             vmm = await start_with_jailer(
                 jailer_cfg, files=files, tap=tap,
                 tap_host_cidr=config.tap_host_cidr if tap else None,

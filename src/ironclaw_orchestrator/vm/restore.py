@@ -109,10 +109,10 @@ async def restore_snapshot(
     config = clone_config(snap, vm_id, jailer)
     jailer_cfg = config.jailer_config()
     check_clone(snap, config, jailer_cfg)
-    recorder = _recorder(config, registry, True, record)
+    recorder = _recorder(config, jailer_cfg, registry, True, record, jailed=True)
     try:
         if recorder is not None:
-            jailer_cfg = _own_ids(config, jailer_cfg, recorder.registry)
+            jailer_cfg = _own_ids(config, jailer_cfg, recorder)
         vmm = await start_with_jailer(
             jailer_cfg,
             files=snapshot_files(snap, config),
