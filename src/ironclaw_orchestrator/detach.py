@@ -340,5 +340,3 @@ def list_vms(registry: Registry) -> list[VmStatus]:
         VmStatus(record=r, owner_alive=r.owner_alive(), vmm_alive=r.vmm_alive())
         for r in registry.list()
     ]
-
-

@@ -105,6 +105,20 @@ async def start_counting(
     return vm
 
 
+async def start_halted(
+    vm_id: str, tmp_path: Path, vms: list[FirecrackerProcess]
+) -> FirecrackerProcess:
+    """A probe that prints its ready line and halts (for tests that need no counter)."""
+    vm = await start_firecracker(probe_config(vm_id, tmp_path, ProbeBehaviour.HALT))
+    vms.append(vm)
+    await vm.start_instance()
+    deadline = time.monotonic() + DEADLINE_S
+    while READY_LINE not in vm.console_path.read_text():
+        assert time.monotonic() < deadline, vm.console_tail()
+        await asyncio.sleep(0.02)
+    return vm
+
+
 def ns_inode(pid: int, kind: str) -> int:
     return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
 
@@ -172,7 +186,7 @@ async def test_two_forks_count_on_independently(
 async def test_restore_refuses_a_damaged_snapshot_before_starting(
     vm_id: str, tmp_path: Path, running: list[FirecrackerProcess], state_dir: Path
 ) -> None:
-    src = await start_counting(vm_id, tmp_path, running)
+    src = await start_halted(vm_id, tmp_path, running)
     snap = await src.snapshot(tmp_path / "snap")
     os.chmod(snap.state_path, 0o644)
     with open(snap.state_path, "r+b") as f:
@@ -272,8 +286,13 @@ ORCHESTRATOR = textwrap.dedent(
 
 def run_orchestrator(vm_id: str, mode: str, snap_dir: Path) -> int:
     proc = subprocess.run(
-        [sys.executable, "-c", ORCHESTRATOR, vm_id, mode, str(snap_dir)], timeout=120
+        [sys.executable, "-c", ORCHESTRATOR, vm_id, mode, str(snap_dir)],
+        timeout=120,
+        capture_output=True,
+        text=True,
     )
+    if proc.returncode != -signal.SIGKILL:
+        print(proc.stderr[-3000:])  # shown when the test fails
     return proc.returncode
 
 
@@ -305,18 +324,23 @@ async def test_orchestrator_killed_during_snapshot_then_gc(
 async def test_orchestrator_killed_during_restore_then_gc(
     vm_id: str, tmp_path: Path, running: list[FirecrackerProcess], state_dir: Path
 ) -> None:
-    src = await start_counting(vm_id, tmp_path, running)
+    src = await start_halted(vm_id, tmp_path, running)
     snap = await src.snapshot(tmp_path / "snap")
     await src.stop(timeout_s=0.2)
     clone_id = f"{vm_id}-r"
     try:
         assert run_orchestrator(clone_id, "restore", snap.path) == -signal.SIGKILL
         rec = Registry(state_dir).get(clone_id)
-        assert rec is not None and rec.vmm_pid is not None
+        assert rec is not None and rec.jail_dir is not None  # recorded before it was made
         assert snap.memory_path.stat().st_nlink == 2  # linked into the orphaned clone
+        pid_file = Path(rec.jail_dir, "root", f"{Path(rec.jail_dir).parent.name}.pid")
+        vmm_pid = int(pid_file.read_text())
+        assert Path(f"/proc/{vmm_pid}").exists()  # the clone outlived its orchestrator
     finally:
         gc_ids(state_dir, [clone_id])
     assert Registry(state_dir).get(clone_id) is None
+    stat = Path(f"/proc/{vmm_pid}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z"
     assert snap.memory_path.stat().st_nlink == 1
     assert not leftovers(clone_id)
     Snapshot.load(snap.path)

@@ -85,6 +85,9 @@ class FirecrackerProcess(GuestAgentMixin):
         self.exit_code: int | None = None
         #: The snapshot this VM last wrote or was restored from (a Diff snapshot builds on it).
         self.last_snapshot: Snapshot | None = None
+        #: Paused through this handle (``pause()``, a snapshot with ``resume=False``, a
+        #: restore with ``resume=False``), so that no state query is needed.
+        self.paused = False
 
     @property
     def pid(self) -> int:
@@ -163,10 +166,12 @@ class FirecrackerProcess(GuestAgentMixin):
     async def pause(self) -> None:
         """Pause the guest's vCPUs (``PATCH /vm Paused``)."""
         await self.vmm.api.pause()
+        self.paused = True
 
     async def resume(self) -> None:
         """Resume a paused guest."""
         await self.vmm.api.resume()
+        self.paused = False
 
     async def snapshot(
         self,

@@ -135,6 +135,7 @@ async def restore_snapshot(
         await vm.stop()
         raise
     vm.last_snapshot = snap
+    vm.paused = not resume
     return vm
 
 
