@@ -119,11 +119,16 @@ async def _snapshot(
 
     async with FirecrackerApi(record.api_socket, vm_id=record.vm_id) as api:
         info = await api.describe()
-        version = Version.parse("v" + str(info.get("vmm_version", "")).lstrip("v"))
-        chroot = Path(record.jail_dir) / "root"
-        config = record_config(record)
+    version = Version.parse("v" + str(info.get("vmm_version", "")).lstrip("v"))
+    paused = info.get("state") == "Paused"
+    chroot = Path(record.jail_dir) / "root"
+    config = record_config(record)
+    # A fresh connection for the pause (see snapshot_vm on GET / right before PATCH /vm).
+    async with FirecrackerApi(record.api_socket, vm_id=record.vm_id) as api:
         source = SnapshotSource(api, chroot, record.uid, record.gid, version, config)
-        return await snapshot_vm(source, dest, resume=resume_after, progress=report)
+        return await snapshot_vm(
+            source, dest, resume=resume_after, was_paused=paused, progress=report
+        )
 
 
 def snapshot(
