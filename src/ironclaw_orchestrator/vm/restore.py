@@ -93,6 +93,7 @@ async def restore_snapshot(
     resume: bool = True,
     jailer: JailerConfig | None = None,
     registry: Registry | None = None,
+    claim: bool = True,
     record: bool | None = None,
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
 ) -> FirecrackerProcess:
@@ -102,14 +103,15 @@ async def restore_snapshot(
     changes here) or a directory to load and verify first. ``jailer`` sets the clone's jail
     and limits (default: the source VM's, with a uid/gid of the clone's own from the
     registry). The returned VM runs (or is paused with ``resume=False``) and is recorded in
-    the registry like any other, so ``stop()`` and ``ironclaw gc`` clean it up.
+    the registry like any other, so ``stop()`` and ``ironclaw gc`` clean it up;
+    ``claim=False`` says the caller claimed ``vm_id`` there already (as a supervisor does).
     """
     if not isinstance(snap, Snapshot):
         snap = Snapshot.load(snap)
     config = clone_config(snap, vm_id, jailer)
     jailer_cfg = config.jailer_config()
     check_clone(snap, config, jailer_cfg)
-    recorder = _recorder(config, jailer_cfg, registry, True, record, jailed=True)
+    recorder = _recorder(config, jailer_cfg, registry, claim, record, jailed=True)
     try:
         if recorder is not None:
             jailer_cfg = _own_ids(config, jailer_cfg, recorder)
