@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ironclaw_orchestrator.errors import ConfigError
+from ironclaw_orchestrator.errors import ApiError, ConfigError, UsageError
 from ironclaw_orchestrator.gc import collect_garbage
 from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import (
@@ -187,7 +187,14 @@ async def test_restore_refuses_a_damaged_snapshot_before_starting(
     vm_id: str, tmp_path: Path, running: list[FirecrackerProcess], state_dir: Path
 ) -> None:
     src = await start_halted(vm_id, tmp_path, running)
+    with pytest.raises(UsageError, match="needs an earlier snapshot"):
+        await src.snapshot(tmp_path / "diff0", diff=True)
     snap = await src.snapshot(tmp_path / "snap")
+    with pytest.raises(ApiError, match="dirty page tracking disabled"):
+        await src.snapshot(tmp_path / "diff1", diff=True)
+    assert not (tmp_path / "diff1").exists()
+    assert not list(src.vmm.chroot_dir.glob("snapshot-*"))  # the work dir went too
+    assert (await src.api.describe())["state"] == "Running"  # resumed after the refusal
     os.chmod(snap.state_path, 0o644)
     with open(snap.state_path, "r+b") as f:
         f.write(b"\0\0\0\0")
