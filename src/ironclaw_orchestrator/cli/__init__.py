@@ -2,6 +2,13 @@
 
 One module per command group; :mod:`.common` holds exit codes, error output, logging and
 TOML loading. This package is the only place that imports typer or rich.
+
+Start-up cost: the commands are listed in :data:`COMMANDS` and :data:`VM_COMMANDS` and their
+modules are imported only when one of them runs (:mod:`.lazy`), so ``ironclaw vm run``
+imports the VM code but not the installer, gc or the detached-VM code. Register a command
+with one line in the table of its group: ``"name": "module:function:HELP_ATTRIBUTE"`` (or
+``"name": "module:app"`` for a ``typer.Typer`` sub-group). Nothing here may import the library
+or rich at module level (``tests/unit/test_cli_imports.py`` checks).
 """
 
 from __future__ import annotations
@@ -12,22 +19,53 @@ from typing import Annotated
 
 import typer
 
-from ..registry import STATE_DIR_ENV
-from . import detached as _detached
-from . import doctor as _doctor
-from . import gc as _gc
-from . import guest as _guest
-from . import image as _image
-from . import install as _install
-from . import serve as _serve
-from . import snapshot as _snapshot
-from . import vm as _vm
 from .common import ExitCode, VerboseOption, setup_logging
+from .lazy import LazyGroup
 
-__all__ = ["ExitCode", "app", "main"]
+__all__ = ["COMMANDS", "VM_COMMANDS", "ExitCode", "app", "main"]
+
+#: ``ironclaw <name>``: the module of this package and the command function (help attribute).
+COMMANDS: dict[str, str] = {
+    "doctor": "doctor:doctor:HELP",
+    "install": "install:install:HELP",
+    "gc": "gc:gc:HELP",
+    "serve": "serve:serve:HELP",
+    "vm": ":vm_app",
+    "image": "image:app",
+}
+
+#: ``ironclaw vm <name>``, same form.
+VM_COMMANDS: dict[str, str] = {
+    "run": "vm:run:RUN_HELP",
+    "start": "detached:start:START_HELP",
+    "ls": "vm_list:ls:LS_HELP",
+    "stats": "vm_list:stats:STATS_HELP",
+    "logs": "vm_stop:logs:LOGS_HELP",
+    "stop": "vm_stop:stop:STOP_HELP",
+    "exec": "guest:exec_:EXEC_HELP",
+    "cp": "guest:cp:CP_HELP",
+    "pause": "snapshot:pause:PAUSE_HELP",
+    "resume": "snapshot:resume:RESUME_HELP",
+    "snapshot": "snapshot:snapshot:SNAPSHOT_HELP",
+    "restore": "snapshot:restore:RESTORE_HELP",
+}
+
+#: Help of ``--state-dir``; the variable and default are registry.STATE_DIR_ENV and
+#: DEFAULT_STATE_DIR (not imported here: the registry pulls in pydantic; a unit test checks).
+STATE_DIR_HELP = "VM registry directory (sets $IRONCLAW_STATE_DIR; default /run/ironclaw/registry)."
+
+
+class _RootGroup(LazyGroup):
+    lazy_commands = COMMANDS
+
+
+class _VmGroup(LazyGroup):
+    lazy_commands = VM_COMMANDS
+
 
 app = typer.Typer(
     name="ironclaw",
+    cls=_RootGroup,
     help=(
         "Run untrusted workloads in Firecracker microVMs, sandboxed by the Jailer.\n\n"
         "Examples:\n\n"
@@ -43,34 +81,35 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+vm_app = typer.Typer(
+    cls=_VmGroup,
+    help=(
+        "Run microVMs: in the foreground (run) or detached (start, ls, stats, logs, stop)."
+        "\n\nExamples:\n\n"
+        "  ironclaw vm run --probe halt\n\n"
+        "  ironclaw vm start -d --id web-1\n\n"
+        "  ironclaw vm ls\n\n"
+        "  ironclaw vm stop web-1"
+    ),
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
 
 @app.callback()
 def _root(
     verbose: VerboseOption = False,
     state_dir: Annotated[
         Path | None,
-        typer.Option(
-            "--state-dir",
-            help=f"VM registry directory (sets ${STATE_DIR_ENV}; default /run/ironclaw/registry).",
-            show_default=False,
-        ),
+        typer.Option("--state-dir", help=STATE_DIR_HELP, show_default=False),
     ] = None,
 ) -> None:
     setup_logging(verbose)
     if state_dir is not None:
+        from ..registry import STATE_DIR_ENV
+
         # The environment, so that everything started from here (supervisors) agrees.
         os.environ[STATE_DIR_ENV] = str(state_dir.absolute())
-
-
-app.command(name="doctor", help=_doctor.HELP)(_doctor.doctor)
-app.command(name="install", help=_install.HELP)(_install.install)
-app.command(name="gc", help=_gc.HELP)(_gc.gc)
-app.command(name="serve", help=_serve.HELP)(_serve.serve)
-_detached.register(_vm.app)
-_guest.register(_vm.app)
-_snapshot.register(_vm.app)
-app.add_typer(_vm.app, name="vm")
-app.add_typer(_image.app, name="image")
 
 
 def main() -> None:

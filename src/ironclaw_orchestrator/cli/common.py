@@ -1,6 +1,9 @@
 """What every ``ironclaw`` command shares: exit codes, error output, logging, TOML loading.
 
-The CLI is the only part of the project that imports typer or rich.
+The CLI is the only part of the project that imports typer or rich. rich is imported when
+something is printed through it (:data:`stderr`, :data:`stdout`, a log record), not before:
+a command that succeeds quietly (``vm run`` streams the guest console itself) never pays
+for it.
 """
 
 from __future__ import annotations
@@ -11,12 +14,9 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.markup import escape
 
 from ..errors import (
     CleanupError,
@@ -27,6 +27,10 @@ from ..errors import (
     OutOfMemoryError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.logging import RichHandler
 
 
 class ExitCode(enum.IntEnum):
@@ -65,8 +69,41 @@ ERROR_EXIT_CODES: tuple[tuple[type[IronclawError], ExitCode], ...] = (
     (IronclawError, ExitCode.VM_ERROR),
 )
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-stdout = Console(highlight=False, soft_wrap=True)
+
+class LazyConsole:
+    """A rich ``Console`` made (and rich imported) on first use.
+
+    ``print`` and ``is_terminal`` are forwarded, any other attribute too; pass
+    :meth:`get` where rich wants the console itself (``Live``, ``Progress``).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._console: Console | None = None
+
+    def get(self) -> Console:
+        """The console (made now if this is the first use)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return self._console
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        self.get().print(*objects, **kwargs)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.get().is_terminal
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.get(), name)
+
+
+stderr = LazyConsole(stderr=True, highlight=False, soft_wrap=True)
+stdout = LazyConsole(highlight=False, soft_wrap=True)
 
 VerboseOption = Annotated[
     bool,
@@ -84,6 +121,8 @@ def exit_code_for(exc: BaseException) -> ExitCode:
 
 def fail(message: str, code: ExitCode = ExitCode.USAGE) -> NoReturn:
     """Print one red error message (no traceback) and exit with ``code``."""
+    from rich.markup import escape
+
     stderr.print(f"[bold red]error:[/] [red]{escape(message)}[/]")
     raise typer.Exit(int(code))
 
@@ -98,15 +137,33 @@ def handle_errors() -> Iterator[None]:
         fail(str(exc), exit_code_for(exc))
 
 
+class _LazyRichHandler(logging.Handler):
+    """Formats records with rich's ``RichHandler``, made when the first record arrives."""
+
+    _ironclaw = True
+
+    def __init__(self, *, show_time: bool) -> None:
+        super().__init__()
+        self._show_time = show_time
+        self._rich: RichHandler | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._rich is None:
+            from rich.logging import RichHandler
+
+            self._rich = RichHandler(
+                console=stderr.get(), show_path=False, show_time=self._show_time, markup=False
+            )
+        self._rich.emit(record)
+
+
 def setup_logging(verbose: bool) -> None:
     """Log to stderr: WARNING and up by default, everything of ours with ``-v``."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_ironclaw", False):
             root.removeHandler(handler)
-    handler = RichHandler(console=stderr, show_path=False, show_time=verbose, markup=False)
-    handler._ironclaw = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
+    root.addHandler(_LazyRichHandler(show_time=verbose))
     root.setLevel(logging.WARNING)
     ours = logging.getLogger("ironclaw_orchestrator")
     ours.setLevel(logging.DEBUG if verbose else logging.NOTSET)

@@ -20,7 +20,6 @@ from ..errors import IronclawError
 from ..registry import Registry
 from ..supervisor import DEFAULT_SPAWN_TIMEOUT_S, spawn_supervisor, stop_detached
 from ..vm.inputs import check_vm_inputs
-from . import vm_list, vm_stop
 from .common import (
     BootArgsOption,
     ConfigFileOption,
@@ -146,16 +145,4 @@ def _interrupted_start(registry: Registry, vm_id: str) -> None:
     raise typer.Exit(int(ExitCode.INTERRUPTED))
 
 
-# --------------------------------------------------------------------------- registration
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``start``, ``ls``, ``stats``, ``logs`` and ``stop`` to the ``vm`` group."""
-    app.command(name="start", help=START_HELP)(start)
-    app.command(name="ls", help=vm_list.LS_HELP)(vm_list.ls)
-    app.command(name="stats", help=vm_list.STATS_HELP)(vm_list.stats)
-    app.command(name="logs", help=vm_stop.LOGS_HELP)(vm_stop.logs)
-    app.command(name="stop", help=vm_stop.STOP_HELP)(vm_stop.stop)
-
-
-__all__ = ["register", "start"]
+__all__ = ["START_HELP", "start"]

@@ -218,10 +218,4 @@ async def _cp(
         return await client.get_file(guest_src[1], Path(dst))
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``exec`` and ``cp`` to the ``vm`` group."""
-    app.command(name="exec", help=EXEC_HELP)(exec_)
-    app.command(name="cp", help=CP_HELP)(cp)
-
-
-__all__ = ["cp", "exec_", "register"]
+__all__ = ["CP_HELP", "EXEC_HELP", "cp", "exec_"]

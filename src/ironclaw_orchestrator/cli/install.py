@@ -63,7 +63,7 @@ def install(
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=stderr,
+        console=stderr.get(),
         transient=True,
     )
     task: TaskID = progress.add_task("archive", total=None)

@@ -27,7 +27,7 @@ from ..vm.snapshot import Snapshot, SnapshotSource, snapshot_vm
 from .common import ExitCode, IdOption, VerboseOption, handle_errors, setup_logging, stderr
 from .records import JsonOption, get_record, open_registry
 
-__all__ = ["pause", "register", "restore", "resume", "snapshot"]
+__all__ = ["pause", "restore", "resume", "snapshot"]
 
 PAUSE_HELP = "Pause a running VM's vCPUs.\n\nExample:\n\nironclaw vm pause web-1"
 RESUME_HELP = "Resume a paused VM.\n\nExample:\n\nironclaw vm resume web-1"
@@ -145,7 +145,8 @@ def snapshot(
             DownloadColumn(),
             TransferSpeedColumn(),
         )
-        with Progress(*columns, console=stderr, transient=True, disable=json_output) as progress:
+        console = stderr.get()
+        with Progress(*columns, console=console, transient=True, disable=json_output) as progress:
             snap = asyncio.run(_snapshot(record, dest.absolute(), not no_resume, progress))
     data = snap.manifest.model_dump(mode="json", exclude={"config"})
     _print({"path": str(snap.path), **data}, json_output, str(snap.path))
@@ -194,10 +195,3 @@ def restore(
         code = asyncio.run(_restore_and_wait(snap_dir, new_id, not paused, json_output))
     raise typer.Exit(code)
 
-
-def register(app: typer.Typer) -> None:
-    """Add ``pause``, ``resume``, ``snapshot`` and ``restore`` to the ``vm`` group."""
-    app.command(name="pause", help=PAUSE_HELP)(pause)
-    app.command(name="resume", help=RESUME_HELP)(resume)
-    app.command(name="snapshot", help=SNAPSHOT_HELP)(snapshot)
-    app.command(name="restore", help=RESTORE_HELP)(restore)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ..errors import ConfigError, IronclawError
 from ..vm import FirecrackerProcess, start_firecracker
@@ -46,19 +45,6 @@ from .common import (
 )
 
 log = logging.getLogger("ironclaw_orchestrator.cli")
-
-app = typer.Typer(
-    help=(
-        "Run microVMs: in the foreground (run) or detached (start, ls, stats, logs, stop)."
-        "\n\nExamples:\n\n"
-        "  ironclaw vm run --probe halt\n\n"
-        "  ironclaw vm start -d --id web-1\n\n"
-        "  ironclaw vm ls\n\n"
-        "  ironclaw vm stop web-1"
-    ),
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
 
 #: Memory of the probe guest when neither the flags nor the file set ``memory_mb``.
 PROBE_MEMORY_MIB = 128
@@ -178,6 +164,8 @@ class _Follower:
 
 
 async def _print_stats(vm: FirecrackerProcess) -> None:
+    from rich.table import Table
+
     try:
         stats = await vm.stats()
     except IronclawError as exc:
@@ -280,7 +268,6 @@ async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> Exit
             loop.remove_signal_handler(sig)
 
 
-@app.command(name="run", help=RUN_HELP)
 def run(
     vm_id: IdOption = None,
     vcpus: VcpusOption = None,
@@ -326,4 +313,4 @@ def run(
     raise typer.Exit(int(code))
 
 
-__all__ = ["app", "build_config", "run", "run_vm"]
+__all__ = ["RUN_HELP", "build_config", "run", "run_vm"]

@@ -244,7 +244,7 @@ def _watch_print(record: VmRecord, first: CgroupStats, sample: Sampler, interval
 
 
 def _watch_live(record: VmRecord, first: CgroupStats, sample: Sampler, interval: float) -> None:
-    with Live(stats_table(record, first), console=stdout, auto_refresh=False) as live:
+    with Live(stats_table(record, first), console=stdout.get(), auto_refresh=False) as live:
         while True:
             time.sleep(interval)
             current = sample()
