@@ -19,9 +19,6 @@ import threading
 from contextlib import suppress
 from pathlib import Path
 
-from pyroute2 import netns as pr_netns
-from pyroute2.netlink.exceptions import NetlinkError
-
 from ...errors import NetworkError
 from .kernel import (
     _IFF_UP,
@@ -153,6 +150,8 @@ def _create_fast(name: str, path: Path) -> bool:
 
 def _create_pyroute2(name: str, path: Path) -> None:
     """Fallback creation through pyroute2 (forks a helper process)."""
+    from pyroute2 import netns as pr_netns
+
     try:
         pr_netns.create(str(path))
     except Exception as exc:
@@ -167,6 +166,8 @@ def _create_pyroute2(name: str, path: Path) -> None:
 
 
 def _lo_up_pyroute2(name: str) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         with _ipr(name) as ipr:
             lo = _find_link(ipr, "lo")
@@ -278,6 +279,8 @@ def netns_inode(path: Path) -> int:
 
 def interfaces_in(netns: str) -> list[str]:
     """Return the names of all links in the named network namespace, by ifindex."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         with _ipr(netns) as ipr:
             links = sorted(ipr.link("dump"), key=lambda m: m["index"])

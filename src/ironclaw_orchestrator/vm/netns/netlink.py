@@ -3,6 +3,11 @@
 pyroute2's sync API runs its own event loop, so these helpers refuse to run on a thread
 that already runs one; netlink sockets into a namespace are opened by pyroute2
 (``IPRoute(netns=...)``).
+
+pyroute2 is imported by the functions that use it, never at module level: importing it
+costs about 200 ms (and psutil), and a VM without a TAP or uplink never needs it (its
+namespace is made and removed with plain syscalls), nor does any command that does not
+start a VM.
 """
 
 from __future__ import annotations
@@ -13,9 +18,6 @@ import ipaddress
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from ...errors import NetworkError
 from .kernel import _require_netns
@@ -40,6 +42,9 @@ def _ipr(name: str | None) -> Iterator[Any]:
     where = "the host namespace" if name is None else f"network namespace {name!r}"
     _refuse_running_loop(f"open a netlink socket in {where}")
     path = None if name is None else _require_netns(name)
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         ipr = IPRoute() if path is None else IPRoute(netns=str(path), flags=0)
     except (OSError, NetlinkError, RuntimeError) as exc:
@@ -55,6 +60,8 @@ def _ipr(name: str | None) -> Iterator[Any]:
 
 def _find_link(ipr: Any, ifname: str) -> Any | None:
     """Return the link message for ``ifname``, or None if there is no such link."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         links = ipr.link("get", ifname=ifname)
     except NetlinkError as exc:
@@ -67,6 +74,8 @@ def _find_link(ipr: Any, ifname: str) -> Any | None:
 def _ensure_address(
     ipr: Any, index: int, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface
 ) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     for msg in ipr.addr("dump", index=index):
         if msg.get("address") == str(iface.ip) and msg["prefixlen"] == iface.network.prefixlen:
             return

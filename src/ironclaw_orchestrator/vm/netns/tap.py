@@ -15,8 +15,6 @@ import os
 import struct
 from typing import Any
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from ...errors import NetworkError
 from .kernel import (
     _FIRECRACKER_TAP_FLAGS,
@@ -95,6 +93,8 @@ def ensure_tap(netns: str, name: str, uid: int, gid: int, *, host_cidr: str | No
             ) from exc
 
     _require_netns(netns)
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         with _ipr(netns) as ipr:
             link = _find_link(ipr, name)
@@ -161,6 +161,8 @@ def remove_tap(netns: str, name: str) -> None:
     path = netns_path(netns)
     if not _is_nsfs(path):
         return
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         with _ipr(netns) as ipr:
             link = _find_link(ipr, name)

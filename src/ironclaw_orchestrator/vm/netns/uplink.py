@@ -11,8 +11,6 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from ...errors import NetworkError
 from .kernel import _is_nsfs, _require_netns, _run_in_netns
 from .names import netns_path, uplink_names
@@ -81,6 +79,7 @@ def ensure_uplink(
     host_addr = ipaddress.IPv4Interface(f"{host_ip}/{net.prefixlen}")
     ns_addr = ipaddress.IPv4Interface(f"{ns_ip}/{net.prefixlen}")
     path = _require_netns(netns)
+    from pyroute2.netlink.exceptions import NetlinkError
 
     try:
         with _ipr(None) as host, _ipr(netns) as inner:
@@ -170,6 +169,8 @@ def remove_uplink(netns: str, vm_id: str) -> None:
     Deleting the host end deletes its peer in the namespace (and the route through it).
     """
     host_if, ns_if = uplink_names(vm_id)
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         with _ipr(None) as host:
             link = _find_link(host, host_if)
