@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,6 +179,8 @@ def config_problems(exc: ConfigError, prefix: str = "") -> list[str]:
 
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML config file; problems are ``ConfigError`` naming the file."""
+    import tomllib  # only --config needs it
+
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
