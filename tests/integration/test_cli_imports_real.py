@@ -33,6 +33,10 @@ OTHER_COMMANDS = (
     "ironclaw_orchestrator.cli.doctor",
     "ironclaw_orchestrator.cli.gc",
     "ironclaw_orchestrator.cli.install",
+    "ironclaw_orchestrator.cli.guest",
+    "ironclaw_orchestrator.cli.image",
+    "ironclaw_orchestrator.agent.client",
+    "ironclaw_orchestrator.agent.messages",
 )
 
 # Runs the console script's main() and writes sys.modules as the process exits.

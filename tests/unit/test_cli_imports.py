@@ -38,8 +38,11 @@ LIBRARY_ONLY_SOME = (
     "ironclaw_orchestrator.doctor",
     "ironclaw_orchestrator.supervisor",
     "ironclaw_orchestrator.detach",
+    # The guest agent's client and message models: only vm exec/cp and the agent API.
+    "ironclaw_orchestrator.agent.client",
+    "ironclaw_orchestrator.agent.messages",
 )
-CLI_MODULES = {spec.split(":")[0] for spec in (*COMMANDS.values(), *VM_COMMANDS.values())}
+CLI_MODULES = {spec.split(":")[0] for spec in (*COMMANDS.values(), *VM_COMMANDS.values())} - {""}
 
 
 def modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:

@@ -11,18 +11,49 @@ or on this host (Unix socket)::
 The wire protocol is documented in docs/agent-protocol.md.
 """
 
-from .client import AgentClient
-from .messages import (
-    AgentInfo,
-    ExecEvent,
-    ExecExit,
-    ExecOutput,
-    ExecResult,
-    ExecStarted,
-    ExecTruncated,
-    FileTransfer,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .protocol import DEFAULT_VSOCK_PORT, PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from .client import AgentClient
+    from .messages import (
+        AgentInfo,
+        ExecEvent,
+        ExecExit,
+        ExecOutput,
+        ExecResult,
+        ExecStarted,
+        ExecTruncated,
+        FileTransfer,
+    )
+
+# The client and its message models (pydantic) are imported on first use, not with the
+# package: every VM handle imports .vmhandle, and most VMs never talk to an agent.
+_LAZY = {
+    "AgentClient": "client",
+    "AgentInfo": "messages",
+    "ExecEvent": "messages",
+    "ExecExit": "messages",
+    "ExecOutput": "messages",
+    "ExecResult": "messages",
+    "ExecStarted": "messages",
+    "ExecTruncated": "messages",
+    "FileTransfer": "messages",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_VSOCK_PORT",

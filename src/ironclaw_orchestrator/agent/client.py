@@ -29,6 +29,7 @@ from ..errors import (
 )
 from . import messages as m
 from .protocol import (
+    DEFAULT_OUTPUT_LIMIT,
     DEFAULT_VSOCK_PORT,
     SUPPORTED_VERSIONS,
     FrameError,
@@ -42,7 +43,6 @@ from .transfer import echo_through, receive_file, send_chunks, send_file
 
 Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
-DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 #: How long a file transfer or ping may wait for the agent's next message.
 DEFAULT_IO_TIMEOUT_S = 60.0

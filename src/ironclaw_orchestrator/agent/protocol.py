@@ -31,6 +31,8 @@ MAX_JSON = 64 * 1024
 MAX_PAYLOAD = 256 * 1024
 #: Size of the data chunks the two ends send (file bodies, command output).
 CHUNK = 64 * 1024
+#: Bytes of a command's output the host client keeps unless told otherwise.
+DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024
 
 Message = Dict[str, Any]  # noqa: UP006 (the guest may run Python 3.7)
 

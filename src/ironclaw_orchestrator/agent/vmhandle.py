@@ -17,12 +17,14 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from ..errors import AgentConnectionError, AgentError, UsageError
-from .client import DEFAULT_OUTPUT_LIMIT, AgentClient
-from .messages import AgentInfo, ExecEvent, ExecResult, FileTransfer
-from .protocol import DEFAULT_VSOCK_PORT
+from .protocol import DEFAULT_OUTPUT_LIMIT, DEFAULT_VSOCK_PORT
 
 if TYPE_CHECKING:
+    # Imported when the agent is first used: every VM handle has these methods, most VMs
+    # never call them, and the client's message models cost start-up time (pydantic).
     from ..vm.config import VmConfig
+    from .client import AgentClient
+    from .messages import AgentInfo, ExecEvent, ExecResult, FileTransfer
 
 #: How long :meth:`GuestAgentMixin.wait_agent` waits for a booting guest's agent by default.
 DEFAULT_AGENT_WAIT_S = 60.0
@@ -63,6 +65,8 @@ class GuestAgentMixin:
     @contextlib.asynccontextmanager
     async def agent(self, *, connect_timeout_s: float = 10.0) -> AsyncIterator[AgentClient]:
         """A connected :class:`AgentClient` for this VM, closed on exit."""
+        from .client import AgentClient
+
         client = await AgentClient.connect_vsock(
             self.vsock_path, self.agent_port, connect_timeout_s=connect_timeout_s
         )
