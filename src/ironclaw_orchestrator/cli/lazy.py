@@ -91,10 +91,6 @@ class LazyCommands(MutableMapping[str, Any]):
     def __contains__(self, name: object) -> bool:
         return name in self._loaded or name in self._table
 
-    def loaded(self) -> list[str]:
-        """Names whose command was made (for tests: what a run had to import)."""
-        return list(self._loaded)
-
 
 class LazyGroup(TyperGroup):
     """A typer group (``typer.Typer(cls=...)``) that adds :attr:`lazy_commands` on demand.
