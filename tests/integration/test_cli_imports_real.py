@@ -20,7 +20,18 @@ from ironclaw_orchestrator.vm.probe import READY_LINE
 
 pytestmark = pytest.mark.integration
 
-NEVER = ("pyroute2", "psutil", "httpx", "httpcore", "rich", "fastapi", "uvicorn", "ray")
+NEVER = (
+    "pyroute2",
+    "psutil",
+    "httpx",
+    "httpcore",
+    "rich",
+    "click",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "ray",
+)
 OTHER_COMMANDS = (
     "ironclaw_orchestrator.gc",
     "ironclaw_orchestrator.install",

@@ -26,6 +26,7 @@ HEAVY = (
     "httpx",
     "httpcore",
     "rich",
+    "click",
     "fastapi",
     "starlette",
     "uvicorn",
