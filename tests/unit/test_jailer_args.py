@@ -80,3 +80,63 @@ def test_spec_syntax_never_emitted() -> None:
 def test_too_old_jailer_refused() -> None:
     with pytest.raises(ConfigError, match="older than"):
         argv(JailerConfig(jailer_id="vm1"), "v0.25.0", 1, V1)
+
+
+# --------------------------------------------------------------------------- seccomp and LSM
+
+
+@pytest.mark.parametrize("version", ["v1.0.0", "v1.7.0", "v1.14.1"])
+def test_custom_seccomp_filter_golden(version: str) -> None:
+    cfg = JailerConfig(jailer_id="vm1", seccomp_filter=Path("/etc/ironclaw/fc.bpf"))
+    out = argv(cfg, version, 2, V2)
+    # The host path is staged into the jail; firecracker gets the jail-relative path.
+    assert out[out.index("--") :] == [
+        "--", "--api-sock", "/run/firecracker.socket", "--seccomp-filter", "/seccomp-filter.bpf",
+    ]  # fmt: skip
+    assert "/etc/ironclaw/fc.bpf" not in out
+
+
+@pytest.mark.parametrize("version", ["v1.0.0", "v1.7.0", "v1.14.1"])
+def test_no_seccomp_golden(version: str) -> None:
+    out = argv(JailerConfig(jailer_id="vm1", no_seccomp=True), version, 2, V2)
+    assert out[out.index("--") :] == ["--", "--api-sock", "/run/firecracker.socket", "--no-seccomp"]
+    assert not any(a.startswith("--seccomp-level") for a in out)
+
+
+def test_default_keeps_builtin_seccomp() -> None:
+    out = argv(JailerConfig(jailer_id="vm1"), "v1.14.1", 2, V2)
+    assert not {"--no-seccomp", "--seccomp-filter", "--seccomp-level"} & set(out)
+
+
+def test_seccomp_filter_and_no_seccomp_contradict() -> None:
+    cfg = JailerConfig(jailer_id="vm1", no_seccomp=True, seccomp_filter=Path("/f.bpf"))
+    with pytest.raises(ConfigError, match="contradict"):
+        argv(cfg, "v1.0.0", 2, V2)
+
+
+@pytest.mark.parametrize("version", ["v1.0.0", "v1.7.0", "v1.14.1"])
+def test_apparmor_exec_transition_golden(version: str) -> None:
+    out = argv(JailerConfig(jailer_id="vm1", apparmor_profile="ironclaw-vm1"), version, 2, V2)
+    assert out[:6] == ["/usr/bin/aa-exec", "-p", "ironclaw-vm1", "--", str(J), "--id"]
+
+
+@pytest.mark.parametrize("version", ["v1.0.0", "v1.7.0", "v1.14.1"])
+def test_selinux_exec_label_golden(version: str) -> None:
+    label = "system_u:system_r:ironclaw_jailer_t:s0"
+    out = argv(JailerConfig(jailer_id="vm1", selinux_label=label), version, 2, V2)
+    assert out[:4] == ["/usr/bin/runcon", label, str(J), "--id"]
+
+
+def test_both_lsms_refused() -> None:
+    cfg = JailerConfig(
+        jailer_id="vm1", apparmor_profile="p", selinux_label="system_u:system_r:t:s0"
+    )
+    with pytest.raises(ConfigError, match="pick one LSM"):
+        argv(cfg, "v1.14.1", 2, V2)
+
+
+def test_lsm_names_validated() -> None:
+    with pytest.raises(ConfigError, match="apparmor_profile"):
+        JailerConfig(apparmor_profile="x; rm -rf /")
+    with pytest.raises(ConfigError, match="selinux_label"):
+        JailerConfig(selinux_label="not a label")

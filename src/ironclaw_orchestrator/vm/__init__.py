@@ -8,6 +8,8 @@ boot source, root drive, network, vsock): the caller only starts the instance.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from ..errors import (
     UsageError,
 )
 from ..registry import Registry
+from ..security.lsm import require_lsm
 from . import netns as ns
 from .api import FirecrackerApi
 from .cgroups import CgroupStats
@@ -37,16 +40,28 @@ from .jailer import (
     start_with_jailer,
 )
 from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, read_tail
+from .ratelimit import RateLimit
 from .recording import VmRecorder
+from .seccomp import (
+    SECCOMP_FILTER_JAIL_PATH,
+    SeccompStatus,
+    check_filtered,
+    check_no_seccomp_allowed,
+    read_seccomp_status,
+)
 from .snapshot import Progress, Snapshot, take_snapshot
+from .staging import check_source
 from .unjailed import UnjailedProcess, start_unjailed
+from .vsock import Handler, VsockLimiter, connect_vsock, listen_vsock
 
 __all__ = [
     "FirecrackerProcess",
     "JailerConfig",
     "JailerProcess",
+    "RateLimit",
     "Snapshot",
     "VmConfig",
+    "VmStats",
     "WarmPool",
     "restore_snapshot",
     "start_firecracker",
@@ -58,10 +73,21 @@ log = logging.getLogger(__name__)
 
 KERNEL_JAIL_PATH = PurePosixPath("/vmlinux")
 ROOTFS_JAIL_PATH = PurePosixPath("/rootfs.ext4")
+ROOTFS_DRIVE_ID = "rootfs"
+NET_IFACE_ID = "eth0"
 INSTALL_JAILER_HINT = (
     "install the jailer (`ironclaw install`, or copy release-vX-<arch>/jailer to "
     "/usr/local/bin/jailer, chmod +x) and run as root"
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class VmStats(CgroupStats):
+    """Cgroup counters plus the VMM's seccomp state (weakest mode over its threads: 2 =
+    every thread filtered, 0 = some thread unfiltered; ``None``: unreadable)."""
+
+    seccomp_mode: int | None = None
+    seccomp_threads: int | None = None
 
 
 class FirecrackerProcess(GuestAgentMixin):
@@ -88,6 +114,9 @@ class FirecrackerProcess(GuestAgentMixin):
         #: Paused through this handle (``pause()``, a snapshot with ``resume=False``, a
         #: restore with ``resume=False``), so that no state query is needed.
         self.paused = False
+        limit = config.vsock_rate_limit
+        #: Meters the VM's host-side vsock traffic (``vsock_rate_limit``), ``None`` if unset.
+        self.vsock_limiter = VsockLimiter(limit) if limit is not None else None
 
     @property
     def pid(self) -> int:
@@ -130,6 +159,69 @@ class FirecrackerProcess(GuestAgentMixin):
             raise UsageError(f"VM {self.vm_id} was already started")
         await self.vmm.api.instance_start()
         self.vmm.booted = True
+        if not self.config.jailer_config().no_seccomp:
+            await self._check_seccomp()
+
+    def seccomp_status(self) -> SeccompStatus:
+        """Seccomp mode of every VMM thread, read from /proc now."""
+        return read_seccomp_status(self.pid)
+
+    async def _check_seccomp(self) -> None:
+        """Every VMM thread must run under a filter (vCPU threads install theirs as they
+        start, so allow them a moment)."""
+        status = self.seccomp_status()
+        for _ in range(20):
+            if status.filtered or self.vmm.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+            status = self.seccomp_status()
+        if self.vmm.returncode is None:
+            check_filtered(status, self.vm_id)
+
+    async def update_rate_limits(
+        self,
+        *,
+        drive: RateLimit | None = None,
+        net_rx: RateLimit | None = None,
+        net_tx: RateLimit | None = None,
+    ) -> None:
+        """Replace rate limits on the running VM (Firecracker's PATCH endpoints).
+
+        Each limit given replaces that device's limiter (``RateLimit()`` removes it); ``None``
+        leaves it alone. Firecracker accepts these only after ``start_instance()``.
+        """
+        if not self.vmm.booted:
+            raise UsageError(
+                f"VM {self.vm_id}: rate limits can be changed only after start_instance() "
+                "(before that, set drive_rate_limit / net_*_rate_limit in VmConfig)"
+            )
+        if drive is not None:
+            if self.config.rootfs_path is None:
+                raise UsageError(f"VM {self.vm_id} has no root drive to rate-limit")
+            await self.api.patch_drive_rate_limit(ROOTFS_DRIVE_ID, drive)
+        if net_rx is not None or net_tx is not None:
+            if not self.config.enable_networking:
+                raise UsageError(f"VM {self.vm_id} has no network interface (enable_networking)")
+            await self.api.patch_network_rate_limits(NET_IFACE_ID, rx=net_rx, tx=net_tx)
+
+    def vsock_uds_host_path(self) -> Path:
+        """Host path of the VM's vsock socket (jailed VMs only)."""
+        if self.config.vsock_guest_cid is None or not isinstance(self.vmm, JailerProcess):
+            raise UsageError(f"VM {self.vm_id} has no vsock device (set vsock_guest_cid)")
+        return self.vmm.jail_host_path(self.config.vsock_uds_path)
+
+    async def connect_vsock(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to guest vsock ``port``, metered by ``vsock_rate_limit``."""
+        return await connect_vsock(self.vsock_uds_host_path(), port, limiter=self.vsock_limiter)
+
+    async def listen_vsock(self, port: int, handler: Handler) -> asyncio.Server:
+        """Accept guest connections to host ``port``, metered by ``vsock_rate_limit``."""
+        assert isinstance(self.vmm, JailerProcess)  # vsock_uds_host_path() checked
+        path = self.vsock_uds_host_path()
+        cfg = self.vmm.config
+        return await listen_vsock(
+            path, port, handler, uid=cfg.uid, gid=cfg.gid, limiter=self.vsock_limiter
+        )
 
     async def wait(self) -> int:
         """Wait for the VMM to exit and return its exit code (0 after a guest reset).
@@ -155,13 +247,16 @@ class FirecrackerProcess(GuestAgentMixin):
                 output_tail=self.console_tail(),
             )
 
-    async def stats(self) -> CgroupStats:
-        """Resource usage from the VM's cgroups (jailed VMs only)."""
+    async def stats(self) -> VmStats:
+        """Resource usage from the VM's cgroups (jailed VMs only), and its seccomp mode."""
         if not isinstance(self.vmm, JailerProcess):
             raise UsageError(
                 f"VM {self.vm_id} runs unjailed (development mode): it has no cgroups to read"
             )
-        return self.vmm.stats()
+        sec = self.seccomp_status()
+        return VmStats(
+            **vars(self.vmm.stats()), seccomp_mode=sec.mode, seccomp_threads=len(sec.threads)
+        )
 
     async def pause(self) -> None:
         """Pause the guest's vCPUs (``PATCH /vm Paused``)."""
@@ -230,6 +325,13 @@ async def start_firecracker(
     """
     check_vm_inputs(config, jailed=use_jailer is not False)
     jailer_cfg = config.jailer_config()
+    check_no_seccomp_allowed(jailer_cfg.no_seccomp, config.sandbox_required(), config.vm_id)
+    if jailer_cfg.seccomp_filter is not None:
+        check_source(jailer_cfg.seccomp_filter, "jailer.seccomp_filter")
+    if config.drive_rate_limit is not None and config.rootfs_path is None:
+        raise ConfigError(f"VM {config.vm_id}: drive_rate_limit needs a root drive (rootfs_path)")
+    if (config.net_rx_rate_limit or config.net_tx_rate_limit) and not config.enable_networking:
+        raise ConfigError(f"VM {config.vm_id}: net_rx/tx_rate_limit need enable_networking")
     reason = _unjailed_reason(config, jailer_cfg, use_jailer)
     recorder = _recorder(config, jailer_cfg, registry, claim, record, jailed=reason is None)
     vmm: JailerProcess | UnjailedProcess
@@ -380,6 +482,9 @@ async def _start_jailed(
                 is_disk=True,
             )
         )
+    if jailer_cfg.seccomp_filter is not None:
+        files.append(JailFile(jailer_cfg.seccomp_filter, SECCOMP_FILTER_JAIL_PATH))
+    require_lsm(jailer_cfg)
     if config.vsock_guest_cid is not None:
         # Firecracker listens on <uds_path>_<port> for guest-initiated connections.
         vsock_host = jailer_cfg.chroot_dir / str(config.vsock_uds_path).lstrip("/")
@@ -409,9 +514,15 @@ async def _configure(vm: FirecrackerProcess) -> None:
     await api.put_boot_source(kernel, boot_args)
     if cfg.rootfs_path is not None:
         rootfs = ROOTFS_JAIL_PATH if jailed else Path(cfg.rootfs_path)
-        await api.put_drive("rootfs", rootfs, root=True, read_only=cfg.rootfs_read_only)
+        await api.put_drive(
+            ROOTFS_DRIVE_ID, rootfs, root=True, read_only=cfg.rootfs_read_only,
+            rate_limit=cfg.drive_rate_limit,
+        )  # fmt: skip
     if cfg.enable_networking:
-        await api.put_network_interface("eth0", ns.tap_name(cfg.vm_id), ns.guest_mac(cfg.vm_id))
+        await api.put_network_interface(
+            NET_IFACE_ID, ns.tap_name(cfg.vm_id), ns.guest_mac(cfg.vm_id),
+            rx_rate_limit=cfg.net_rx_rate_limit, tx_rate_limit=cfg.net_tx_rate_limit,
+        )  # fmt: skip
     if cfg.vsock_guest_cid is not None:
         if not jailed:
             raise ConfigError(f"VM {cfg.vm_id}: vsock is only supported for jailed VMs")

@@ -19,6 +19,7 @@ from typing import Any
 import h11
 
 from ..errors import ApiError
+from .ratelimit import RateLimit
 
 #: Default per-request timeout; InstanceStart on a large guest can take a while.
 DEFAULT_TIMEOUT_S = 10.0
@@ -169,27 +170,66 @@ class FirecrackerApi:
         )
 
     async def put_drive(
-        self, drive_id: str, path: PurePosixPath | Path, *, root: bool, read_only: bool
+        self,
+        drive_id: str,
+        path: PurePosixPath | Path,
+        *,
+        root: bool,
+        read_only: bool,
+        rate_limit: RateLimit | None = None,
     ) -> None:
-        await self.request(
-            "PUT",
-            f"/drives/{drive_id}",
-            {
-                "drive_id": drive_id,
-                "path_on_host": str(path),
-                "is_root_device": root,
-                "is_read_only": read_only,
-            },
-        )
+        await self.request("PUT", f"/drives/{drive_id}", drive_body(
+            drive_id, path, root=root, read_only=read_only, rate_limit=rate_limit
+        ))  # fmt: skip
 
     async def put_network_interface(
-        self, iface_id: str, host_dev_name: str, guest_mac: str
+        self,
+        iface_id: str,
+        host_dev_name: str,
+        guest_mac: str,
+        *,
+        rx_rate_limit: RateLimit | None = None,
+        tx_rate_limit: RateLimit | None = None,
     ) -> None:
+        body: dict[str, Any] = {
+            "iface_id": iface_id, "host_dev_name": host_dev_name, "guest_mac": guest_mac
+        }  # fmt: skip
+        if rx_rate_limit is not None and not rx_rate_limit.unlimited:
+            body["rx_rate_limiter"] = rx_rate_limit.to_api()
+        if tx_rate_limit is not None and not tx_rate_limit.unlimited:
+            body["tx_rate_limiter"] = tx_rate_limit.to_api()
+        await self.request("PUT", f"/network-interfaces/{iface_id}", body)
+
+    async def patch_drive_rate_limit(self, drive_id: str, rate_limit: RateLimit) -> None:
+        """Replace a drive's limiter on a running VM (``PATCH /drives/{id}``, post-boot only)."""
         await self.request(
-            "PUT",
-            f"/network-interfaces/{iface_id}",
-            {"iface_id": iface_id, "host_dev_name": host_dev_name, "guest_mac": guest_mac},
+            "PATCH",
+            f"/drives/{drive_id}",
+            {"drive_id": drive_id, "rate_limiter": rate_limit.to_api_update()},
         )
+
+    async def patch_network_rate_limits(
+        self, iface_id: str, *, rx: RateLimit | None = None, tx: RateLimit | None = None
+    ) -> None:
+        """Replace rx and/or tx limiters on a running VM (``PATCH /network-interfaces/{id}``)."""
+        body: dict[str, Any] = {"iface_id": iface_id}
+        if rx is not None:
+            body["rx_rate_limiter"] = rx.to_api_update()
+        if tx is not None:
+            body["tx_rate_limiter"] = tx.to_api_update()
+        await self.request("PATCH", f"/network-interfaces/{iface_id}", body)
+
+    async def put_metrics(self, metrics_path: PurePosixPath | Path) -> None:
+        """``PUT /metrics``: up to v1.13 the file must exist first (create it in the jail)."""
+        await self.request("PUT", "/metrics", {"metrics_path": str(metrics_path)})
+
+    async def flush_metrics(self) -> None:
+        await self.request("PUT", "/actions", {"action_type": "FlushMetrics"})
+
+    async def get_vm_config(self) -> dict[str, Any]:
+        """``GET /vm/config``: the configuration Firecracker holds (v1.0 and later)."""
+        result = await self.request("GET", "/vm/config")
+        return result if isinstance(result, dict) else {}
 
     async def put_vsock(self, guest_cid: int, uds_path: PurePosixPath | Path) -> None:
         # v1.0 requires vsock_id; later versions ignore it.
@@ -219,6 +259,26 @@ class FirecrackerApi:
 
     async def load_snapshot(self, body: dict[str, Any], *, timeout_s: float = 60.0) -> None:
         await self.request("PUT", "/snapshot/load", body, timeout_s=timeout_s)
+
+
+def drive_body(
+    drive_id: str,
+    path: PurePosixPath | Path,
+    *,
+    root: bool,
+    read_only: bool,
+    rate_limit: RateLimit | None = None,
+) -> dict[str, Any]:
+    """``PUT /drives/{id}`` body: v1.0 requires both booleans; later releases accept them."""
+    body: dict[str, Any] = {
+        "drive_id": drive_id,
+        "path_on_host": str(path),
+        "is_root_device": root,
+        "is_read_only": read_only,
+    }
+    if rate_limit is not None and not rate_limit.unlimited:
+        body["rate_limiter"] = rate_limit.to_api()
+    return body
 
 
 def _fault(data: bytes, reason: str) -> str:

@@ -39,6 +39,7 @@ from pydantic import (
 
 from ..errors import ConfigError
 from ..names import ID_RULE, PARENT_CGROUP_NAME, exec_file_name, is_valid_id
+from .ratelimit import RateLimit, VsockRateLimit
 
 #: Linux ``sun_path`` holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
@@ -217,6 +218,17 @@ class JailerConfig(_Model):
     #: Confine staged files (kernel, disks) to these directories, symlinks resolved.
     #: ``None``: ``IRONCLAW_IMAGE_DIRS`` (colon-separated) if set, else no confinement.
     image_dirs: ImageDirs | None = None
+    #: Host path of a custom seccomp filter (compiled with Firecracker's seccompiler-bin for
+    #: this exact release), staged into the jail; ``None`` keeps Firecracker's built-in one.
+    seccomp_filter: Path | None = None
+    #: Run the VMM without seccomp (``--no-seccomp``): refused when a sandbox is required.
+    no_seccomp: bool = False
+    #: Confine jailer and VMM with this AppArmor profile (``ironclaw security profile``).
+    apparmor_profile: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    #: Run jailer and VMM with this SELinux context, e.g. ``system_u:system_r:ironclaw_vmm_t:s0``.
+    selinux_label: str | None = Field(
+        default=None, pattern=r"^[a-z0-9_]+:[a-z0-9_]+:[a-z0-9_]+(:[A-Za-z0-9_.,:-]+)?$"
+    )
 
     # Resource limits beyond cpu_count / memory_limit_mb (spec Phase 2).
     cpu_period_us: int = Field(default=100_000, ge=1_000, le=1_000_000)
@@ -348,6 +360,12 @@ class VmConfig(_Model):
     #: (becomes ``jailer.image_dirs`` unless that is set). ``None``: ``IRONCLAW_IMAGE_DIRS``.
     image_dirs: ImageDirs | None = None
     jailer: JailerConfig | None = None
+    #: Firecracker token buckets on the root drive and the network interface (rx/tx).
+    drive_rate_limit: RateLimit | None = None
+    net_rx_rate_limit: RateLimit | None = None
+    net_tx_rate_limit: RateLimit | None = None
+    #: ironclaw's own limit on the host-side vsock connections (see ``vm.vsock``).
+    vsock_rate_limit: VsockRateLimit | None = None
 
     _check_id = field_validator("vm_id")(lambda v: check_id(v, "vm_id"))
 

@@ -13,8 +13,13 @@ from pathlib import Path, PurePosixPath
 from ..errors import ConfigError
 from .binaries import Version
 from .config import JailerConfig
+from .seccomp import SECCOMP_FILTER_JAIL_PATH
 
 MIN_SUPPORTED = Version(1, 0, 0)
+#: Tools that set the label the jailer is exec'd with (the exec transition): AppArmor's
+#: ``aa-exec`` (package apparmor) and coreutils' ``runcon`` for SELinux.
+AA_EXEC = Path("/usr/bin/aa-exec")
+RUNCON = Path("/usr/bin/runcon")
 
 
 @dataclass(frozen=True)
@@ -28,12 +33,41 @@ class CgroupArg:
         return f"{self.file}={self.value}"
 
 
-def firecracker_args(api_sock: PurePosixPath | Path, *, level: str | None = None) -> list[str]:
-    """Arguments for firecracker itself (after the jailer's ``--``, or when run directly)."""
+def firecracker_args(
+    api_sock: PurePosixPath | Path,
+    *,
+    level: str | None = None,
+    seccomp_filter: PurePosixPath | Path | None = None,
+    no_seccomp: bool = False,
+) -> list[str]:
+    """Arguments for firecracker itself (after the jailer's ``--``, or when run directly).
+
+    Seccomp flags are the same from v1.0 through v1.14: ``--seccomp-filter <file>`` and
+    ``--no-seccomp`` (v0.x had ``--seccomp-level 0|1|2``, removed in v1.0; such releases are
+    refused anyway).
+    """
+    if seccomp_filter is not None and no_seccomp:
+        raise ConfigError("seccomp_filter and no_seccomp contradict each other: pick one")
     args = ["--api-sock", str(api_sock)]
     if level is not None:
         args += ["--level", level]
+    if seccomp_filter is not None:
+        args += ["--seccomp-filter", str(seccomp_filter)]
+    if no_seccomp:
+        args.append("--no-seccomp")
     return args
+
+
+def lsm_exec_prefix(cfg: JailerConfig) -> list[str]:
+    """The exec-transition wrapper that starts the jailer under an AppArmor profile or an
+    SELinux context (the VMM inherits it, or transitions as the policy says)."""
+    if cfg.apparmor_profile is not None and cfg.selinux_label is not None:
+        raise ConfigError("apparmor_profile and selinux_label cannot both be set: pick one LSM")
+    if cfg.apparmor_profile is not None:
+        return [str(AA_EXEC), "-p", cfg.apparmor_profile, "--"]
+    if cfg.selinux_label is not None:
+        return [str(RUNCON), cfg.selinux_label]
+    return []
 
 
 def build_jailer_argv(
@@ -61,6 +95,7 @@ def build_jailer_argv(
             "install a current release with `ironclaw install`"
         )
     argv = [
+        *lsm_exec_prefix(cfg),
         str(jailer),
         "--id", cfg.jailer_id,
         "--exec-file", str(exec_file),
@@ -83,5 +118,10 @@ def build_jailer_argv(
     if cfg.fsize is not None:
         argv += ["--resource-limit", f"fsize={cfg.fsize}"]
     argv.append("--")
-    argv += firecracker_args(cfg.api_sock, level=level)
+    argv += firecracker_args(
+        cfg.api_sock,
+        level=level,
+        seccomp_filter=SECCOMP_FILTER_JAIL_PATH if cfg.seccomp_filter is not None else None,
+        no_seccomp=cfg.no_seccomp,
+    )
     return argv

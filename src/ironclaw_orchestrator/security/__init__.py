@@ -1,0 +1,2 @@
+"""Host confinement beyond the jailer: which LSMs are active, and AppArmor / SELinux policy
+generated from a VM's configuration (spec: Future Enhancements, Phase 3)."""
