@@ -14,17 +14,29 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
 _TIME = re.compile(r"^\s*(\d+)\s*(ms|s)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-class TokenBucket(BaseModel):
-    """``size`` tokens refilled every ``refill_time_ms``; ``one_time_burst`` extra at first."""
+class _Strict(BaseModel):
+    """Unknown keys are errors; bad values raise ``ConfigError`` naming the key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            from .config import config_error  # config imports this module
+
+            raise config_error(exc, type(self).__name__) from None
+
+
+class TokenBucket(_Strict):
+    """``size`` tokens refilled every ``refill_time_ms``; ``one_time_burst`` extra at first."""
 
     size: int = Field(ge=1, le=2**64 - 1)
     refill_time_ms: int = Field(ge=1, le=2**64 - 1)
@@ -66,10 +78,8 @@ class TokenBucket(BaseModel):
 DISABLED_BUCKET: dict[str, int] = {"size": 0, "refill_time": 0}
 
 
-class RateLimit(BaseModel):
+class RateLimit(_Strict):
     """Firecracker's ``RateLimiter``: a ``bandwidth`` (bytes) and an ``ops`` bucket."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     bandwidth: TokenBucket | None = None
     ops: TokenBucket | None = None
@@ -98,15 +108,13 @@ class RateLimit(BaseModel):
         }
 
 
-class VsockRateLimit(BaseModel):
+class VsockRateLimit(_Strict):
     """Per-VM limit on the host-side vsock traffic ironclaw carries (see :mod:`.vsock`).
 
     ``bytes_per_s`` counts payload in both directions together, over all of the VM's
     connections; ``connections_per_s`` counts connections opened to or accepted from the
     guest. ``*_burst`` is the bucket size (default: one second's worth).
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     bytes_per_s: int | None = Field(default=None, ge=1)
     bytes_burst: int | None = Field(default=None, ge=1)

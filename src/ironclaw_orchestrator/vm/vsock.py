@@ -96,13 +96,16 @@ class VsockLimiter:
 
 
 class _MeteredProtocol(asyncio.StreamReaderProtocol):
-    """Charges received bytes to the bucket; pauses reading while the bucket is in debt."""
+    """Received bytes reach the reader only once the bucket has paid for them: while it is
+    in debt, the transport is paused and the data held back."""
 
     def __init__(self, reader: asyncio.StreamReader, bucket: AsyncTokenBucket, **kw: Any) -> None:
         super().__init__(reader, **kw)
         self._bucket = bucket
         self._reader = reader
         self._transport: asyncio.Transport | None = None
+        self._held: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -110,17 +113,39 @@ class _MeteredProtocol(asyncio.StreamReaderProtocol):
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
         delay = self._bucket.take(len(data))
-        if delay and self._transport is not None and not self._transport.is_closing():
+        if not delay and not self._held:
+            super().data_received(data)
+            return
+        self._held.append(data)
+        if self._transport is not None:
             self._transport.pause_reading()
-            asyncio.get_running_loop().call_later(delay, self._resume)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._release)
 
-    def _resume(self) -> None:
-        # Leave the transport paused if the StreamReader itself paused it (buffer full).
+    def _release(self) -> None:
+        self._timer = None
+        delay = self._bucket.take(0)
+        if delay:  # more arrived meanwhile
+            self._timer = asyncio.get_running_loop().call_later(delay, self._release)
+            return
+        held, self._held = self._held, []
+        for chunk in held:
+            super().data_received(chunk)
+        transport = self._transport
+        # Leave it paused if the reader paused it itself (its buffer is full).
         reader_paused = getattr(self._reader, "_paused", False)
-        if self._transport is not None and not self._transport.is_closing() and not reader_paused:
-            self._transport.resume_reading()
+        if transport is not None and not transport.is_closing() and not reader_paused:
+            transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, []
+        for chunk in held:
+            super().data_received(chunk)
+        super().connection_lost(exc)
 
 
 class _MeteredWriter(asyncio.StreamWriter):
@@ -242,9 +267,9 @@ async def listen_vsock(
         await handler(reader, writer)
 
     def factory() -> asyncio.StreamReaderProtocol:
-        reader = asyncio.StreamReader(loop=loop)
         if limiter is None or limiter.bytes is None:
-            return asyncio.StreamReaderProtocol(reader, on_connect)
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), on_connect)
+        reader = asyncio.StreamReader(loop=loop)
         bucket = limiter.bytes
 
         def metered(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Awaitable[None]:
