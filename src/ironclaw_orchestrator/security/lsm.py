@@ -11,10 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SandboxRequiredError
-from ..vm.config import JailerConfig
-from ..vm.jailer_args import AA_EXEC, RUNCON
+
+if TYPE_CHECKING:  # the vm package imports this module
+    from ..vm.config import JailerConfig
+
+#: Tools that set the label the jailer is exec'd with (the exec transition): AppArmor's
+#: ``aa-exec`` (package apparmor) and coreutils' ``runcon`` for SELinux.
+AA_EXEC = Path("/usr/bin/aa-exec")
+RUNCON = Path("/usr/bin/runcon")
 
 
 @dataclass(frozen=True)

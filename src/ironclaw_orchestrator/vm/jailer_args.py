@@ -11,15 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError
+from ..security.lsm import AA_EXEC, RUNCON
 from .binaries import Version
 from .config import JailerConfig
 from .seccomp import SECCOMP_FILTER_JAIL_PATH
 
 MIN_SUPPORTED = Version(1, 0, 0)
-#: Tools that set the label the jailer is exec'd with (the exec transition): AppArmor's
-#: ``aa-exec`` (package apparmor) and coreutils' ``runcon`` for SELinux.
-AA_EXEC = Path("/usr/bin/aa-exec")
-RUNCON = Path("/usr/bin/runcon")
 
 
 @dataclass(frozen=True)
