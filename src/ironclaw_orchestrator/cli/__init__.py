@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "serve": "serve:serve:HELP",
     "vm": ":vm_app",
     "image": "image:app",
+    "security": "security:app",
 }
 
 #: ``ironclaw vm <name>``, same form.

@@ -206,7 +206,10 @@ def merge_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     for key, value in overrides.items():
         if value is None:
             continue
-        if key.startswith("jailer."):
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            # A table given partly by flags (e.g. one bucket of a rate limit): merge into it.
+            merged[key] = {**merged[key], **value}
+        elif key.startswith("jailer."):
             table = merged.get("jailer")
             jailer = dict(table) if isinstance(table, Mapping) else {}
             jailer[key.removeprefix("jailer.")] = value
@@ -232,3 +235,79 @@ RequireSandboxOption = Annotated[
 ConfigFileOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML file with VmConfig keys.")
 ]
+
+# Rate limits and confinement (shared by `vm run` and `vm start`).
+RATE_LIMIT_HELP = (
+    "Rate limit, repeatable: drive|net-rx|net-tx.bandwidth|ops=SIZE/TIME[,burst=N] "
+    "(Firecracker token buckets, e.g. drive.bandwidth=10MiB/1s, net-tx.ops=1000/1s) or "
+    "vsock.bytes=N (bytes/s) / vsock.connections=N (per second)."
+)
+RateLimitOption = Annotated[
+    list[str] | None, typer.Option("--rate-limit", help=RATE_LIMIT_HELP, show_default=False)
+]
+SeccompFilterOption = Annotated[
+    Path | None,
+    typer.Option("--seccomp-filter", help="Custom seccomp filter (compiled by seccompiler-bin)."),
+]
+NoSeccompOption = Annotated[
+    bool,
+    typer.Option("--no-seccomp", help="Run the VMM without seccomp (debugging; refused in "
+                 "production mode)."),
+]  # fmt: skip
+AppArmorProfileOption = Annotated[
+    str | None,
+    typer.Option("--apparmor-profile", help="Start under this AppArmor profile (must be loaded)."),
+]
+SelinuxLabelOption = Annotated[
+    str | None,
+    typer.Option("--selinux-label", help="Start with this SELinux context (SELinux hosts)."),
+]
+
+_RATE_DEVICES = {"drive": "drive_rate_limit", "net-rx": "net_rx_rate_limit",
+                 "net-tx": "net_tx_rate_limit"}  # fmt: skip
+_VSOCK_KEYS = {"bytes": "bytes_per_s", "connections": "connections_per_s"}
+
+
+def parse_rate_limits(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """``--rate-limit`` values as ``VmConfig`` tables (``ConfigError`` naming the bad one)."""
+    from ..vm.ratelimit import TokenBucket, parse_size
+
+    tables: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        key, eq, value = spec.partition("=")
+        device, _, bucket = key.strip().partition(".")
+        try:
+            if not eq:
+                raise ValueError("expected KEY=VALUE")
+            if device == "vsock" and bucket in _VSOCK_KEYS:
+                number = float(value) if bucket == "connections" else parse_size(value)
+                tables.setdefault("vsock_rate_limit", {})[_VSOCK_KEYS[bucket]] = number
+            elif device in _RATE_DEVICES and bucket in ("bandwidth", "ops"):
+                parsed = TokenBucket.parse(value).model_dump(exclude_none=True)
+                tables.setdefault(_RATE_DEVICES[device], {})[bucket] = parsed
+            else:
+                raise ValueError(
+                    "unknown key: use drive|net-rx|net-tx.bandwidth|ops or vsock.bytes|connections"
+                )
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"--rate-limit {spec!r}: {exc}") from None
+    return tables
+
+
+def hardening_overrides(
+    *,
+    rate_limit: list[str] | None,
+    seccomp_filter: Path | None,
+    no_seccomp: bool,
+    apparmor_profile: str | None,
+    selinux_label: str | None,
+) -> dict[str, Any]:
+    """Overrides (for :func:`merge_overrides`) from the rate-limit and confinement flags."""
+    overrides: dict[str, Any] = dict(parse_rate_limits(rate_limit or []))
+    overrides.update({
+        "jailer.seccomp_filter": None if seccomp_filter is None else str(seccomp_filter),
+        "jailer.no_seccomp": True if no_seccomp else None,
+        "jailer.apparmor_profile": apparmor_profile,
+        "jailer.selinux_label": selinux_label,
+    })  # fmt: skip
+    return overrides

@@ -21,17 +21,23 @@ from ..registry import Registry
 from ..supervisor import DEFAULT_SPAWN_TIMEOUT_S, spawn_supervisor, stop_detached
 from ..vm.inputs import check_vm_inputs
 from .common import (
+    AppArmorProfileOption,
     BootArgsOption,
     ConfigFileOption,
     ExitCode,
     IdOption,
     KernelOption,
     MemoryOption,
+    NoSeccompOption,
+    RateLimitOption,
     RequireSandboxOption,
     RootfsOption,
+    SeccompFilterOption,
+    SelinuxLabelOption,
     VcpusOption,
     VerboseOption,
     handle_errors,
+    hardening_overrides,
     setup_logging,
     stderr,
 )
@@ -68,6 +74,11 @@ def start(
     boot_args: BootArgsOption = None,
     require_sandbox: RequireSandboxOption = False,
     config_file: ConfigFileOption = None,
+    rate_limit: RateLimitOption = None,
+    seccomp_filter: SeccompFilterOption = None,
+    no_seccomp: NoSeccompOption = False,
+    apparmor_profile: AppArmorProfileOption = None,
+    selinux_label: SelinuxLabelOption = None,
     probe: Annotated[
         Probe | None,
         typer.Option(
@@ -99,6 +110,10 @@ def start(
         "require_sandbox": True if require_sandbox else None,
     }
     with handle_errors():
+        overrides |= hardening_overrides(
+            rate_limit=rate_limit, seccomp_filter=seccomp_filter, no_seccomp=no_seccomp,
+            apparmor_profile=apparmor_profile, selinux_label=selinux_label,
+        )  # fmt: skip
         config, behaviour = build_config(config_file=config_file, overrides=overrides, probe=probe)
         if behaviour is not None and probe is None:
             # The probe guest by default, but one that stays up (reset would end at once).

@@ -25,19 +25,25 @@ from ..vm import FirecrackerProcess, start_firecracker
 from ..vm.config import VmConfig
 from ..vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 from .common import (
+    AppArmorProfileOption,
     BootArgsOption,
     ConfigFileOption,
     ExitCode,
     IdOption,
     KernelOption,
     MemoryOption,
+    NoSeccompOption,
+    RateLimitOption,
     RequireSandboxOption,
     RootfsOption,
+    SeccompFilterOption,
+    SelinuxLabelOption,
     VcpusOption,
     VerboseOption,
     config_problems,
     fail,
     handle_errors,
+    hardening_overrides,
     load_toml,
     merge_overrides,
     setup_logging,
@@ -280,6 +286,11 @@ def run(
     ] = False,
     require_sandbox: RequireSandboxOption = False,
     config_file: ConfigFileOption = None,
+    rate_limit: RateLimitOption = None,
+    seccomp_filter: SeccompFilterOption = None,
+    no_seccomp: NoSeccompOption = False,
+    apparmor_profile: AppArmorProfileOption = None,
+    selinux_label: SelinuxLabelOption = None,
     stats: Annotated[
         bool, typer.Option("--stats", help="Print the VM's cgroup stats (stderr) at the end.")
     ] = False,
@@ -305,6 +316,10 @@ def run(
         "require_sandbox": True if require_sandbox else None,
     }
     with handle_errors():
+        overrides |= hardening_overrides(
+            rate_limit=rate_limit, seccomp_filter=seccomp_filter, no_seccomp=no_seccomp,
+            apparmor_profile=apparmor_profile, selinux_label=selinux_label,
+        )  # fmt: skip
         config, _ = build_config(config_file=config_file, overrides=overrides, probe=probe)
         try:
             code = asyncio.run(run_vm(config, force_unjailed=no_jailer, stats=stats))
