@@ -192,10 +192,14 @@ def test_ls_json_and_table(state: Path, reg: Registry) -> None:
         "VCPUS",
         "MEMORY",
         "LIMIT",
+        "SECCOMP",
     ]
     row_a = next(line for line in lines if line.startswith("vm-a"))
     pid = str(os.getpid())
-    assert row_a.split() == [
+    # vm-a's "VMM" is this test process: no seccomp filter, read live from /proc.
+    assert row_a.split()[-2] == "OFF" and rows["vm-a"]["seccomp_mode"] == 0
+    assert rows["vm-c"]["seccomp_mode"] is None
+    assert row_a.split()[:-2] == [
         "vm-a",
         "running",
         "0s",

@@ -41,6 +41,7 @@ from .checks import (
     check_socket_budget_for,
     run_static_checks,
 )
+from .confinement import check_confinement
 from .live import LIVE_STEP_TIMEOUT_S, run_live_check
 from .report import DOCTOR_ID_PREFIX, Check, DoctorReport, Status
 
@@ -57,6 +58,7 @@ __all__ = [
     "check_binaries",
     "check_cgroups",
     "check_chroot_base_dir",
+    "check_confinement",
     "check_kvm_device",
     "check_netns",
     "check_root",

@@ -13,11 +13,12 @@ import errno
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import IronclawError, VersionMismatchError
 from ..names import exec_file_name
+from ..security.lsm import LsmPaths
 from ..vm.binaries import check_pair, find_firecracker, find_jailer, read_version
 from ..vm.cgroups import CgroupLayout, choose_version, detect_layout
 from ..vm.config import JailerConfig
@@ -31,6 +32,7 @@ from ..vm.hostcheck import (
     inspect_tun,
 )
 from ..vm.netns import NETNS_DIR, TUN_DEVICE
+from .confinement import check_confinement
 from .report import DOCTOR_ID_PREFIX, Check, Status, _first_line, check_from
 
 #: Controllers a VM may use; ``cpu`` and ``memory`` are always used (limits), the others
@@ -55,6 +57,7 @@ class HostPaths:
     netns_dir: Path = NETNS_DIR
     tun: Path = TUN_DEVICE
     geteuid: Callable[[], int] = os.geteuid
+    lsm: LsmPaths = field(default_factory=LsmPaths)
 
     @property
     def mountinfo(self) -> Path:
@@ -271,4 +274,5 @@ def run_static_checks(
     exec_name = exec_file_name(firecracker) if firecracker is not None else config.exec_file_name
     checks.append(check_socket_budget_for(config, exec_name))
     checks += check_netns(config, host)
+    checks += check_confinement(host)
     return checks
