@@ -8,8 +8,6 @@ boot source, root drive, network, vsock): the caller only starts the instance.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -28,8 +26,8 @@ from ..registry import Registry
 from ..security.lsm import require_lsm
 from . import netns as ns
 from .api import FirecrackerApi
-from .cgroups import CgroupStats
 from .config import JailerConfig, VmConfig
+from .hardening import NET_IFACE_ID, ROOTFS_DRIVE_ID, HardeningMixin, VmStats
 from .hostcheck import check_socket_budget, is_root
 from .inputs import check_vm_inputs
 from .jailer import (
@@ -42,17 +40,11 @@ from .jailer import (
 from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, read_tail
 from .ratelimit import RateLimit
 from .recording import VmRecorder
-from .seccomp import (
-    SECCOMP_FILTER_JAIL_PATH,
-    SeccompStatus,
-    check_filtered,
-    check_no_seccomp_allowed,
-    read_seccomp_status,
-)
+from .seccomp import SECCOMP_FILTER_JAIL_PATH, check_no_seccomp_allowed
 from .snapshot import Progress, Snapshot, take_snapshot
 from .staging import check_source
 from .unjailed import UnjailedProcess, start_unjailed
-from .vsock import Handler, VsockLimiter, connect_vsock, listen_vsock
+from .vsock import VsockLimiter
 
 __all__ = [
     "FirecrackerProcess",
@@ -73,29 +65,19 @@ log = logging.getLogger(__name__)
 
 KERNEL_JAIL_PATH = PurePosixPath("/vmlinux")
 ROOTFS_JAIL_PATH = PurePosixPath("/rootfs.ext4")
-ROOTFS_DRIVE_ID = "rootfs"
-NET_IFACE_ID = "eth0"
 INSTALL_JAILER_HINT = (
     "install the jailer (`ironclaw install`, or copy release-vX-<arch>/jailer to "
     "/usr/local/bin/jailer, chmod +x) and run as root"
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class VmStats(CgroupStats):
-    """Cgroup counters plus the VMM's seccomp state (weakest mode over its threads: 2 =
-    every thread filtered, 0 = some thread unfiltered; ``None``: unreadable)."""
-
-    seccomp_mode: int | None = None
-    seccomp_threads: int | None = None
-
-
-class FirecrackerProcess(GuestAgentMixin):
+class FirecrackerProcess(GuestAgentMixin, HardeningMixin):
     """A running microVM (spec: the handle returned by ``start_firecracker``).
 
     With a vsock device and ``ironclaw-agent`` in the guest it also runs commands and moves
     files: ``exec``, ``exec_stream``, ``put_file``, ``get_file``, ``agent_ping``,
     ``wait_agent`` (see :class:`~ironclaw_orchestrator.agent.vmhandle.GuestAgentMixin`).
+    Rate limits, metered vsock and the seccomp check: :class:`.hardening.HardeningMixin`.
     """
 
     def __init__(
@@ -161,67 +143,6 @@ class FirecrackerProcess(GuestAgentMixin):
         self.vmm.booted = True
         if not self.config.jailer_config().no_seccomp:
             await self._check_seccomp()
-
-    def seccomp_status(self) -> SeccompStatus:
-        """Seccomp mode of every VMM thread, read from /proc now."""
-        return read_seccomp_status(self.pid)
-
-    async def _check_seccomp(self) -> None:
-        """Every VMM thread must run under a filter (vCPU threads install theirs as they
-        start, so allow them a moment)."""
-        status = self.seccomp_status()
-        for _ in range(20):
-            if status.filtered or self.vmm.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-            status = self.seccomp_status()
-        if self.vmm.returncode is None:
-            check_filtered(status, self.vm_id)
-
-    async def update_rate_limits(
-        self,
-        *,
-        drive: RateLimit | None = None,
-        net_rx: RateLimit | None = None,
-        net_tx: RateLimit | None = None,
-    ) -> None:
-        """Replace rate limits on the running VM (Firecracker's PATCH endpoints).
-
-        Each limit given replaces that device's limiter (``RateLimit()`` removes it); ``None``
-        leaves it alone. Firecracker accepts these only after ``start_instance()``.
-        """
-        if not self.vmm.booted:
-            raise UsageError(
-                f"VM {self.vm_id}: rate limits can be changed only after start_instance() "
-                "(before that, set drive_rate_limit / net_*_rate_limit in VmConfig)"
-            )
-        if drive is not None:
-            if self.config.rootfs_path is None:
-                raise UsageError(f"VM {self.vm_id} has no root drive to rate-limit")
-            await self.api.patch_drive_rate_limit(ROOTFS_DRIVE_ID, drive)
-        if net_rx is not None or net_tx is not None:
-            if not self.config.enable_networking:
-                raise UsageError(f"VM {self.vm_id} has no network interface (enable_networking)")
-            await self.api.patch_network_rate_limits(NET_IFACE_ID, rx=net_rx, tx=net_tx)
-
-    def vsock_uds_host_path(self) -> Path:
-        """Host path of the VM's vsock socket (jailed VMs only)."""
-        if self.config.vsock_guest_cid is None or not isinstance(self.vmm, JailerProcess):
-            raise UsageError(f"VM {self.vm_id} has no vsock device (set vsock_guest_cid)")
-        return self.vmm.jail_host_path(self.config.vsock_uds_path)
-
-    async def connect_vsock(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Connect to guest vsock ``port``, metered by ``vsock_rate_limit``."""
-        return await connect_vsock(self.vsock_uds_host_path(), port, limiter=self.vsock_limiter)
-
-    async def listen_vsock(self, port: int, handler: Handler) -> asyncio.Server:
-        """Accept guest connections to host ``port``, metered by ``vsock_rate_limit``."""
-        assert isinstance(self.vmm, JailerProcess)  # vsock_uds_host_path() checked
-        path = self.vsock_uds_host_path()
-        cfg = self.vmm.config
-        return await listen_vsock(
-            path, port, handler, uid=cfg.uid, gid=cfg.gid, limiter=self.vsock_limiter
-        )
 
     async def wait(self) -> int:
         """Wait for the VMM to exit and return its exit code (0 after a guest reset).
