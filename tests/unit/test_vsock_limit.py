@@ -172,3 +172,16 @@ async def test_listener_meters_bytes_within_10_percent(tmp_path: Path) -> None:
     rate = measured_rate(got[0], stamps[1] - stamps[0])
     assert got[0] == PAYLOAD
     assert 0.9 * LIMIT <= rate <= 1.1 * LIMIT, f"{rate:.0f} B/s vs limit {LIMIT}"
+
+
+async def test_handshake_timeout_says_so(tmp_path: Path) -> None:
+    # Firecracker with a guest that never answers (no vsock driver): the CONNECT hangs.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    path = tmp_path / "silent.sock"
+    server = await asyncio.start_unix_server(silent, path=str(path))
+    async with server:
+        with pytest.raises(NetworkError, match=r"port 52 .* timed out"):
+            await connect_vsock(path, 52, timeout_s=0.2)

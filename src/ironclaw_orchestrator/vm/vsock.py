@@ -212,8 +212,9 @@ async def connect_vsock(
                 await limiter.connections.acquire(1)
             reader, writer = await _open(str(uds_path), limiter)
     except (OSError, TimeoutError) as exc:
+        why = str(exc) or "timed out"
         raise NetworkError(
-            f"cannot open the vsock socket {uds_path}: {exc or 'timed out'}; is the VM configured "
+            f"cannot open the vsock socket {uds_path}: {why}; is the VM configured "
             "with a vsock device (VmConfig.vsock_guest_cid) and started?"
         ) from exc
     try:
@@ -223,8 +224,9 @@ async def connect_vsock(
             line = await reader.readline()
     except (OSError, TimeoutError) as exc:
         writer.close()
+        why = str(exc) or "timed out"
         raise NetworkError(
-            f"vsock handshake with guest port {port} via {uds_path} failed: {exc or 'timed out'};"
+            f"vsock handshake with guest port {port} via {uds_path} failed: {why};"
             " check that the guest listens on that port"
         ) from exc
     if not line.startswith(b"OK "):
