@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,10 @@ class AsyncTokenBucket:
         self.rate = rate
         self.capacity = capacity
         self._tokens = capacity
-        self._stamp = asyncio.get_running_loop().time()
+        self._stamp = time.monotonic()
 
     def _refill(self) -> None:
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
@@ -156,6 +157,7 @@ class _MeteredWriter(asyncio.StreamWriter):
         self._bucket = bucket
         self._lock = asyncio.Lock()
         self._pending = bytearray()
+        self._closer: asyncio.Task[None] | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._pending += data
@@ -173,6 +175,29 @@ class _MeteredWriter(asyncio.StreamWriter):
                 super().write(chunk)
                 await super().drain()
         await super().drain()
+
+    def close(self) -> None:
+        """Close once what was written has been sent (at the limited rate)."""
+        if self._pending and self._closer is None:
+            self._closer = asyncio.ensure_future(self._flush_then_close())
+        elif self._closer is None:
+            super().close()
+
+    async def _flush_then_close(self) -> None:
+        try:
+            await self.drain()
+        except OSError:
+            pass  # peer gone: nothing left to flush to
+        finally:
+            super().close()
+
+    def is_closing(self) -> bool:
+        return self._closer is not None or super().is_closing()
+
+    async def wait_closed(self) -> None:
+        if self._closer is not None:
+            await self._closer
+        await super().wait_closed()
 
     def write_eof(self) -> None:
         if self._pending:
