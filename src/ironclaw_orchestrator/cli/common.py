@@ -243,7 +243,8 @@ RATE_LIMIT_HELP = (
     "vsock.bytes=N (bytes/s) / vsock.connections=N (per second)."
 )
 RateLimitOption = Annotated[
-    list[str] | None, typer.Option("--rate-limit", help=RATE_LIMIT_HELP, show_default=False)
+    list[str] | None,
+    typer.Option("--rate-limit", help=RATE_LIMIT_HELP, show_default=False, metavar="KEY=SPEC"),
 ]
 SeccompFilterOption = Annotated[
     Path | None,

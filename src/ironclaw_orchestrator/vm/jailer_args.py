@@ -84,7 +84,9 @@ def build_jailer_argv(
     ``--id`` is never repeated after ``--`` (the jailer passes it on itself) and the removed
     ``--node`` flag is never used. ``--daemonize`` is never used: the VMM stays our child.
     Every flag used here exists unchanged from v1.0 through v1.14; older jailers lack
-    ``--cgroup-version`` and ``--parent-cgroup`` and are refused.
+    ``--cgroup-version`` and ``--parent-cgroup`` and are refused. ``cfg.seccomp_filter`` /
+    ``no_seccomp`` become firecracker's seccomp flags (the filter at its jail path), and
+    ``apparmor_profile`` / ``selinux_label`` put ``aa-exec`` / ``runcon`` in front.
     """
     if version < MIN_SUPPORTED:
         raise ConfigError(
