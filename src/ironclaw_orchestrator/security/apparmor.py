@@ -45,6 +45,13 @@ def _perm(mode: str) -> str:
     return "rwk" if "w" in mode else "r"
 
 
+def _console(facts: JailFacts) -> list[str]:
+    """stdout/stderr are inherited: AppArmor revalidates them at each exec, as the host path
+    or, once ``pivot_root`` has disconnected it, relative to its mount."""
+    tail = "/".join(facts.console_log.parts[-3:])  # vms/<id>/console.log
+    return [f"{_q(facts.console_log)} w,", f"{_q('/**/' + tail)} w,"]
+
+
 def generate_apparmor_profile(facts: JailFacts) -> str:
     """The profile text, ready for ``apparmor_parser -r``."""
     name = profile_name(facts)
@@ -63,6 +70,7 @@ def generate_apparmor_profile(facts: JailFacts) -> str:
     for sock in facts.sockets():
         vmm += [f"{p} rw," for p in _both(facts, sock)]
         vmm += [f"{p}_* rw," for p in _both(facts, sock) if sock != facts.api_sock]
+    vmm += [*_console(facts)]
     vmm += [
         "",
         "# API and vsock are Unix stream sockets; the tap is a file (/dev/net/tun).",
@@ -105,6 +113,7 @@ def generate_apparmor_profile(facts: JailFacts) -> str:
         "/proc/*/mounts r,",
         "/run/netns/ r,",
         "/run/netns/* r,",
+        *_console(facts),
         "",
         "# Exec of the copied firecracker: into the VMM's own profile.",
         *(f"{p} cx -> vmm," for p in _both(facts, facts.exec_in_jail)),

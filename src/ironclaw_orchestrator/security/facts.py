@@ -8,6 +8,7 @@ from pathlib import Path, PurePosixPath
 
 from ..vm import KERNEL_JAIL_PATH, ROOTFS_JAIL_PATH
 from ..vm.config import VmConfig
+from ..vm.rundir import CONSOLE_LOG, vm_run_dir
 from ..vm.seccomp import SECCOMP_FILTER_JAIL_PATH
 
 
@@ -27,6 +28,8 @@ class JailFacts:
     networking: bool
     vsock_uds: PurePosixPath | None
     seccomp_filter: PurePosixPath | None
+    #: Firecracker's stdout/stderr (serial console + log), opened by us before the jailer.
+    console_log: Path
 
     @property
     def exec_name(self) -> str:
@@ -89,4 +92,5 @@ def jail_facts(config: VmConfig, *, exec_file: Path | None = None) -> JailFacts:
         networking=config.enable_networking,
         vsock_uds=config.vsock_uds_path if config.vsock_guest_cid is not None else None,
         seccomp_filter=SECCOMP_FILTER_JAIL_PATH if jc.seccomp_filter is not None else None,
+        console_log=vm_run_dir(config.vm_id) / CONSOLE_LOG,
     )
