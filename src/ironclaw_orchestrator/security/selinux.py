@@ -70,6 +70,8 @@ def generate_selinux_module(facts: JailFacts) -> tuple[str, str]:
         "    class unix_stream_socket { create bind listen accept connect connectto read write"
         " getattr setopt shutdown };",
         "    class filesystem { mount unmount };",
+        "    class fd { use };",
+        "    class fifo_file { read write getattr ioctl };",
         "}",
         "",
         f"type {DOMAIN_JAILER};",
@@ -87,6 +89,11 @@ def generate_selinux_module(facts: JailFacts) -> tuple[str, str]:
         f"allow unconfined_t {{ {DOMAIN_JAILER} {DOMAIN_VMM} }}:process {{ sigkill signal }};",
         f"allow unconfined_t {DOMAIN_VMM}:unix_stream_socket connectto;",
         f"allow {{ {DOMAIN_JAILER} {DOMAIN_VMM} }} unconfined_t:process sigchld;",
+        "# Inherited stdio: the stdin pipe and the console log under /run/ironclaw.",
+        f"allow {{ {DOMAIN_JAILER} {DOMAIN_VMM} }} unconfined_t:fd use;",
+        f"allow {{ {DOMAIN_JAILER} {DOMAIN_VMM} }} unconfined_t:fifo_file"
+        " { read write getattr ioctl };",
+        f"allow {{ {DOMAIN_JAILER} {DOMAIN_VMM} }} var_run_t:file {{ write append getattr }};",
         "",
         "# The jailer: build the jail as root, then exec the VMM into its own domain.",
         f"allow {DOMAIN_JAILER} self:capability {{ chown dac_override dac_read_search fowner"
