@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from ironclaw_orchestrator.errors import ApiError, ConfigError
+from ironclaw_orchestrator.errors import ApiError, ConfigError, SandboxRequiredError
+from ironclaw_orchestrator.security.lsm import detect_lsms
 from ironclaw_orchestrator.vm import JailerConfig, VmConfig, start_firecracker
 from ironclaw_orchestrator.vm.jailer import JailerProcess
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
@@ -191,3 +192,16 @@ async def test_custom_seccomp_filter_is_staged_and_enforced(
         assert code == -signal.SIGSYS  # killed by the filter
     finally:
         await vm.stop()
+
+
+async def test_requested_lsm_refused_where_inactive(vm_id: str, chroot_base: Path) -> None:
+    state = detect_lsms()
+    if state.apparmor or state.selinux:
+        pytest.skip(f"this host has an active LSM ({state.summary()})")
+    for jailer in (
+        JailerConfig(apparmor_profile=f"ironclaw-{vm_id}"),
+        JailerConfig(selinux_label="system_u:system_r:ironclaw_jailer_t:s0"),
+    ):
+        with pytest.raises(SandboxRequiredError, match="not active on this host"):
+            await start_firecracker(cfg(vm_id, jailer=jailer))
+    # (the vm_id fixture asserts nothing was made: no jail, cgroup, netns or process)

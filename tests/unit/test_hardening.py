@@ -163,3 +163,16 @@ def test_doctor_reports_seccomp_and_lsms(tmp_path: Path) -> None:
     named = {c.name: c for c in doctor.check_confinement(HostPaths(proc=proc, lsm=lsm))}
     assert named["seccomp"].status is Status.PASS
     assert named["LSM"].status is Status.PASS and named["LSM"].details["apparmor"] is True
+
+
+async def test_confinement_options_need_the_jailer(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    for jailer in (
+        JailerConfig(apparmor_profile="ironclaw-x"),
+        JailerConfig(selinux_label="system_u:system_r:ironclaw_jailer_t:s0"),
+        JailerConfig(seccomp_filter=kernel),
+    ):
+        cfg = VmConfig(vm_id="h13-unit", kernel_path=str(kernel), rootfs_path=None, jailer=jailer)
+        with pytest.raises(ConfigError, match="applied by the jailer"):
+            await start_firecracker(cfg, use_jailer=False, record=False)

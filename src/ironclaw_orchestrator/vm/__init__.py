@@ -23,11 +23,16 @@ from ..errors import (
     UsageError,
 )
 from ..registry import Registry
-from ..security.lsm import require_lsm
 from . import netns as ns
 from .api import FirecrackerApi
 from .config import JailerConfig, VmConfig
-from .hardening import NET_IFACE_ID, ROOTFS_DRIVE_ID, HardeningMixin, VmStats
+from .hardening import (
+    NET_IFACE_ID,
+    ROOTFS_DRIVE_ID,
+    HardeningMixin,
+    VmStats,
+    check_confinement,
+)
 from .hostcheck import check_socket_budget, is_root
 from .inputs import check_vm_inputs
 from .jailer import (
@@ -254,6 +259,7 @@ async def start_firecracker(
     if (config.net_rx_rate_limit or config.net_tx_rate_limit) and not config.enable_networking:
         raise ConfigError(f"VM {config.vm_id}: net_rx/tx_rate_limit need enable_networking")
     reason = _unjailed_reason(config, jailer_cfg, use_jailer)
+    check_confinement(config, jailer_cfg, jailed=reason is None)
     recorder = _recorder(config, jailer_cfg, registry, claim, record, jailed=reason is None)
     vmm: JailerProcess | UnjailedProcess
     try:
@@ -405,7 +411,6 @@ async def _start_jailed(
         )
     if jailer_cfg.seccomp_filter is not None:
         files.append(JailFile(jailer_cfg.seccomp_filter, SECCOMP_FILTER_JAIL_PATH))
-    require_lsm(jailer_cfg)
     if config.vsock_guest_cid is not None:
         # Firecracker listens on <uds_path>_<port> for guest-initiated connections.
         vsock_host = jailer_cfg.chroot_dir / str(config.vsock_uds_path).lstrip("/")

@@ -7,9 +7,10 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
+from ..security.lsm import require_lsm
 from .cgroups import CgroupStats
-from .config import VmConfig
+from .config import JailerConfig, VmConfig
 from .jailer import JailerProcess
 from .ratelimit import RateLimit
 from .seccomp import SeccompStatus, check_filtered, read_seccomp_status
@@ -98,3 +99,19 @@ class HardeningMixin:
         return await listen_vsock(
             path, port, handler, uid=cfg.uid, gid=cfg.gid, limiter=self.vsock_limiter
         )
+
+
+def check_confinement(config: VmConfig, jailer_cfg: JailerConfig, *, jailed: bool) -> None:
+    """LSM and custom seccomp options need the jailer, and an active LSM (before anything)."""
+    wanted = [
+        key
+        for key in ("apparmor_profile", "selinux_label", "seccomp_filter")
+        if getattr(jailer_cfg, key) is not None
+    ]
+    if wanted and not jailed:
+        raise ConfigError(
+            f"VM {config.vm_id}: jailer.{wanted[0]} is applied by the jailer, but this VM would "
+            "run unjailed (development mode): run as root with the jailer installed, or drop it"
+        )
+    if jailed:
+        require_lsm(jailer_cfg)
