@@ -258,6 +258,7 @@ def test_stats_reads_cgroup_files(state: Path, reg: Registry, tmp_path: Path) ->
     assert data["oom_kills"] == 0
     # Files this fake host lacks are null, never zero.
     assert data["memory_peak_bytes"] is None and data["pids_current"] is None
+    assert data["seccomp_mode"] is None  # no VMM pid recorded: nothing to read
     assert data["io"] == {
         "8:0": {"read_bytes": 4096, "write_bytes": 0, "read_ios": 1, "write_ios": 0}
     }
