@@ -43,7 +43,7 @@ from .jailer import (
     start_with_jailer,
 )
 from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, read_tail
-from .ratelimit import RateLimit
+from .ratelimit import RateLimit, TokenBucket, VsockRateLimit
 from .recording import VmRecorder
 from .seccomp import SECCOMP_FILTER_JAIL_PATH, check_no_seccomp_allowed
 from .snapshot import Progress, Snapshot, take_snapshot
@@ -57,8 +57,10 @@ __all__ = [
     "JailerProcess",
     "RateLimit",
     "Snapshot",
+    "TokenBucket",
     "VmConfig",
     "VmStats",
+    "VsockRateLimit",
     "WarmPool",
     "restore_snapshot",
     "start_firecracker",
