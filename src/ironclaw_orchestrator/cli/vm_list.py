@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -19,6 +20,7 @@ from ..errors import UsageError
 from ..registry import VmRecord
 from ..supervisor import VmStatus, list_vms
 from ..vm.cgroups import CgroupStats, VmCgroups
+from ..vm.seccomp import SeccompStatus, read_seccomp_status
 from .common import ExitCode, handle_errors, stderr, stdout
 from .records import JsonOption, format_duration, get_record, open_registry, uptime_s
 
@@ -29,7 +31,8 @@ LS_HELP = (
     "List the VMs in the registry, detached or not.\n\n"
     "STATE is starting, running, stopping, exited (the VMM is gone but its owner has not "
     "cleaned up yet) or stale (the owning process is gone: `ironclaw gc` cleans it up). "
-    "PID is the VMM's pid, MEMORY the guest memory and LIMIT the cgroup memory limit.\n\n"
+    "PID is the VMM's pid, MEMORY the guest memory and LIMIT the cgroup memory limit; "
+    "SECCOMP is 'filter' when every VMM thread runs under a seccomp filter (read live).\n\n"
     "Examples:\n\n"
     "ironclaw vm ls\n\n"
     "ironclaw vm ls --json | jq '.[] | select(.status == \"stale\") | .vm_id'"
@@ -60,8 +63,31 @@ def _int_or_missing(value: int | None) -> str:
 
 
 def status_dict(status: VmStatus, now: datetime | None = None) -> dict[str, Any]:
-    """``VmStatus.to_dict()`` plus ``uptime_s``."""
-    return {**status.to_dict(), "uptime_s": round(uptime_s(status.record, now), 3)}
+    """``VmStatus.to_dict()`` plus ``uptime_s`` and ``seccomp_mode`` (read live)."""
+    return {
+        **status.to_dict(),
+        "uptime_s": round(uptime_s(status.record, now), 3),
+        "seccomp_mode": seccomp_of(status).mode,
+    }
+
+
+def record_seccomp(record: VmRecord) -> SeccompStatus:
+    """Seccomp state of a recorded VM's VMM, read live (empty when it is not running)."""
+    if record.vmm_pid is None or not record.vmm_alive():
+        return SeccompStatus(record.vmm_pid or 0, {})
+    return read_seccomp_status(record.vmm_pid)
+
+
+def seccomp_of(status: VmStatus) -> SeccompStatus:
+    if not status.vmm_alive:
+        return SeccompStatus(status.record.vmm_pid or 0, {})
+    return record_seccomp(status.record)
+
+
+def _seccomp_cell(sec: SeccompStatus) -> str:
+    if sec.mode is None:
+        return MISSING
+    return "filter" if sec.filtered else f"[bold red]OFF[/] ({len(sec.unfiltered_threads)})"
 
 
 _STATE_STYLE = {
@@ -95,6 +121,7 @@ def ls(json_output: JsonOption = False) -> None:
         ("VCPUS", "right"),
         ("MEMORY", "right"),
         ("LIMIT", "right"),
+        ("SECCOMP", "left"),
     ):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for s in statuses:
@@ -110,8 +137,11 @@ def ls(json_output: JsonOption = False) -> None:
             _int_or_missing(rec.vcpus),
             _mib(rec.memory_mb),
             _mib(rec.memory_limit_mb),
+            _seccomp_cell(seccomp_of(s)),
         )
-    stdout.print(table)
+    # Piped output (scripts, tests) is never truncated; a terminal gets what fits.
+    wide = Console(highlight=False, soft_wrap=True, width=max(stdout.width, 200))
+    (stdout if stdout.is_terminal else wide).print(table)
     stale = [s.record.vm_id for s in statuses if s.status == "stale"]
     if stale:
         stderr.print(
@@ -139,6 +169,7 @@ def stats_dict(record: VmRecord, stats: CgroupStats) -> dict[str, Any]:
             None if record.memory_limit_mb is None else record.memory_limit_mb * 2**20
         ),
         **dataclasses.asdict(stats),
+        "seccomp_mode": record_seccomp(record).mode,
     }
 
 
@@ -169,6 +200,7 @@ def stats_table(record: VmRecord, stats: CgroupStats) -> Table:
         ("memory limit", _bytes(limit)),
         ("OOM kills", _count(stats.oom_kills)),
         ("pids", _count(stats.pids_current)),
+        ("seccomp", record_seccomp(record).summary()),
     ]
     for name, value in rows:
         table.add_row(name, value)
