@@ -176,3 +176,21 @@ async def test_confinement_options_need_the_jailer(tmp_path: Path) -> None:
         cfg = VmConfig(vm_id="h13-unit", kernel_path=str(kernel), rootfs_path=None, jailer=jailer)
         with pytest.raises(ConfigError, match="applied by the jailer"):
             await start_firecracker(cfg, use_jailer=False, record=False)
+
+
+async def test_seccomp_filter_confined_to_image_dirs(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    kernel = images / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    outside = tmp_path / "filter.bpf"
+    outside.write_bytes(b"\0" * 8)
+    cfg = VmConfig(
+        vm_id="h13-unit",
+        kernel_path=str(kernel),
+        rootfs_path=None,
+        image_dirs=[images],
+        jailer=JailerConfig(seccomp_filter=outside),
+    )
+    with pytest.raises(ConfigError, match=r"jailer\.seccomp_filter .* outside the image dir"):
+        await start_firecracker(cfg, record=False)

@@ -255,7 +255,7 @@ async def start_firecracker(
     jailer_cfg = config.jailer_config()
     check_no_seccomp_allowed(jailer_cfg.no_seccomp, config.sandbox_required(), config.vm_id)
     if jailer_cfg.seccomp_filter is not None:
-        check_source(jailer_cfg.seccomp_filter, "jailer.seccomp_filter")
+        check_source(jailer_cfg.seccomp_filter, "jailer.seccomp_filter", jailer_cfg.image_dirs)
     if config.drive_rate_limit is not None and config.rootfs_path is None:
         raise ConfigError(f"VM {config.vm_id}: drive_rate_limit needs a root drive (rootfs_path)")
     if (config.net_rx_rate_limit or config.net_tx_rate_limit) and not config.enable_networking:
