@@ -11,6 +11,7 @@ import pytest
 
 from ironclaw_orchestrator.errors import ApiError
 from ironclaw_orchestrator.vm.api import FirecrackerApi
+from ironclaw_orchestrator.vm.ratelimit import RateLimit, TokenBucket
 
 Request = tuple[str, str, dict[str, object] | None]
 
@@ -138,3 +139,40 @@ async def test_timeout_drops_the_connection_and_the_next_call_works(
             await api.request("PUT", "/actions", {"action_type": "InstanceStart"}, timeout_s=0.2)
         assert (await api.describe())["state"] == "Not started"
     assert state.connections == 2
+
+
+async def test_rate_limit_bodies_golden(fake_fc: tuple[Path, list[Request]]) -> None:
+    # The RateLimiter object is the same in v1.0 (checked against the real binary by the
+    # integration tests) and v1.14's swagger: {bandwidth, ops} of {size, one_time_burst,
+    # refill_time (ms)}; PATCH bodies carry only the id and the limiters.
+    sock, seen = fake_fc
+    bw = TokenBucket(size=1 << 20, refill_time_ms=1000, one_time_burst=1 << 22)
+    ops = TokenBucket(size=100, refill_time_ms=500)
+    async with FirecrackerApi(sock, vm_id="t") as api:
+        await api.put_drive("rootfs", Path("/rootfs.ext4"), root=True, read_only=True,
+                            rate_limit=RateLimit(bandwidth=bw, ops=ops))  # fmt: skip
+        await api.put_network_interface("eth0", "ic-tap", "06:00:ac:10:00:02",
+                                        rx_rate_limit=RateLimit(ops=ops))  # fmt: skip
+        await api.patch_drive_rate_limit("rootfs", RateLimit(bandwidth=bw))
+        await api.patch_network_rate_limits("eth0", tx=RateLimit())
+        await api.flush_metrics()
+    bw_body = {"size": 1048576, "refill_time": 1000, "one_time_burst": 4194304}
+    ops_body = {"size": 100, "refill_time": 500}
+    off = {"size": 0, "refill_time": 0}
+    assert seen == [
+        ("PUT", "/drives/rootfs", {
+            "drive_id": "rootfs", "path_on_host": "/rootfs.ext4", "is_root_device": True,
+            "is_read_only": True, "rate_limiter": {"bandwidth": bw_body, "ops": ops_body},
+        }),
+        ("PUT", "/network-interfaces/eth0", {
+            "iface_id": "eth0", "host_dev_name": "ic-tap", "guest_mac": "06:00:ac:10:00:02",
+            "rx_rate_limiter": {"ops": ops_body},
+        }),
+        ("PATCH", "/drives/rootfs", {
+            "drive_id": "rootfs", "rate_limiter": {"bandwidth": bw_body, "ops": off},
+        }),
+        ("PATCH", "/network-interfaces/eth0", {
+            "iface_id": "eth0", "tx_rate_limiter": {"bandwidth": off, "ops": off},
+        }),
+        ("PUT", "/actions", {"action_type": "FlushMetrics"}),
+    ]  # fmt: skip
