@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import struct
 from pathlib import Path
@@ -28,18 +27,11 @@ from ironclaw_orchestrator.vm.ratelimit import RateLimit, TokenBucket
 pytestmark = pytest.mark.integration
 
 
-def resolved_firecracker() -> Path:
-    # The jail is named after the resolved binary (firecracker -> firecracker-v1.0.0).
-    found = shutil.which("firecracker")
-    return Path(found).resolve() if found else Path("/usr/local/bin/firecracker")
-
-
 def cfg(vm_id: str, *, jailer: JailerConfig | None = None, **kw: Any) -> VmConfig:
     kw.setdefault("require_sandbox", True)
     kw.setdefault("rootfs_path", None)
-    jailer = jailer or JailerConfig()
-    kw["jailer"] = jailer.model_copy(update={"exec_file": resolved_firecracker()})
-    kw["jailer"].model_fields_set.add("exec_file")
+    if jailer is not None:
+        kw["jailer"] = jailer
     return VmConfig(
         vm_id=vm_id,
         kernel_path=str(probe_kernel_path(ProbeBehaviour.HALT)),
