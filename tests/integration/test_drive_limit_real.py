@@ -21,6 +21,7 @@ import pytest
 
 from ironclaw_orchestrator.vm import (
     FirecrackerProcess,
+    JailerConfig,
     RateLimit,
     TokenBucket,
     VmConfig,
@@ -80,6 +81,9 @@ async def test_drive_bandwidth_limit_holds_and_follows_patch(
             boot_args=PROBE_BOOT_ARGS,
             drive_rate_limit=limit(1 * MIB),
             require_sandbox=True,
+            # The vCPU spins while it polls; a whole CPU of quota besides it keeps the VMM
+            # thread (which serves the API) from being starved on a busy host.
+            jailer=JailerConfig(cpu_limit=2.0),
         )
     )
     try:
