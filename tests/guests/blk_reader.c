@@ -1,131 +1,38 @@
 /*
- * blk_reader: a freestanding x86_64 test guest for Firecracker that reads its first
- * virtio-blk disk over and over, as fast as the device lets it, so that tests can watch
- * Firecracker's drive rate limiter at work (metrics block.read_bytes and
- * block.rate_limiter_throttled_events). Polling only, one request in flight.
- *
- * Firecracker enters in 64-bit mode with the first GiB identity-mapped and %rsi pointing at
- * the Linux boot_params; the command line (pointer at +0x228) names the virtio-mmio devices
- * ("virtio_mmio.device=4K@0xd0000000:5"), above 3 GiB, so we map 4 GiB with 2 MiB pages.
+ * blk_reader: reads its first virtio-blk disk over and over, as fast as the device lets it,
+ * so that tests can watch Firecracker's drive rate limiter at work. Each completed 64 KiB
+ * read prints one '*' on the serial console: the host counts them to measure the rate
+ * without asking Firecracker (metrics also show block.rate_limiter_throttled_events).
+ * Polling, one request in flight.
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-typedef unsigned long usize;
+#include "guest.h"
 
-#define QN 16u
 #define CHUNK 65536u /* bytes per read request */
-#define barrier() __asm__ volatile("mfence" ::: "memory")
 
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
-static void say(const char *s) { while (*s) outb(0x3f8, (u8)*s++); }
-static void die(const char *why) {
-    say("IRONCLAW-BLK-READER ERROR "); say(why); say("\n");
-    outb(0x64, 0xfe); /* i8042 reset: firecracker exits */
-    for (;;) __asm__ volatile("hlt");
-}
-static inline u32 rd32(u64 a) { return *(volatile u32 *)a; }
-static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
-
-static u64 pml4[512] __attribute__((aligned(4096)));
-static u64 pdpt[512] __attribute__((aligned(4096)));
-static u64 pds[4][512] __attribute__((aligned(4096)));
-static void map_4gib(void) {
-    for (u64 g = 0; g < 4; g++) {
-        for (u64 i = 0; i < 512; i++)
-            pds[g][i] = (g << 30) + (i << 21) + 0x83 + (g == 3 ? 0x18 : 0); /* MMIO uncached */
-        pdpt[g] = (u64)(usize)pds[g] | 0x3;
-    }
-    pml4[0] = (u64)(usize)pdpt | 0x3;
-    __asm__ volatile("mov %0, %%cr3" :: "r"((u64)(usize)pml4) : "memory");
-}
-
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
-struct avail { u16 flags; u16 idx; u16 ring[QN]; u16 used_event; };
-struct used { u16 flags; u16 idx; struct { u32 id; u32 len; } ring[QN]; u16 avail_event; };
-static struct desc descs[QN] __attribute__((aligned(4096)));
-static struct avail avail __attribute__((aligned(4096)));
-static struct used used __attribute__((aligned(4096)));
+static struct vq q;
 static struct { u32 type, reserved; u64 sector; } req;
 static u8 data[CHUNK] __attribute__((aligned(4096)));
 static volatile u8 status;
 
-static u64 find_blk(const char *p) {
-    static const char key[] = "virtio_mmio.device=";
-    for (; *p; p++) {
-        usize k = 0;
-        while (key[k] && p[k] == key[k]) k++;
-        if (key[k]) continue;
-        const char *q = p + k;
-        while (*q && *q != '@' && *q != ' ') q++;
-        if (q[0] != '@' || q[1] != '0' || q[2] != 'x') continue;
-        u64 addr = 0;
-        for (q += 3;; q++) {
-            u32 d = (*q >= '0' && *q <= '9') ? (u32)(*q - '0')
-                  : (*q >= 'a' && *q <= 'f') ? (u32)(*q - 'a' + 10) : 99;
-            if (d == 99) break;
-            addr = addr * 16 + d;
-        }
-        if (rd32(addr) == 0x74726976 && rd32(addr + 8) == 2) return addr; /* "virt", block */
-    }
-    return 0;
-}
-
 void guest_main(u8 *boot_params);
 void guest_main(u8 *boot_params) {
-    map_4gib();
-    u64 mmio = find_blk((const char *)(usize)*(u32 *)(boot_params + 0x228));
-    if (!mmio) die("no virtio-mmio block device on the command line");
-    if (rd32(mmio + 4) != 2) die("virtio-mmio version is not 2");
-    wr32(mmio + 0x70, 0);
-    wr32(mmio + 0x70, 1);                           /* ACKNOWLEDGE, then DRIVER: */
-    wr32(mmio + 0x70, 1 | 2);                       /* firecracker wants one step each */
-    wr32(mmio + 0x24, 1); wr32(mmio + 0x20, 1);     /* VIRTIO_F_VERSION_1 (bit 32) */
-    wr32(mmio + 0x24, 0); wr32(mmio + 0x20, 0);
-    wr32(mmio + 0x70, 1 | 2 | 8);                   /* FEATURES_OK */
-    if (!(rd32(mmio + 0x70) & 8)) die("device refused our features");
+    u64 mmio = virtio_init(boot_params, 2, "no virtio-mmio block device on the command line");
     u64 sectors = rd32(mmio + 0x100) | (u64)rd32(mmio + 0x104) << 32;
     if (sectors < CHUNK / 512) die("disk smaller than one request");
-    wr32(mmio + 0x30, 0);
-    if (rd32(mmio + 0x34) < QN) die("virtqueue too small");
-    wr32(mmio + 0x38, QN);
-    wr32(mmio + 0x80, (u32)(usize)descs); wr32(mmio + 0x84, 0);
-    wr32(mmio + 0x90, (u32)(usize)&avail); wr32(mmio + 0x94, 0);
-    wr32(mmio + 0xa0, (u32)(usize)&used); wr32(mmio + 0xa4, 0);
-    wr32(mmio + 0x44, 1);
+    vq_setup(mmio, 0, &q);
     wr32(mmio + 0x70, 1 | 2 | 8 | 4);               /* DRIVER_OK */
-
-    descs[0] = (struct desc){(u64)(usize)&req, sizeof req, 1, 1};            /* NEXT */
-    descs[1] = (struct desc){(u64)(usize)data, CHUNK, 1 | 2, 2};             /* NEXT|WRITE */
-    descs[2] = (struct desc){(u64)(usize)&status, 1, 2, 0};                  /* WRITE */
+    q.desc[0] = (struct desc){(u64)(usize)&req, sizeof req, 1, 1};          /* NEXT */
+    q.desc[1] = (struct desc){(u64)(usize)data, CHUNK, 1 | 2, 2};           /* NEXT|WRITE */
+    q.desc[2] = (struct desc){(u64)(usize)&status, 1, 2, 0};                /* WRITE */
     say("IRONCLAW-BLK-READER READY\n");
-    u64 sector = 0;
-    u16 idx = 0;
-    for (;;) {
+    for (u64 sector = 0;; sector = sector + 2 * CHUNK / 512 > sectors ? 0 : sector + CHUNK / 512) {
         req.type = 0; /* VIRTIO_BLK_T_IN */
         req.sector = sector;
         status = 0xff;
-        avail.ring[idx % QN] = 0;
-        barrier();
-        avail.idx = ++idx;
-        barrier();
-        wr32(mmio + 0x50, 0);
-        while (*(volatile u16 *)&used.idx != idx) __asm__ volatile("pause");
-        barrier();
+        vq_run(mmio, 0, &q, 0);
         if (status != 0) die("read failed");
-        sector += CHUNK / 512;
-        if (sector + CHUNK / 512 > sectors) sector = 0;
+        outb(0x3f8, '*');
     }
 }
 
-u8 guest_stack[16384] __attribute__((aligned(16), used));
-__asm__(".section .text.entry,\"ax\"\n"
-        ".global _start\n"
-        "_start:\n"
-        "  cli\n"
-        "  lea guest_stack+16384(%rip), %rsp\n"
-        "  mov %rsi, %rdi\n"
-        "  call guest_main\n"
-        "1: hlt\n"
-        "  jmp 1b\n");
+GUEST_ENTRY(16384);

@@ -1,10 +1,14 @@
 """Firecracker's drive rate limiter doing its job, with a guest that reads its disk flat out.
 
 ``tests/guests/blk_reader.c`` reads its virtio-blk disk in a loop as fast as the device
-allows (several hundred MB/s here unthrottled). With a bandwidth limit, Firecracker's own
-metrics must show the guest held to it (read bytes per second within 10%) and the limiter
-throttling; after ``vm.update_rate_limits`` (PATCH) the new limit holds, and removing the
-limit lets the guest run free again.
+allows (hundreds of MB/s here unthrottled) and prints one ``*`` per 64 KiB read. With a
+bandwidth limit the guest must be held to it (within 10%), Firecracker's metrics must show
+the limiter throttling, after ``vm.update_rate_limits`` (PATCH) the new limit must hold, and
+without a limit the guest must run free again.
+
+The rate is counted from the console, not from Firecracker's metrics: on v1.0 here, an API
+request right after ``FlushMetrics`` under heavy block I/O can hang (the VMM thread never
+picks it up), so metrics are flushed once, at the end.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -56,16 +59,16 @@ def limit(bytes_per_s: int) -> RateLimit:
     return RateLimit(bandwidth=TokenBucket(size=bytes_per_s, refill_time_ms=1000))
 
 
-async def read_rate(vm: FirecrackerProcess, metrics: Path, seconds: float) -> dict[str, Any]:
-    """Block metrics over ``seconds`` (firecracker's counters are deltas per flush)."""
-    await asyncio.sleep(1.0)  # let the bucket's initial full load drain first
-    await vm.api.flush_metrics()
-    start = time.monotonic()
+CHUNK = 64 << 10  # bytes per '*'
+
+
+async def read_rate(vm: FirecrackerProcess, seconds: float, settle: float = 1.0) -> float:
+    """Bytes per second the guest read over ``seconds``, counted from its console."""
+    await asyncio.sleep(settle)  # let a new bucket's initial full load drain first
+    before, start = vm.console_path.read_bytes().count(b"*"), time.monotonic()
     await asyncio.sleep(seconds)
-    await vm.api.flush_metrics()
-    elapsed = time.monotonic() - start
-    block: dict[str, Any] = json.loads(metrics.read_text().splitlines()[-1])["block"]
-    return {**block, "rate": block["read_bytes"] / elapsed}
+    after, end = vm.console_path.read_bytes().count(b"*"), time.monotonic()
+    return (after - before) * CHUNK / (end - start)
 
 
 async def test_drive_bandwidth_limit_holds_and_follows_patch(
@@ -99,17 +102,22 @@ async def test_drive_bandwidth_limit_holds_and_follows_patch(
             await asyncio.sleep(0.05)
         assert READY in vm.console_tail(), vm.console_tail()
 
-        first = await read_rate(vm, metrics, 3.0)
-        assert 0.9 * MIB <= first["rate"] <= 1.1 * MIB, first
-        assert first["rate_limiter_throttled_events"] > 0
+        first = await read_rate(vm, 3.0)
+        assert 0.9 * MIB <= first <= 1.1 * MIB, first
 
         await vm.update_rate_limits(drive=limit(2 * MIB))
-        second = await read_rate(vm, metrics, 3.0)
-        assert 1.8 * MIB <= second["rate"] <= 2.2 * MIB, second
+        second = await read_rate(vm, 3.0)
+        assert 1.8 * MIB <= second <= 2.2 * MIB, second
 
         await vm.update_rate_limits(drive=RateLimit())
-        free = await read_rate(vm, metrics, 1.0)
-        assert free["rate"] > 4 * MIB, free  # no limiter left
+        # No limiter left: in its best half second (a busy host may stall it for a moment)
+        # the guest reads far more than any limit it had.
+        free = max([await read_rate(vm, 0.5, settle=0.0) for _ in range(4)])
+        assert free > 8 * MIB, free
         assert vm.vmm.returncode is None, vm.console_tail()
+
+        await vm.api.flush_metrics()  # the last API call: see the module docstring
+        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        assert sum(x["block"]["rate_limiter_throttled_events"] for x in lines) > 0
     finally:
         await vm.stop()
