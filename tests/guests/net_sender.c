@@ -1,7 +1,8 @@
 /*
  * net_sender: transmits Ethernet frames on its first virtio-net device as fast as the device
- * takes them, so that tests can watch Firecracker's tx rate limiter at work (metrics
- * net.tx_bytes_count and net.tx_rate_limiter_throttled). Polling, one frame in flight.
+ * takes them, so that tests can watch Firecracker's tx rate limiter at work. Each frame sent
+ * prints one '*' on the serial console, which the host counts (metrics also show
+ * net.tx_rate_limiter_throttled). Polling, one frame in flight.
  */
 #include "guest.h"
 
@@ -23,7 +24,10 @@ void guest_main(u8 *boot_params) {
     txq.desc[0] = (struct desc){(u64)(usize)vnet_hdr, sizeof vnet_hdr, 1, 1}; /* NEXT */
     txq.desc[1] = (struct desc){(u64)(usize)frame, FRAME, 0, 0};
     say("IRONCLAW-NET-SENDER READY\n");
-    for (;;) vq_run(mmio, 1, &txq, 0);
+    for (;;) {
+        vq_run(mmio, 1, &txq, 0);
+        outb(0x3f8, '*');
+    }
 }
 
 GUEST_ENTRY(16384);
