@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from ironclaw_orchestrator.errors import ApiError, ConfigError, SandboxRequiredError
-from ironclaw_orchestrator.security.lsm import detect_lsms
+from ironclaw_orchestrator.lsm import detect_lsms
 from ironclaw_orchestrator.vm import JailerConfig, VmConfig, start_firecracker
 from ironclaw_orchestrator.vm.jailer import JailerProcess
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path

@@ -12,7 +12,7 @@ from ironclaw_orchestrator.cli.common import hardening_overrides, merge_override
 from ironclaw_orchestrator.cli.vm import build_config
 from ironclaw_orchestrator.doctor import HostPaths, Status
 from ironclaw_orchestrator.errors import ConfigError, UsageError
-from ironclaw_orchestrator.security.lsm import LsmPaths
+from ironclaw_orchestrator.lsm import LsmPaths
 from ironclaw_orchestrator.vm import FirecrackerProcess, start_firecracker
 from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig
 from ironclaw_orchestrator.vm.ratelimit import RateLimit, TokenBucket, VsockRateLimit

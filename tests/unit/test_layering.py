@@ -27,8 +27,8 @@ ROOT = Path(ironclaw_orchestrator.__file__).parent
 #: Lowest layer first; components are module names relative to the package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("errors",)),
-    ("primitives", ("names", "pidfd", "procfs", "safefs")),
-    ("config", ("vm.config",)),
+    ("primitives", ("lsm", "names", "pidfd", "procfs", "safefs", "vm.seccomp")),
+    ("config", ("vm.config", "vm.ratelimit")),
     (
         "building blocks",
         (
@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "vm",
             "vm.cleanup",
+            "vm.hardening",
             "vm.inputs",
             "vm.jailer",
             "vm.lifecycle",
@@ -65,7 +66,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.unjailed",
         ),
     ),
-    ("tools", ("doctor", "install", "gc")),
+    ("tools", ("doctor", "install", "gc", "security")),
     ("service", ("detach", "supervisor")),
     ("host agent", ("server",)),  # ironclaw serve: the library over HTTP
     ("placement", ("cluster",)),  # Ray actors and Cluster, clients of host agents
@@ -81,6 +82,7 @@ SIDEWAYS = frozenset(
         ("vm.snapshot_api", "vm.binaries"),  # so do the snapshot request bodies
         ("pidfd", "procfs"),  # a pidfd is opened for a pid whose identity /proc confirms
         ("vm.hostcheck", "vm.netns"),  # where namespaces and the TUN device live
+        ("vm.config", "vm.ratelimit"),  # VmConfig holds RateLimit models
     }
 )
 UI_LIBRARIES = ("typer", "rich")

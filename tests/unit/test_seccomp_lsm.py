@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ironclaw_orchestrator.errors import ConfigError, SandboxRequiredError
-from ironclaw_orchestrator.security.lsm import LsmPaths, detect_lsms, require_lsm
+from ironclaw_orchestrator.lsm import LsmPaths, detect_lsms, require_lsm
 from ironclaw_orchestrator.vm.config import JailerConfig
 from ironclaw_orchestrator.vm.seccomp import (
     check_filtered,

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import IronclawError, VersionMismatchError
+from ..lsm import LsmPaths
 from ..names import exec_file_name
-from ..security.lsm import LsmPaths
 from ..vm.binaries import check_pair, find_firecracker, find_jailer, read_version
 from ..vm.cgroups import CgroupLayout, choose_version, detect_layout
 from ..vm.config import JailerConfig

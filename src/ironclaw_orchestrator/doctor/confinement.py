@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..security.lsm import detect_lsms
+from ..lsm import detect_lsms
 from ..vm.seccomp import kernel_supports_filter
 from .report import Check, Status
 

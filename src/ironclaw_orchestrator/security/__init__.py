@@ -1,2 +1,2 @@
-"""Host confinement beyond the jailer: which LSMs are active, and AppArmor / SELinux policy
-generated from a VM's configuration (spec: Future Enhancements, Phase 3)."""
+"""AppArmor profiles and SELinux policy modules generated from a VM's configuration
+(spec: Future Enhancements, Phase 3). Which LSMs are active: :mod:`ironclaw_orchestrator.lsm`."""

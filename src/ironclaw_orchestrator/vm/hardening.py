@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import ConfigError, UsageError
-from ..security.lsm import require_lsm
+from ..lsm import require_lsm
 from .cgroups import CgroupStats
 from .config import JailerConfig, VmConfig
 from .jailer import JailerProcess

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError
-from ..security.lsm import AA_EXEC, RUNCON
+from ..lsm import AA_EXEC, RUNCON
 from .binaries import Version
 from .config import JailerConfig
 from .seccomp import SECCOMP_FILTER_JAIL_PATH

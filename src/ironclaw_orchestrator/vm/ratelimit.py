@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..errors import ConfigError
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
 _TIME = re.compile(r"^\s*(\d+)\s*(ms|s)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -30,9 +32,22 @@ class _Strict(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            from .config import config_error  # config imports this module
+            raise _config_error(exc, type(self).__name__) from None
 
-            raise config_error(exc, type(self).__name__) from None
+
+def _config_error(exc: ValidationError, model: str) -> ConfigError:
+    """``ConfigError`` naming each bad key (``bandwidth.size``), nested models included."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        nested = err.get("ctx", {}).get("error")
+        if isinstance(nested, ConfigError):  # a nested model already listed its keys
+            for line in str(nested).splitlines()[1:]:
+                key, _, msg = line.strip().partition(": ")
+                lines.append(f"  {loc}.{key}: {msg}" if loc else f"  {key}: {msg}")
+            continue
+        lines.append(f"  {loc or '(top level)'}: " + err["msg"].removeprefix("Value error, "))
+    return ConfigError(f"invalid {model}:\n" + "\n".join(lines))
 
 
 class TokenBucket(_Strict):

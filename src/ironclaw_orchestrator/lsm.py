@@ -11,12 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ..errors import SandboxRequiredError
+from .errors import SandboxRequiredError
 
-if TYPE_CHECKING:  # the vm package imports this module
-    from ..vm.config import JailerConfig
+
+class LsmRequest(Protocol):
+    """What :func:`require_lsm` reads (a ``JailerConfig`` has it)."""
+
+    @property
+    def jailer_id(self) -> str: ...
+    @property
+    def apparmor_profile(self) -> str | None: ...
+    @property
+    def selinux_label(self) -> str | None: ...
+
 
 #: Tools that set the label the jailer is exec'd with (the exec transition): AppArmor's
 #: ``aa-exec`` (package apparmor) and coreutils' ``runcon`` for SELinux.
@@ -80,7 +89,7 @@ def detect_lsms(paths: LsmPaths | None = None) -> LsmState:
     )
 
 
-def require_lsm(cfg: JailerConfig, paths: LsmPaths | None = None) -> None:
+def require_lsm(cfg: LsmRequest, paths: LsmPaths | None = None) -> None:
     """Refuse ``apparmor_profile`` / ``selinux_label`` where that LSM cannot enforce it.
 
     Runs before anything is created: a profile that would silently not apply is a sandbox
