@@ -45,9 +45,8 @@ from .jailer import (
 from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, read_tail
 from .ratelimit import RateLimit, TokenBucket, VsockRateLimit
 from .recording import VmRecorder
-from .seccomp import SECCOMP_FILTER_JAIL_PATH, check_no_seccomp_allowed
+from .seccomp import SECCOMP_FILTER_JAIL_PATH
 from .snapshot import Progress, Snapshot, take_snapshot
-from .staging import check_source
 from .unjailed import UnjailedProcess, start_unjailed
 from .vsock import VsockLimiter
 
@@ -253,13 +252,6 @@ async def start_firecracker(
     """
     check_vm_inputs(config, jailed=use_jailer is not False)
     jailer_cfg = config.jailer_config()
-    check_no_seccomp_allowed(jailer_cfg.no_seccomp, config.sandbox_required(), config.vm_id)
-    if jailer_cfg.seccomp_filter is not None:
-        check_source(jailer_cfg.seccomp_filter, "jailer.seccomp_filter", jailer_cfg.image_dirs)
-    if config.drive_rate_limit is not None and config.rootfs_path is None:
-        raise ConfigError(f"VM {config.vm_id}: drive_rate_limit needs a root drive (rootfs_path)")
-    if (config.net_rx_rate_limit or config.net_tx_rate_limit) and not config.enable_networking:
-        raise ConfigError(f"VM {config.vm_id}: net_rx/tx_rate_limit need enable_networking")
     reason = _unjailed_reason(config, jailer_cfg, use_jailer)
     check_confinement(config, jailer_cfg, jailed=reason is None)
     recorder = _recorder(config, jailer_cfg, registry, claim, record, jailed=reason is None)

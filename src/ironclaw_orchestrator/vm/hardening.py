@@ -13,7 +13,8 @@ from .cgroups import CgroupStats
 from .config import JailerConfig, VmConfig
 from .jailer import JailerProcess
 from .ratelimit import RateLimit
-from .seccomp import SeccompStatus, check_filtered, read_seccomp_status
+from .seccomp import SeccompStatus, check_filtered, check_no_seccomp_allowed, read_seccomp_status
+from .staging import check_source
 from .unjailed import UnjailedProcess
 from .vsock import Handler, VsockLimiter, connect_vsock, listen_vsock
 
@@ -102,7 +103,20 @@ class HardeningMixin:
 
 
 def check_confinement(config: VmConfig, jailer_cfg: JailerConfig, *, jailed: bool) -> None:
-    """LSM and custom seccomp options need the jailer, and an active LSM (before anything)."""
+    """Rate-limit, seccomp and LSM options, checked before anything is recorded or made.
+
+    Rate limits need their device; ``no_seccomp`` is refused in production mode; a custom
+    filter must be a readable file inside ``image_dirs``; LSM and filter options are applied
+    by the jailer, and an LSM must be active here.
+    """
+    vm = config.vm_id
+    if config.drive_rate_limit is not None and config.rootfs_path is None:
+        raise ConfigError(f"VM {vm}: drive_rate_limit needs a root drive (rootfs_path)")
+    if (config.net_rx_rate_limit or config.net_tx_rate_limit) and not config.enable_networking:
+        raise ConfigError(f"VM {vm}: net_rx/tx_rate_limit need enable_networking")
+    check_no_seccomp_allowed(jailer_cfg.no_seccomp, config.sandbox_required(), vm)
+    if jailer_cfg.seccomp_filter is not None:
+        check_source(jailer_cfg.seccomp_filter, "jailer.seccomp_filter", jailer_cfg.image_dirs)
     wanted = [
         key
         for key in ("apparmor_profile", "selinux_label", "seccomp_filter")
@@ -110,7 +124,7 @@ def check_confinement(config: VmConfig, jailer_cfg: JailerConfig, *, jailed: boo
     ]
     if wanted and not jailed:
         raise ConfigError(
-            f"VM {config.vm_id}: jailer.{wanted[0]} is applied by the jailer, but this VM would "
+            f"VM {vm}: jailer.{wanted[0]} is applied by the jailer, but this VM would "
             "run unjailed (development mode): run as root with the jailer installed, or drop it"
         )
     if jailed:
