@@ -83,8 +83,11 @@ VmState = Literal["starting", "running", "stopping"]
 
 
 def default_state_dir() -> Path:
-    """``$IRONCLAW_STATE_DIR`` if set, else ``/run/ironclaw/registry``."""
-    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+    """``$IRONCLAW_STATE_DIR`` if set, else ``/run/ironclaw/registry`` for root, else a
+    per-user directory (see :mod:`ironclaw_orchestrator.paths`)."""
+    from .paths import default_state_dir as _default
+
+    return _default()
 
 
 def check_vm_id(vm_id: str) -> str:

@@ -53,7 +53,10 @@ VM_COMMANDS: dict[str, str] = {
 
 #: Help of ``--state-dir``; the variable and default are registry.STATE_DIR_ENV and
 #: DEFAULT_STATE_DIR (not imported here: the registry pulls in pydantic; a unit test checks).
-STATE_DIR_HELP = "VM registry directory (sets $IRONCLAW_STATE_DIR; default /run/ironclaw/registry)."
+STATE_DIR_HELP = (
+    "VM registry directory (sets $IRONCLAW_STATE_DIR; default /run/ironclaw/registry as root, "
+    "else $XDG_RUNTIME_DIR/ironclaw/registry or ~/.local/state/ironclaw/registry)."
+)
 
 
 class _RootGroup(LazyGroup):
@@ -97,6 +100,34 @@ vm_app = typer.Typer(
 )
 
 
+def version_text() -> str:
+    """``ironclaw --version``: our version, then each binary found (path and version)."""
+    from .. import __version__
+    from ..errors import IronclawError
+    from ..vm.binaries import find_firecracker, find_jailer, read_version
+
+    lines = [f"ironclaw-orchestrator {__version__}"]
+    for name, finder in (("firecracker", find_firecracker), ("jailer", find_jailer)):
+        try:
+            path = finder()
+        except IronclawError:
+            hint = f"run `ironclaw install` or set IRONCLAW_{name.upper()}"
+            lines.append(f"{name}: not found ({hint})")
+            continue
+        try:
+            found = f"{read_version(path)} ({path})"
+        except IronclawError as exc:
+            found = f"{path}: version unknown: {str(exc).splitlines()[0]}"
+        lines.append(f"{name}: {found}")
+    return "\n".join(lines)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(version_text())
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: VerboseOption = False,
@@ -104,6 +135,16 @@ def _root(
         Path | None,
         typer.Option("--state-dir", help=STATE_DIR_HELP, show_default=False),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            help="Print the version and the firecracker/jailer found, then exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
 ) -> None:
     setup_logging(verbose)
     if state_dir is not None:

@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from types import TracebackType
 
 from ..agent.vmhandle import GuestAgentMixin
 from ..errors import (
@@ -26,6 +27,7 @@ from ..registry import Registry
 from . import netns as ns
 from .api import FirecrackerApi
 from .config import JailerConfig, VmConfig
+from .context import Starting, awaitable_context, stop_on_exit
 from .hardening import (
     NET_IFACE_ID,
     ROOTFS_DRIVE_ID,
@@ -56,6 +58,7 @@ __all__ = [
     "JailerProcess",
     "RateLimit",
     "Snapshot",
+    "Starting",
     "TokenBucket",
     "VmConfig",
     "VmStats",
@@ -84,7 +87,22 @@ class FirecrackerProcess(GuestAgentMixin, HardeningMixin):
     files: ``exec``, ``exec_stream``, ``put_file``, ``get_file``, ``agent_ping``,
     ``wait_agent`` (see :class:`~ironclaw_orchestrator.agent.vmhandle.GuestAgentMixin`).
     Rate limits, metered vsock and the seccomp check: :class:`.hardening.HardeningMixin`.
+
+    An async context manager: ``async with vm:`` (or ``async with start_firecracker(cfg) as
+    vm:``) stops it and removes everything made for it when the block ends, also on an
+    exception or a cancellation.
     """
+
+    async def __aenter__(self) -> FirecrackerProcess:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await stop_on_exit(self, exc)
 
     def __init__(
         self,
@@ -228,6 +246,7 @@ class FirecrackerProcess(GuestAgentMixin, HardeningMixin):
         return code
 
 
+@awaitable_context
 async def start_firecracker(
     config: VmConfig,
     *,
@@ -238,6 +257,10 @@ async def start_firecracker(
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
 ) -> FirecrackerProcess:
     """Start a microVM for ``config``; return it configured, not yet booted.
+
+    Returns a :class:`Starting`: ``vm = await start_firecracker(cfg)`` (then
+    ``await vm.stop()``), or ``async with start_firecracker(cfg) as vm:`` to have the VM
+    stopped and cleaned up when the block ends, however it ends.
 
     ``use_jailer=None`` jails it whenever the jailer can run here and otherwise falls back to
     development mode with a WARNING (unless a sandbox is required); ``False`` asks for

@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from types import TracebackType
 from typing import Any, TypeVar
 
 from .. import names
@@ -48,6 +49,7 @@ from .binaries import (
     find_jailer,
 )
 from .config import JailerConfig
+from .context import awaitable_context, stop_on_exit
 from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_root
 from .jailer_args import CgroupArg, build_jailer_argv
 from .lifecycle import (
@@ -202,7 +204,20 @@ class JailerProcess(VmmHandle):
     """A Firecracker process running inside the jailer's sandbox (spec: the jailer handle).
 
     ``pid`` is the VMM itself (not the jailer), ``api_socket`` its host-side socket path.
+    ``async with`` it (or ``async with start_with_jailer(...) as vmm:``) to have it stopped
+    and its jail, cgroups and namespace removed when the block ends, however it ends.
     """
+
+    async def __aenter__(self) -> JailerProcess:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await stop_on_exit(self, exc)
 
     jailed = True
 
@@ -276,6 +291,7 @@ class JailerProcess(VmmHandle):
         return cgroups.stats()
 
 
+@awaitable_context
 async def start_with_jailer(
     config: JailerConfig,
     *,
@@ -288,6 +304,9 @@ async def start_with_jailer(
     on_change: Callable[[JailResources], None] | None = None,
 ) -> JailerProcess:
     """Start Firecracker jailed by the jailer, per ``config``; return once its API answers.
+
+    ``await`` it for the :class:`JailerProcess`, or ``async with start_with_jailer(...) as
+    vmm:`` to have it stopped and cleaned up when the block ends (see :class:`Starting`).
 
     ``files`` are staged into the jail first (owned by the jail uid/gid). ``tap`` names a tap
     device to create in the VM's network namespace (addressed ``tap_host_cidr`` there);

@@ -1,7 +1,8 @@
 """The orchestrator's private run directory: one 0700 directory per VM on the host side.
 
-It holds the console log and, for unjailed VMs, the API socket. Root: ``IRONCLAW_RUN_DIR``
-or ``/run/ironclaw``.
+It holds the console log and, for unjailed VMs, the API socket. Where it is (``/run/ironclaw``
+for root, a per-user directory otherwise, ``IRONCLAW_RUN_DIR`` to override) is decided in
+:mod:`ironclaw_orchestrator.paths`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from pathlib import Path
 
 from .. import names
 from ..errors import StagingError
+from ..paths import RUN_DIR_ENV, default_run_dir
 
-RUN_DIR_ENV = "IRONCLAW_RUN_DIR"
-DEFAULT_RUN_DIR = Path("/run/ironclaw")
+DEFAULT_RUN_DIR = Path("/run/ironclaw")  # root's default; see ironclaw_orchestrator.paths
 CONSOLE_LOG = "console.log"
 
 
 def run_root() -> Path:
-    return Path(os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
+    return default_run_dir()
 
 
 def vm_run_dir(vm_id: str) -> Path:
