@@ -37,6 +37,7 @@ __all__ = [
     "default_run_dir",
     "default_state_dir",
     "user_base_dir",
+    "writable_ancestor",
 ]
 
 RUN_DIR_ENV = "IRONCLAW_RUN_DIR"
@@ -97,22 +98,37 @@ def _is_root(uid: int | None) -> bool:
     return (os.geteuid() if uid is None else uid) == 0
 
 
-def default_run_dir(env: Mapping[str, str] | None = None, *, uid: int | None = None) -> Path:
-    """``$IRONCLAW_RUN_DIR``, else ``/run/ironclaw`` for root, else the user base dir."""
+def default_run_dir(
+    env: Mapping[str, str] | None = None, *, uid: int | None = None, create: bool = True
+) -> Path:
+    """``$IRONCLAW_RUN_DIR``, else ``/run/ironclaw`` for root, else the user base dir
+    (made 0700 unless ``create=False``)."""
     env = os.environ if env is None else env
     if value := env.get(RUN_DIR_ENV):
         return Path(value)
     if _is_root(uid):
         return SYSTEM_RUN_DIR
-    return user_base_dir(env, uid=uid)
+    return user_base_dir(env, uid=uid, create=create)
 
 
-def default_state_dir(env: Mapping[str, str] | None = None, *, uid: int | None = None) -> Path:
+def default_state_dir(
+    env: Mapping[str, str] | None = None, *, uid: int | None = None, create: bool = True
+) -> Path:
     """``$IRONCLAW_STATE_DIR``, else ``/run/ironclaw/registry`` for root, else
-    ``<user base dir>/registry``."""
+    ``<user base dir>/registry`` (the base made 0700 unless ``create=False``)."""
     env = os.environ if env is None else env
     if value := env.get(STATE_DIR_ENV):
         return Path(value)
     if _is_root(uid):
         return SYSTEM_STATE_DIR
-    return user_base_dir(env, uid=uid) / REGISTRY_SUBDIR
+    return user_base_dir(env, uid=uid, create=create) / REGISTRY_SUBDIR
+
+
+def writable_ancestor(path: Path) -> Path | None:
+    """The nearest existing directory at or above ``path``, if we may create entries in it
+    (``None`` if that directory is not writable): can ``path`` be made or used by us?"""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            ok = candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
+            return candidate if ok else None
+    return None

@@ -76,6 +76,12 @@ def render(report: lib.DoctorReport) -> None:
         stdout.print(f"[green]ready:[/] this host can run jailed VMs ({summary})")
     else:
         stdout.print(f"[bold red]not ready:[/] {summary}")
+        dev = report.get("development mode")
+        if dev is not None and dev.status is lib.Status.PASS:
+            stdout.print(
+                "[yellow]development mode only:[/] unjailed VMs run here (not sandboxed); "
+                "the 'jailed mode' row says what jailed VMs need"
+            )
 
 
 def doctor(

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..gc import DEFAULT_ORPHAN_GRACE_S, GcReport, collect_garbage
+from ..gc_user import gc_host_for_user
 from ..registry import Registry, check_vm_id
 from ..vm.config import JailerConfig
 from .common import ExitCode, VerboseOption, handle_errors, setup_logging, stderr, stdout
@@ -93,10 +94,13 @@ def gc(
     with handle_errors():
         for vm_id in vm_ids or []:
             check_vm_id(vm_id)
+        # Not root: only our own registry, run dir and VMMs (see gc_user).
+        host, scan_jails = gc_host_for_user()
         report = collect_garbage(
             Registry(),
             dry_run=dry_run,
-            chroot_bases=bases,
+            chroot_bases=bases if scan_jails or chroot_bases else (),
+            host=host,
             vm_ids=vm_ids or None,
             orphan_grace_s=grace,
         )

@@ -19,12 +19,14 @@ fake trees.
 
 Layout: :mod:`.report` (Status, Check, DoctorReport), :mod:`.checks` (the static checks;
 the host checks it shares with the launch path live in :mod:`ironclaw_orchestrator.vm.hostcheck`
-and are only reported here), :mod:`.live` (the probe-guest boot).
+and are only reported here), :mod:`.live` (the probe-guest boot), :mod:`.modes` (for a non-root user: development mode
+now, and what jailed mode needs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 from ..names import ID_MAX_LENGTH as MAX_ID_LENGTH
 from ..vm.config import JailerConfig
@@ -43,6 +45,7 @@ from .checks import (
 )
 from .confinement import check_confinement
 from .live import LIVE_STEP_TIMEOUT_S, run_live_check
+from .modes import check_development_mode, check_jailed_mode
 from .report import DOCTOR_ID_PREFIX, Check, DoctorReport, Status
 
 __all__ = [
@@ -59,6 +62,8 @@ __all__ = [
     "check_cgroups",
     "check_chroot_base_dir",
     "check_confinement",
+    "check_development_mode",
+    "check_jailed_mode",
     "check_kvm_device",
     "check_netns",
     "check_root",
@@ -77,10 +82,13 @@ async def run_checks(
     host: HostPaths | None = None,
 ) -> DoctorReport:
     """Run every static check, then (if asked) the live boot(s); never raises for a
-    host problem, which becomes a failed :class:`Check` instead."""
+    host problem, which becomes a failed :class:`Check` instead. Not as root, ``live``
+    boots the probe unjailed (development mode), the only mode available."""
     config = config or JailerConfig()
     checks = await asyncio.to_thread(run_static_checks, config, host=host)
-    if live:
+    if live and os.geteuid() != 0:  # the jailed boot cannot work: boot unjailed instead
+        live_unjailed = True
+    elif live:
         checks.append(await run_live_check(config, jailed=True))
     if live_unjailed:
         checks.append(await run_live_check(config, jailed=False))

@@ -275,4 +275,8 @@ def run_static_checks(
     checks.append(check_socket_budget_for(config, exec_name))
     checks += check_netns(config, host)
     checks += check_confinement(host)
+    if host.geteuid() != 0:  # say what works now, and what jailed mode would need
+        from .modes import check_development_mode, check_jailed_mode
+
+        checks += [check_development_mode(checks, host), check_jailed_mode(checks, host)]
     return checks

@@ -97,7 +97,6 @@ class Starting(Generic[T]):
         self._coro.close()
 
 
-
 def awaitable_context(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Starting[T]]:
     """Make an ``async def`` start function return a :class:`Starting` (same arguments)."""
 
