@@ -65,9 +65,7 @@ def test_cli_version_names_binaries_and_their_versions(
     assert lines[2] == f"jailer: v1.14.1 ({jl})"
 
 
-def test_cli_version_says_what_is_missing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cli_version_says_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IRONCLAW_FIRECRACKER", str(tmp_path / "nope-fc"))
     monkeypatch.setenv("IRONCLAW_JAILER", str(tmp_path / "nope-jl"))
     result = CliRunner().invoke(app, ["--version"])

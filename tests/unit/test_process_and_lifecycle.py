@@ -133,7 +133,7 @@ async def test_stdin_is_a_pipe_we_hold_until_exit(tmp_path: Path) -> None:
     """Firecracker polls stdin (serial input) with epoll: it must be a pipe, kept open."""
     out = tmp_path / "o"
     proc = ChildProcess.spawn(
-        [str(script(tmp_path, "readlink /proc/self/fd/0; sleep 30"))], stdout_path=out
+        [str(script(tmp_path, "readlink /proc/self/fd/0; exec sleep 30"))], stdout_path=out
     )
     try:
         assert proc.stdin_fd is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Annotated
@@ -96,11 +97,11 @@ def gc(
             check_vm_id(vm_id)
         # Not root: only our own registry, run dir and VMMs (see gc_user).
         host, scan_jails = gc_host_for_user()
-        report = collect_garbage(
+        collect = collect_garbage if host is None else functools.partial(collect_garbage, host=host)
+        report = collect(
             Registry(),
             dry_run=dry_run,
             chroot_bases=bases if scan_jails or chroot_bases else (),
-            host=host,
             vm_ids=vm_ids or None,
             orphan_grace_s=grace,
         )

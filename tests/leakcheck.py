@@ -1,0 +1,131 @@
+"""Find what a test left running or lying around: child processes, threads, temp files.
+
+Used by ``tests/conftest.py``. A process counts as ours when it descends from the test
+process (which is made a child subreaper, so an orphan, like the ``sleep`` of a killed
+shell script, is re-parented to it rather than to init), or when its environment carries
+this session's :data:`TOKEN_ENV` (a process that started a new session and was re-parented
+elsewhere; other engineers' concurrent runs carry other tokens). Temp files count when they
+appear in the session's private ``$TMPDIR``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+TOKEN_ENV = "IRONCLAW_TEST_SESSION"
+_BOOT_TIME = psutil.boot_time()
+
+
+@dataclass(frozen=True, order=True)
+class ProcKey:
+    pid: int
+    create_time: float
+
+
+def _stat_start(pid: str) -> float | None:
+    """Start time (seconds since boot) of ``pid`` from /proc, without psutil's overhead."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def our_processes(token: str, since: float) -> dict[ProcKey, str]:
+    """Live (non-zombie) processes that are ours: descendants, or carrying ``token``.
+
+    ``since`` (seconds since boot) skips reading the environment of older processes.
+    """
+    found: dict[ProcKey, str] = {}
+    me = psutil.Process()
+    with contextlib.suppress(psutil.Error):
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    found[ProcKey(child.pid, child.create_time())] = _describe(child)
+    needle = f"{TOKEN_ENV}={token}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me.pid:
+            continue
+        start = _stat_start(entry)
+        if start is None or start < since:
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(int(entry))
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found[ProcKey(proc.pid, proc.create_time())] = _describe(proc)
+    return found
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid}: {' '.join(proc.cmdline()) or proc.name()}"
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+def seconds_since_boot() -> float:
+    return time.time() - _BOOT_TIME
+
+
+def wait_gone(keys: set[ProcKey], token: str, since: float, grace_s: float) -> dict[ProcKey, str]:
+    """Wait up to ``grace_s`` for ``keys`` to end; return those still running."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = {k: v for k, v in our_processes(token, since).items() if k in keys}
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def kill(keys: set[ProcKey]) -> None:
+    """SIGKILL each (if still the same process) and reap those that are our children."""
+    procs = []
+    for key in keys:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(key.pid)
+            if proc.create_time() == key.create_time:
+                proc.send_signal(signal.SIGKILL)
+                procs.append(proc)
+    psutil.wait_procs(procs, timeout=5)
+
+
+def new_threads(before: set[threading.Thread], grace_s: float) -> list[threading.Thread]:
+    """Threads started since ``before`` still alive after waiting up to ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    for thread in set(threading.enumerate()) - before:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+
+
+def tmp_entries(tmpdir: Path) -> set[str]:
+    try:
+        return set(os.listdir(tmpdir))
+    except FileNotFoundError:
+        return set()
+
+
+def reap_zombies() -> list[int]:
+    """Reap exited children nobody waited for (orphans re-parented to us, the subreaper)."""
+    reaped = []
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error, ChildProcessError):
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(child.pid, os.WNOHANG)
+                    reaped.append(child.pid)
+    return reaped

@@ -1,0 +1,52 @@
+"""The session guard (tests/conftest.py) errors a test that leaves a process, thread or file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parents[1]
+
+INNER = """
+import os, subprocess, tempfile, threading
+
+def test_clean(tmp_path):
+    subprocess.run(["true"], check=True)
+    (tmp_path / "f").write_text("pytest's tmp_path is not TMPDIR")
+
+def test_orphan_of_a_killed_shell():
+    # The shell forks sleep and is killed: sleep is orphaned (the stand-in leak we had).
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip()  # sleep is running
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+def test_thread():
+    threading.Thread(target=threading.Event().wait, args=(30,), daemon=True).start()
+
+def test_temp_file():
+    fd, _ = tempfile.mkstemp()
+    os.close(fd)
+"""
+
+
+def test_guard_names_each_leak_and_cleans_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IRONCLAW_TEST_LEAK_GRACE_S", "1")
+    for name in ("conftest.py", "leakcheck.py"):
+        shutil.copy(TESTS / name, pytester.path / name)
+    pytester.makepyfile(test_inner=INNER)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:asyncio", timeout=120
+    )
+    result.assert_outcomes(passed=4, errors=3)
+    out = result.stdout.str()
+    assert "ERROR at teardown of test_orphan_of_a_killed_shell" in out
+    assert "sleep 60" in out and "now killed" in out
+    assert "ERROR at teardown of test_thread" in out and "threads still running" in out
+    assert "ERROR at teardown of test_temp_file" in out and "files left in TMPDIR" in out
+    assert "test_clean" not in out.split("short test summary")[-1]
