@@ -109,11 +109,19 @@ def skip_reason() -> str | None:
 
 
 def _procs_of(uid: int) -> list[psutil.Process]:
+    """Running processes of ``uid``; its exited children of ours (pytest may be a subreaper,
+    inheriting the user's orphaned supervisors) are reaped, not counted."""
     out = []
-    for proc in psutil.process_iter(["uids"]):
+    for proc in psutil.process_iter(["uids", "status", "ppid"]):
         uids = proc.info["uids"]
-        if uids is not None and uid in (uids.real, uids.effective):
-            out.append(proc)
+        if uids is None or uid not in (uids.real, uids.effective):
+            continue
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            if proc.info["ppid"] == os.getpid():
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(proc.pid, os.WNOHANG)
+            continue
+        out.append(proc)
     return out
 
 
