@@ -78,13 +78,13 @@ def _leak_guard_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
 def _leak_guard(_leak_guard_session: Session) -> Iterator[None]:
     """Errors the test that leaves a process, a thread or a temp file behind."""
     s = _leak_guard_session
-    procs_before = set(leakcheck.our_processes(s.token, s.since))
+    since = leakcheck.seconds_since_boot() - 0.5  # start times have a clock-tick resolution
     threads_before = set(threading.enumerate())
     files_before = leakcheck.tmp_entries(s.tmpdir)
     yield
     problems = []
-    started = set(leakcheck.our_processes(s.token, s.since)) - procs_before
-    alive = leakcheck.wait_gone(started, s.token, s.since, GRACE_S) if started else {}
+    started = set(leakcheck.our_processes(s.token, since))
+    alive = leakcheck.wait_gone(started, s.token, since, GRACE_S) if started else {}
     if alive:
         leakcheck.kill(set(alive))
         problems.append(f"processes still running (now killed): {sorted(alive.values())}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 TOKEN_ENV = "IRONCLAW_TEST_SESSION"
-_BOOT_TIME = psutil.boot_time()
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, order=True)
@@ -30,45 +30,57 @@ class ProcKey:
     create_time: float
 
 
-def _stat_start(pid: str) -> float | None:
-    """Start time (seconds since boot) of ``pid`` from /proc, without psutil's overhead."""
+def our_processes(token: str, since: float) -> dict[ProcKey, str]:
+    """Live (non-zombie) processes started at or after ``since`` (seconds since boot) that
+    are ours: descendants of this process, or carrying ``token`` in their environment."""
+    found: dict[ProcKey, str] = {}
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    recent: list[str] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        stat = _stat(entry)
+        if stat is None:
+            continue
+        state, ppid, start = stat
+        parents[int(entry)] = ppid
+        if start >= since and state not in ("Z", "X"):
+            recent.append(entry)
+    needle = f"{TOKEN_ENV}={token}".encode()
+    for entry in recent:
+        pid = int(entry)
+        if not _descends_from(pid, me, parents):
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if needle not in environ.split(b"\0"):
+                continue
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            found[ProcKey(pid, proc.create_time())] = _describe(proc)
+    return found
+
+
+def _stat(pid: str) -> tuple[str, int, float] | None:
+    """State, parent pid and start time (seconds since boot) from ``/proc/<pid>/stat``."""
     try:
         data = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
     fields = data[data.rfind(b")") + 2 :].split()
-    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return fields[0].decode(), int(fields[1]), int(fields[19]) / _CLK_TCK
 
 
-def our_processes(token: str, since: float) -> dict[ProcKey, str]:
-    """Live (non-zombie) processes that are ours: descendants, or carrying ``token``.
-
-    ``since`` (seconds since boot) skips reading the environment of older processes.
-    """
-    found: dict[ProcKey, str] = {}
-    me = psutil.Process()
-    with contextlib.suppress(psutil.Error):
-        for child in me.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    found[ProcKey(child.pid, child.create_time())] = _describe(child)
-    needle = f"{TOKEN_ENV}={token}".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me.pid:
-            continue
-        start = _stat_start(entry)
-        if start is None or start < since:
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(int(entry))
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    found[ProcKey(proc.pid, proc.create_time())] = _describe(proc)
-    return found
+def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
+    for _ in range(64):
+        pid = parents.get(pid, 0)
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
 
 
 def _describe(proc: psutil.Process) -> str:
@@ -79,7 +91,8 @@ def _describe(proc: psutil.Process) -> str:
 
 
 def seconds_since_boot() -> float:
-    return time.time() - _BOOT_TIME
+    """Now, on the clock of process start times (``/proc/uptime``)."""
+    return float(Path("/proc/uptime").read_text().split()[0])
 
 
 def wait_gone(keys: set[ProcKey], token: str, since: float, grace_s: float) -> dict[ProcKey, str]:
