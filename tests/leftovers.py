@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ironclaw_orchestrator import names, procfs
+from ironclaw_orchestrator.paths import default_run_dir, default_state_dir
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -63,7 +64,7 @@ def leftovers(
     """Every VM resource on this host whose name contains ``vm_id_fragment``."""
     found = _processes(vm_id_fragment, chroot_bases)
     found += [f"jail dir {jail}" for jail in _jails(vm_id_fragment, chroot_bases)]
-    run = Path(os.environ.get("IRONCLAW_RUN_DIR") or "/run/ironclaw") / "vms"
+    run = default_run_dir(create=False) / "vms"
     if run.is_dir():
         found += [f"run dir {p}" for p in run.iterdir() if vm_id_fragment in p.name]
     for dirpath, dirnames, _ in os.walk(CGROUP_ROOT):
@@ -74,7 +75,7 @@ def leftovers(
         for d in dirnames:
             if names.PARENT_CGROUP_NAME in d and vm_id_fragment in str(Path(dirpath, d)):
                 found.append(f"cgroup {Path(dirpath, d)}")
-    registry = Path(os.environ.get("IRONCLAW_STATE_DIR") or "/run/ironclaw/registry")
+    registry = default_state_dir(create=False)
     if registry.is_dir():
         found += [
             f"registry record {p}"

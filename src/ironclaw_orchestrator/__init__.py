@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "JailerProcess": "vm.jailer",
     "JailFile": "vm.jailer",
     "start_firecracker": "vm",
+    "Starting": "vm.context",
     "stop_firecracker": "vm",
     "start_with_jailer": "vm.jailer",
     "CgroupStats": "vm.cgroups",
@@ -74,6 +75,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "SandboxRequiredError",
+    "Starting",
     "UsageError",
     "VmConfig",
     "VmError",
@@ -123,4 +125,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .vm import FirecrackerProcess, start_firecracker, stop_firecracker
     from .vm.cgroups import CgroupStats
     from .vm.config import JailerConfig, VmConfig
+    from .vm.context import Starting
     from .vm.jailer import JailerProcess, JailFile, start_with_jailer
