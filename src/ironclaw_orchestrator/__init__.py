@@ -16,13 +16,9 @@ change without notice.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__: str = version("ironclaw-orchestrator")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+from .version import __version__
 
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {

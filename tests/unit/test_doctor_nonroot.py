@@ -8,7 +8,7 @@ import pytest
 
 from ironclaw_orchestrator import doctor
 from ironclaw_orchestrator.doctor import Check, HostPaths, Status
-from ironclaw_orchestrator.gc_user import UnprivilegedGcHost, gc_host_for_user
+from ironclaw_orchestrator.gc.user import UnprivilegedGcHost, gc_host_for_user
 
 USER = HostPaths(geteuid=lambda: 1000)
 

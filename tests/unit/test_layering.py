@@ -27,7 +27,7 @@ ROOT = Path(ironclaw_orchestrator.__file__).parent
 #: Lowest layer first; components are module names relative to the package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("errors",)),
-    ("primitives", ("lsm", "names", "pidfd", "procfs", "safefs", "vm.seccomp")),
+    ("primitives", ("lsm", "names", "paths", "pidfd", "procfs", "safefs", "version", "vm.seccomp")),
     ("config", ("vm.config", "vm.ratelimit")),
     (
         "building blocks",
@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.api",
             "vm.binaries",
             "vm.cgroups",
+            "vm.context",
             "vm.hostcheck",
             "vm.jailer_args",
             "vm.netns",
@@ -71,6 +72,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("host agent", ("server",)),  # ironclaw serve: the library over HTTP
     ("placement", ("cluster",)),  # Ray actors and Cluster, clients of host agents
     ("cli", ("cli",)),
+    # The package root re-exports the public API (lazily): above everything it names.
+    ("package root", ("",)),
 ]
 #: Layers whose components may import each other (one pipeline split over modules; the two
 #: sides of a detached VM).

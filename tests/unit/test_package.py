@@ -41,7 +41,7 @@ def test_importing_the_package_root_loads_nothing_heavy() -> None:
         "or m.startswith('ironclaw_orchestrator.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "['ironclaw_orchestrator.version']"
 
 
 def _fake_binary(path: Path, text: str) -> Path:

@@ -102,8 +102,8 @@ vm_app = typer.Typer(
 
 def version_text() -> str:
     """``ironclaw --version``: our version, then each binary found (path and version)."""
-    from .. import __version__
     from ..errors import IronclawError
+    from ..version import __version__
     from ..vm.binaries import find_firecracker, find_jailer, read_version
 
     lines = [f"ironclaw-orchestrator {__version__}"]

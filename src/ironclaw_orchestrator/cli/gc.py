@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..gc import DEFAULT_ORPHAN_GRACE_S, GcReport, collect_garbage
-from ..gc_user import gc_host_for_user
+from ..gc.user import gc_host_for_user
 from ..registry import Registry, check_vm_id
 from ..vm.config import JailerConfig
 from .common import ExitCode, VerboseOption, handle_errors, setup_logging, stderr, stdout
@@ -95,7 +95,7 @@ def gc(
     with handle_errors():
         for vm_id in vm_ids or []:
             check_vm_id(vm_id)
-        # Not root: only our own registry, run dir and VMMs (see gc_user).
+        # Not root: only our own registry, run dir and VMMs (see gc.user).
         host, scan_jails = gc_host_for_user()
         collect = collect_garbage if host is None else functools.partial(collect_garbage, host=host)
         report = collect(

@@ -19,8 +19,8 @@ fake trees.
 
 Layout: :mod:`.report` (Status, Check, DoctorReport), :mod:`.checks` (the static checks;
 the host checks it shares with the launch path live in :mod:`ironclaw_orchestrator.vm.hostcheck`
-and are only reported here), :mod:`.live` (the probe-guest boot), :mod:`.modes` (for a non-root user: development mode
-now, and what jailed mode needs).
+and are only reported here), :mod:`.live` (the probe-guest boot), :mod:`.modes` (for a
+non-root user: development mode now, and what jailed mode needs).
 """
 
 from __future__ import annotations

@@ -13,19 +13,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .gc import GcHost
-from .registry import VmRecord
+from ..registry import VmRecord
+from .host import GcHost
 
 __all__ = ["UnprivilegedGcHost", "gc_host_for_user"]
 
 
 class UnprivilegedGcHost(GcHost):
-    """A :class:`GcHost` that sees no host-wide network namespaces or VM cgroups."""
+    """A :class:`GcHost` that sees no host-wide network namespaces or VM cgroups (nor the
+    ledger of intermediate cgroup directories)."""
 
     def list_netns(self) -> list[str]:
         return []
 
     def cgroup_parent_dirs(self, records: Sequence[VmRecord]) -> list[Path]:
+        return []
+
+    def sweep_cgroup_ledger(self) -> list[Path]:
         return []
 
 
