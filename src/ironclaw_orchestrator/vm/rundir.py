@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .. import names
 from ..errors import StagingError
-from ..paths import RUN_DIR_ENV, default_run_dir
+from ..paths import RUN_DIR_ENV as RUN_DIR_ENV  # re-exported: importers use it from here
+from ..paths import default_run_dir
 
 DEFAULT_RUN_DIR = Path("/run/ironclaw")  # root's default; see ironclaw_orchestrator.paths
 CONSOLE_LOG = "console.log"
