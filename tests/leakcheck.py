@@ -117,12 +117,12 @@ def kill(keys: set[ProcKey]) -> None:
     psutil.wait_procs(procs, timeout=5)
 
 
-def new_threads(before: set[threading.Thread], grace_s: float) -> list[threading.Thread]:
-    """Threads started since ``before`` still alive after waiting up to ``grace_s``."""
+def join_threads(threads: set[threading.Thread], grace_s: float) -> list[threading.Thread]:
+    """Those of ``threads`` still alive after waiting up to ``grace_s`` in all."""
     deadline = time.monotonic() + grace_s
-    for thread in set(threading.enumerate()) - before:
+    for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
-    return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    return [t for t in threads if t.is_alive()]
 
 
 def tmp_entries(tmpdir: Path) -> set[str]:

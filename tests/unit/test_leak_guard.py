@@ -33,6 +33,44 @@ def test_temp_file():
 """
 
 
+MODULE_SCOPED = """
+import subprocess
+import pytest
+
+@pytest.fixture(scope="module")
+def pool():
+    procs = []
+    yield lambda: procs.append(subprocess.Popen(["sleep", "60"]))
+    for p in procs[: KEEP]:
+        p.kill()
+        p.wait()
+
+def test_starts_a_worker_the_module_fixture_owns(pool):
+    pool()
+
+def test_another(pool):
+    pool()
+"""
+
+
+def test_processes_of_a_module_fixture_are_checked_when_it_ends(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IRONCLAW_TEST_LEAK_GRACE_S", "1")
+    for name in ("conftest.py", "leakcheck.py"):
+        shutil.copy(TESTS / name, pytester.path / name)
+    pytester.makepyfile(
+        test_owned=MODULE_SCOPED.replace("KEEP", "2"),  # the fixture stops both: fine
+        test_forgotten=MODULE_SCOPED.replace("KEEP", "1"),  # it forgets one: an error
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:asyncio")
+    result.assert_outcomes(passed=4, errors=1)
+    out = result.stdout.str()
+    assert "ERROR at teardown of test_another" in out
+    assert "left things behind after its fixtures ended" in out and "sleep 60" in out
+    assert "test_owned" not in out.split("short test summary")[-1]
+
+
 def test_guard_names_each_leak_and_cleans_it(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
