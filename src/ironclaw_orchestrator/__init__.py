@@ -18,10 +18,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .version import __version__
-
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
+    "__version__": "version",  # from the package metadata (importlib.metadata: not free)
     # VMs
     "VmConfig": "vm.config",
     "JailerConfig": "vm.config",
@@ -118,6 +117,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .gc import GcReport, collect_garbage
     from .paths import default_run_dir, default_state_dir
     from .registry import Registry, VmRecord
+    from .version import __version__
     from .vm import FirecrackerProcess, start_firecracker, stop_firecracker
     from .vm.cgroups import CgroupStats
     from .vm.config import JailerConfig, VmConfig
