@@ -1,6 +1,8 @@
 """Binary discovery order and version checks, with fake binaries."""
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,82 @@ def test_not_a_firecracker(tmp_path: Path) -> None:
     os.chmod(path, 0o755)
     with pytest.raises(BinaryNotFoundError, match="no Firecracker version"):
         b.read_version(path)
+
+
+# --------------------------------------------------------------------------- version cache
+
+
+def _fake_binary(path: Path, version: str) -> Path:
+    path.write_text(f"#!/bin/sh\necho 'Firecracker {version}'\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_versions_are_cached_across_processes_in_the_run_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("IRONCLAW_RUN_DIR", str(run_dir))
+    fc = _fake_binary(tmp_path / "firecracker", "v1.7.0")
+    runs: list[str] = []
+    real_run = subprocess.run
+
+    def counting(argv: list[str], *args: object, **kwargs: object) -> object:
+        runs.append(argv[0])
+        return real_run(argv, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(b.subprocess, "run", counting)
+    monkeypatch.setattr(b, "_version_cache", {})
+    assert b.read_version(fc) == b.Version(1, 7, 0)
+    assert len(runs) == 1
+    cache = run_dir / b.VERSION_CACHE_FILE
+    assert cache.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setattr(b, "_version_cache", {})  # a new process
+    assert b.read_version(fc) == b.Version(1, 7, 0)
+    assert len(runs) == 1  # from the file
+    # The binary replaced by another release: its identity changed, so it runs again.
+    replacement = _fake_binary(tmp_path / "new", "v1.8.0")
+    replacement.replace(fc)
+    monkeypatch.setattr(b, "_version_cache", {})
+    assert b.read_version(fc) == b.Version(1, 8, 0)
+    assert len(runs) == 2
+
+
+@pytest.mark.parametrize("spoil", ["group-writable", "garbage", "other-file"])
+def test_a_version_cache_others_could_write_or_that_is_damaged_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spoil: str
+) -> None:
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("IRONCLAW_RUN_DIR", str(run_dir))
+    fc = _fake_binary(tmp_path / "firecracker", "v1.7.0")
+    st = fc.stat()
+    ident = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    forged = {str(fc.resolve()): {"file": ident, "version": "v9.9.9"}}
+    cache = run_dir / b.VERSION_CACHE_FILE
+    cache.write_text("{not json" if spoil == "garbage" else json.dumps(forged))
+    cache.chmod(0o620 if spoil == "group-writable" else 0o600)
+    if spoil == "other-file":
+        forged[str(fc.resolve())]["file"] = [0, 0, 0, 0, 0]
+        cache.write_text(json.dumps(forged))
+    monkeypatch.setattr(b, "_version_cache", {})
+    assert b.read_version(fc) == b.Version(1, 7, 0)  # ran the binary, not the forged entry
+
+
+def test_the_version_cache_forgets_binaries_that_are_gone_and_stays_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("IRONCLAW_RUN_DIR", str(run_dir))
+    gone = _fake_binary(tmp_path / "gone", "v1.0.0")
+    b.read_version(gone)
+    gone.unlink()
+    for i in range(40):
+        b.read_version(_fake_binary(tmp_path / f"fc{i}", "v1.0.0"))
+    data = json.loads((run_dir / b.VERSION_CACHE_FILE).read_text())
+    assert str(gone) not in data
+    assert len(data) == 32 and str((tmp_path / "fc39").resolve()) in data

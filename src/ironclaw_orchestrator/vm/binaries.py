@@ -7,14 +7,20 @@ Search order for each binary: the explicit config value, then ``IRONCLAW_FIRECRA
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import re
+import secrets
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from functools import total_ordering
 from pathlib import Path
 
+from .. import paths, safefs
 from ..errors import BinaryNotFoundError, ConfigError, JailerNotFoundError, VersionMismatchError
 from ..names import exec_file_name
 from .config import DEFAULT_EXEC_FILE, DEFAULT_JAILER_BINARY
@@ -122,15 +128,32 @@ def _find(
     raise error(f"{name} binary not found at {default} (tried {', '.join(tried)}): {INSTALL_HINT}")
 
 
-_version_cache: dict[tuple[str, int, int], Version] = {}
+#: In this process: (resolved path, dev, inode, size, mtime, ctime) -> version.
+_version_cache: dict[tuple[str, int, int, int, int, int], Version] = {}
+#: Across processes (every `ironclaw` command would otherwise run both binaries): a small
+#: JSON file in the run directory, trusted only if it is ours and nobody else can write it.
+VERSION_CACHE_FILE = "binary-versions.json"
+_MAX_CACHE_BYTES = 64 * 1024
+_MAX_CACHE_ENTRIES = 32
+
+log = logging.getLogger(__name__)
 
 
 def read_version(binary: Path) -> Version:
-    """Run ``binary --version`` once per (path, size, mtime) and parse the release."""
+    """Run ``binary --version`` once per file and parse the release.
+
+    A file is the same while its path, device, inode, size, mtime and ctime are: replacing
+    or touching it runs ``--version`` again. Results persist in the run directory (see
+    ``VERSION_CACHE_FILE``), so a command-line run does not start both binaries each time.
+    """
     st = binary.stat()
-    key = (str(binary.resolve()), st.st_size, st.st_mtime_ns)
+    resolved = str(binary.resolve())
+    key = (resolved, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     cached = _version_cache.get(key)
+    if cached is None:
+        cached = _disk_cache_get(key)
     if cached is not None:
+        _version_cache[key] = cached
         return cached
     try:
         out = subprocess.run(
@@ -149,7 +172,69 @@ def read_version(binary: Path) -> Version:
             "is it really firecracker/jailer?"
         ) from None
     _version_cache[key] = version
+    _disk_cache_put(key, version)
     return version
+
+
+def _disk_cache_path() -> Path | None:
+    root = paths.default_run_dir(create=False)
+    if safefs.swappable_reason(root) is not None:
+        return None  # missing, or others could swap it: no cache at all
+    return root / VERSION_CACHE_FILE
+
+
+def _disk_cache_load(path: Path) -> dict[str, object]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
+            return {}
+        raw = fh.read(_MAX_CACHE_BYTES + 1)
+    try:
+        data = json.loads(raw) if len(raw) <= _MAX_CACHE_BYTES else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _disk_cache_get(key: tuple[str, int, int, int, int, int]) -> Version | None:
+    path = _disk_cache_path()
+    if path is None:
+        return None
+    entry = _disk_cache_load(path).get(key[0])
+    if not isinstance(entry, dict) or entry.get("file") != list(key[1:]):
+        return None
+    try:
+        return Version.parse(str(entry.get("version")))
+    except ValueError:
+        return None
+
+
+def _disk_cache_put(key: tuple[str, int, int, int, int, int], version: Version) -> None:
+    path = _disk_cache_path()
+    if path is None:
+        return
+    data = _disk_cache_load(path)
+    data.pop(key[0], None)
+    # Bounded: forget binaries that are gone, keep the most recent few.
+    kept = [(k, v) for k, v in data.items() if os.path.exists(k)][-(_MAX_CACHE_ENTRIES - 1) :]
+    data = dict(kept)
+    data[key[0]] = {"file": list(key[1:]), "version": str(version)}
+    tmp = path.with_name(f".{VERSION_CACHE_FILE}.{secrets.token_hex(4)}")
+    try:
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except OSError as exc:  # only a cache: a read-only or full run dir costs a re-run
+        log.debug("not caching binary versions in %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 @dataclass(frozen=True)
