@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ironclaw_orchestrator.vm import jailer as jailer_mod
+from ironclaw_orchestrator.vm import binaries as binaries_mod
 from ironclaw_orchestrator.vm.binaries import find_firecracker, find_jailer, read_version
 from ironclaw_orchestrator.vm.cgroups import layout
 from ironclaw_orchestrator.vm.config import JailerConfig
@@ -67,13 +67,13 @@ def test_binary_pair_is_checked_once_and_again_when_a_binary_changes(
 
     monkeypatch.setattr(subprocess, "run", counting_run)
     checks: list[int] = []
-    real_check = jailer_mod.check_pair
+    real_check = binaries_mod.check_pair
 
     def counting_check(*args: Path) -> object:
         checks.append(1)
         return real_check(*args)
 
-    monkeypatch.setattr(jailer_mod, "check_pair", counting_check)
+    monkeypatch.setattr(binaries_mod, "check_pair", counting_check)
     cfg = JailerConfig(jailer_binary=jl, exec_file=fc)
     first = resolve_binaries(cfg)
     assert sorted(runs) == ["firecracker", "jailer"]

@@ -62,6 +62,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.lifecycle",
             "vm.pool",
             "vm.recording",
+            "vm.resources",
             "vm.restore",
             "vm.snapshot",
             "vm.unjailed",

@@ -23,7 +23,7 @@ from pathlib import Path
 from .. import paths, safefs
 from ..errors import BinaryNotFoundError, ConfigError, JailerNotFoundError, VersionMismatchError
 from ..names import exec_file_name
-from .config import DEFAULT_EXEC_FILE, DEFAULT_JAILER_BINARY
+from .config import DEFAULT_EXEC_FILE, DEFAULT_JAILER_BINARY, JailerConfig
 
 FIRECRACKER_ENV = "IRONCLAW_FIRECRACKER"
 JAILER_ENV = "IRONCLAW_JAILER"
@@ -273,3 +273,38 @@ def check_exec_file_name(exec_file: Path, version: Version) -> None:
             "file name to contain 'firecracker'; rename the file itself (e.g. firecracker-"
             f"{version}): a symlink does not help, the jailer resolves it"
         )
+
+
+#: (explicit paths, environment, PATH) -> (the pair, identity of both files when checked).
+_pairs: dict[tuple[object, ...], tuple[Binaries, tuple[tuple[int, int, int, int], ...]]] = {}
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)  # follows a symlink: re-pointing it is a change
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def resolve_binaries(config: JailerConfig) -> Binaries:
+    """Find the jailer and firecracker for ``config`` and check that their versions match.
+
+    Found and checked once per process; afterwards one ``stat`` per binary tells whether
+    either was replaced (then everything is checked again).
+    """
+    explicit_jailer = config.jailer_binary if "jailer_binary" in config.model_fields_set else None
+    explicit_exec = config.exec_file if "exec_file" in config.model_fields_set else None
+    key = (
+        explicit_jailer,
+        explicit_exec,
+        os.environ.get(JAILER_ENV),
+        os.environ.get(FIRECRACKER_ENV),
+        os.environ.get("PATH"),
+    )
+    cached = _pairs.get(key)
+    if cached is not None:
+        pair, identity = cached
+        with contextlib.suppress(OSError):
+            if (_identity(pair.jailer), _identity(pair.firecracker)) == identity:
+                return pair
+    pair = check_pair(find_jailer(explicit_jailer), find_firecracker(explicit_exec))
+    _pairs[key] = (pair, (_identity(pair.jailer), _identity(pair.firecracker)))
+    return pair

@@ -15,11 +15,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, TypeVar
@@ -40,14 +39,7 @@ from . import cgroups as cg
 from . import cleanup
 from . import netns as ns
 from .api import FirecrackerApi
-from .binaries import (
-    FIRECRACKER_ENV,
-    JAILER_ENV,
-    Binaries,
-    check_pair,
-    find_firecracker,
-    find_jailer,
-)
+from .binaries import Binaries, resolve_binaries
 from .config import JailerConfig
 from .context import awaitable_context, stop_on_exit
 from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_root
@@ -61,11 +53,13 @@ from .lifecycle import (
     wait_ready,
 )
 from .process import ChildProcess, become_subreaper
+from .resources import JailResources
 from .rundir import CONSOLE_LOG, create_vm_run_dir, run_root
-from .staging import StagedFile, check_source, stage_file
+from .staging import check_source, stage_file
 
 __all__ = [
     "JailFile",
+    "JailResources",
     "JailerConfig",
     "JailerProcess",
     "jailer_available",
@@ -88,41 +82,6 @@ class JailFile:
     is_disk: bool = False
 
 
-#: (explicit paths, environment, PATH) -> (the pair, identity of both files when checked).
-_pairs: dict[tuple[object, ...], tuple[Binaries, tuple[tuple[int, int, int, int], ...]]] = {}
-
-
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    st = os.stat(path)  # follows a symlink: re-pointing it is a change
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def resolve_binaries(config: JailerConfig) -> Binaries:
-    """Find the jailer and firecracker for ``config`` and check that their versions match.
-
-    Found and checked once per process; afterwards one ``stat`` per binary tells whether
-    either was replaced (then everything is checked again).
-    """
-    explicit_jailer = config.jailer_binary if "jailer_binary" in config.model_fields_set else None
-    explicit_exec = config.exec_file if "exec_file" in config.model_fields_set else None
-    key = (
-        explicit_jailer,
-        explicit_exec,
-        os.environ.get(JAILER_ENV),
-        os.environ.get(FIRECRACKER_ENV),
-        os.environ.get("PATH"),
-    )
-    cached = _pairs.get(key)
-    if cached is not None:
-        pair, identity = cached
-        with contextlib.suppress(OSError):
-            if (_identity(pair.jailer), _identity(pair.firecracker)) == identity:
-                return pair
-    pair = check_pair(find_jailer(explicit_jailer), find_firecracker(explicit_exec))
-    _pairs[key] = (pair, (_identity(pair.jailer), _identity(pair.firecracker)))
-    return pair
-
-
 def jailer_available(config: JailerConfig | None = None) -> str | None:
     """``None`` if VMs can be jailed here, else the reason they cannot."""
     config = config or JailerConfig()
@@ -133,71 +92,6 @@ def jailer_available(config: JailerConfig | None = None) -> str | None:
     except IronclawError as exc:
         return str(exc)
     return None
-
-
-@dataclass
-class JailResources:
-    """Everything made for one jailed VM, so that it can all be removed (in reverse)."""
-
-    vm_id: str
-    run_dir: Path | None = None
-    jail_dir: Path | None = None
-    cgroups: cg.VmCgroups | None = None
-    netns_name: str | None = None
-    tap: str | None = None
-    uplink: bool = False
-    staged: list[StagedFile] = field(default_factory=list)
-    vmm_pid: int | None = None
-    vmm_start_time: int | None = None
-    #: The jailer was spawned but the VMM's pid is not (yet) known: a VMM may run unwatched.
-    vmm_unknown: bool = False
-    listener: Callable[[JailResources], None] | None = None
-
-    def changed(self) -> None:
-        if self.listener is not None:
-            self.listener(self)
-
-    def release(self) -> None:
-        """Remove everything; every step runs even if one fails, then one error lists all."""
-        failures: list[str] = []
-        if self.jail_dir is not None and self.vmm_unknown:
-            # A VMM we lost track of (no pid file, start aborted before adoption) may run in
-            # the jail: found by its root, killed and reaped before what it uses goes away.
-            # (Scanning /proc costs milliseconds: only done when the VMM is not known.)
-            try:
-                cleanup.kill_jail_processes(self.jail_dir)
-            except OSError as exc:
-                failures.append(f"processes in {self.jail_dir}: {exc}")
-        if self.cgroups is not None:
-            cgroups = self.cgroups
-            try:
-                cgroups.remove()
-                self.cgroups = None
-            except Exception as exc:
-                failures.append(f"cgroups {[str(p) for p in cgroups.paths.values()]}: {exc}")
-        if self.netns_name is not None:
-            try:
-                cleanup.remove_network(self.netns_name, self.vm_id, self.tap, self.uplink)
-                self.netns_name, self.tap, self.uplink = None, None, False
-            except Exception as exc:
-                failures.append(f"network namespace {self.netns_name}: {exc}")
-        for label, remove in (
-            ("jail_dir", cleanup.remove_jail_tree),
-            ("run_dir", cleanup.remove_run_dir),
-        ):
-            path: Path | None = getattr(self, label)
-            if path is None:
-                continue
-            try:
-                remove(path)
-                setattr(self, label, None)
-            except OSError as exc:
-                failures.append(f"{path}: {exc.strerror or exc}")
-        if failures:
-            raise CleanupError(
-                f"VM {self.vm_id}: cleanup left some resources behind (run `ironclaw gc`)",
-                failures,
-            )
 
 
 class JailerProcess(VmmHandle):
