@@ -3,8 +3,9 @@
 The guest (agent/guest/vsock_guest.c, compiled here with the system C compiler) answers the
 handshake, ping and echo on vsock port 5252; the host side is the project's own
 ``AgentClient`` over the jail's vsock socket (``CONNECT 5252``). Deadlines only stop a broken
-test from hanging; nothing asserts how fast anything is. The snapshot test drives a bare
-firecracker through its API (the library has no snapshot support yet).
+test from hanging; nothing asserts how fast anything is. The snapshot tests check that the
+connection works again after a restore: into a fresh jail through the library, and into a
+bare firecracker driven through its API.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from leftovers import leftovers
 
 from ironclaw_orchestrator.agent import AgentClient
 from ironclaw_orchestrator.agent.guest import READY_PREFIX, build_vsock_guest
 from ironclaw_orchestrator.agent.protocol import encode_frame, read_frame
 from ironclaw_orchestrator.errors import AgentConnectionError, AgentRequestError, HostError
 from ironclaw_orchestrator.registry import Registry
-from ironclaw_orchestrator.vm import VmConfig, start_firecracker
+from ironclaw_orchestrator.vm import VmConfig, restore_snapshot, start_firecracker
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS
 from ironclaw_orchestrator.vm.vsock import connect_vsock
 
@@ -137,6 +139,34 @@ def test_cli_exec_reaches_a_detached_vm(
     finally:
         stopped = cli(state, "vm", "stop", vm_id)
         assert stopped.returncode == 0, stopped.stderr
+
+
+async def test_agent_works_again_after_restore_into_a_fresh_jail(
+    vm_id: str, chroot_base: Path, guest_kernel: Path, tmp_path: Path
+) -> None:
+    """The guest agent answers over a clone's own vsock socket, in the clone's own jail."""
+    clone_id = f"{vm_id}-c"
+    vm = await start_firecracker(cfg(vm_id, guest_kernel))
+    try:
+        await vm.start_instance()
+        await vm.wait_agent(timeout_s=120)
+        snap = await vm.snapshot(tmp_path / "snap")
+    finally:
+        await vm.stop()
+    clone = await restore_snapshot(snap, clone_id)
+    try:
+        assert clone.vsock_path.is_relative_to(clone.vmm.chroot_dir)  # type: ignore[union-attr]
+        assert clone.vsock_path != vm.vsock_path
+        info = await clone.wait_agent(timeout_s=120)  # after the guest's transport reset
+        assert info.agent_version == "ironclaw-c-guest/1"
+        async with clone.agent(connect_timeout_s=30) as client:
+            client.io_timeout_s = 300
+            data = os.urandom(64 * 1024)
+            assert await client.echo(data, digest=False) == data
+    finally:
+        await clone.stop()
+    left = leftovers(clone_id)
+    assert not left, f"the clone left resources behind: {left}"
 
 
 async def _api(sock: Path, method: str, path: str, body: dict[str, object] | None = None) -> None:
