@@ -173,6 +173,6 @@ def check_run_root(root: Path) -> None:
     if reason is not None:
         raise ConfigError(
             f"refusing run directory {root} (IRONCLAW_RUN_DIR): {reason}. Unset "
-            "IRONCLAW_RUN_DIR (default /run/ironclaw) or point it at a directory only root "
-            "can write"
+            "IRONCLAW_RUN_DIR (the default is /run/ironclaw as root, a private 0700 directory "
+            "of your own otherwise) or point it at a directory nobody else can write"
         )
