@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import names
 from .errors import ConfigError, RegistryError
 from .procfs import describe_process, is_alive, read_start_time
+from .safefs import replace_file
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -439,7 +440,7 @@ class Registry:
     def _replace(self, vm_id: str, record: VmRecord) -> None:
         tmp = self._write_tmp(vm_id, self._encode(record))
         try:
-            os.replace(tmp, self.record_path(vm_id))
+            replace_file(tmp, self.record_path(vm_id))
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()

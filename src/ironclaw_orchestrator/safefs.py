@@ -27,6 +27,7 @@ __all__ = [
     "check_run_root",
     "open_dir_nofollow",
     "rename_noreplace",
+    "replace_file",
     "rmtree_nofollow",
     "swappable_reason",
 ]
@@ -34,6 +35,7 @@ __all__ = [
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 
 
 @contextmanager
@@ -105,6 +107,39 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     )
     if res != 0:
         err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def replace_file(src: Path, dst: Path) -> None:
+    """Atomically put the file ``src`` in place of ``dst`` (readers see old or new, whole).
+
+    Like ``os.replace``, but swaps the two names (``RENAME_EXCHANGE``) and then unlinks the
+    old file. On ext4, renaming over an existing file forces the new file's data out to disk
+    first (the ``auto_da_alloc`` heuristic): ~2.5 ms of wall time per write on a host whose
+    /run or state directory is on ext4, against ~0.05 ms for the swap. What that flush buys
+    (the new contents surviving a power loss) the callers either do not need or get from
+    ``fsync``. Falls back to ``os.replace`` where the filesystem cannot swap.
+    """
+    res = _libc().renameat2(
+        _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_EXCHANGE
+    )
+    if res == 0:
+        try:
+            os.unlink(src)  # now the old file
+        except IsADirectoryError:  # dst was a directory: undo, refuse as os.replace does
+            _libc().renameat2(
+                _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_EXCHANGE
+            )
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(dst)) from None
+        except FileNotFoundError:
+            pass
+        return
+    err = ctypes.get_errno()
+    if err == errno.ENOENT and os.path.lexists(src):
+        os.rename(src, dst)  # nothing to swap with: a plain rename flushes nothing
+    elif err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOENT):
+        os.replace(src, dst)
+    else:
         raise OSError(err, os.strerror(err), str(src), None, str(dst))
 
 

@@ -189,7 +189,7 @@ def test_crash_mid_write_keeps_the_old_record(
     def boom(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", boom)
+    monkeypatch.setattr("ironclaw_orchestrator.registry.replace_file", boom)
     with pytest.raises(RegistryError, match="No space left"):
         reg.update("vm-1", state="running")
     monkeypatch.undo()

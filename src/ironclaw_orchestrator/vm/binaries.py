@@ -230,7 +230,7 @@ def _disk_cache_put(key: tuple[str, int, int, int, int, int], version: Version) 
         )
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh)
-        os.replace(tmp, path)
+        safefs.replace_file(tmp, path)
     except OSError as exc:  # only a cache: a read-only or full run dir costs a re-run
         log.debug("not caching binary versions in %s: %s", path, exc)
         with contextlib.suppress(OSError):

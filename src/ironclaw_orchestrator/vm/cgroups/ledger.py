@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from ...safefs import replace_file
 from .fs import CgroupFs
 
 __all__ = ["ledger_path", "record_intermediate", "sweep"]
@@ -36,7 +37,7 @@ def _write(path: Path, entries: Iterable[Path]) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write("".join(f"{p}\n" for p in sorted(set(entries))))
-    os.replace(tmp, path)
+    replace_file(tmp, path)
 
 
 def record_intermediate(lock_path: Path, directory: Path) -> None:
