@@ -194,4 +194,3 @@ def restore(
         new_id = vm_id or f"{snap_dir.name[:40]}-restored"
         code = asyncio.run(_restore_and_wait(snap_dir, new_id, not paused, json_output))
     raise typer.Exit(code)
-

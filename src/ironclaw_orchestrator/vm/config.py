@@ -20,6 +20,7 @@ characters, and the kernel command line is printable ASCII, as Firecracker requi
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -306,10 +307,20 @@ class JailerConfig(_Model):
         cpus = self.cpu_limit if self.cpu_limit is not None else self.cpu_count
         return max(1000, round(cpus * self.cpu_period_us))
 
-    @property
+    @functools.cached_property
     def exec_file_name(self) -> str:
-        """The jailer's name for the exec file: the basename of its resolved path."""
+        """The jailer's name for the exec file: the basename of its resolved path.
+
+        Resolved once per config object (again if ``exec_file`` is reassigned): the jail of
+        one VM keeps the name it started with even if the symlink is re-pointed (an upgrade)
+        while it runs. ``VmConfig.jailer_config()`` hands out fresh objects.
+        """
         return exec_file_name(self.exec_file)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "exec_file":
+            self.__dict__.pop("exec_file_name", None)
 
     @property
     def jail_dir(self) -> Path:
@@ -486,6 +497,7 @@ class VmConfig(_Model):
         if "image_dirs" not in base.model_fields_set and self.image_dirs is not None:
             updates["image_dirs"] = self.image_dirs
         merged = base.model_copy(update=updates)
+        merged.__dict__.pop("exec_file_name", None)  # resolve anew: the binary may have changed
         # model_copy keeps fields_set; remember that these were derived, not chosen.
         return merged
 
