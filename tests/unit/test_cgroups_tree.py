@@ -5,10 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
+from fake_cgroupfs import FakeKernel
 
 from ironclaw_orchestrator.errors import (
     CgroupControllerUnavailableError,
@@ -16,7 +16,6 @@ from ironclaw_orchestrator.errors import (
     CleanupError,
 )
 from ironclaw_orchestrator.vm.cgroups import (
-    CgroupFs,
     CgroupLayout,
     VmCgroups,
     cgroup_settings,
@@ -24,72 +23,6 @@ from ironclaw_orchestrator.vm.cgroups import (
 from ironclaw_orchestrator.vm.config import JailerConfig
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "blkio", "pids")
-
-
-class FakeKernel(CgroupFs):
-    """Plain directories behaving enough like cgroupfs for the tree logic."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.fail: dict[tuple[str, str | None], int] = {}  # (file name, value|None) -> errno
-        self.killed: list[int] = []
-        self.writes: list[tuple[Path, str]] = []
-
-    def _raise_if_failing(self, path: Path, value: str) -> None:
-        for key in ((path.name, value), (path.name, None), (str(path), None)):
-            if key in self.fail:
-                code = self.fail[key]
-                raise OSError(code, os.strerror(code), str(path))
-
-    def write(self, path: Path, value: str) -> None:
-        self._raise_if_failing(path, value)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
-        self.writes.append((path, value))
-        if path.name == "cgroup.subtree_control":
-            current = set(path.read_text().split()) if path.exists() else set()
-            for tok in value.split():
-                (current.add if tok[0] == "+" else current.discard)(tok[1:])
-            path.write_text(" ".join(sorted(current)) + "\n")
-        elif path.name == "cgroup.procs":
-            old = path.read_text() if path.exists() else ""
-            path.write_text(old + value + "\n")
-        elif path.name == "cgroup.kill":
-            for pid in (path.parent / "cgroup.procs").read_text().split():
-                self.kill(int(pid))
-        else:
-            path.write_text(value + "\n")
-
-    def mkdir(self, path: Path) -> None:
-        os.mkdir(path)
-        (path / "cgroup.procs").write_text("")
-        rel = path.relative_to(self.root)
-        if rel.parts[0] == "cpuset":
-            (path / "cpuset.cpus").write_text("")
-            (path / "cpuset.mems").write_text("")
-        if rel.parts[0] == "unified":
-            (path / "cgroup.subtree_control").write_text("")
-            inherited = path.parent / "cpuset.mems.effective"
-            if inherited.exists():
-                (path / "cpuset.mems.effective").write_text(inherited.read_text())
-
-    def rmdir(self, path: Path) -> None:
-        if not path.exists():
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
-        if any(p.is_dir() for p in path.iterdir()):
-            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
-        procs = path / "cgroup.procs"
-        if procs.exists() and procs.read_text().split():
-            raise OSError(errno.EBUSY, "Device or resource busy", str(path))
-        for f in path.iterdir():
-            f.unlink()
-        os.rmdir(path)
-
-    def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
-        self.killed.append(pid)
-        for procs in self.root.rglob("cgroup.procs"):
-            pids = [p for p in procs.read_text().split() if p != str(pid)]
-            procs.write_text("".join(f"{p}\n" for p in pids))
 
 
 def all_dirs(root: Path) -> set[Path]:
@@ -107,8 +40,11 @@ def v1(tmp_path: Path) -> tuple[CgroupLayout, FakeKernel, Path]:
         (root / c / "cgroup.procs").write_text("1\n")
     (root / "cpuset" / "cpuset.cpus").write_text("0-3\n")
     (root / "cpuset" / "cpuset.mems").write_text("0\n")
-    (root / "memory" / "process_api" / "abc").mkdir(parents=True)
+    fs = FakeKernel(root)
+    fs.mkdir(root / "memory" / "process_api")  # the orchestrator's own memory cgroup
+    fs.mkdir(root / "memory" / "process_api" / "abc")
     (root / "unified").mkdir()
+    (root / "unified" / "cgroup.procs").write_text("")
     layout = CgroupLayout(
         mode="hybrid",
         v1_mounts={c: root / c for c in V1_CONTROLLERS},
@@ -116,7 +52,7 @@ def v1(tmp_path: Path) -> tuple[CgroupLayout, FakeKernel, Path]:
         unified_controllers=frozenset(),
         own_paths={**{c: "/" for c in V1_CONTROLLERS}, "memory": "/process_api/abc", "": "/"},
     )
-    return layout, FakeKernel(root), tmp_path / "lock"
+    return layout, fs, tmp_path / "lock"
 
 
 FULL = JailerConfig(memory_limit_mb=256, cpu_count=1, pids_max=64, cpuset_cpus="1", io_read_bps=7)
@@ -320,10 +256,11 @@ def test_stats_and_oom(v1: tuple[CgroupLayout, FakeKernel, Path]) -> None:
     (vm.paths["memory"] / "memory.usage_in_bytes").write_text("77\n")
     (vm.paths["memory"] / "memory.oom_control").write_text("under_oom 0\noom_kill 3\n")
     (vm.paths["cpuacct"] / "cpuacct.usage").write_text("12\n")
+    (vm.paths["memory"] / "memory.max_usage_in_bytes").write_text("99\n")
     st = vm.stats()
     assert st.memory_current_bytes == 77
     assert st.cpu_usage_ns == 12
-    assert st.memory_peak_bytes is None
+    assert st.memory_peak_bytes == 99
     assert vm.oom_kills() == 3
 
 
@@ -336,12 +273,13 @@ def make_v2(tmp_path: Path, own: str = "/", procs: dict[str, str] | None = None)
     (unified / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     (unified / "cgroup.subtree_control").write_text("")
     (unified / "cpuset.mems.effective").write_text("0\n")
+    (unified / "cgroup.procs").write_text("")
+    fs = FakeKernel(tmp_path / "cg")
     for rel, pids in (procs or {}).items():
         d = unified / rel
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "cgroup.procs").write_text(pids)
-        (d / "cgroup.subtree_control").write_text("")
-        (d / "cpuset.mems.effective").write_text("0\n")
+        if rel:
+            fs.mkdir(d)
+        (d / "cgroup.procs").write_text(pids)  # the kernel's side: who runs there
     return CgroupLayout(
         "v2", {}, unified, frozenset({"cpuset", "cpu", "io", "memory", "pids"}), {"": own}
     )
@@ -359,9 +297,8 @@ def test_v2_prepare_enables_subtree_control(tmp_path: Path) -> None:
     with pytest.raises(CgroupError, match="above the orchestrator's own cgroup"):
         vm.prepare()  # root's subtree_control lacks the controllers: not ours to change
     assert not (layout.unified_mount / "svc/ironclaw").exists()  # type: ignore[operator]
-    (layout.unified_mount / "cgroup.subtree_control").write_text(  # type: ignore[operator]
-        "cpu cpuset io memory pids\n"
-    )
+    root_ctl = layout.unified_mount / "cgroup.subtree_control"  # type: ignore[operator]
+    fs.write(root_ctl, "+cpu +cpuset +io +memory +pids")  # as the admin would
     vm.prepare()
     u = layout.unified_mount
     assert u is not None
@@ -385,8 +322,8 @@ def test_v2_ebusy_names_cgroup_and_pids(tmp_path: Path) -> None:
     fs = FakeKernel(tmp_path / "cg")
     u = layout.unified_mount
     assert u is not None
-    (u / "cgroup.subtree_control").write_text("cpu memory\n")
-    fs.fail[(str(u / "svc/cgroup.subtree_control"), None)] = errno.EBUSY
+    fs.write(u / "cgroup.subtree_control", "+cpu +memory")
+    # No injected failure: the fake kernel's no-internal-processes rule refuses +cpu in svc.
     vm = VmCgroups.plan(
         layout, 2, "vm1", cgroup_settings(JailerConfig(), 2, None), None, tmp_path / "l", fs=fs
     )
@@ -436,7 +373,6 @@ def test_v2_remove_uses_cgroup_kill(tmp_path: Path) -> None:
     )
     vm.prepare()
     vm.attach(999, everywhere=True)
-    (vm.paths["unified"] / "cgroup.kill").write_text("0\n")
     vm.remove(timeout_s=1)
     assert (vm.paths["unified"] / "cgroup.kill", "1") in fs.writes
     assert fs.killed == [999]
