@@ -249,14 +249,26 @@ def test_cgroup_own_cgroup_not_writable(tmp_path: Path) -> None:
 
 
 def test_cgroup_v2_internal_processes(tmp_path: Path) -> None:
+    # The kernel allows a non-root cgroup processes or controllers enabled for its
+    # children, never both: the orchestrator's own cgroup holding it delegates nothing.
     host, mount = fake_cgroup_v2(tmp_path, "cpu memory", own="/svc")
     (mount / "svc").mkdir()
     (mount / "svc" / "cgroup.procs").write_text(f"{os.getpid()}\n")
-    (mount / "svc" / "cgroup.subtree_control").write_text("cpu\n")
+    (mount / "svc" / "cgroup.subtree_control").write_text("")
+    named = by_name(doctor.check_cgroups(JailerConfig(), host))
+    for ctrl in ("cpu", "memory"):
+        assert named[f"cgroup {ctrl}"].status is Status.FAIL
+        assert "EBUSY" in named[f"cgroup {ctrl}"].value
+
+
+def test_cgroup_v2_root_cgroup_is_exempt(tmp_path: Path) -> None:
+    # The root cgroup may hold processes and enable controllers for its children.
+    host, mount = fake_cgroup_v2(tmp_path, "cpu memory", own="/")
+    (mount / "cgroup.procs").write_text(f"1\n{os.getpid()}\n")
+    (mount / "cgroup.subtree_control").write_text("")
     named = by_name(doctor.check_cgroups(JailerConfig(), host))
     assert named["cgroup cpu"].status is Status.PASS
-    assert named["cgroup memory"].status is Status.FAIL
-    assert "EBUSY" in named["cgroup memory"].value
+    assert named["cgroup memory"].status is Status.PASS
 
 
 def test_no_cgroups(tmp_path: Path) -> None:
