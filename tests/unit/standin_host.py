@@ -93,8 +93,8 @@ class StandinHost:
         jailer_kw = kw.pop("jailer", {})
         return VmConfig(
             vm_id=vm_id,
-            kernel_path=self.images / "vmlinux",
-            rootfs_path=self.images / "rootfs.ext4",
+            kernel_path=str(self.images / "vmlinux"),
+            rootfs_path=str(self.images / "rootfs.ext4"),
             jailer=self.jailer_config(vm_id, **jailer_kw),
             **kw,
         )
