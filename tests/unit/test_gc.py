@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_cgroupfs import FakeKernel
 
 from ironclaw_orchestrator.gc import JAIL_MARKER, GcHost, GcReport, collect_garbage
 from ironclaw_orchestrator.registry import Registry, is_alive, read_process_start
+from ironclaw_orchestrator.vm.cgroups import CgroupLayout, VmCgroups
+from ironclaw_orchestrator.vm.cgroups.limits import setting
 
 
 def dead_pid() -> int:
@@ -25,13 +26,22 @@ def dead_pid() -> int:
 
 
 class FakeHost(GcHost):
-    """Network namespaces are plain files, cgroups plain directories, all under tmp_path."""
+    """Network namespaces are plain files (making real ones needs root); cgroups live on a
+    fake cgroup kernel under tmp_path and are removed by the real code (vm/cleanup.py)."""
 
     def __init__(self, root: Path) -> None:
-        super().__init__(netns_dir=root / "netns")
+        memory = root / "cgroup" / "memory"  # one v1 hierarchy
+        memory.mkdir(parents=True)
+        (memory / "cgroup.procs").write_text("1\n")
+        self.kernel = FakeKernel(root / "cgroup")
+        super().__init__(
+            netns_dir=root / "netns", cgroup_fs=self.kernel, cgroup_lock_path=root / "cg.lock"
+        )
         self.netns_dir.mkdir()
-        self.cgroup_parent = root / "cgroup" / "memory" / "ironclaw"
-        self.cgroup_parent.mkdir(parents=True)
+        self.cgroup_lock_path.touch()  # the host's lock file exists before any gc
+        self.cgroup_parent = memory / "ironclaw"
+        self.kernel.mkdir(self.cgroup_parent)
+        self.layout = CgroupLayout("v1", {"memory": memory}, None, frozenset(), {"memory": "/"})
         self.users: dict[str, list[int]] = {}
         self.calls: list[tuple[str, Any]] = []
 
@@ -43,21 +53,11 @@ class FakeHost(GcHost):
         (self.netns_dir / netns).unlink(missing_ok=True)
 
     def remove_cgroups(self, data: dict[str, Any]) -> None:
-        self.calls.append(("remove_cgroups", data["vm_id"]))
-        shutil.rmtree(self.cgroup_parent / data["vm_id"], ignore_errors=True)
+        self.calls.append(("remove_cgroups", data.get("vm_id")))
+        super().remove_cgroups(data)
 
     def cgroup_parent_dirs(self, records: Any) -> list[Path]:
         return [self.cgroup_parent]
-
-    def rmdir_cgroup(self, path: Path) -> None:
-        shutil.rmtree(path)
-
-    @contextlib.contextmanager
-    def cgroup_lock(self) -> Iterator[None]:
-        yield
-
-    def sweep_cgroup_ledger(self) -> list[Path]:
-        return []
 
 
 class World:
@@ -94,13 +94,26 @@ class World:
         (self.host.netns_dir / name).write_text("")
 
     def cgroup(self, vm_id: str, pids: str = "") -> Path:
+        """A VM's memory cgroup with no record (an orphan, unless a record names it)."""
         path = self.host.cgroup_parent / vm_id
-        path.mkdir()
-        (path / "cgroup.procs").write_text(pids)
+        self.host.kernel.mkdir(path)
+        for pid in pids.split():
+            self.host.kernel.write(path / "cgroup.procs", pid)
         return path
 
+    def cgroup_record(self, vm_id: str) -> tuple[Path, dict[str, Any]]:
+        """A VM's cgroup made as a start makes it, and its record (``to_dict``)."""
+        limit = setting("memory", "memory.limit_in_bytes", 256 << 20)
+        cgroups = VmCgroups.plan(
+            self.host.layout, 1, vm_id, [limit], None,
+            self.host.cgroup_lock_path, fs=self.host.kernel,
+        )  # fmt: skip
+        cgroups.prepare()
+        return cgroups.paths["memory"], json.loads(json.dumps(cgroups.to_dict()))
+
     def full_vm(self, vm_id: str, *, owner_dead: bool = True, **fields: Any) -> dict[str, Path]:
-        paths = {"jail": self.jail(vm_id), "run": self.run_dir(vm_id), "cg": self.cgroup(vm_id)}
+        cg, cg_record = self.cgroup_record(vm_id)
+        paths = {"jail": self.jail(vm_id), "run": self.run_dir(vm_id), "cg": cg}
         self.netns(f"ironclaw-{vm_id}")
         owner: dict[str, Any] = (
             {"owner_pid": dead_pid(), "owner_start_time": 1} if owner_dead else {}
@@ -113,7 +126,7 @@ class World:
             run_dir=paths["run"],
             netns_name=f"ironclaw-{vm_id}",
             tap="icl0123456789ab",
-            cgroups={"vm_id": vm_id, "parent": "ironclaw", "mounts": {}},
+            cgroups=cg_record,
             **fields,
         )
         return paths
@@ -188,6 +201,7 @@ def test_orphans_of_ours_are_removed(world: World) -> None:
     report = world.gc()
     assert report.ok, report.to_dict()
     assert not jail.exists() and not run.exists() and not cg.exists()
+    assert not world.host.cgroup_parent.exists()  # our parent, empty now: removed too
     assert not (world.host.netns_dir / "ironclaw-orphan-3").exists()
 
 
@@ -431,3 +445,36 @@ def test_netns_of_an_id_being_started_is_as_young_as_its_dirs(world: World) -> N
     _old(run)
     world.gc(orphan_grace_s=60.0)
     assert not (world.host.netns_dir / "ironclaw-starting").exists() and not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("cgroups", "words"),
+    [
+        ({"vm_id": "vm-bad", "parent": "ironclaw", "mounts": {}}, "unknown cgroup record format"),
+        ("foreign", "not on the path to its cgroups"),
+    ],
+)
+def test_cgroup_record_the_real_code_rejects_is_an_error(
+    world: World, cgroups: Any, words: str
+) -> None:
+    """The same validation as a VM's own stop: a record naming /etc removes nothing."""
+    if cgroups == "foreign":
+        cg, cgroups = world.cgroup_record("vm-bad")
+        cgroups["created"] = [str(world.root / "precious"), str(cg)]
+        (world.root / "precious").mkdir()
+    world.reg.claim("vm-bad", owner_pid=dead_pid(), owner_start_time=1, cgroups=cgroups)
+    report = world.gc()
+    assert [a.kind for a in report.errors] == ["cgroups"]
+    assert words in (report.errors[0].error or "")
+    assert world.reg.get("vm-bad") is not None  # kept for a human (or a fixed gc)
+    assert cgroups != "foreign" or (world.root / "precious").is_dir()
+
+
+def test_recorded_cgroup_with_processes_is_drained_then_removed(world: World) -> None:
+    cg, record = world.cgroup_record("vm-busy")
+    world.host.kernel.write(cg / "cgroup.procs", "4242")
+    world.reg.claim("vm-busy", owner_pid=dead_pid(), owner_start_time=1, cgroups=record)
+    report = world.gc()
+    assert report.ok, report.to_dict()
+    assert set(world.host.kernel.killed) == {4242}  # by the fake kernel: nothing real signalled
+    assert not cg.exists() and not world.host.cgroup_parent.exists()

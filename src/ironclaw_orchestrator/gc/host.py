@@ -17,6 +17,8 @@ from .. import names, procfs
 from .. import pidfd as pidfds
 from ..errors import IronclawError
 from ..registry import VmRecord
+from ..vm.cgroups.fs import CgroupFs, read_pids
+from ..vm.cgroups.lock import DEFAULT_LOCK_PATH, HostLock
 
 __all__ = ["GcHost"]
 
@@ -24,9 +26,19 @@ __all__ = ["GcHost"]
 class GcHost:
     """The host as gc sees it: ``/proc``, ``/run/netns``, cgroup mounts, directories."""
 
-    def __init__(self, netns_dir: Path = Path("/run/netns"), proc: Path = procfs.PROC) -> None:
+    def __init__(
+        self,
+        netns_dir: Path = Path("/run/netns"),
+        proc: Path = procfs.PROC,
+        *,
+        cgroup_fs: CgroupFs | None = None,
+        cgroup_lock_path: Path = DEFAULT_LOCK_PATH,
+    ) -> None:
         self.netns_dir = netns_dir
         self.proc = proc
+        #: Every cgroup read and removal goes through it (tests put a fake kernel here).
+        self.cgroup_fs = cgroup_fs if cgroup_fs is not None else CgroupFs()
+        self.cgroup_lock_path = cgroup_lock_path
         self._cgroup_index: dict[str, list[int]] | None = None
 
     # -- who uses what (every process on the host, not just recorded ones)
@@ -64,12 +76,11 @@ class GcHost:
     def cgroup_pids(self, path: Path) -> list[int]:
         """Pids listed in a cgroup directory tree (``cgroup.procs`` / ``tasks``)."""
         pids: set[int] = set()
-        for dirpath, _dirs, files in os.walk(path):
-            for name in ("cgroup.procs", "tasks"):
-                if name in files:
-                    with contextlib.suppress(OSError, ValueError):
-                        text = Path(dirpath, name).read_text()
-                        pids.update(int(x) for x in text.split())
+        for name in ("cgroup.procs", "tasks"):
+            with contextlib.suppress(OSError):
+                pids.update(read_pids(self.cgroup_fs, path / name))
+        for sub in self.cgroup_fs.subdirs(path):
+            pids.update(self.cgroup_pids(sub))
         return sorted(pids)
 
     # -- removal: the same functions a VM's stop uses
@@ -81,7 +92,7 @@ class GcHost:
     def remove_cgroups(self, data: dict[str, Any]) -> None:
         from ..vm import cleanup
 
-        cleanup.remove_cgroups(data)
+        cleanup.remove_cgroups(data, self.cgroup_fs)
 
     def remove_jail_dir(self, path: Path) -> None:
         from ..vm import cleanup
@@ -133,22 +144,24 @@ class GcHost:
 
     def rmdir_cgroup(self, path: Path) -> None:
         """Remove a cgroup and its child cgroups (deepest first); they must hold no process."""
-        for dirpath, dirnames, _files in os.walk(path, topdown=False):
-            for d in dirnames:
-                os.rmdir(Path(dirpath, d))
-        os.rmdir(path)
+        for sub in self.cgroup_fs.subdirs(path):
+            self.rmdir_cgroup(sub)
+        self.cgroup_fs.rmdir(path)
+
+    def remove_empty_cgroup(self, path: Path) -> None:
+        """``rmdir`` one cgroup if it is empty; busy (another VM's cgroup inside) is fine."""
+        with contextlib.suppress(OSError):
+            self.cgroup_fs.rmdir(path)
 
     def sweep_cgroup_ledger(self) -> list[Path]:
         """Remove empty intermediate cgroup dirs made for VMs that no VM uses any more."""
         from ..vm.cgroups.tree import sweep_intermediates
 
-        return sweep_intermediates()
+        return sweep_intermediates(self.cgroup_lock_path, self.cgroup_fs)
 
     @contextlib.contextmanager
     def cgroup_lock(self) -> Iterator[None]:
-        from ..vm.cgroups import HostLock
-
-        with HostLock():
+        with HostLock(self.cgroup_lock_path):
             yield
 
     # -- processes

@@ -180,8 +180,8 @@ class _Orphans:
 
                 removed |= self.c.step("cgroup", cg, vm_id, "remove", WHY, rm)
             if removed and not self.c.dry_run and parent.name == names.PARENT_CGROUP_NAME:
-                with host.cgroup_lock(), contextlib.suppress(OSError):
-                    os.rmdir(parent)  # only if empty: other VMs' cgroups keep it busy
+                with host.cgroup_lock():
+                    host.remove_empty_cgroup(parent)  # other VMs' cgroups keep it busy
         if not self.c.dry_run and self.c.vm_ids is None:
             with contextlib.suppress(Exception):
                 for path in host.sweep_cgroup_ledger():

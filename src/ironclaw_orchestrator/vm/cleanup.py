@@ -13,13 +13,16 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import names, procfs
 from .. import pidfd as pidfds
 from ..errors import ConfigError
 from ..safefs import rename_noreplace, rmtree_nofollow
 from .cgroups.lock import DEFAULT_LOCK_PATH, HostLock
+
+if TYPE_CHECKING:
+    from .cgroups.fs import CgroupFs
 
 __all__ = [
     "CLAIM_PREFIX",
@@ -147,8 +150,8 @@ def remove_network(netns: str, vm_id: str, tap: str | None, uplink: bool) -> Non
 # --------------------------------------------------------------------------- cgroups
 
 
-def remove_cgroups(data: dict[str, Any]) -> None:
+def remove_cgroups(data: dict[str, Any], fs: CgroupFs | None = None) -> None:
     """Remove a VM's cgroups from their recorded form (``VmCgroups.to_dict()``)."""
     from .cgroups import VmCgroups
 
-    VmCgroups.from_dict(data).remove()
+    VmCgroups.from_dict(data, fs=fs).remove()
