@@ -117,7 +117,7 @@ def remove_run_dir(run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def claim_netns(vm_id: str, lock_path: Path = NETNS_LOCK_PATH) -> Iterator[str]:
+def claim_netns(vm_id: str, lock_path: Path | None = None) -> Iterator[str]:
     """Hold the host's netns lock while the VM's namespace name is free; yield the name.
 
     Raises ``ConfigError`` if ``ironclaw-<id>`` exists (another orchestrator's VM with this
@@ -126,7 +126,7 @@ def claim_netns(vm_id: str, lock_path: Path = NETNS_LOCK_PATH) -> Iterator[str]:
     from . import netns as ns
 
     name = names.netns_name(vm_id)
-    with HostLock(lock_path):
+    with HostLock(lock_path or NETNS_LOCK_PATH):
         if os.path.lexists(ns.netns_path(name)):
             raise ConfigError(
                 f"VM {vm_id}: network namespace {name} already exists: the id is in use "

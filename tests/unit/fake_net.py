@@ -1,0 +1,68 @@
+"""Network namespaces, taps and uplinks without root: files and sets under a directory.
+
+Installed over :mod:`ironclaw_orchestrator.vm.netns` (what start and stop call) by
+:func:`install`. Like the kernel it refuses a tap or uplink in a namespace that does not
+exist, and deleting a namespace deletes every device in it. ``fail`` names a step
+(``"tap"``, ``"uplink"``) that raises ``NetworkError``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ironclaw_orchestrator.errors import NetworkError
+from ironclaw_orchestrator.vm import cleanup
+from ironclaw_orchestrator.vm import netns as ns
+
+
+class FakeNet:
+    def __init__(self, root: Path) -> None:
+        self.dir = root
+        self.devices: dict[str, set[str]] = {}  # netns -> taps and uplink ends in it
+        self.fail: str | None = None
+
+    def _need(self, netns: str) -> None:
+        if not (self.dir / netns).exists():
+            raise NetworkError(f"network namespace {netns} does not exist")
+
+    def ensure_netns(self, name: str) -> Path:
+        path = self.dir / name
+        path.touch()
+        self.devices.setdefault(name, set())
+        return path
+
+    def remove_netns(self, name: str) -> None:
+        (self.dir / name).unlink(missing_ok=True)
+        self.devices.pop(name, None)  # the kernel frees its devices with it
+
+    def ensure_tap(self, netns: str, name: str, uid: int, gid: int, **kw: object) -> None:
+        self._need(netns)
+        if self.fail == "tap":
+            raise NetworkError(f"cannot create tap {name} in {netns}: injected")
+        self.devices[netns].add(name)
+
+    def remove_tap(self, netns: str, name: str) -> None:
+        self.devices.get(netns, set()).discard(name)
+
+    def ensure_uplink(self, netns: str, vm_id: str, subnet: str) -> None:
+        self._need(netns)
+        if self.fail == "uplink":
+            raise NetworkError(f"cannot create the uplink of {vm_id}: injected")
+        self.devices[netns].add(f"uplink-{vm_id}")
+
+    def remove_uplink(self, netns: str, vm_id: str) -> None:
+        self.devices.get(netns, set()).discard(f"uplink-{vm_id}")
+
+
+def install(monkeypatch: pytest.MonkeyPatch, root: Path) -> FakeNet:
+    root.mkdir(exist_ok=True)
+    net = FakeNet(root)
+    monkeypatch.setattr(ns.names, "NETNS_DIR", root)
+    monkeypatch.setattr(cleanup, "NETNS_LOCK_PATH", root.parent / "netns.lock")
+    for name in ("ensure_netns", "remove_netns", "ensure_tap", "remove_tap"):
+        monkeypatch.setattr(ns, name, getattr(net, name))
+    for name in ("ensure_uplink", "remove_uplink"):
+        monkeypatch.setattr(ns, name, getattr(net, name))
+    return net

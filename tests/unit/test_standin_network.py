@@ -1,0 +1,78 @@
+"""A VM's own network namespace, tap and uplink through start, stop and rollback, on the
+stand-in jailer with a fake network layer (making real namespaces needs root)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fake_net import FakeNet, install
+from standin_host import StandinHost, make_host
+
+from ironclaw_orchestrator import names
+from ironclaw_orchestrator.errors import ConfigError, NetworkError
+from ironclaw_orchestrator.registry import Registry
+from ironclaw_orchestrator.vm import start_firecracker
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
+    monkeypatch.delenv("IRONCLAW_REQUIRE_SANDBOX", raising=False)
+    yield from make_host(monkeypatch, 2)
+
+
+@pytest.fixture
+def net(host: StandinHost, monkeypatch: pytest.MonkeyPatch) -> FakeNet:
+    return install(monkeypatch, host.root / "netns")
+
+
+def networked(host: StandinHost, vm_id: str = "sa-1", **kw: object) -> object:
+    return host.vm_config(vm_id, enable_networking=True, jailer={"isolate_network": True}, **kw)
+
+
+async def test_namespace_tap_and_uplink_made_and_removed(host: StandinHost, net: FakeNet) -> None:
+    net.ensure_netns("ironclaw-neighbour")
+    registry = Registry(host.root / "state")
+    cfg = networked(host, uplink_subnet="10.200.0.0/30")
+    vm = await start_firecracker(cfg, registry=registry)  # type: ignore[arg-type]
+    name = names.netns_name("sa-1")
+    try:
+        assert net.devices[name] == {names.tap_name("sa-1"), "uplink-sa-1"}
+        assert vm.vmm.argv[vm.vmm.argv.index("--netns") + 1] == str(net.dir / name)
+        rec = registry.get("sa-1")
+        assert rec is not None and rec.netns_name == name and rec.uplink
+    finally:
+        await vm.stop()
+    assert not (net.dir / name).exists() and name not in net.devices
+    assert (net.dir / "ironclaw-neighbour").exists()
+    calls = {(r["method"], r["path"]): r["body"] for r in host.requests()}
+    iface = calls[("PUT", "/network-interfaces/eth0")]
+    assert iface["host_dev_name"] == names.tap_name("sa-1")
+    assert iface["guest_mac"] == names.guest_mac("sa-1")
+    # the guest's address reaches its kernel: 172.30.0.2 behind the tap's 172.30.0.1/30
+    boot_args = calls[("PUT", "/boot-source")]["boot_args"]
+    assert "ip=172.30.0.2::172.30.0.1:255.255.255.252::eth0:off" in boot_args
+
+
+@pytest.mark.parametrize("step", ["tap", "uplink"])
+async def test_network_failure_removes_the_namespace_only(
+    host: StandinHost, net: FakeNet, step: str
+) -> None:
+    net.ensure_netns("ironclaw-neighbour")
+    before = host.snapshot()
+    net.fail = step
+    with pytest.raises(NetworkError, match="injected"):
+        await start_firecracker(networked(host, uplink_subnet="10.200.0.0/30"))  # type: ignore[arg-type]
+    assert sorted(p.name for p in net.dir.iterdir()) == ["ironclaw-neighbour"]
+    assert host.snapshot() == before
+    assert Registry(host.root / "state").list() == []  # the claim was released
+
+
+async def test_namespace_of_the_same_id_is_refused_and_kept(
+    host: StandinHost, net: FakeNet
+) -> None:
+    taken = net.ensure_netns(names.netns_name("sa-1"))
+    before = host.snapshot()
+    with pytest.raises(ConfigError, match="already exists"):
+        await start_firecracker(networked(host))  # type: ignore[arg-type]
+    assert taken.exists() and host.snapshot() == before
