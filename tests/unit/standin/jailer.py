@@ -15,6 +15,7 @@ import re
 import resource
 import shutil
 import sys
+import time
 from pathlib import Path
 
 FAILS = ("before-chroot", "no-pidfile", "exit-after-pidfile")
@@ -120,6 +121,13 @@ def main() -> None:
     if pid == 0:
         os.execve(fc[0], fc, env)
     attach(dirs, pid)
+    if ctl.get("fail") in ("no-pidfile", "exit-after-pidfile"):
+        # The VMM is up and serving before the jailer fails: a rollback must kill it.
+        sock = chroot / fc_args[fc_args.index("--api-sock") + 1].lstrip("/")
+        for _ in range(1000):
+            if sock.exists():
+                break
+            time.sleep(0.01)
     if ctl.get("fail") != "no-pidfile":
         (chroot / f"{exec_file.name}.pid").write_text(str(pid))
     if ctl.get("fail") == "exit-after-pidfile":
