@@ -186,3 +186,22 @@ async def test_vmm_crash_after_start_is_reported_and_stop_cleans(host: StandinHo
     assert await vmm.wait() == -9
     await vmm.stop()
     assert host.snapshot() == before
+
+
+async def test_every_limit_lands_in_a_file_the_kernel_has(host: StandinHost) -> None:
+    """The jailer writes its --cgroup values without creating files: each must exist in
+    the cgroups we prepared (controller enabled, right hierarchy)."""
+    before = host.snapshot()
+    cfg = host.jailer_config(
+        pids_max=64, cpuset_cpus="0", cpu_weight=50, memory_high_mb=200, cpu_limit=0.5,
+        io_read_bps=1000,
+    )  # fmt: skip
+    vmm = await start_with_jailer(cfg, files=files(host), ready_timeout_s=30)
+    try:
+        written = {a.split("=", 1)[0] for a in vmm.argv if "=" in a and "." in a.split("=")[0]}
+        assert {"pids.max", "cpuset.cpus"} <= written
+        for d in host.cgroup_dirs():
+            assert vmm.pid in pids_in(d)
+    finally:
+        await vmm.stop()
+    assert host.snapshot() == before
