@@ -26,6 +26,7 @@ from ..errors import (
 from ..registry import Registry
 from . import netns as ns
 from .api import FirecrackerApi
+from .cancelsafe import Resumable, finish
 from .config import JailerConfig, VmConfig
 from .context import Starting, awaitable_context, stop_on_exit
 from .hardening import (
@@ -123,6 +124,7 @@ class FirecrackerProcess(GuestAgentMixin, HardeningMixin):
         limit = config.vsock_rate_limit
         #: Meters the VM's host-side vsock traffic (``vsock_rate_limit``), ``None`` if unset.
         self.vsock_limiter = VsockLimiter(limit) if limit is not None else None
+        self._stopping: Resumable[int | None] = Resumable()
 
     @property
     def pid(self) -> int:
@@ -231,8 +233,12 @@ class FirecrackerProcess(GuestAgentMixin, HardeningMixin):
         """Stop the VM and remove everything made for it. Idempotent.
 
         If some cleanup step fails, ``CleanupError`` lists it and the VM's registry record is
-        kept, naming what is left, for ``ironclaw gc``.
+        kept, naming what is left, for ``ironclaw gc``. A cancelled caller leaves the stop
+        running; calling ``stop()`` again waits for it, or resumes one that was cut short.
         """
+        return await self._stopping.run(lambda: self._stop(timeout_s))
+
+    async def _stop(self, timeout_s: float) -> int | None:
         try:
             code = await self.vmm.stop(timeout_s)
         except CleanupError:
@@ -301,7 +307,7 @@ async def start_firecracker(
         if recorder is not None:
             recorder.started(vm)
     except BaseException:
-        await vm.stop()
+        await finish(vm.stop())  # completes even if cancelled (again); then re-raised
         raise
     return vm
 

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Any, TypeVar
 
 from .. import names
 from ..errors import (
@@ -40,6 +39,7 @@ from . import cleanup
 from . import netns as ns
 from .api import FirecrackerApi
 from .binaries import Binaries, resolve_binaries
+from .cancelsafe import ThreadSteps, finish
 from .config import JailerConfig
 from .context import awaitable_context, stop_on_exit
 from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_root
@@ -68,7 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -272,7 +271,7 @@ async def start_with_jailer(
     res = JailResources(vm_id=config.jailer_id, listener=on_change)
     process: ChildProcess | None = None
     api: FirecrackerApi | None = None
-    steps = _ThreadSteps()
+    steps = ThreadSteps()
     try:
         # The run directory is created exclusively: it claims the id under this run root.
         res.run_dir = create_vm_run_dir(config.jailer_id)
@@ -327,12 +326,8 @@ async def start_with_jailer(
             vm_id=config.jailer_id, console_path=console, timeout_s=ready_timeout_s,
         )  # fmt: skip
     except BaseException:
-        await steps.settle()  # a cancelled step still runs in its thread: let it finish first
-        await abort_start(process, api)
-        try:
-            await asyncio.to_thread(res.release)
-        except CleanupError as cleanup_exc:
-            log.error("%s", cleanup_exc)
+        # Runs to its end even if cancelled (again) meanwhile; then the error propagates.
+        await finish(_roll_back(steps, process, api, res))
         raise
     return JailerProcess(
         config=config,
@@ -345,28 +340,21 @@ async def start_with_jailer(
     )
 
 
-class _ThreadSteps:
-    """Blocking start-up steps run in a thread, shielded from cancellation.
+#: Kept for importers: the helper's home is :mod:`.cancelsafe`.
+_ThreadSteps = ThreadSteps
 
-    A cancelled ``to_thread`` keeps running in its thread; rolling back while it still
-    creates things would leave them behind. So a cancel interrupts the wait, and the
-    rollback first waits for the step to finish (:meth:`settle`).
-    """
 
-    def __init__(self) -> None:
-        self._running: asyncio.Future[Any] | None = None
-
-    async def run(self, fn: Callable[..., _T], *args: object) -> _T:
-        fut: asyncio.Future[_T] = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-        self._running = fut
-        return await asyncio.shield(fut)
-
-    async def settle(self) -> None:
-        fut = self._running
-        if fut is not None:
-            await asyncio.wait([fut])
-            if not fut.cancelled():
-                fut.exception()  # retrieved: the failure is reported by the caller
+async def _roll_back(
+    steps: ThreadSteps, process: ChildProcess | None, api: FirecrackerApi | None,
+    res: JailResources,
+) -> None:  # fmt: skip
+    """Undo a half-finished start: what a thread step made too, so it is waited for first."""
+    await steps.settle()
+    await abort_start(process, api)
+    try:
+        await asyncio.to_thread(res.release)
+    except CleanupError as cleanup_exc:
+        log.error("%s", cleanup_exc)
 
 
 #: Kept for importers: the marker's one home is :mod:`ironclaw_orchestrator.names`.

@@ -20,6 +20,7 @@ from ..errors import (
     output_tail,
 )
 from .api import FirecrackerApi
+from .cancelsafe import Resumable, finish
 from .config import MAX_SOCKET_PATH_BYTES
 from .process import ChildProcess
 
@@ -159,7 +160,8 @@ class VmmHandle:
         self.api = api
         self.console_path = console_path
         self.booted = False
-        self._stopped = False
+        self._stopping: Resumable[int | None] = Resumable()
+        self._stop_begun = False
 
     @property
     def pid(self) -> int:
@@ -179,19 +181,26 @@ class VmmHandle:
     async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
         """Stop the VMM (graceful if booted, then SIGKILL), reap it, remove every resource.
 
-        Idempotent: a second call only returns the exit code.
+        Idempotent: once done, a call only returns the exit code. A cancelled caller leaves
+        the stop running; calling again waits for it, or (if the stop itself was cut short,
+        or a clean-up step failed) resumes it: only what is left is done again.
         """
-        if self._stopped:
-            return self.process.returncode
-        self._stopped = True
+        return await self._stopping.run(lambda: self._stop(timeout_s))
+
+    async def _stop(self, timeout_s: float) -> int | None:
+        # Graceful only the first time: a resumed stop goes straight to SIGKILL.
+        graceful, self._stop_begun = self.booted and not self._stop_begun, True
         try:
-            code = await stop_process(
-                self.process, self.api, graceful=self.booted, timeout_s=timeout_s
+            code: int | None = await stop_process(
+                self.process, self.api, graceful=graceful, timeout_s=timeout_s
             )
             self._after_exit()
+        except BaseException:
+            self.process.kill()  # whatever went wrong, the VMM never outlives its resources
+            raise
         finally:
             await self.api.aclose()
-            await asyncio.to_thread(self._release)
+            await finish(asyncio.to_thread(self._release))
         return code
 
     def _after_exit(self) -> None:

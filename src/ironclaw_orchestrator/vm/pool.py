@@ -43,6 +43,7 @@ from . import (
 )
 from . import cgroups as cg
 from . import netns as ns
+from .cancelsafe import finish
 from .config import VmConfig
 from .jailer import JailerProcess, JailFile, start_with_jailer
 from .lifecycle import DEFAULT_READY_TIMEOUT_S
@@ -174,7 +175,7 @@ class WarmPool:
                 await _configure(vm)
             recorder.started(vm)
         except BaseException:
-            await vm.stop(timeout_s=0)
+            await finish(vm.stop(timeout_s=0))  # completes even if cancelled (again)
             raise
         return vm
 
@@ -273,10 +274,11 @@ class WarmPool:
                 try:
                     await self._hand_over(vm, pooled)
                     return vm
-                except IronclawError:
+                except BaseException as exc:
                     died = not pooled.vmm.process.alive
-                    await vm.stop(timeout_s=0.5)  # also drops the claimed record
-                    if not died or attempt == _MAX_TRIES - 1:
+                    # Also drops the claimed record; completes even if cancelled (again).
+                    await finish(vm.stop(timeout_s=0.5))
+                    if not isinstance(exc, IronclawError) or not died or attempt == _MAX_TRIES - 1:
                         raise
                     log.warning(
                         "warm pool: VMM %s died during its claim; taking another", pooled.vm_id
@@ -293,7 +295,7 @@ class WarmPool:
                 return vm
             log.warning("warm pool: VMM %s died while waiting; removing it", vm.vm_id)
             with contextlib.suppress(IronclawError):
-                await vm.stop()
+                await finish(vm.stop())
         self._wake.set()
         return await self._spawn()
 
@@ -302,7 +304,7 @@ class WarmPool:
         assert isinstance(vmm, JailerProcess)
         # The claimed id's record names the pooled jail now: the pool's record goes.
         self.registry.release(pooled.vm_id)
-        await asyncio.to_thread(self._apply_limits, vm, vmm)
+        await finish(asyncio.to_thread(self._apply_limits, vm, vmm))
         if self.snapshot is not None:
             await vmm.api.resume()
             vm.last_snapshot = self.snapshot
@@ -319,10 +321,10 @@ class WarmPool:
         if (cfg.vcpu_count, cfg.memory_mb) != (old.vcpu_count, old.memory_mb):
             await api.put_machine_config(cfg.vcpu_count, cfg.memory_mb)
         if cfg.kernel_path != old.kernel_path:
-            await asyncio.to_thread(
+            await finish(asyncio.to_thread(
                 stage_file, Path(cfg.kernel_path), jcfg.chroot_dir, KERNEL_JAIL_PATH,
                 uid=jcfg.uid, gid=jcfg.gid, read_only=True,
-            )  # fmt: skip
+            ))  # fmt: skip
         if cfg.kernel_path != old.kernel_path or cfg.boot_args != old.boot_args:
             boot_args = cfg.boot_args
             if cfg.enable_networking and "ip=" not in boot_args.split("#")[0]:
@@ -331,10 +333,10 @@ class WarmPool:
         if cfg.rootfs_path is not None and (
             cfg.rootfs_path != old.rootfs_path or cfg.rootfs_read_only != old.rootfs_read_only
         ):
-            await asyncio.to_thread(
+            await finish(asyncio.to_thread(
                 stage_file, Path(cfg.rootfs_path), jcfg.chroot_dir, ROOTFS_JAIL_PATH,
                 uid=jcfg.uid, gid=jcfg.gid, read_only=cfg.rootfs_read_only,
-            )  # fmt: skip
+            ))  # fmt: skip
             await api.put_drive(
                 "rootfs", ROOTFS_JAIL_PATH, root=True, read_only=cfg.rootfs_read_only
             )
@@ -365,7 +367,13 @@ class WarmPool:
         )  # fmt: skip
 
     async def close(self) -> None:
-        """Stop the refill and every idle VMM (claimed VMs are the claimer's to stop)."""
+        """Stop the refill and every idle VMM (claimed VMs are the claimer's to stop).
+
+        Runs to its end even if cancelled meanwhile (then re-raises the cancellation).
+        """
+        await finish(self._close())
+
+    async def _close(self) -> None:
         self._closed = True
         self._closing.set()
         self._wake.set()

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from ..errors import ConfigError
 from ..registry import Registry
 from . import FirecrackerProcess, _own_ids, _recorder
+from .cancelsafe import finish
 from .config import JailerConfig, VmConfig
 from .hostcheck import check_socket_budget
 from .jailer import JailerProcess, JailFile, resolve_binaries, start_with_jailer
@@ -134,7 +135,7 @@ async def restore_snapshot(
         if recorder is not None:
             recorder.started(vm)
     except BaseException:
-        await vm.stop()
+        await finish(vm.stop())  # completes even if cancelled (again); then re-raised
         raise
     vm.last_snapshot = snap
     vm.paused = not resume

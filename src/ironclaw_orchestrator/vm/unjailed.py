@@ -13,6 +13,7 @@ from ..errors import CleanupError
 from ..safefs import check_run_root
 from .api import FirecrackerApi
 from .binaries import find_firecracker, read_version
+from .cancelsafe import finish
 from .cleanup import remove_run_dir
 from .config import VmConfig
 from .hostcheck import check_kvm, check_socket_budget
@@ -80,7 +81,7 @@ async def start_unjailed(
             timeout_s=ready_timeout_s,
         )  # fmt: skip
     except BaseException:
-        await abort_start(process, api)
+        await finish(abort_start(process, api))  # completes even if cancelled (again)
         _remove_run_dir(config.vm_id, run_dir)
         raise
     return UnjailedProcess(
