@@ -32,6 +32,7 @@ from .errors import CleanupError, IronclawError, RegistryError, UsageError, VmEr
 from .gc import GcReport, collect_garbage
 from .procfs import describe_process, is_alive, read_start_time
 from .registry import Registry, VmRecord
+from .vm.cancelsafe import finish
 
 if TYPE_CHECKING:
     from .vm import VmConfig
@@ -184,6 +185,11 @@ async def spawn_supervisor(
     try:
         try:
             msg = await _read_message(read_fd, timeout_s)
+        except asyncio.CancelledError:
+            # Ctrl-C, a timeout around us: the supervisor must not go on starting the VM
+            # unwatched. Stopped (it undoes its start) even if cancelled again meanwhile.
+            await finish(_abandon(proc, registry, vm_id, cfg_path, spawn_log))
+            raise
         except TimeoutError:
             await _abandon(proc, registry, vm_id)
             raise VmError(
@@ -234,12 +240,21 @@ def _log_tail(registry: Registry, vm_id: str, spawn_log: Path) -> str:
     return "(no log)"
 
 
-async def _abandon(proc: subprocess.Popen[bytes], registry: Registry, vm_id: str) -> None:
-    """Stop a supervisor that did not answer: SIGTERM, then SIGKILL and gc."""
+async def _abandon(
+    proc: subprocess.Popen[bytes], registry: Registry, vm_id: str, *leftover_files: Path
+) -> None:
+    """Stop a supervisor that did not answer: SIGTERM, then SIGKILL and gc.
+
+    ``leftover_files`` (its config and spawn log) are removed if it died before it took
+    them over (a SIGTERM before its handlers are installed kills it outright).
+    """
     proc.send_signal(signal.SIGTERM)
     if await asyncio.to_thread(_wait_child, proc, DEFAULT_STOP_TIMEOUT_S) is None:
         proc.kill()
         await asyncio.to_thread(_wait_child, proc, 5.0)
+    for path in leftover_files:
+        with contextlib.suppress(OSError):
+            path.unlink()
     rec = registry.get(vm_id)
     if rec is not None and rec.owner_pid == proc.pid:
         await asyncio.to_thread(collect_garbage, registry, vm_ids=[vm_id], orphan_grace_s=0.0)

@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "registry",
             "vm.api",
             "vm.binaries",
+            "vm.cancelsafe",
             "vm.cgroups",
             "vm.context",
             "vm.hostcheck",

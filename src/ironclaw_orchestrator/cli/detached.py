@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
+import threading
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from ..errors import IronclawError
-from ..registry import Registry
+from ..registry import Registry, VmRecord
 from ..supervisor import DEFAULT_SPAWN_TIMEOUT_S, spawn_supervisor, stop_detached
 from ..vm.inputs import check_vm_inputs
 from .common import (
@@ -127,12 +129,21 @@ def start(
         registry = open_registry()
         try:
             record = asyncio.run(spawn_supervisor(config, registry, timeout_s=timeout))
+            # Until the command has answered, Ctrl-C still means "do not start it".
+            if json_output:
+                print(json.dumps(record.model_dump(mode="json"), indent=2), flush=True)
+            else:
+                print(record.vm_id, flush=True)
+            # Answered: the VM is the user's now; a late Ctrl-C (up to the process's exit)
+            # must not fail the command. The process ends right after this.
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         except KeyboardInterrupt:
             _interrupted_start(registry, config.vm_id)
-    if json_output:
-        print(json.dumps(record.model_dump(mode="json"), indent=2))
-    else:
-        print(record.vm_id, flush=True)
+    _report_started(record)
+
+
+def _report_started(record: VmRecord) -> None:
     if record.sandboxed is False:
         stderr.print(
             f"[yellow]warning:[/] VM {escape(record.vm_id)} is NOT sandboxed (no jailer): "
