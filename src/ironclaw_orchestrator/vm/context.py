@@ -96,6 +96,14 @@ class Starting(Generic[T]):
         """Drop a start that will never be awaited (no 'never awaited' warning)."""
         self._coro.close()
 
+    # The coroutine protocol, so that a start is also a coroutine to asyncio:
+    # ``asyncio.create_task(start_firecracker(cfg))``, ``TaskGroup.create_task(...)``.
+    def send(self, value: Any) -> Any:
+        return self._coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._coro.throw(*args)
+
 
 def awaitable_context(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Starting[T]]:
     """Make an ``async def`` start function return a :class:`Starting` (same arguments)."""

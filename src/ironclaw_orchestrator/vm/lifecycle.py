@@ -196,7 +196,9 @@ class VmmHandle:
             )
             self._after_exit()
         except BaseException:
-            self.process.kill()  # whatever went wrong, the VMM never outlives its resources
+            # Whatever went wrong (a cancel too), the VMM never outlives its resources.
+            self.process.kill()
+            await finish(self.process.wait())
             raise
         finally:
             await self.api.aclose()
