@@ -12,6 +12,7 @@ too.)
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 import uuid
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from ironclaw_orchestrator import names
 from ironclaw_orchestrator.errors import CgroupError
 from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import (
@@ -40,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leftovers import leftovers
 
 pytestmark = pytest.mark.integration
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 #: 0-5 ms in 0.2 ms steps, then 5-40 ms in 1 ms steps: 60 cancellation points.
 START_DELAYS = [i * 0.0002 for i in range(25)] + [0.005 + i * 0.001 for i in range(36)]
@@ -61,7 +65,7 @@ def prefix(real_host: None, state_dir: Path) -> Iterator[str]:
     Path("/var/jail").mkdir(mode=0o755, exist_ok=True)
     pre = f"cx-{uuid.uuid4().hex[:6]}-"
     yield pre
-    left = leftovers(pre)
+    left = leaks(pre)
     assert not left, f"test left VM resources behind: {left}"
 
 
@@ -76,10 +80,25 @@ def probe_config(vm_id: str, **kw: Any) -> VmConfig:
     )
 
 
+def vm_cgroups(pre: str) -> list[str]:
+    """VM cgroups (``.../ironclaw/<id>``) of ids starting with ``pre``, in every hierarchy."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(CGROUP_ROOT):
+        if len(Path(dirpath).relative_to(CGROUP_ROOT).parts) > 8:
+            dirnames.clear()
+        elif Path(dirpath).name == names.PARENT_CGROUP_NAME:
+            found += [f"cgroup {dirpath}/{d}" for d in dirnames if d.startswith(pre)]
+    return found
+
+
+def leaks(pre: str) -> list[str]:
+    return leftovers(pre) + vm_cgroups(pre)
+
+
 def leaks_by_delay(pre: str, delays: list[float]) -> dict[str, list[str]]:
-    """``leftovers(pre)``, grouped by the delay (``<pre><index>``) each finding belongs to."""
+    """Leftovers of ``pre``, grouped by the delay (``<pre><index>``) each belongs to."""
     found: dict[str, list[str]] = {}
-    for item in leftovers(pre):
+    for item in leaks(pre):
         m = re.search(re.escape(pre) + r"(\d+)", item)
         key = f"{delays[int(m.group(1))] * 1000:.2f} ms" if m else "?"
         found.setdefault(key, []).append(item)
@@ -200,7 +219,7 @@ async def test_one_failed_start_in_a_task_group_cancels_the_rest_leaving_nothing
                 group.create_task(run(f"{prefix}{round_}-bad", jailer=bad))
         assert info.group_contains(CgroupError)
         assert len(info.value.exceptions) == 1  # the others were cancelled, not failed
-    assert leftovers(prefix) == []
+    assert leaks(prefix) == []
     assert Registry(state_dir).list() == []
 
 
