@@ -202,3 +202,47 @@ async def test_a_start_is_a_coroutine_for_task_groups() -> None:
     async with asyncio.TaskGroup() as group:
         task = group.create_task(start("a"))
     assert task.result() == "a"
+
+
+async def test_snapshot_cancelled_while_sealing_leaves_no_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seal (a thread) made the snapshot but returns after the cancel: the snapshot
+    must not survive the cancelled call."""
+    import os
+
+    from ironclaw_orchestrator.vm import VmConfig
+    from ironclaw_orchestrator.vm import snapshot as snap_mod
+    from ironclaw_orchestrator.vm.binaries import Version
+
+    go = threading.Event()
+
+    def slow_seal(work: Path, dest: Path, **kw: Any) -> Any:
+        os.rename(work, dest)  # what the real seal ends with: made, not yet returned
+        go.wait(10)
+        return "sealed"
+
+    class Api:
+        async def create_snapshot(self, body: object) -> None:
+            return None
+
+    monkeypatch.setattr(snap_mod, "seal_snapshot", slow_seal)
+    cfg = VmConfig(vm_id="x", kernel_path="/k", rootfs_path=None)
+    source = snap_mod.SnapshotSource(
+        Api(),
+        tmp_path / "root",
+        os.getuid(),
+        os.getgid(),
+        Version(1, 0, 0),
+        cfg,  # type: ignore[arg-type]
+    )
+    dest = tmp_path / "snap"
+    task = asyncio.ensure_future(snap_mod.snapshot_vm(source, dest, was_paused=True))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0.02)
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not dest.exists()
+    assert list((tmp_path / "root").iterdir()) == []  # its work directory is gone too

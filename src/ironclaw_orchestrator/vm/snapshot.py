@@ -21,7 +21,6 @@ without a manifest whose name says it is incomplete, which :meth:`Snapshot.load`
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -41,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..errors import ConfigError, StagingError, UsageError, VersionMismatchError
 from .api import FirecrackerApi
 from .binaries import Version
+from .cancelsafe import ThreadSteps, finish
 from .config import VmConfig
 from .jailer import JailerProcess
 from .snapshot_api import create_body
@@ -345,11 +345,13 @@ async def snapshot_vm(
     work = source.host_path(jail_rel)
     api = source.api
     paused = False
+    steps = ThreadSteps()  # a copy cancelled mid-way still runs: waited for before undoing
+    sealed: list[Snapshot] = []
     try:
         make_owned_dir(work, source.uid, source.gid)
         if base is not None:
             # Firecracker writes a Diff's dirty pages over an existing file: start from the base.
-            await asyncio.to_thread(copy_sparse, base.memory_path, work / MEMORY)
+            await steps.run(copy_sparse, base.memory_path, work / MEMORY)
             os.chown(work / MEMORY, source.uid, source.gid)
             os.chmod(work / MEMORY, 0o600)
         if was_paused is None:
@@ -361,23 +363,42 @@ async def snapshot_vm(
         await api.create_snapshot(body)
         rootfs_jail = _rootfs_jail_path(source.config)
         if rootfs_jail is not None:
-            await asyncio.to_thread(
-                copy_sparse, source.host_path(rootfs_jail), work / ROOTFS, progress
-            )
+            await steps.run(copy_sparse, source.host_path(rootfs_jail), work / ROOTFS, progress)
         if paused and resume:
             await api.resume()
             paused = False
-        return await asyncio.to_thread(
-            seal_snapshot, work, dest, config=source.config, version=source.version,
-            diff=diff, rootfs_jail=rootfs_jail, progress=progress,
-        )  # fmt: skip
+
+        def seal() -> Snapshot:
+            snap = seal_snapshot(
+                work, dest, config=source.config, version=source.version, diff=diff,
+                rootfs_jail=rootfs_jail, progress=progress,
+            )  # fmt: skip
+            sealed.append(snap)
+            return snap
+
+        return await steps.run(seal)
     except BaseException:
-        if paused and resume:
-            with contextlib.suppress(Exception):
-                await api.resume()
-        with contextlib.suppress(OSError):
-            shutil.rmtree(work)
+        # Runs to its end even if cancelled again. A seal that finished after the cancel
+        # made ``dest``: removed too, since the caller gets no snapshot.
+        resume_api = api if paused and resume else None
+        await finish(_undo(steps, resume_api, work, dest, sealed))
         raise
+
+
+async def _undo(
+    steps: ThreadSteps,
+    resume_api: FirecrackerApi | None,
+    work: Path,
+    dest: Path,
+    sealed: list[Snapshot],
+) -> None:
+    await steps.settle()  # only now is it known whether the seal made ``dest``
+    if resume_api is not None:
+        with contextlib.suppress(Exception):
+            await resume_api.resume()
+    for path in (work, dest) if sealed else (work,):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path)
 
 
 def _rootfs_jail_path(config: VmConfig) -> PurePosixPath | None:
