@@ -28,10 +28,8 @@ from leftovers import leftovers
 pytestmark = pytest.mark.integration
 
 CLI = [sys.executable, "-m", "ironclaw_orchestrator.cli"]
-#: Points per sweep (each costs about one command's run time): a few while Python imports
-#: (where nothing can be made yet), most over the command's own work.
-IMPORT_POINTS, WORK_POINTS = 3, 10
-POINTS = IMPORT_POINTS + WORK_POINTS
+#: Points per sweep; each costs about one command's run time (a few seconds on a busy host).
+RUN_POINTS, START_POINTS = 20, 13
 #: SIGINT means "stop and clean up" (130), or Python's own death by SIGINT while it is
 #: still importing (before any command code runs, so before anything is made).
 INTERRUPTED = (130, -signal.SIGINT)
@@ -59,13 +57,12 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return time.monotonic() - began
 
 
-def sweep(argv: list[str], env: dict[str, str]) -> list[float]:
-    """Delays for ``argv``'s sweep, from this machine's timings (it may be busy)."""
+def sweep(argv: list[str], env: dict[str, str], points: int) -> list[float]:
+    """``points`` delays from 0 to the time ``argv`` takes uninterrupted on this machine now
+    (measured, as a busy host may be several times slower than a quiet one)."""
     imports = timed([*CLI, *argv[len(CLI) :][:2], "--help"], env)  # import, parse, no work
-    span = timed(argv, env)
-    head = [imports * i / IMPORT_POINTS for i in range(IMPORT_POINTS)]
-    start = imports * 0.8
-    return head + [start + (span - start) * i / WORK_POINTS for i in range(WORK_POINTS)]
+    span = max(timed(argv, env), imports) * 1.05
+    return [span * i / points for i in range(points)]
 
 
 def interrupt_at(
@@ -93,20 +90,24 @@ def state_files(env: dict[str, str]) -> list[str]:
 
 
 def test_ctrl_c_during_vm_run_start_up_leaves_nothing(prefix: str, env: dict[str, str]) -> None:
-    base = [*CLI, "vm", "run", "--probe"]
+    # The reset probe ends by itself once booted: a signal after that point finds the VM
+    # gone (exit 0), one before it must stop and remove it (a halted guest would cost a
+    # 3 s graceful stop per point instead).
+    base = [*CLI, "vm", "run", "--probe", "reset", "--id"]
     results = []
-    for i, delay in enumerate(sweep([*base, "reset", "--id", f"{prefix}t"], env)):
-        done = interrupt_at([*base, "halt", "--id", f"{prefix}{i}"], env, delay)
+    delays = sweep([*base, f"{prefix}t"], env, RUN_POINTS)
+    for i, delay in enumerate(delays):
+        done = interrupt_at([*base, f"{prefix}{i}"], env, delay)
         results.append((round(delay, 3), done.returncode))
-        assert done.returncode in INTERRUPTED, (delay, done.returncode, done.stderr[-2000:])
+        assert done.returncode in (0, *INTERRUPTED), (delay, done.returncode, done.stderr[-2000:])
     assert leftovers(prefix) == [], results
     assert state_files(env) == []
-    assert sum(code == 130 for _, code in results) >= POINTS // 4, results  # hit start-up
+    assert any(code == 130 for _, code in results), results  # the sweep hit the start-up
 
 
 def test_ctrl_c_during_vm_start_leaves_nothing(prefix: str, env: dict[str, str]) -> None:
     base = [*CLI, "vm", "start", "--probe", "halt", "--id"]
-    delays = sweep([*base, f"{prefix}t"], env)
+    delays = sweep([*base, f"{prefix}t"], env, START_POINTS)
     subprocess.run([*CLI, "vm", "stop", f"{prefix}t"], env=env, check=True, capture_output=True)
     results = []
     for i, delay in enumerate(delays):
@@ -120,4 +121,4 @@ def test_ctrl_c_during_vm_start_leaves_nothing(prefix: str, env: dict[str, str])
         assert done.returncode in INTERRUPTED, (delay, done.returncode, done.stderr[-2000:])
     assert leftovers(prefix) == [], results
     assert state_files(env) == [], results
-    assert sum(code == 130 for _, code in results) >= POINTS // 4, results
+    assert any(code == 130 for _, code in results), results  # the sweep hit the start-up
