@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+from standin_host import StandinHost, make_host
 
 from ironclaw_orchestrator.errors import CleanupError
+from ironclaw_orchestrator.vm import jailer
 from ironclaw_orchestrator.vm.cancelsafe import Resumable, ThreadSteps, finish
-from ironclaw_orchestrator.vm.jailer import _roll_back
+from ironclaw_orchestrator.vm.jailer import JailFile, _roll_back, start_with_jailer
 from ironclaw_orchestrator.vm.lifecycle import VmmHandle
 from ironclaw_orchestrator.vm.process import ChildProcess
 
@@ -246,3 +249,69 @@ async def test_snapshot_cancelled_while_sealing_leaves_no_snapshot(
         await task
     assert not dest.exists()
     assert list((tmp_path / "root").iterdir()) == []  # its work directory is gone too
+
+
+# --------------------------------------------------------------------------- the real start
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
+    yield from make_host(monkeypatch, 1)
+
+
+def standin_files(host: StandinHost) -> list[JailFile]:
+    return [JailFile(host.images / "vmlinux", PurePosixPath("/vmlinux"))]
+
+
+async def test_start_cancelled_twice_while_a_thread_step_runs_leaves_nothing(
+    host: StandinHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real start_with_jailer: cancelled while its cgroups are prepared in a thread, and
+    again while the rollback waits for that thread; the step then ends, making them."""
+    before = host.snapshot()
+    entered, go = threading.Event(), threading.Event()
+    real_prepare = jailer.cg.VmCgroups.prepare
+
+    def slow_prepare(self: Any) -> None:
+        entered.set()
+        go.wait(10)
+        real_prepare(self)
+
+    monkeypatch.setattr(jailer.cg.VmCgroups, "prepare", slow_prepare)
+    task = asyncio.ensure_future(
+        start_with_jailer(host.jailer_config(), files=standin_files(host), ready_timeout_s=30)
+    )
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.02)
+    task.cancel()  # during the rollback, which waits for the step
+    await asyncio.sleep(0.02)
+    assert host.cgroup_dirs() == []  # not made yet: the step is still blocked
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert host.snapshot() == before
+
+
+async def test_start_cancelled_at_every_step_leaves_nothing(host: StandinHost) -> None:
+    """Cancel after 0, 1, 2, ... event-loop turns until the start wins: each turn is one
+    more await reached (run dir, jail, cgroups, spawn, adoption, readiness)."""
+    before = host.snapshot()
+    turns = 0
+    while True:
+        task = asyncio.ensure_future(
+            start_with_jailer(host.jailer_config(), files=standin_files(host), ready_timeout_s=30)
+        )
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            vmm = await task
+        except asyncio.CancelledError:
+            assert host.snapshot() == before, f"cancelled after {turns} turns"
+            turns += 1 if turns < 40 else max(1, turns // 4)
+            continue
+        await vmm.stop()
+        break
+    assert host.snapshot() == before
+    assert turns > 3  # the sweep went past the first awaits
