@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ironclaw_orchestrator.errors import ApiError, ConfigError, UsageError
+from ironclaw_orchestrator.errors import ConfigError, UsageError
 from ironclaw_orchestrator.gc import collect_garbage
 from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import (
@@ -55,7 +55,9 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def probe_config(vm_id: str, tmp_path: Path, behaviour: ProbeBehaviour) -> VmConfig:
+def probe_config(
+    vm_id: str, tmp_path: Path, behaviour: ProbeBehaviour, *, track_dirty_pages: bool = False
+) -> VmConfig:
     disk = tmp_path / "disk.img"
     if not disk.exists():
         disk.write_bytes(b"D" * 65536)
@@ -66,6 +68,7 @@ def probe_config(vm_id: str, tmp_path: Path, behaviour: ProbeBehaviour) -> VmCon
         memory_mb=128,
         boot_args=PROBE_BOOT_ARGS,
         require_sandbox=True,
+        track_dirty_pages=track_dirty_pages,
         # The counting guest busy-waits its vCPU: with a quota of exactly one CPU it would
         # starve the VMM's own API thread (same cgroup), and pause requests would time out.
         jailer=JailerConfig(cpu_limit=2.0),
@@ -96,9 +99,12 @@ async def running(
 
 
 async def start_counting(
-    vm_id: str, tmp_path: Path, vms: list[FirecrackerProcess]
+    vm_id: str, tmp_path: Path, vms: list[FirecrackerProcess], *, track_dirty_pages: bool = False
 ) -> FirecrackerProcess:
-    vm = await start_firecracker(probe_config(vm_id, tmp_path, ProbeBehaviour.COUNT))
+    config = probe_config(
+        vm_id, tmp_path, ProbeBehaviour.COUNT, track_dirty_pages=track_dirty_pages
+    )
+    vm = await start_firecracker(config)
     vms.append(vm)
     await vm.start_instance()
     await counts_after(vm, 5)
@@ -183,6 +189,55 @@ async def test_two_forks_count_on_independently(
     assert ns_inode(forks[0].pid if forks[0].vmm.process.alive else forks[1].pid, "net") != 0
 
 
+def last_count(vm: FirecrackerProcess) -> int:
+    return parse_counts(vm.console_path.read_text(errors="replace"))[-1]
+
+
+async def test_diff_snapshots_restore_from_the_diff_point(
+    vm_id: str, tmp_path: Path, running: list[FirecrackerProcess]
+) -> None:
+    """Full, then Diff (dirty pages merged onto the Full's memory): a restore of the Diff
+    continues from the Diff's count, not the Full's; a clone restored with tracking takes a
+    Diff of its own on top, which restores too."""
+    src = await start_counting(vm_id, tmp_path, running, track_dirty_pages=True)
+    full = await src.snapshot(tmp_path / "full")
+    at_full = last_count(src)
+    await counts_after(src, at_full + 20)  # the counter moves on past the Full
+    diff = await src.snapshot(tmp_path / "diff", diff=True, resume=False)
+    at_diff = last_count(src)
+    await src.stop(timeout_s=0.2)
+    assert at_diff >= at_full + 19
+
+    mem_size = 128 << 20
+    m = Snapshot.load(diff.path).manifest
+    assert m.snapshot_type == "Diff" and m.files["memory"].size == mem_size
+    assert m.base is not None and m.base.path == str(full.path)
+    assert m.base.memory_sha256 == full.manifest.files["memory"].sha256
+    assert m.dirty_bytes is not None and 0 < m.dirty_bytes < mem_size // 4, m.dirty_bytes
+    assert m.files["memory"].sha256 != m.base.memory_sha256
+    assert not (diff.path / "memory.layer").exists()
+
+    clone = await restore_snapshot(Snapshot.load(diff.path), f"{vm_id}-d")
+    running.append(clone)
+    assert clone.config.track_dirty_pages  # as the snapshot's VM
+    counts = await counts_after(clone, 5)
+    assert at_diff <= counts[0] <= at_diff + 2, (at_full, at_diff, counts[:3])
+    assert counts == list(range(counts[0], counts[0] + len(counts)))
+
+    # The restored VM tracks dirty pages: a Diff on top of the Diff it came from.
+    await counts_after(clone, len(counts) + 20)
+    diff2 = await clone.snapshot(tmp_path / "diff2", diff=True, resume=False)
+    at_diff2 = parse_counts(clone.console_path.read_text())[-1]
+    await clone.stop(timeout_s=0.2)
+    assert diff2.manifest.base is not None and diff2.manifest.base.path == str(diff.path)
+    again = await restore_snapshot(Snapshot.load(diff2.path), f"{vm_id}-e")
+    running.append(again)
+    counts = await counts_after(again, 3)
+    assert at_diff2 <= counts[0] <= at_diff2 + 2, (at_diff, at_diff2, counts[:3])
+    await again.stop(timeout_s=0.2)
+    assert not leftovers(f"{vm_id}-d") and not leftovers(f"{vm_id}-e")
+
+
 async def test_restore_refuses_a_damaged_snapshot_before_starting(
     vm_id: str, tmp_path: Path, running: list[FirecrackerProcess], state_dir: Path
 ) -> None:
@@ -190,7 +245,7 @@ async def test_restore_refuses_a_damaged_snapshot_before_starting(
     with pytest.raises(UsageError, match="needs an earlier snapshot"):
         await src.snapshot(tmp_path / "diff0", diff=True)
     snap = await src.snapshot(tmp_path / "snap")
-    with pytest.raises(ApiError, match="dirty page tracking disabled"):
+    with pytest.raises(UsageError, match="track_dirty_pages = true"):
         await src.snapshot(tmp_path / "diff1", diff=True)
     assert not (tmp_path / "diff1").exists()
     assert not list(src.vmm.chroot_dir.glob("snapshot-*"))  # the work dir went too

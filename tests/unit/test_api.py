@@ -89,6 +89,19 @@ async def test_configure_calls_and_bodies(fake_fc: tuple[Path, list[Request]]) -
     assert seen[4] == ("PUT", "/actions", {"action_type": "InstanceStart"})
 
 
+async def test_machine_config_with_dirty_page_tracking(
+    fake_fc: tuple[Path, list[Request]],
+) -> None:
+    sock, seen = fake_fc
+    async with FirecrackerApi(sock, vm_id="t") as api:
+        await api.put_machine_config(1, 128, track_dirty_pages=True)
+    assert seen[-1] == (
+        "PUT",
+        "/machine-config",
+        {"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": True},
+    )
+
+
 async def test_fault_message_is_translated(fake_fc: tuple[Path, list[Request]]) -> None:
     sock, _ = fake_fc
     async with FirecrackerApi(sock, vm_id="vm-7") as api:

@@ -169,6 +169,8 @@ def test_relative_host_paths_are_made_absolute(
         ({"jailer": {"chroot_base_dir": ""}}, "jailer.chroot_base_dir"),
         ({"jailer": {"netns": "/run/netns/a\x00b"}}, "jailer.netns"),
         ({"image_dirs": "/srv/images"}, "image_dirs"),
+        ({"track_dirty_pages": 1}, "track_dirty_pages"),
+        ({"track_dirty_pages": "yes"}, "track_dirty_pages"),
     ],
 )
 def test_hostile_values_name_their_key(kwargs: dict[str, object], key: str) -> None:

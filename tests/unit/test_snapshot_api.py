@@ -7,7 +7,12 @@ from pathlib import PurePosixPath
 import pytest
 
 from ironclaw_orchestrator.vm.binaries import Version
-from ironclaw_orchestrator.vm.snapshot_api import create_body, load_body, supports_overrides
+from ironclaw_orchestrator.vm.snapshot_api import (
+    create_body,
+    diff_needs_tracking,
+    load_body,
+    supports_overrides,
+)
 
 STATE = PurePosixPath("/snapshot/vmstate")
 MEM = PurePosixPath("/snapshot/memory")
@@ -79,3 +84,11 @@ def test_overrides_refused_where_unsupported() -> None:
         load_body(v("v1.11.0"), STATE, MEM, resume=True, network_overrides={"eth0": "x"})
     with pytest.raises(ValueError, match=r"v1.16"):
         load_body(v("v1.14.1"), STATE, MEM, resume=True, vsock_uds_path=PurePosixPath("/x"))
+
+
+@pytest.mark.parametrize(
+    ("release", "needed"),
+    [("v1.0.0", True), ("v1.13.1", True), ("v1.14.0", False), ("v1.14.1", False)],
+)
+def test_diff_needs_tracking_before_v1_14(release: str, needed: bool) -> None:
+    assert diff_needs_tracking(v(release)) is needed

@@ -455,7 +455,9 @@ async def _configure(vm: FirecrackerProcess) -> None:
     cfg = vm.config
     api = vm.api
     jailed = isinstance(vm.vmm, JailerProcess)
-    await api.put_machine_config(cfg.vcpu_count, cfg.memory_mb)
+    await api.put_machine_config(
+        cfg.vcpu_count, cfg.memory_mb, track_dirty_pages=cfg.track_dirty_pages
+    )
     kernel = KERNEL_JAIL_PATH if jailed else Path(cfg.kernel_path)
     boot_args = cfg.boot_args
     if cfg.enable_networking and "ip=" not in boot_args.split("#")[0]:

@@ -158,11 +158,14 @@ class FirecrackerApi:
         result = await self.request("GET", "/", timeout_s=timeout_s)
         return result if isinstance(result, dict) else {}
 
-    async def put_machine_config(self, vcpu_count: int, mem_size_mib: int) -> None:
+    async def put_machine_config(
+        self, vcpu_count: int, mem_size_mib: int, *, track_dirty_pages: bool = False
+    ) -> None:
         # smt (was ht_enabled in v1.0) defaults to false in every version; leave it out.
-        await self.request(
-            "PUT", "/machine-config", {"vcpu_count": vcpu_count, "mem_size_mib": mem_size_mib}
-        )
+        body: dict[str, Any] = {"vcpu_count": vcpu_count, "mem_size_mib": mem_size_mib}
+        if track_dirty_pages:  # same field name from v1.0 to v1.14; default false
+            body["track_dirty_pages"] = True
+        await self.request("PUT", "/machine-config", body)
 
     async def put_boot_source(self, kernel: PurePosixPath | Path, boot_args: str) -> None:
         await self.request(

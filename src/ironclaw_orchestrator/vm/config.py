@@ -377,6 +377,10 @@ class VmConfig(_Model):
     net_tx_rate_limit: RateLimit | None = None
     #: ironclaw's own limit on the host-side vsock connections (see ``vm.vsock``).
     vsock_rate_limit: VsockRateLimit | None = None
+    #: Firecracker ``machine-config.track_dirty_pages`` (v1.0+): KVM logs the pages the guest
+    #: writes, so ``vm.snapshot(diff=True)`` can write only those. Costs some guest write
+    #: speed; needed for Diff snapshots before v1.14 (which can also approximate without it).
+    track_dirty_pages: bool = False
 
     _check_id = field_validator("vm_id")(lambda v: check_id(v, "vm_id"))
 

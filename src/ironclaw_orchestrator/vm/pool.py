@@ -318,8 +318,14 @@ class WarmPool:
     ) -> None:
         """Re-send the guest settings the claim changed (allowed until InstanceStart)."""
         cfg, old, jcfg, api = vm.config, pooled.config, vmm.config, vmm.api
-        if (cfg.vcpu_count, cfg.memory_mb) != (old.vcpu_count, old.memory_mb):
-            await api.put_machine_config(cfg.vcpu_count, cfg.memory_mb)
+        if (cfg.vcpu_count, cfg.memory_mb, cfg.track_dirty_pages) != (
+            old.vcpu_count,
+            old.memory_mb,
+            old.track_dirty_pages,
+        ):
+            await api.put_machine_config(
+                cfg.vcpu_count, cfg.memory_mb, track_dirty_pages=cfg.track_dirty_pages
+            )
         if cfg.kernel_path != old.kernel_path:
             await finish(asyncio.to_thread(
                 stage_file, Path(cfg.kernel_path), jcfg.chroot_dir, KERNEL_JAIL_PATH,

@@ -97,6 +97,7 @@ async def restore_snapshot(
     claim: bool = True,
     record: bool | None = None,
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+    track_dirty_pages: bool | None = None,
 ) -> FirecrackerProcess:
     """Start a new VMM in a fresh jail as ``vm_id`` and load ``snap`` into it.
 
@@ -106,10 +107,14 @@ async def restore_snapshot(
     registry). The returned VM runs (or is paused with ``resume=False``) and is recorded in
     the registry like any other, so ``stop()`` and ``ironclaw gc`` clean it up;
     ``claim=False`` says the caller claimed ``vm_id`` there already (as a supervisor does).
+    ``track_dirty_pages`` (default: as the snapshot's VM) lets the clone take Diff
+    snapshots (``vm.snapshot(dir, diff=True)``) built on ``snap``.
     """
     if not isinstance(snap, Snapshot):
         snap = Snapshot.load(snap)
     config = clone_config(snap, vm_id, jailer)
+    if track_dirty_pages is not None and track_dirty_pages != config.track_dirty_pages:
+        config = config.model_copy(update={"track_dirty_pages": track_dirty_pages})
     jailer_cfg = config.jailer_config()
     check_clone(snap, config, jailer_cfg)
     recorder = _recorder(config, jailer_cfg, registry, claim, record, jailed=True)
@@ -131,7 +136,7 @@ async def restore_snapshot(
         raise
     vm = FirecrackerProcess(config, vmm, recorder=recorder)
     try:
-        await load_into(vmm, snap, resume=resume)
+        await load_into(vmm, snap, resume=resume, track_dirty_pages=config.track_dirty_pages)
         if recorder is not None:
             recorder.started(vm)
     except BaseException:
@@ -142,13 +147,22 @@ async def restore_snapshot(
     return vm
 
 
-async def load_into(vmm: JailerProcess, snap: Snapshot, *, resume: bool) -> None:
-    """``PUT /snapshot/load`` of the files staged at their jail paths."""
+async def load_into(
+    vmm: JailerProcess, snap: Snapshot, *, resume: bool, track_dirty_pages: bool | None = None
+) -> None:
+    """``PUT /snapshot/load`` of the files staged at their jail paths.
+
+    ``track_dirty_pages`` (default: as the snapshot's VM did) lets the clone take Diff
+    snapshots on top of ``snap``.
+    """
+    if track_dirty_pages is None:
+        track_dirty_pages = snap.config.track_dirty_pages
     body = load_body(
         vmm.binaries.version,
         JAIL_SNAPSHOT_DIR / VMSTATE,
         JAIL_SNAPSHOT_DIR / MEMORY,
         resume=resume,
+        track_dirty_pages=track_dirty_pages,
     )
     await vmm.api.load_snapshot(body)
     # The guest is live: a stop sends Ctrl-Alt-Del first, as for a booted VM.

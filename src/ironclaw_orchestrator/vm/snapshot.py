@@ -8,6 +8,11 @@ A snapshot is a directory::
     vmstate         the VMM/device state
     rootfs.ext4     the root drive as it was at the pause (reflink or sparse copy), if any
 
+A Diff snapshot (``diff=True``) is as complete as a Full one: Firecracker writes only the
+pages dirtied since the VM's previous snapshot, which are merged onto a copy of that
+snapshot's memory (:mod:`.snapshot_diff`); its manifest names the base and the base
+memory's SHA-256, and how many bytes were dirty.
+
 Files are 0444 root-owned in a 0700 directory: restores hard-link them into each clone's
 jail (the memory file is mapped privately by Firecracker, so clones share its page cache and
 can never write it); the writable root drive is copied per clone.
@@ -43,7 +48,8 @@ from .binaries import Version
 from .cancelsafe import ThreadSteps, finish
 from .config import VmConfig
 from .jailer import JailerProcess
-from .snapshot_api import create_body
+from .snapshot_api import create_body, diff_needs_tracking
+from .snapshot_diff import check_reports_holes, merge_layer
 from .staging import make_owned_dir
 
 if TYPE_CHECKING:
@@ -62,6 +68,8 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 MEMORY = "memory"
+#: Firecracker's dirty-page layer of a Diff snapshot, merged into ``memory`` and removed.
+LAYER = "memory.layer"
 VMSTATE = "vmstate"
 ROOTFS = "rootfs.ext4"
 FORMAT = 1
@@ -78,6 +86,15 @@ class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     size: int
     sha256: str
+
+
+class BaseRef(BaseModel):
+    """The snapshot a Diff snapshot was merged onto (provenance; the Diff is complete)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    created_at: datetime
+    memory_sha256: str
 
 
 class SnapshotManifest(BaseModel):
@@ -98,6 +115,9 @@ class SnapshotManifest(BaseModel):
     rootfs_jail_path: str | None
     tap: str | None
     vsock_uds_path: str | None
+    #: Diff snapshots: the base the dirty pages were merged onto, and their size in bytes.
+    base: BaseRef | None = None
+    dirty_bytes: int | None = None
 
 
 @dataclass
@@ -307,13 +327,24 @@ async def take_snapshot(
             f"VM {vm.vm_id}: a Diff snapshot needs an earlier snapshot of this VM to build on; "
             "take a full one first"
         )
+    version = vmm.binaries.version
+    if diff and not vm.config.track_dirty_pages and diff_needs_tracking(version):
+        raise UsageError(
+            f"VM {vm.vm_id}: Firecracker {version} writes Diff snapshots only of VMs that "
+            "track dirty pages: start (or restore) it with track_dirty_pages = true, or take "
+            "a Full snapshot"
+        )
     cfg = vmm.config
-    source = SnapshotSource(
-        vmm.api, cfg.chroot_dir, cfg.uid, cfg.gid, vmm.binaries.version, vm.config
-    )
+    source = SnapshotSource(vmm.api, cfg.chroot_dir, cfg.uid, cfg.gid, version, vm.config)
+
+    def created() -> None:
+        # Firecracker has reset its dirty-page log: until this snapshot is sealed, no
+        # earlier one is a valid base for a Diff (it would miss the pages just logged).
+        vm.last_snapshot = None
+
     snap = await snapshot_vm(
         source, dest_dir, diff=diff, base=base, resume=resume, was_paused=vm.paused,
-        progress=progress,
+        progress=progress, on_created=created,
     )  # fmt: skip
     vm.paused = vm.paused or not resume
     vm.last_snapshot = snap
@@ -329,8 +360,12 @@ async def snapshot_vm(
     resume: bool = True,
     was_paused: bool | None = None,
     progress: Progress | None = None,
+    on_created: Callable[[], None] | None = None,
 ) -> Snapshot:
     """Snapshot the VM behind ``source`` (see :func:`take_snapshot`).
+
+    ``base`` (required with ``diff=True``) is the snapshot the dirty pages are merged onto;
+    ``on_created`` is called once Firecracker has written the files.
 
     ``was_paused`` says whether the VM is paused already (then it is left paused); ``None``
     asks Firecracker. (A handle knows: on the nested test host, Firecracker v1.0 sometimes
@@ -341,6 +376,11 @@ async def snapshot_vm(
         raise ConfigError(f"snapshot destination {dest} already exists: choose a new directory")
     if not dest.parent.is_dir():
         raise ConfigError(f"snapshot destination's parent {dest.parent} does not exist: create it")
+    if diff:
+        if base is None:
+            raise UsageError("a Diff snapshot needs the base snapshot to merge onto")
+        base.check_unchanged()
+        check_reports_holes(source.chroot_dir)
     jail_rel = JAIL_SNAPSHOT_DIR.with_name(f"snapshot-{secrets.token_hex(4)}")
     work = source.host_path(jail_rel)
     api = source.api
@@ -349,29 +389,31 @@ async def snapshot_vm(
     sealed: list[Snapshot] = []
     try:
         make_owned_dir(work, source.uid, source.gid)
-        if base is not None:
-            # Firecracker writes a Diff's dirty pages over an existing file: start from the base.
-            await steps.run(copy_sparse, base.memory_path, work / MEMORY)
-            os.chown(work / MEMORY, source.uid, source.gid)
-            os.chmod(work / MEMORY, 0o600)
         if was_paused is None:
             was_paused = (await api.describe()).get("state") == "Paused"
         if not was_paused:
             await api.pause()
             paused = True
-        body = create_body(source.version, jail_rel / VMSTATE, jail_rel / MEMORY, diff=diff)
+        mem_name = LAYER if diff else MEMORY
+        body = create_body(source.version, jail_rel / VMSTATE, jail_rel / mem_name, diff=diff)
         await api.create_snapshot(body)
+        if on_created is not None:
+            on_created()
         rootfs_jail = _rootfs_jail_path(source.config)
         if rootfs_jail is not None:
             await steps.run(copy_sparse, source.host_path(rootfs_jail), work / ROOTFS, progress)
         if paused and resume:
             await api.resume()
             paused = False
+        dirty: int | None = None
+        if diff:
+            assert base is not None
+            dirty = await steps.run(_merge_onto, base, work, progress)
 
         def seal() -> Snapshot:
             snap = seal_snapshot(
                 work, dest, config=source.config, version=source.version, diff=diff,
-                rootfs_jail=rootfs_jail, progress=progress,
+                rootfs_jail=rootfs_jail, progress=progress, base=base, dirty_bytes=dirty,
             )  # fmt: skip
             sealed.append(snap)
             return snap
@@ -401,6 +443,15 @@ async def _undo(
             shutil.rmtree(path)
 
 
+def _merge_onto(base: Snapshot, work: Path, progress: Progress | None) -> int:
+    """``memory`` = the base's memory with the layer's dirty pages written over it."""
+    base.check_unchanged()
+    copy_sparse(base.memory_path, work / MEMORY, progress)
+    dirty = merge_layer(work / LAYER, work / MEMORY)
+    (work / LAYER).unlink()
+    return dirty
+
+
 def _rootfs_jail_path(config: VmConfig) -> PurePosixPath | None:
     from . import ROOTFS_JAIL_PATH
 
@@ -416,9 +467,11 @@ def seal_snapshot(
     diff: bool,
     rootfs_jail: PurePosixPath | None,
     progress: Progress | None = None,
+    base: Snapshot | None = None,
+    dirty_bytes: int | None = None,
 ) -> Snapshot:
     """Seal the files in ``work`` (0444, root), hash them, write the manifest last, and move
-    the directory to ``dest``. ``config`` is the source VM's."""
+    the directory to ``dest``. ``config`` is the source VM's; ``base`` a Diff's base."""
     from . import netns as ns
 
     names = [MEMORY, VMSTATE] + ([ROOTFS] if rootfs_jail is not None else [])
@@ -444,7 +497,12 @@ def seal_snapshot(
         rootfs_jail_path=str(rootfs_jail) if rootfs_jail is not None else None,
         tap=ns.tap_name(config.vm_id) if config.enable_networking else None,
         vsock_uds_path=str(config.vsock_uds_path) if config.vsock_guest_cid is not None else None,
-    )
+        base=None if base is None else BaseRef(
+            path=str(base.path), created_at=base.manifest.created_at,
+            memory_sha256=base.manifest.files[MEMORY].sha256,
+        ),
+        dirty_bytes=dirty_bytes,
+    )  # fmt: skip
     _own(work)
     os.chmod(work, 0o700)
     _write_manifest(work / MANIFEST, manifest)

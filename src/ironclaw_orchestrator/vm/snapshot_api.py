@@ -10,6 +10,8 @@ What differs between releases (from Firecracker's CHANGELOG and swagger):
   ``resume_vm``); v1.1+ ``mem_backend {backend_type: File, backend_path}`` (``mem_file_path``
   deprecated); v1.13 renamed ``enable_diff_snapshots`` to ``track_dirty_pages``; v1.12 added
   ``network_overrides`` (tap renaming) and v1.16 ``vsock_override`` (socket path).
+* Dirty-page tracking of a booted VM: ``PUT /machine-config`` ``track_dirty_pages`` (same
+  name v1.0..v1.14). Diff snapshots need it before v1.14, which can use mincore(2) instead.
 
 Every path is as the VMM sees it (jail-relative).
 """
@@ -21,13 +23,20 @@ from typing import Any
 
 from .binaries import Version
 
-__all__ = ["create_body", "load_body", "supports_overrides"]
+__all__ = ["create_body", "diff_needs_tracking", "load_body", "supports_overrides"]
 
 _MEM_BACKEND = (1, 1, 0)
 _NO_CREATE_VERSION = (1, 6, 0)
 _NETWORK_OVERRIDES = (1, 12, 0)
 _TRACK_DIRTY_PAGES = (1, 13, 0)
 _VSOCK_OVERRIDE = (1, 16, 0)
+#: From v1.14 a Diff snapshot of a VM without dirty-page tracking uses mincore(2) instead.
+_DIFF_WITHOUT_TRACKING = (1, 14, 0)
+
+
+def diff_needs_tracking(version: Version) -> bool:
+    """Whether ``version`` refuses Diff snapshots of VMs that do not track dirty pages."""
+    return version.release < _DIFF_WITHOUT_TRACKING
 
 
 def create_body(
