@@ -5,6 +5,8 @@
 /dev/null, stdout/stderr to ``<state_dir>/<vm_id>.log``) and waits until the supervisor says
 the VM is running, or reports its error. The config travels in a 0600 file in the state
 directory that the supervisor deletes after reading; the answer travels over a pipe.
+:func:`spawn_restore_supervisor` does the same for a VM restored from a snapshot: the file
+holds a :class:`RestoreRequest` instead, and the supervisor verifies the snapshot itself.
 
 :func:`stop_detached` stops a detached VM (SIGTERM to its verified supervisor through a
 pidfd, then the ``gc`` fallback); :func:`list_vms` lists registered VMs with their liveness.
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict
+
 from . import errors as errors_mod
 from . import pidfd as pidfds
 from .errors import CleanupError, IronclawError, RegistryError, UsageError, VmError, output_tail
@@ -42,9 +46,11 @@ __all__ = [
     "DEFAULT_SPAWN_TIMEOUT_S",
     "DEFAULT_STOP_TIMEOUT_S",
     "SPAWN_LOG_PREFIX",
+    "RestoreRequest",
     "VmStatus",
     "list_vms",
     "reap_supervisors",
+    "spawn_restore_supervisor",
     "spawn_supervisor",
     "stop_detached",
 ]
@@ -130,6 +136,15 @@ def _error_from(msg: dict[str, Any], vm_id: str) -> IronclawError:
     return VmError(message, vm_id=vm_id)
 
 
+class RestoreRequest(BaseModel):
+    """What a supervisor restores (the config file of :func:`spawn_restore_supervisor`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: The snapshot directory (absolute); the supervisor verifies it before anything starts.
+    snapshot_dir: str
+    resume: bool = True
+
+
 async def spawn_supervisor(
     config: VmConfig,
     registry: Registry,
@@ -142,13 +157,37 @@ async def spawn_supervisor(
     exception class: ``RegistryError`` if the id is in use, ``SandboxRequiredError``,
     ``JailerError``, ...) if the VM could not be started; nothing is left behind then.
     """
-    vm_id = config.vm_id
+    # Only what was set: defaults re-derive in the supervisor exactly as they would here.
+    payload = config.model_dump_json(exclude_unset=True).encode()
+    return await _spawn(config.vm_id, payload, registry, timeout_s)
+
+
+async def spawn_restore_supervisor(
+    snapshot_dir: Path,
+    vm_id: str,
+    registry: Registry,
+    *,
+    resume: bool = True,
+    timeout_s: float = DEFAULT_SPAWN_TIMEOUT_S,
+) -> VmRecord:
+    """Restore the snapshot in ``snapshot_dir`` as the detached VM ``vm_id`` (a new
+    supervisor verifies it, restores it into a fresh jail and keeps it running).
+
+    Returns the VM's record once it runs (paused with ``resume=False``); raises the
+    supervisor's error (``ConfigError`` for a damaged snapshot, ``VersionMismatchError``,
+    ``RegistryError`` if the id is in use, ...) and leaves nothing behind otherwise.
+    """
+    request = RestoreRequest(snapshot_dir=str(Path(snapshot_dir).absolute()), resume=resume)
+    payload = json.dumps({"restore": request.model_dump()}).encode()
+    return await _spawn(vm_id, payload, registry, timeout_s)
+
+
+async def _spawn(vm_id: str, payload: bytes, registry: Registry, timeout_s: float) -> VmRecord:
     reap_supervisors()
     token = secrets.token_hex(8)
     cfg_path = registry.state_dir / f"{CONFIG_PREFIX}{token}.json"
     spawn_log = registry.state_dir / f"{SPAWN_LOG_PREFIX}{token}.tmp"
-    # Only what was set: defaults re-derive in the supervisor exactly as they would here.
-    _write_private(cfg_path, config.model_dump_json(exclude_unset=True).encode())
+    _write_private(cfg_path, payload)
     read_fd, write_fd = os.pipe()
     try:
         log_fd = os.open(spawn_log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

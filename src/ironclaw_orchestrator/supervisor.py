@@ -4,11 +4,14 @@ Run as ``python -m ironclaw_orchestrator.supervisor STATE_DIR VM_ID CONFIG_FILE 
 by :func:`ironclaw_orchestrator.detach.spawn_supervisor`. The supervisor:
 
 1. claims the VM id in the registry (so "id in use" is decided by the registry, once);
+   for a restore (:class:`~ironclaw_orchestrator.detach.RestoreRequest`) it verifies the
+   snapshot first and claims the id with the clone's config;
 2. becomes a child subreaper (the jailer's VMM is re-parented to it and reaped by it);
 3. gives the VM a uid/gid of its own (:meth:`Registry.allocate_ids`) unless the config
    sets them;
-4. starts the VM (``start_firecracker``), records its pid and resources, boots it, marks
-   the record ``running`` and tells the waiting parent;
+4. starts the VM (``start_firecracker``), records its pid and resources, boots it (or
+   restores the snapshot into a fresh jail: ``restore_snapshot``), marks the record
+   ``running`` and tells the waiting parent;
 5. waits for the VMM to exit or for SIGTERM/SIGINT/SIGHUP, then stops the VM, which removes
    everything made for it, and releases the record. If that cleanup fails the record is
    kept (its owner, the supervisor, is then gone) so ``ironclaw gc`` finishes the job.
@@ -36,6 +39,7 @@ from .detach import (
     DEFAULT_SPAWN_TIMEOUT_S,
     DEFAULT_STOP_TIMEOUT_S,
     SPAWN_LOG_PREFIX,
+    RestoreRequest,
     VmStatus,
     list_vms,
     reap_supervisors,
@@ -46,7 +50,7 @@ from .errors import CleanupError, ConfigError, IronclawError, RegistryError, VmE
 from .registry import Registry
 
 if TYPE_CHECKING:
-    from .vm import FirecrackerProcess, VmConfig
+    from .vm import FirecrackerProcess, Snapshot, VmConfig
 
 __all__ = [
     "DEFAULT_SPAWN_TIMEOUT_S",
@@ -88,7 +92,7 @@ class _Notifier:
             self.fd = None
 
 
-def _load_config(registry: Registry, vm_id: str, name: str) -> VmConfig:
+def _load_config(registry: Registry, vm_id: str, name: str) -> VmConfig | RestoreRequest:
     from .vm import VmConfig
 
     if not name.startswith(CONFIG_PREFIX) or "/" in name:
@@ -103,6 +107,9 @@ def _load_config(registry: Registry, vm_id: str, name: str) -> VmConfig:
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
+    request = json.loads(data)
+    if isinstance(request, dict) and set(request) == {"restore"}:
+        return RestoreRequest.model_validate(request["restore"])
     config = VmConfig.model_validate_json(data)
     if config.vm_id != vm_id:
         raise ConfigError(f"VM {vm_id}: its config file names VM {config.vm_id!r}")
@@ -133,12 +140,20 @@ def _with_ids(config: VmConfig, uid: int, gid: int) -> VmConfig:
 
 async def _supervise(state_dir: Path, vm_id: str, config_name: str, notify_fd: int | None) -> int:
     notifier = _Notifier(notify_fd)
+    restore: tuple[Snapshot, bool] | None = None
+    registry: Registry | None = None
     try:
         registry = Registry(state_dir)
-        config = _load_config(registry, vm_id, config_name)
+        request = _load_config(registry, vm_id, config_name)
+        if isinstance(request, RestoreRequest):
+            restore, config = await _verified_snapshot(request, vm_id)
+        else:
+            config = request
     except Exception as exc:
         log.error("%s", exc)
         notifier.error(exc)
+        if registry is not None:
+            _drop_spawn_log(registry)  # the error went to the parent; no VM, no log
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -160,31 +175,53 @@ async def _supervise(state_dir: Path, vm_id: str, config_name: str, notify_fd: i
         return 1
     _adopt_spawn_log(registry, vm_id)
     try:
-        return await _run(registry, config, stop, notifier)
+        return await _run(registry, config, stop, notifier, restore)
     finally:
         notifier.close()
 
 
+async def _verified_snapshot(
+    request: RestoreRequest, vm_id: str
+) -> tuple[tuple[Snapshot, bool], VmConfig]:
+    """The snapshot, verified (sizes, SHA-256) before the id is even claimed, and the
+    clone's config."""
+    from .vm import Snapshot
+    from .vm.restore import clone_config
+
+    snap = await asyncio.to_thread(Snapshot.load, request.snapshot_dir)
+    return (snap, request.resume), clone_config(snap, vm_id)
+
+
 async def _run(
-    registry: Registry, config: VmConfig, stop: asyncio.Event, notifier: _Notifier
+    registry: Registry,
+    config: VmConfig,
+    stop: asyncio.Event,
+    notifier: _Notifier,
+    restore: tuple[Snapshot, bool] | None = None,
 ) -> int:
-    from .vm import start_firecracker
+    from .vm import restore_snapshot, start_firecracker
     from .vm.process import become_subreaper
 
     vm_id = config.vm_id
     try:
         become_subreaper()
-        jailer = config.jailer
-        if jailer is None or not {"uid", "gid"} & jailer.model_fields_set:
-            uid, gid = registry.allocate_ids(vm_id)
-            config = _with_ids(config, uid, gid)
+        if restore is not None:
+            # The clone gets a uid/gid of its own from the registry (the id is claimed).
+            snap, resume = restore
+            starting: Any = restore_snapshot(
+                snap, vm_id, resume=resume, registry=registry, claim=False
+            )
         else:
-            registry.update(vm_id, uid=jailer.uid, gid=jailer.gid)
-        # The id is claimed here already: start_firecracker records each resource before
-        # it is made (so a crash mid-start leaves a record naming everything for gc).
-        vm = await _start_unless_stopped(
-            start_firecracker(config, registry=registry, claim=False), stop, vm_id
-        )
+            jailer = config.jailer
+            if jailer is None or not {"uid", "gid"} & jailer.model_fields_set:
+                uid, gid = registry.allocate_ids(vm_id)
+                config = _with_ids(config, uid, gid)
+            else:
+                registry.update(vm_id, uid=jailer.uid, gid=jailer.gid)
+            # The id is claimed here already: start_firecracker records each resource
+            # before it is made (so a crash mid-start leaves a record naming everything).
+            starting = start_firecracker(config, registry=registry, claim=False)
+        vm = await _start_unless_stopped(starting, stop, vm_id)
     except BaseException as exc:
         log.error("VM %s did not start: %s", vm_id, exc)
         notifier.error(exc)
@@ -194,7 +231,8 @@ async def _run(
     code = 0
     cleaned = False
     try:
-        await vm.start_instance()
+        if restore is None:
+            await vm.start_instance()
         registry.update(vm_id, state="running")
         log.info("VM %s running (VMM pid %d)", vm_id, vm.pid)
         notifier.send({"event": "running", "vm_id": vm_id, "vmm_pid": vm.pid})

@@ -54,6 +54,17 @@ def test_restore_of_a_non_snapshot_starts_nothing(tmp_path: Path) -> None:
     assert Registry(tmp_path / "state").get("r-1") is None
 
 
+def test_detached_restore_of_a_non_snapshot_starts_nothing(tmp_path: Path) -> None:
+    """-d: the supervisor verifies the snapshot, its error comes back, nothing is left."""
+    (tmp_path / "junk").mkdir()
+    state = tmp_path / "state"
+    result = invoke(state, "vm", "restore", str(tmp_path / "junk"), "--id", "r-2", "-d")
+    assert result.exit_code == 2, result.output
+    assert "manifest.json missing" in result.output
+    assert Registry(state).list() == []
+    assert sorted(p.name for p in state.iterdir() if not p.name.startswith(".lock")) == []
+
+
 def test_record_config_drops_host_specific_jail_settings() -> None:
     from ironclaw_orchestrator.registry import VmRecord
     from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig

@@ -2,7 +2,8 @@
 
 pause, resume and snapshot act on any running jailed VM in the registry (detached or owned
 by another program) through its API socket; restore starts a new VM from a snapshot in a
-fresh jail and runs it in the foreground (Ctrl-C stops it and removes everything).
+fresh jail and runs it in the foreground (Ctrl-C stops it and removes everything), or with
+``-d`` hands it to a supervisor process of its own, like ``vm start``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from ..detach import DEFAULT_SPAWN_TIMEOUT_S, spawn_restore_supervisor
 from ..errors import UsageError
 from ..registry import VmRecord
 from ..vm import restore_snapshot
@@ -41,13 +43,17 @@ SNAPSHOT_HELP = (
     "ironclaw vm snapshot web-1 ./snap --json"
 )
 RESTORE_HELP = (
-    "Restore the snapshot in DIR as a new VM in a fresh jail and run it in the foreground.\n\n"
+    "Restore the snapshot in DIR as a new VM in a fresh jail and run it in the foreground, "
+    "or detached with -d.\n\n"
     "The snapshot is verified first (sizes, SHA-256, firecracker version); nothing starts if "
     "it is incomplete, altered or from another release. The new VM has its own uid/gid, "
-    "cgroups, network namespace and copy of the root drive. Ctrl-C stops it and removes "
-    "everything.\n\n"
+    "cgroups, network namespace and copy of the root drive. In the foreground Ctrl-C stops "
+    "it and removes everything. With -d/--detach a supervisor process of its own keeps it "
+    "running after this command returns, as for `vm start`: it is listed by `vm ls` and "
+    "stopped by `vm stop`; the VM id is printed (--json: its registry record).\n\n"
     "Examples:\n\n"
     "ironclaw vm restore ./snap --id web-1-fork\n\n"
+    "ironclaw vm restore ./snap --id web-1-fork -d\n\n"
     "ironclaw vm restore ./snap --id paused-1 --paused"
 )
 
@@ -185,6 +191,14 @@ def restore(
     snap_dir: Annotated[Path, typer.Argument(help="Snapshot directory.")],
     vm_id: IdOption = None,
     paused: Annotated[bool, typer.Option("--paused", help="Load it without resuming.")] = False,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", "-d", help="Keep it running after this command returns."),
+    ] = False,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", help="With -d: seconds to wait for the VM to run.", min=0.1),
+    ] = DEFAULT_SPAWN_TIMEOUT_S,
     json_output: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -192,5 +206,32 @@ def restore(
         setup_logging(True)
     with handle_errors():
         new_id = vm_id or f"{snap_dir.name[:40]}-restored"
+        if detach:
+            _restore_detached(snap_dir, new_id, not paused, timeout, json_output)
+            return
         code = asyncio.run(_restore_and_wait(snap_dir, new_id, not paused, json_output))
     raise typer.Exit(code)
+
+
+def _restore_detached(
+    snap_dir: Path, vm_id: str, resume_vm: bool, timeout: float, json_output: bool
+) -> None:
+    from .detached import _interrupted_start
+
+    registry = open_registry()
+    try:
+        record = asyncio.run(
+            spawn_restore_supervisor(snap_dir, vm_id, registry, resume=resume_vm, timeout_s=timeout)
+        )
+    except KeyboardInterrupt:
+        _interrupted_start(registry, vm_id)
+    if json_output:
+        print(json.dumps(record.model_dump(mode="json"), indent=2))
+    else:
+        print(record.vm_id, flush=True)
+    stderr.print(
+        f"VM {escape(record.vm_id)} restored from {escape(str(snap_dir))} "
+        f"({'paused' if not resume_vm else 'running'}; supervisor pid {record.owner_pid}, "
+        f"VMM pid {record.vmm_pid}); `ironclaw vm logs {escape(record.vm_id)}`, "
+        f"`ironclaw vm stop {escape(record.vm_id)}`"
+    )
