@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -193,3 +194,68 @@ def test_manifest_keeps_only_chosen_jail_settings(tmp_path: Path) -> None:
     assert snap.manifest.config["jailer"] == {"cpu_limit": 2.0}
     cfg = clone_config(snap, "c")
     assert cfg.jailer is not None and cfg.jailer.model_fields_set == {"cpu_limit"}
+
+
+def _age(snap_dir: Path, seconds: float = 10.0) -> None:
+    """Make the files look written ``seconds`` ago (verification trusts only settled files)."""
+    then = time.time() - seconds
+    for f in snap_dir.iterdir():
+        os.utime(f, (then, then))
+
+
+def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    from ironclaw_orchestrator.vm import snapshot as snapshot_mod
+
+    hashed: list[Path] = []
+    real = snapshot_mod.sha256_file
+
+    def counting(path: Path, *args: object) -> str:
+        hashed.append(path)
+        return real(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(snapshot_mod, "sha256_file", counting)
+    return hashed
+
+
+def test_a_verified_snapshot_is_not_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snap = make_snapshot(tmp_path)
+    _age(snap.path)
+    hashed = _count_hashing(monkeypatch)
+    first = Snapshot.load(snap.path)
+    assert len(hashed) == 3  # memory, vmstate, rootfs
+    again = Snapshot.load(tmp_path / "snap")
+    assert len(hashed) == 3 and again.manifest == first.manifest
+    assert again.fingerprints == first.fingerprints
+    again.check_unchanged()
+
+
+@pytest.mark.parametrize("change", ["rewrite", "replace", "group_writable_dir", "fresh"])
+def test_a_changed_snapshot_is_verified_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    snap = make_snapshot(tmp_path)
+    if change != "fresh":  # "fresh": written just now, so never trusted without hashing
+        _age(snap.path)
+    hashed = _count_hashing(monkeypatch)
+    Snapshot.load(snap.path)
+    hashed.clear()
+    state = snap.path / "vmstate"
+    if change == "rewrite":  # same size, new content
+        os.chmod(state, 0o644)
+        state.write_bytes(b"STATE" * 100)
+        os.chmod(state, 0o444)
+    elif change == "replace":  # same content, another inode
+        data = state.read_bytes()
+        state.unlink()
+        state.write_bytes(data)
+        os.chmod(state, 0o444)
+    elif change == "group_writable_dir":
+        os.chmod(snap.path, 0o770)
+    if change == "rewrite":
+        with pytest.raises(ConfigError, match="altered"):
+            Snapshot.load(snap.path)
+    else:
+        Snapshot.load(snap.path)
+    assert hashed, "the snapshot should have been hashed again"

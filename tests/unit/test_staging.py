@@ -49,6 +49,29 @@ def test_writable_disk_is_copied_and_owned_by_jail_user(tmp_path: Path) -> None:
 
 
 @root_only
+def test_sparse_disk_stays_sparse_in_the_jail(tmp_path: Path) -> None:
+    src = tmp_path / "rootfs.ext4"
+    with open(src, "wb") as f:  # 64 MiB disk with 8 KiB of data in two places
+        f.write(b"head" * 1024)
+        f.seek(40 << 20)
+        f.write(b"tail" * 1024)
+        f.truncate(64 << 20)
+    staged = stage_file(
+        src, tmp_path / "jail" / "root", PurePosixPath("/rootfs.ext4"),
+        uid=64000, gid=64000, read_only=False,
+    )  # fmt: skip
+    copy = staged.host_path
+    assert copy.stat().st_size == 64 << 20
+    assert copy.stat().st_blocks * 512 < 4 << 20  # holes stayed holes (or a reflink)
+    with open(copy, "rb") as f:
+        assert f.read(4096) == b"head" * 1024
+        f.seek(40 << 20)
+        assert f.read(4096) == b"tail" * 1024
+        f.seek(20 << 20)
+        assert f.read(4096) == bytes(4096)
+
+
+@root_only
 def test_private_read_only_file_is_copied(tmp_path: Path) -> None:
     src = tmp_path / "secret-kernel"
     src.write_bytes(b"k")

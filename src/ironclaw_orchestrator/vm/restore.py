@@ -156,7 +156,7 @@ async def load_into(
     snapshots on top of ``snap``.
     """
     if track_dirty_pages is None:
-        track_dirty_pages = snap.config.track_dirty_pages
+        track_dirty_pages = bool(snap.manifest.config.get("track_dirty_pages", False))
     body = load_body(
         vmm.binaries.version,
         JAIL_SNAPSHOT_DIR / VMSTATE,

@@ -34,6 +34,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,8 +50,9 @@ from .cancelsafe import ThreadSteps, finish
 from .config import VmConfig
 from .jailer import JailerProcess
 from .snapshot_api import create_body, diff_needs_tracking
+from .snapshot_cache import Fingerprint, VerifiedCache, fingerprint
 from .snapshot_diff import check_reports_holes, merge_layer
-from .staging import make_owned_dir
+from .staging import copy_extents, make_owned_dir
 
 if TYPE_CHECKING:
     from . import FirecrackerProcess
@@ -126,8 +128,8 @@ class Snapshot:
 
     path: Path
     manifest: SnapshotManifest
-    #: name -> (inode, size, mtime_ns) when verified: a later change is refused.
-    fingerprints: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: name -> (device, inode, size, mtime_ns) when verified: a later change is refused.
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
 
     @property
     def config(self) -> VmConfig:
@@ -155,6 +157,10 @@ class Snapshot:
 
         Raises ``ConfigError`` for a missing, incomplete, truncated or altered snapshot and
         ``VersionMismatchError`` if ``firecracker_version`` differs from the one that wrote it.
+
+        A directory this process verified (or wrote) before is not hashed again while every
+        file keeps its inode, size and mtime and only we can write them
+        (:mod:`.snapshot_cache`): clones of one snapshot pay for the hashing once.
         """
         path = Path(path)
         if INCOMPLETE in path.name:
@@ -162,6 +168,23 @@ class Snapshot:
                 f"snapshot {path} is incomplete (its writer was interrupted): remove it and "
                 "take the snapshot again"
             )
+        cached = _VERIFIED.get(path)
+        if cached is not None:
+            manifest, prints = cached
+            snap = cls(path, manifest, {n: p for n, p in prints.items() if n != MANIFEST})
+        else:
+            snap = cls._verify(path)
+        if firecracker_version is not None:
+            snap.check_version(firecracker_version)
+        return snap
+
+    @classmethod
+    def _verify(cls, path: Path) -> Snapshot:
+        started = time.time_ns()
+        try:
+            manifest_print = fingerprint((path / MANIFEST).lstat())  # before it is read
+        except OSError:
+            manifest_print = None  # reported by _read_manifest
         manifest = _read_manifest(path)
         snap = cls(path, manifest)
         for name, entry in manifest.files.items():
@@ -184,9 +207,10 @@ class Snapshot:
                     f"snapshot {path}: {name} has SHA-256 {digest}, the manifest says "
                     f"{entry.sha256} (altered): take the snapshot again"
                 )
-            snap.fingerprints[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if firecracker_version is not None:
-            snap.check_version(firecracker_version)
+            snap.fingerprints[name] = fingerprint(st)
+        if manifest_print is not None:
+            prints = {**snap.fingerprints, MANIFEST: manifest_print}
+            _VERIFIED.put(path, manifest, prints, started_ns=started, exempt={MANIFEST})
         return snap
 
     def check_version(self, running: Version) -> None:
@@ -199,7 +223,7 @@ class Snapshot:
 
     def check_unchanged(self) -> None:
         """Refuse files changed since :meth:`load` verified them (cheap: no re-hashing)."""
-        for name, (ino, size, mtime) in self.fingerprints.items():
+        for name, expected in self.fingerprints.items():
             try:
                 st = (self.path / name).stat()
             except OSError as exc:
@@ -207,13 +231,17 @@ class Snapshot:
                     f"snapshot {self.path}: {name} disappeared after it was verified "
                     f"({exc.strerror}); load the snapshot again"
                 ) from None
-            if (st.st_ino, st.st_size, st.st_mtime_ns) != (ino, size, mtime):
+            if fingerprint(st) != expected:
                 raise ConfigError(
                     f"snapshot {self.path}: {name} changed after it was verified; "
                     "Snapshot.load() it again"
                 )
         if set(self.fingerprints) != set(self.manifest.files):
             raise ConfigError(f"snapshot {self.path} was not verified: use Snapshot.load()")
+
+
+#: Snapshot directories verified by this process (see :mod:`.snapshot_cache`).
+_VERIFIED: VerifiedCache[SnapshotManifest] = VerifiedCache()
 
 
 def _read_manifest(path: Path) -> SnapshotManifest:
@@ -267,24 +295,8 @@ def copy_sparse(src: Path, dest: Path, progress: Progress | None = None) -> None
             return
         except OSError:
             pass  # no reflink here: copy data extents, leave holes as holes
-        fd_in, fd_out, pos = fin.fileno(), fout.fileno(), 0
-        while pos < size:
-            try:
-                start = os.lseek(fd_in, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole is left
-                    break
-                raise
-            end = os.lseek(fd_in, start, os.SEEK_HOLE)
-            while start < end:
-                n = os.copy_file_range(fd_in, fd_out, end - start, start, start)
-                if n == 0:
-                    break
-                start += n
-                if progress is not None:
-                    progress("copy", start, size)
-            pos = end
-        os.ftruncate(fd_out, size)
+        report = None if progress is None else (lambda done: progress("copy", done, size))
+        copy_extents(fin.fileno(), fout.fileno(), size, report)
 
 
 @dataclass(frozen=True)
@@ -474,6 +486,7 @@ def seal_snapshot(
     the directory to ``dest``. ``config`` is the source VM's; ``base`` a Diff's base."""
     from . import netns as ns
 
+    started = time.time_ns()
     names = [MEMORY, VMSTATE] + ([ROOTFS] if rootfs_jail is not None else [])
     total = sum((work / n).stat().st_size for n in names)
     files: dict[str, FileEntry] = {}
@@ -512,7 +525,7 @@ def seal_snapshot(
         if exc.errno != errno.EXDEV:
             raise StagingError(f"could not move the snapshot to {dest}: {exc.strerror}") from exc
         _copy_across(work, dest, names)
-    return _verified(dest, manifest)
+    return _verified(dest, manifest, started)
 
 
 def _config_dump(config: VmConfig) -> dict[str, Any]:
@@ -530,12 +543,14 @@ def _own(path: Path) -> None:
         os.chown(path, 0, 0)
 
 
-def _verified(dest: Path, manifest: SnapshotManifest) -> Snapshot:
-    """The snapshot just written: hashed as written, so only fingerprinted here."""
+def _verified(dest: Path, manifest: SnapshotManifest, started_ns: int) -> Snapshot:
+    """The snapshot just written: hashed as written (from ``started_ns``), so only
+    fingerprinted here, and remembered as verified."""
     snap = Snapshot(dest, manifest)
     for name in manifest.files:
-        st = (dest / name).stat()
-        snap.fingerprints[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        snap.fingerprints[name] = fingerprint((dest / name).stat())
+    prints = {**snap.fingerprints, MANIFEST: fingerprint((dest / MANIFEST).lstat())}
+    _VERIFIED.put(dest, manifest, prints, started_ns=started_ns, exempt={MANIFEST})
     return snap
 
 

@@ -17,31 +17,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ConfigError
+from .staging import data_extents
 
-__all__ = ["check_reports_holes", "data_extents", "merge_layer"]
+__all__ = ["check_reports_holes", "merge_layer"]
 
 _PROBE_SIZE = 2 << 20
 #: st_dev -> whether that filesystem reports holes (a fact of the filesystem).
 _reports_holes: dict[int, bool] = {}
-
-
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """``(start, end)`` of each data extent of the open file ``fd`` (holes skipped)."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole is left
-                return
-            raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end
-        pos = end
 
 
 def check_reports_holes(directory: Path) -> None:
