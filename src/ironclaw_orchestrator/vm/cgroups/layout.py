@@ -19,7 +19,7 @@ import select
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 
 from ...errors import CgroupControllerUnavailableError, CgroupError
@@ -326,6 +326,7 @@ def choose_version(
 
 
 def is_ancestor_or_equal(ancestor: str, path: str) -> bool:
-    a = PurePosixPath("/" + ancestor.strip("/"))
-    p = PurePosixPath("/" + path.strip("/"))
-    return a == p or a in p.parents
+    # On strings (normalised like PurePosixPath would): pathlib's parents cost ~50x more.
+    a = "/" + "/".join(part for part in ancestor.split("/") if part not in ("", "."))
+    p = "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
+    return a == p or a == "/" or p.startswith(a + "/")
