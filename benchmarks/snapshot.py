@@ -16,7 +16,11 @@ Measured (medians, p90), each to "the restored VM runs":
   staged files, registry record), returning a running VM;
 * claim: ``WarmPool(..., snapshot=)`` and ``WarmPool`` booting the probe, ``claim()`` from a
   full pool (the pool is refilled between samples, outside the timing);
-* throughput: ``--total`` restore -> running -> stop cycles with ``--flight`` in flight.
+* throughput: ``--total`` restore -> running -> stop cycles with ``--flight`` in flight,
+  raw jailer + firecracker and ironclaw alternating for ``--rounds`` rounds (so both see the
+  same host load; the load average is printed with each round);
+* orchestrator CPU (``time.process_time``, all threads) per restore and per stop, from the
+  sequential restore samples, with user/system split and the children's (jailer, VMM) CPU.
 
 Asserts nothing; prints a table.
 """
@@ -28,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -182,12 +187,23 @@ async def raw_jailed_throughput(
 # --------------------------------------------------------------------------- ironclaw
 
 
-async def restore_once(snap: Snapshot) -> dict[str, float]:
-    t0 = time.perf_counter()
+async def restore_once(snap: Snapshot | Path) -> dict[str, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
     vm = await restore_snapshot(snap, f"bench-r-{uuid.uuid4().hex[:8]}")
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     await vm.stop(timeout_s=0)
-    return {"restore->running": t1 - t0}
+    c2 = time.process_time()
+    return {"restore->running": t1 - t0, "cpu restore": c1 - c0, "cpu stop": c2 - c1}
+
+
+def rusage() -> tuple[float, float, float]:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime, me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 async def claim_samples(pool: WarmPool, runs: int, prefix: str) -> list[dict[str, float]]:
@@ -226,7 +242,8 @@ def report(name: str, samples: list[dict[str, float]]) -> None:
         )
 
 
-async def main(runs: int, flight: int, total: int, workdir: Path) -> None:
+async def main(runs: int, flight: int, total: int, rounds: int, workdir: Path) -> None:
+    print(load())
     kernel = probe_kernel_path(ProbeBehaviour.HALT)
     template = VmConfig(
         kernel_path=str(kernel), rootfs_path=None, memory_mb=128, boot_args=PROBE_BOOT_ARGS
@@ -254,16 +271,34 @@ async def main(runs: int, flight: int, total: int, workdir: Path) -> None:
     report("raw firecracker (unjailed)", [await raw_once(firecracker, snap) for _ in range(runs)])
     raw_j = [await raw_jailed_once(jailer, firecracker, snap, raw_base) for _ in range(runs)]
     report("raw jailer+firecracker", raw_j)
+    u0, s0, k0 = rusage()
     report("restore into fresh jail", [await restore_once(snap) for _ in range(runs)])
+    u1, s1, k1 = rusage()
+    print(
+        f"{'':<28} {'per restore+stop':<18} user {(u1 - u0) / runs * 1000:.1f} ms, system "
+        f"{(s1 - s0) / runs * 1000:.1f} ms; jailer+VMM (children) {(k1 - k0) / runs * 1000:.1f} ms"
+    )
+    report(
+        "restore from a directory",
+        [await restore_once(snap.path) for _ in range(max(3, runs // 4))],
+    )
     async with WarmPool(template, size=2, snapshot=snap) as pool:
         report("warm pool claim (snapshot)", await claim_samples(pool, runs, "bench-ps"))
     async with WarmPool(template, size=2) as pool:
         report("warm pool claim (boot)", await claim_samples(pool, runs, "bench-pb"))
-    raw_rate = await raw_jailed_throughput(jailer, firecracker, snap, raw_base, flight, total)
-    rate = await throughput(snap, flight, total)
     print(f"\n{flight} in flight, {total} total, each spawn -> running -> stopped and removed:")
-    print(f"  raw jailer+firecracker:  {raw_rate:6.0f} restores/s")
-    print(f"  restore into fresh jail: {rate:6.0f} restores/s")
+    raws, ours = [], []
+    for i in range(rounds):
+        raws.append(await raw_jailed_throughput(jailer, firecracker, snap, raw_base, flight, total))
+        ours.append(await throughput(snap, flight, total))
+        print(
+            f"  round {i + 1}: raw jailer+firecracker {raws[-1]:5.0f}/s, restore into fresh "
+            f"jail {ours[-1]:5.0f}/s ({load()})"
+        )
+    print(
+        f"  median: raw {statistics.median(raws):.0f} restores/s, ironclaw "
+        f"{statistics.median(ours):.0f} restores/s"
+    )
 
 
 if __name__ == "__main__":
@@ -271,6 +306,7 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--flight", type=int, default=16)
     parser.add_argument("--total", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved throughput rounds.")
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -281,6 +317,6 @@ if __name__ == "__main__":
     work = Path(tempfile.mkdtemp(prefix="icb-", dir=args.workdir))
     os.environ.setdefault("IRONCLAW_STATE_DIR", str(work / "registry"))  # a private registry
     try:
-        asyncio.run(main(args.runs, args.flight, args.total, work))
+        asyncio.run(main(args.runs, args.flight, args.total, args.rounds, work))
     finally:
         shutil.rmtree(work)

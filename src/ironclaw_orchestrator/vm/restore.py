@@ -85,6 +85,27 @@ def check_clone(snap: Snapshot, config: VmConfig, jailer_cfg: JailerConfig) -> N
     if snap.manifest.vsock_uds_path is not None:
         host = jailer_cfg.chroot_dir / snap.manifest.vsock_uds_path.lstrip("/")
         check_socket_budget(Path(f"{host}_4294967295"), "vsock socket (with _<port>)")
+    _warn_if_copied(snap, jailer_cfg)
+
+
+_warned: set[tuple[int, int]] = set()
+
+
+def _warn_if_copied(snap: Snapshot, jailer_cfg: JailerConfig) -> None:
+    """Once per snapshot and chroot base: clones on another filesystem copy guest memory."""
+    try:
+        snap_dev = snap.memory_path.stat().st_dev
+        jail_dev = jailer_cfg.chroot_base_dir.stat().st_dev
+    except OSError:
+        return  # reported by the start itself
+    if snap_dev != jail_dev and (snap_dev, jail_dev) not in _warned:
+        _warned.add((snap_dev, jail_dev))
+        log.warning(
+            "snapshot %s is on another filesystem than the chroot base %s: every clone gets a "
+            "private copy of its %d MiB memory file instead of a shared read-only hard link; "
+            "keep snapshots on the jail filesystem",
+            snap.path, jailer_cfg.chroot_base_dir, snap.manifest.mem_size_mib,
+        )  # fmt: skip
 
 
 async def restore_snapshot(
