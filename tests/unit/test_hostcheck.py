@@ -127,3 +127,28 @@ def test_netns_and_tun_findings(tmp_path: Path) -> None:
     )
     assert optional.level == "warn"
     assert hostcheck.inspect_tun(tmp_path / "tun").level == "warn"
+
+
+def test_a_passing_chroot_base_is_checked_once_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    real = hostcheck.inspect_chroot_base
+
+    def counting(base: Path, **kw: object) -> hostcheck.Finding:
+        calls.append(base)
+        return real(base, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hostcheck, "inspect_chroot_base", counting)
+    monkeypatch.setattr(hostcheck, "_chroot_bases_ok", set())
+    base = tmp_path / "jails"
+    base.mkdir()
+    hostcheck.check_chroot_base(base)
+    hostcheck.check_chroot_base(base)
+    assert len(calls) == 1  # the second start reuses the verdict
+    base.chmod(0o711)  # mode, owner, inode, device or mount flags: checked again
+    hostcheck.check_chroot_base(base)
+    assert len(calls) == 2
+    base.rmdir()
+    with pytest.raises(ChrootBaseError, match="does not exist"):
+        hostcheck.check_chroot_base(base)

@@ -186,11 +186,32 @@ def inspect_chroot_base(
     return Finding("pass", where)
 
 
+#: Chroot bases that passed, by what the verdict depends on (see ``_chroot_base_key``).
+_chroot_bases_ok: set[tuple[object, ...]] = set()
+
+
+def _chroot_base_key(base: Path) -> tuple[object, ...] | None:
+    """The directory (inode, owner, mode), its filesystem (device: a mount's type is fixed
+    for its device) and that mount's exec/dev/read-only flags: a change to any of them
+    re-runs the full check. Costs a stat and a statvfs instead of parsing the mount table."""
+    try:
+        st = os.stat(base)
+        flags = os.statvfs(base).f_flag & (os.ST_NOEXEC | os.ST_NODEV | os.ST_RDONLY)
+    except OSError:
+        return None
+    return (str(base), st.st_dev, st.st_ino, st.st_uid, st.st_mode, flags, os.geteuid())
+
+
 def check_chroot_base(base: Path, *, mountinfo: Path = MOUNTINFO_PATH) -> None:
     """The base must exist, be a writable directory and allow exec and device nodes."""
+    key = _chroot_base_key(base) if mountinfo == MOUNTINFO_PATH else None
+    if key is not None and key in _chroot_bases_ok:
+        return
     finding = inspect_chroot_base(base, mountinfo=mountinfo)
     if finding.failed:
         raise ChrootBaseError(finding.message)
+    if key is not None and len(_chroot_bases_ok) < 64:
+        _chroot_bases_ok.add(key)
 
 
 def socket_path_bytes(path: Path) -> int:

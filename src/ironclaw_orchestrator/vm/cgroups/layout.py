@@ -165,6 +165,7 @@ class _MountTableWatch:
         self._poll: select.poll | None = None
         self._value: tuple[dict[str, Path], Path | None, dict[Path, str], frozenset[str]] | None
         self._value = None
+        self._key = b""
         self._pid = 0
         self._lock = threading.Lock()
 
@@ -183,7 +184,13 @@ class _MountTableWatch:
             chunks = []
             while chunk := os.read(self._fd, 65536):
                 chunks.append(chunk)
-            self._value = _from_mountinfo(b"".join(chunks).decode("utf-8", "replace"))
+            data = b"".join(chunks)
+            # Every new network namespace is a mount (/run/netns/<name>), so the table changes
+            # with each VM started here: re-parse only when a cgroup mount line changed.
+            key = b"\n".join(line for line in data.splitlines() if b"cgroup" in line)
+            if self._value is None or key != self._key:
+                self._value = _from_mountinfo(data.decode("utf-8", "replace"))
+                self._key = key
             return self._value
 
     def _reset(self) -> None:
