@@ -170,7 +170,11 @@ class WarmPool:
         vm = FirecrackerProcess(config, vmm, recorder=recorder)
         try:
             if self.snapshot is not None:
-                await load_into(vmm, self.snapshot, resume=False)
+                # The template says whether claimed VMs track dirty pages (Diff snapshots).
+                await load_into(
+                    vmm, self.snapshot, resume=False,
+                    track_dirty_pages=self.template.track_dirty_pages,
+                )  # fmt: skip
             else:
                 await _configure(vm)
             recorder.started(vm)
