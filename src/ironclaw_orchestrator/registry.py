@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -520,21 +521,49 @@ class Registry:
             self._replace(vm_id, self._make(vm_id, {"uid": n, "gid": n}, current))
             return n, n
 
+    def _used_ids(self) -> tuple[set[int], int]:
+        """uids/gids named by the records, and how many record files could not be read.
+
+        Only the two fields are read (plain JSON, no model validation): this runs under the
+        lock for every VM started, over every record, so it must stay cheap.
+        """
+        used: set[int] = set()
+        problems = 0
+        try:
+            names = os.listdir(self.state_dir)
+        except OSError as exc:
+            raise RegistryError(f"cannot list the state directory {self.state_dir}: {exc}") from exc
+        for name in names:
+            if name.startswith(".") or not name.endswith(RECORD_SUFFIX):
+                continue
+            try:
+                fd = os.open(self.state_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                with os.fdopen(fd, "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except OSError:
+                problems += 1
+                continue
+            ids = _ids_of(raw)
+            if ids is None:
+                problems += 1
+            else:
+                used.update(ids)
+        return used, problems
+
     def _free_id(self, vm_id: str, first: int = 64_000, count: int = 1_000) -> int:
         """The lowest id in ``[first, first + count)`` no record and no host account uses.
 
         Call with the registry lock held.
         """
-        used: set[int] = set()
-        found = self.scan()
-        for rec in found.records:
-            used.update(i for i in (rec.uid, rec.gid) if i is not None)
-        if found.problems:
+        used, problems = self._used_ids()
+        if problems:
             log.warning(
                 "allocating ids for VM %s while %d record(s) are unreadable: their ids are "
                 "unknown (run `ironclaw gc`)",
                 vm_id,
-                len(found.problems),
+                problems,
             )
         for n in range(first, first + count):
             if n not in used and not _host_has_id(n):
@@ -543,6 +572,17 @@ class Registry:
             f"VM {vm_id}: all {count} uids/gids from {first} are in use by other VMs; stop some "
             "VMs, run `ironclaw gc` to free leftovers, or widen the range"
         )
+
+
+def _ids_of(raw: bytes) -> list[int] | None:
+    """``uid``/``gid`` of a record file's JSON (``None`` if it is not a JSON object)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    return [v for v in (data.get("uid"), data.get("gid")) if type(v) is int]
 
 
 def _host_has_id(n: int) -> bool:

@@ -276,6 +276,20 @@ def test_allocate_ids_exhausted(reg: Registry, monkeypatch: pytest.MonkeyPatch) 
         reg.allocate_ids("b", first=70_000, count=1)
 
 
+def test_allocation_counts_ids_of_every_record_file(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ids are read from the raw JSON (no model validation); a record of another schema
+    still holds its ids, and an unparsable one is reported."""
+    monkeypatch.setattr(registry_mod, "_host_has_id", lambda n: False)
+    (reg.state_dir / "future.json").write_text('{"format": 99, "uid": 64000, "gid": 64001}')
+    (reg.state_dir / "broken.json").write_text("{not json")
+    reg.claim("a")
+    with caplog.at_level("WARNING"):
+        assert reg.allocate_ids("a") == (64_002, 64_002)
+    assert "1 record(s) are unreadable" in caplog.text
+
+
 def _allocate_in_child(state_dir: str, vm_id: str, barrier: object, results: object) -> None:
     reg = Registry(state_dir)
     reg.claim(vm_id)
