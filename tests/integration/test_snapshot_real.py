@@ -203,6 +203,12 @@ async def test_diff_snapshots_restore_from_the_diff_point(
     full = await src.snapshot(tmp_path / "full")
     at_full = last_count(src)
     await counts_after(src, at_full + 20)  # the counter moves on past the Full
+    moved = tmp_path / "moved"
+    os.rename(full.path, moved)  # a base that is gone is refused before the VM is paused
+    with pytest.raises(ConfigError, match="disappeared"):
+        await src.snapshot(tmp_path / "diff", diff=True, resume=False)
+    os.rename(moved, full.path)
+    assert not (tmp_path / "diff").exists() and not src.paused
     diff = await src.snapshot(tmp_path / "diff", diff=True, resume=False)
     at_diff = last_count(src)
     await src.stop(timeout_s=0.2)
