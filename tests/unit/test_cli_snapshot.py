@@ -78,3 +78,40 @@ def test_record_config_drops_host_specific_jail_settings() -> None:
     rebuilt = record_config(record)
     assert rebuilt.jailer is not None
     assert rebuilt.jailer.model_dump(exclude_unset=True) == {"cpu_limit": 0.5}
+
+
+def test_detached_restore_hands_the_supervisor_a_restore_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """-d: the supervisor gets {"restore": ...} (absolute snapshot path, resume flag), reads
+    it back as a RestoreRequest and deletes the file; its error comes back to the CLI."""
+    import json
+    import subprocess
+    from typing import Any
+
+    from ironclaw_orchestrator import supervisor
+    from ironclaw_orchestrator.detach import RestoreRequest
+
+    seen: list[object] = []
+
+    class FakeSupervisor:
+        def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            state_dir, vm_id, name, fd = argv[3], argv[4], argv[5], int(argv[6])
+            seen.append(supervisor._load_config(Registry(Path(state_dir)), vm_id, name))
+            msg = {"event": "error", "type": "ConfigError", "message": "fake supervisor"}
+            os.write(fd, json.dumps(msg).encode() + b"\n")
+            self.pid, self.returncode = os.getpid(), 1
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 1
+
+        def poll(self) -> int:
+            return 1
+
+    monkeypatch.setattr(subprocess, "Popen", FakeSupervisor)
+    monkeypatch.chdir(tmp_path)
+    state = tmp_path / "state"
+    result = invoke(state, "vm", "restore", "snap", "--id", "r-3", "-d", "--paused")
+    assert result.exit_code == 2 and "fake supervisor" in result.output
+    assert seen == [RestoreRequest(snapshot_dir=str(tmp_path / "snap"), resume=False)]
+    assert not list(state.glob(f"{supervisor.CONFIG_PREFIX}*"))
