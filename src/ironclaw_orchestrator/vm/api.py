@@ -235,12 +235,9 @@ class FirecrackerApi:
         return result if isinstance(result, dict) else {}
 
     async def put_vsock(self, guest_cid: int, uds_path: PurePosixPath | Path) -> None:
-        # v1.0 requires vsock_id; later versions ignore it.
-        await self.request(
-            "PUT",
-            "/vsock",
-            {"vsock_id": "vsock0", "guest_cid": guest_cid, "uds_path": str(uds_path)},
-        )
+        # No vsock_id: deprecated in every release's API spec (v1.0.0 accepts a body without
+        # it, checked against the real binary in tests/integration/test_api_bodies_real.py).
+        await self.request("PUT", "/vsock", {"guest_cid": guest_cid, "uds_path": str(uds_path)})
 
     async def instance_start(self) -> None:
         await self.request("PUT", "/actions", {"action_type": "InstanceStart"})
