@@ -107,3 +107,42 @@ def test_install_then_doctor_then_vm_run_through_path(tmp_path: Path) -> None:
         left = leftovers(vm_id)
     assert not left, left
     assert not (Path("/var/jail") / "firecracker" / vm_id).exists()
+
+
+@pytest.mark.parametrize(
+    ("fc_is", "jailer_is", "fragment"),
+    [
+        ("firecracker", "firecracker", "jailer-{v}-{a} is not a jailer release binary"),
+        ("jailer", "firecracker", "firecracker-{v}-{a} is not a firecracker release binary"),
+    ],
+    ids=["jailer-is-firecracker", "swapped"],
+)
+def test_install_refuses_real_binaries_under_the_wrong_name(
+    tmp_path: Path, fc_is: str, jailer_is: str, fragment: str
+) -> None:
+    firecracker, jailer, version = _binaries()
+    real = {"firecracker": firecracker, "jailer": jailer}
+    archive = release_archive(real[fc_is], real[jailer_is], version, tmp_path)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    (prefix / "jailer").write_bytes(b"the jailer installed before")
+    (prefix / "firecracker").symlink_to("firecracker-v0.0.1")
+    before = {p.name: (p.is_symlink(), p.readlink() if p.is_symlink() else p.read_bytes())
+              for p in prefix.iterdir()}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IRONCLAW_")}
+
+    inst = run(
+        ["install", "--version", version, "--from", str(archive), "--sha256", digest,
+         "--prefix", str(prefix), "--chroot-base", str(tmp_path / "jail")],
+        env,
+    )  # fmt: skip
+
+    assert inst.returncode == 5, inst.stdout + inst.stderr
+    expected = fragment.format(v=version, a=platform.machine())
+    assert expected in inst.stderr and "says it is" in inst.stderr, inst.stderr
+    assert "installed" not in inst.stdout
+    after = {p.name: (p.is_symlink(), p.readlink() if p.is_symlink() else p.read_bytes())
+             for p in prefix.iterdir()}  # fmt: skip
+    assert after == before
+    assert not (tmp_path / "jail").exists()

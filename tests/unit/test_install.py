@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import hashlib
 import io
@@ -17,6 +16,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import fake_elf
 import httpx
 import pytest
 
@@ -30,6 +30,7 @@ from ironclaw_orchestrator.install import (
     parse_sha256_file,
     release_archive_url,
     transaction,
+    verify,
 )
 
 VERSION = "v1.14.1"
@@ -40,17 +41,19 @@ FC_MEMBER = f"{RELEASE_DIR}/firecracker-{VERSION}-{ARCH}"
 JAILER_MEMBER = f"{RELEASE_DIR}/jailer-{VERSION}-{ARCH}"
 
 
-def script(name: str, padding: int = 0) -> bytes:
-    """A small shell script standing in for a release binary (never a real binary)."""
-    body = f"#!/bin/sh\necho '{name} {VERSION}'\n".encode()
-    if padding:
-        # incompressible padding, so the archive is big enough to arrive in several chunks
-        body += b"# " + base64.b64encode(os.urandom(padding)) + b"\n"
-    return body
+def script(name: str) -> bytes:
+    """A shell script for the archive's other files (never run or installed)."""
+    return f"#!/bin/sh\necho '{name} {VERSION}'\n".encode()
 
 
-FC_BYTES = script("Firecracker")
-JAILER_BYTES = script("Jailer")
+def fake_binary(program: str, padding: int = 0) -> bytes:
+    """A tiny ELF executable whose ``--version`` prints what the release's does."""
+    # incompressible padding, so the archive is big enough to arrive in several chunks
+    return fake_elf.release_binary(program, VERSION, padding=os.urandom(padding))
+
+
+FC_BYTES = fake_binary("firecracker")
+JAILER_BYTES = fake_binary("jailer")
 
 
 # --------------------------------------------------------------------------- archive builder
@@ -80,7 +83,7 @@ def special(name: str, kind: bytes, linkname: str = "") -> Entry:
 
 
 def standard_entries(padding: int = 0) -> list[Entry]:
-    fc = script("Firecracker", padding) if padding else FC_BYTES
+    fc = fake_binary("firecracker", padding) if padding else FC_BYTES
     return [
         special(RELEASE_DIR, tarfile.DIRTYPE),
         reg(f"{RELEASE_DIR}/LICENSE", b"Apache-2.0\n", 0o644),
@@ -192,7 +195,7 @@ def assert_installed(result: InstallResult, dirs: dict[str, Path]) -> None:
     jailer = prefix / "jailer"
     assert result.firecracker == fc
     assert result.jailer == jailer
-    assert fc.read_bytes().startswith(b"#!/bin/sh\necho 'Firecracker")
+    assert fc.read_bytes().startswith(FC_BYTES)
     assert jailer.read_bytes() == JAILER_BYTES
     for path in (fc, jailer):
         st = path.lstat()
@@ -801,3 +804,252 @@ async def test_cancel_during_unpack_rolls_back(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert_nothing_installed(dirs)
+
+
+# --------------------------------------------------------------------------- verification
+# Before anything is committed, each staged binary must be an ELF executable for the arch and
+# its `--version` (run from the staging location) must name its program and the release.
+
+
+def prefix_state(prefix: Path) -> dict[str, tuple[str, bytes | str]]:
+    state: dict[str, tuple[str, bytes | str]] = {}
+    for path in sorted(prefix.iterdir()):
+        if path.is_symlink():
+            state[path.name] = ("link", os.readlink(path))
+        else:
+            state[path.name] = ("file", path.read_bytes())
+    return state
+
+
+@pytest.fixture
+def old_install(dirs: dict[str, Path]) -> dict[str, tuple[str, bytes | str]]:
+    """A prefix holding an earlier install: a refused one must leave it exactly so."""
+    prefix = dirs["prefix"]
+    prefix.mkdir()
+    (prefix / "firecracker-v1.13.0").write_bytes(b"old firecracker")
+    (prefix / "firecracker").symlink_to("firecracker-v1.13.0")
+    (prefix / "jailer").write_bytes(b"old jailer")
+    return prefix_state(prefix)
+
+
+def binaries(fc: bytes, jailer: bytes) -> list[Entry]:
+    return [reg(FC_MEMBER, fc), reg(JAILER_MEMBER, jailer)]
+
+
+def _refused_cases() -> list[Any]:
+    other = fake_elf.release_binary
+    truncated = fake_elf.printing("Firecracker v1.14.1\n")[:64]  # header only
+    cases = [
+        ("shell-scripts", script("Firecracker"), script("Jailer"), FC_MEMBER, "is a script"),
+        ("text-file", b"Firecracker v1.14.1\n", JAILER_BYTES, FC_MEMBER, "not an ELF"),
+        ("random-bytes", FC_BYTES, os.urandom(4096), JAILER_MEMBER, "not an ELF"),
+        ("not-executable", truncated, JAILER_BYTES, FC_MEMBER, "cannot be executed"),
+        (
+            "other-arch",
+            FC_BYTES,
+            fake_elf.printing("Jailer v1.14.1\n\n", machine="aarch64"),
+            JAILER_MEMBER,
+            "built for aarch64, not x86_64",
+        ),
+        (
+            "jailer-is-firecracker",
+            FC_BYTES,
+            FC_BYTES,
+            JAILER_MEMBER,
+            "says it is firecracker ('Firecracker v1.14.1')",
+        ),
+        ("swapped", JAILER_BYTES, FC_BYTES, FC_MEMBER, "says it is jailer ('Jailer v1.14.1')"),
+        (
+            "banner-only",
+            fake_elf.printing("firecracker 1.14.1\n"),
+            JAILER_BYTES,
+            FC_MEMBER,
+            "got 'firecracker 1.14.1'",
+        ),
+        ("prints-nothing", fake_elf.printing(""), JAILER_BYTES, FC_MEMBER, "got nothing"),
+        (
+            "exit-status",
+            FC_BYTES,
+            fake_elf.printing("Jailer v1.14.1\n\n", exit_code=1),
+            JAILER_MEMBER,
+            "exited with status 1",
+        ),
+        (
+            "floods",
+            fake_elf.printing("Firecracker v1.14.1\n" + "x" * 100_000),
+            JAILER_BYTES,
+            FC_MEMBER,
+            "printed more than",
+        ),
+        (
+            "mixed-releases",
+            FC_BYTES,
+            other("jailer", "v1.13.0"),
+            "its firecracker reports v1.14.1 but its jailer reports v1.13.0",
+            "same release",
+        ),
+        (
+            "mislabelled",
+            other("firecracker", "v1.0.0-44-gc73a27cb-dirty"),
+            other("jailer", "v1.0.0"),
+            "labelled v1.14.1 but its binaries report v1.0.0-44-gc73a27cb-dirty",
+            "--version v1.0.0",
+        ),
+    ]
+    return [pytest.param(fc, jl, named, fragment, id=i) for i, fc, jl, named, fragment in cases]
+
+
+@fake_elf.needs_x86_64
+@pytest.mark.parametrize(("fc", "jailer", "named", "fragment"), _refused_cases())
+async def test_binaries_that_are_not_what_they_claim_are_refused(
+    server: Server,
+    dirs: dict[str, Path],
+    old_install: dict[str, tuple[str, bytes | str]],
+    fc: bytes,
+    jailer: bytes,
+    named: str,
+    fragment: str,
+) -> None:
+    make_archive(official_path(server), binaries(fc, jailer))
+
+    with pytest.raises(InstallError) as excinfo:
+        await run(dirs)
+
+    message = str(excinfo.value)
+    assert message.startswith(f"refusing archive {server.url}/"), message
+    assert named in message and fragment in message, message
+    assert "nothing was installed" in message
+    assert prefix_state(dirs["prefix"]) == old_install  # no temporary file left either
+    assert not dirs["chroot"].exists()
+    assert list(dirs["tmp"].iterdir()) == []
+
+
+@fake_elf.needs_x86_64
+@pytest.mark.parametrize("fork", [False, True], ids=["hangs", "hangs-with-child"])
+async def test_binary_that_hangs_on_version_is_killed_and_refused(
+    server: Server,
+    dirs: dict[str, Path],
+    old_install: dict[str, tuple[str, bytes | str]],
+    monkeypatch: pytest.MonkeyPatch,
+    fork: bool,
+) -> None:
+    monkeypatch.setattr(verify, "VERSION_TIMEOUT_S", 1.0)
+    make_archive(official_path(server), binaries(FC_BYTES, fake_elf.hanging(fork=fork)))
+
+    with pytest.raises(InstallError) as excinfo:
+        await run(dirs)
+
+    message = str(excinfo.value)
+    assert JAILER_MEMBER in message and "did not finish within 1 s (killed)" in message
+    assert prefix_state(dirs["prefix"]) == old_install
+    # (the leak guard fails this test if the binary, or the child it forked, still runs)
+
+
+@fake_elf.needs_x86_64
+async def test_cancel_while_version_runs_rolls_back_at_once(
+    server: Server,
+    dirs: dict[str, Path],
+    old_install: dict[str, tuple[str, bytes | str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_archive(official_path(server), binaries(fake_elf.hanging(fork=True), JAILER_BYTES))
+    started = threading.Event()
+    real_run = verify._run_version
+
+    def watched(path: Path, check_cancel: Callable[[], None]) -> tuple[int, str]:
+        started.set()
+        return real_run(path, check_cancel)
+
+    monkeypatch.setattr(verify, "_run_version", watched)
+    task = asyncio.create_task(run(dirs))
+    async with asyncio.timeout(60):  # fails, not hangs, if --version is never run
+        while not started.is_set() and not task.done():
+            await asyncio.sleep(0.01)
+    assert started.is_set(), task.exception()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, verify.VERSION_TIMEOUT_S / 2)  # not the timeout
+    assert prefix_state(dirs["prefix"]) == old_install
+
+
+@fake_elf.needs_x86_64
+async def test_version_runs_from_staging_with_minimal_env(
+    server: Server, dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    real_popen = verify.subprocess.Popen
+
+    def spy(args: list[str], **kwargs: Any) -> Any:
+        calls.append({"args": args, **kwargs})
+        return real_popen(args, **kwargs)
+
+    monkeypatch.setattr(verify.subprocess, "Popen", spy)
+    monkeypatch.setenv("IRONCLAW_SECRET_FOR_TEST", "x")
+    make_archive(official_path(server))
+
+    result = await run(dirs)
+
+    assert [Path(c["args"][0]).parent for c in calls] == [dirs["prefix"]] * 2
+    names = [Path(c["args"][0]).name for c in calls]
+    assert names[0].startswith(f".{result.firecracker.name}.") and names[1].startswith(".jailer.")
+    assert all(name.endswith(".ironclaw-tmp") for name in names)  # the staged files
+    assert all(c["args"][1:] == ["--version"] for c in calls)
+    assert all(c.get("shell") in (None, False) and c["start_new_session"] for c in calls)
+    assert all(set(c["env"]) == {"PATH", "LC_ALL"} for c in calls)
+
+
+async def test_foreign_arch_is_checked_but_not_run(tmp_path: Path, dirs: dict[str, Path]) -> None:
+    other = "aarch64" if host_arch() == "x86_64" else "x86_64"
+    rel = f"release-{VERSION}-{other}"
+    never_run = fake_elf.elf(b"\xeb\xfe", machine=other)  # jmp . (if it ever ran)
+    archive = tmp_path / "mirror" / f"firecracker-{VERSION}-{other}.tgz"
+    make_archive(
+        archive,
+        [
+            reg(f"{rel}/firecracker-{VERSION}-{other}", never_run),
+            reg(f"{rel}/jailer-{VERSION}-{other}", never_run),
+        ],
+    )
+
+    result = await run(dirs, source=str(archive), arch=other)
+
+    assert any("--version was not run" in n and other in n for n in result.notes)
+
+
+async def test_foreign_arch_archive_with_host_binaries_is_refused(
+    tmp_path: Path, dirs: dict[str, Path]
+) -> None:
+    other = "aarch64" if host_arch() == "x86_64" else "x86_64"
+    rel = f"release-{VERSION}-{other}"
+    archive = tmp_path / "mirror" / f"firecracker-{VERSION}-{other}.tgz"
+    host_elf = fake_elf.printing("", machine=host_arch())
+    make_archive(
+        archive,
+        [
+            reg(f"{rel}/firecracker-{VERSION}-{other}", host_elf),
+            reg(f"{rel}/jailer-{VERSION}-{other}", host_elf),
+        ],
+    )
+    with pytest.raises(InstallError, match=f"built for {host_arch()}, not {other}"):
+        await run(dirs, source=str(archive), arch=other)
+    assert_nothing_installed(dirs)
+
+
+@fake_elf.needs_x86_64
+def test_cli_refusal_is_exit_5_with_the_reason(tmp_path: Path, dirs: dict[str, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from ironclaw_orchestrator.cli import app
+    from ironclaw_orchestrator.cli.common import ExitCode
+
+    archive = tmp_path / "mirror" / ARCHIVE_NAME
+    digest = make_archive(archive, binaries(FC_BYTES, FC_BYTES), checksum=False)
+    result = CliRunner().invoke(app, [
+        "install", "--version", VERSION, "--from", str(archive), "--sha256", digest,
+        "--prefix", str(dirs["prefix"]), "--chroot-base", str(dirs["chroot"]),
+    ])  # fmt: skip
+    assert result.exit_code == ExitCode.INSTALL_FAILED, result.output
+    assert (
+        "says it is firecracker" in result.output and "installed Firecracker" not in result.output
+    )
+    assert not dirs["prefix"].exists()

@@ -24,8 +24,9 @@ from .common import VerboseOption, handle_errors, setup_logging, stderr, stdout
 HELP = (
     f"Download, verify (SHA-256) and install firecracker and jailer from one release.\n\n"
     f"Installs PREFIX/firecracker-VERSION, PREFIX/jailer and the symlink "
-    f"PREFIX/firecracker, and creates the chroot base directory. Nothing is left "
-    f"installed if any step fails (exit 5).\n\n"
+    f"PREFIX/firecracker, and creates the chroot base directory. Before that, each binary "
+    f"must be an executable for this arch whose --version names its program and VERSION. "
+    f"Nothing is left installed if any step fails (exit 5).\n\n"
     f"Examples:\n\n"
     f"sudo ironclaw install\n\n"
     f"sudo ironclaw install --version v1.14.1 --prefix /opt/firecracker/bin\n\n"

@@ -18,7 +18,11 @@ What :func:`install_firecracker` does, in order:
    then extract *only* ``release-{v}-{arch}/firecracker-{v}-{arch}`` and
    ``release-{v}-{arch}/jailer-{v}-{arch}`` (which must be regular files) - never
    ``extractall``;
-6. write them as hidden temporary files in ``prefix`` (mode 0755), create ``chroot_base_dir``
+6. write them as hidden temporary files in ``prefix`` (mode 0755) and verify them there:
+   each must be an ELF executable for ``arch`` and, when that is this host's arch, its
+   ``--version`` (no shell, minimal environment, timeout) must print ``Firecracker vX.Y.Z``
+   / ``Jailer vX.Y.Z`` with the requested release for both (see :mod:`.verify`);
+7. create ``chroot_base_dir``
    if missing (0755, root-owned when running as root), then ``os.replace`` everything into
    place: ``prefix/firecracker-{v}``, ``prefix/jailer`` and (``link_default=True``, the default)
    the symlink ``prefix/firecracker -> firecracker-{v}``. A regular file called ``firecracker``
@@ -31,7 +35,8 @@ call are removed again.
 
 Layout: :mod:`.release` (versions, arches, URL, archive layout; pure), :mod:`.fetch`
 (download, local copy, checksum file), :mod:`.archive` (member checks and selection),
-:mod:`.transaction` (stage, commit, roll back); this module ties them together.
+:mod:`.verify` (the staged binaries are the release they claim), :mod:`.transaction`
+(stage, commit, roll back); this module ties them together.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from ..errors import InstallError
 from .archive import _MAX_BINARY_SIZE, _select_members
 from .fetch import _CHUNK
 from .release import RELEASES_PAGE, _Plan
+from .verify import Staged, verify_staged
 
 _TMP_SUFFIX = ".ironclaw-tmp"
 _BACKUP_SUFFIX = ".ironclaw-bak"
@@ -175,6 +176,21 @@ def _unpack_and_install(
                 f"archive {archive_display} is not a readable tar archive or is corrupt "
                 f"({exc}); re-download it from {RELEASES_PAGE}"
             ) from exc
+
+        def check_cancel() -> None:
+            if cancel.is_set():
+                raise _Cancelled
+
+        # The staged files must be what they claim before anything replaces a thing.
+        notes += verify_staged(
+            plan,
+            archive_display,
+            [
+                Staged("firecracker", staged_files[0].tmp, fc_member.name),
+                Staged("jailer", staged_files[1].tmp, jailer_member.name),
+            ],
+            check_cancel,
+        )
 
         link: Path | None = None
         if plan.link_default:

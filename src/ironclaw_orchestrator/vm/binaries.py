@@ -74,6 +74,28 @@ class Version:
         return f"v{self.major}.{self.minor}.{self.patch}{self.suffix}"
 
 
+#: The word each release binary's ``--version`` starts with (v1.0 .. v1.16 print
+#: ``Firecracker v1.14.1`` / ``Jailer v1.14.1`` and a blank line; a build from a git checkout
+#: adds ``-<commits>-g<sha>[-dirty]``; v1.0's firecracker then lists snapshot versions).
+VERSION_BANNERS = {"firecracker": "Firecracker", "jailer": "Jailer"}
+
+
+def parse_version_output(program: str, output: str) -> Version:
+    """The release ``program`` (``firecracker`` or ``jailer``) names in its ``--version`` output.
+
+    Stricter than :meth:`Version.parse`: the first non-empty line must be exactly the
+    program's banner and a version, so a jailer that is really firecracker (or a script that
+    prints something else) is told apart. Raises ``ValueError`` quoting what was printed.
+    """
+    banner = VERSION_BANNERS[program]
+    first = next((line.strip() for line in output.splitlines() if line.strip()), "")
+    word, _, rest = first.partition(" ")
+    if word != banner or _VERSION_RE.fullmatch(rest) is None:
+        shown = f"{first[:80]!r}" if first else "nothing"
+        raise ValueError(f"expected '{banner} vX.Y.Z' as the first line, got {shown}")
+    return Version.parse(rest)
+
+
 def _which(name: str) -> Path | None:
     found = shutil.which(name)
     return Path(found) if found else None
