@@ -31,6 +31,49 @@ def test_version_parse_and_compare() -> None:
         b.Version.parse("nothing here")
 
 
+#: Exactly what the binaries print for ``--version``: v1.0.0 built from git (this machine's),
+#: and a release build of v1.14.1 / v1.16.1 (``println!("Firecracker v{}\n", ...)``).
+V100_FC = (
+    "Firecracker v1.0.0-44-gc73a27cb-dirty\n\n"
+    "Supported snapshot data format versions: v0.23.0, v0.24.0, v0.25.0, v1.0.0\n\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("program", "output", "release"),
+    [
+        ("firecracker", V100_FC, (1, 0, 0)),
+        ("jailer", "Jailer v1.0.0-44-gc73a27cb-dirty\n\n", (1, 0, 0)),
+        ("firecracker", "Firecracker v1.14.1\n\n", (1, 14, 1)),
+        ("jailer", "Jailer v1.16.1\n\n", (1, 16, 1)),
+    ],
+)
+def test_parse_version_output_of_real_releases(
+    program: str, output: str, release: tuple[int, int, int]
+) -> None:
+    assert b.parse_version_output(program, output).release == release
+
+
+@pytest.mark.parametrize(
+    ("program", "output", "said"),
+    [
+        ("jailer", V100_FC, "got 'Firecracker v1.0.0-44-gc73a27cb-dirty'"),
+        ("firecracker", "Jailer v1.14.1\n", "got 'Jailer v1.14.1'"),
+        ("firecracker", "firecracker v1.14.1\n", "got 'firecracker v1.14.1'"),
+        ("firecracker", "Firecracker 1.14.1\n", "got 'Firecracker 1.14.1'"),
+        ("firecracker", "warning: x\nFirecracker v1.14.1\n", "got 'warning: x'"),
+        ("firecracker", "Firecracker v1.14.1 (evil)\n", "got 'Firecracker v1.14.1 (evil)'"),
+        ("jailer", "", "got nothing"),
+    ],
+)
+def test_parse_version_output_wants_the_programs_banner(
+    program: str, output: str, said: str
+) -> None:
+    with pytest.raises(ValueError, match=r"expected '(Firecracker|Jailer) vX\.Y\.Z'") as excinfo:
+        b.parse_version_output(program, output)
+    assert said in str(excinfo.value)
+
+
 def test_explicit_then_env_then_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     explicit = fake(tmp_path, "jailer-explicit", "v1.14.1")
     env = fake(tmp_path, "jailer-env", "v1.14.1")
