@@ -885,14 +885,14 @@ def _refused_cases() -> list[Any]:
             "mixed-releases",
             FC_BYTES,
             other("jailer", "v1.13.0"),
-            "its firecracker reports v1.14.1 but its jailer reports v1.13.0",
+            f"{FC_MEMBER} reports v1.14.1 but {JAILER_MEMBER} reports v1.13.0",
             "same release",
         ),
         (
             "mislabelled",
             other("firecracker", "v1.0.0-44-gc73a27cb-dirty"),
             other("jailer", "v1.0.0"),
-            "labelled v1.14.1 but its binaries report v1.0.0-44-gc73a27cb-dirty",
+            f"labelled v1.14.1 but its binaries ({FC_MEMBER}, {JAILER_MEMBER}) report v1.0.0-44",
             "--version v1.0.0",
         ),
     ]

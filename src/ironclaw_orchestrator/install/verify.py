@@ -84,17 +84,20 @@ def verify_staged(
         except _Refused as exc:
             raise _refusal(archive, item, str(exc), fix) from None
     fc, jailer = versions["firecracker"], versions["jailer"]
+    members = {item.program: item.member for item in staged}
     if fc.release != jailer.release:
         raise InstallError(
-            f"refusing archive {archive}: its firecracker reports {fc} but its jailer reports "
-            f"{jailer}; they must come from the same release; nothing was installed: {fix}"
+            f"refusing archive {archive}: {members['firecracker']} reports {fc} but "
+            f"{members['jailer']} reports {jailer}; firecracker and jailer must come from the "
+            f"same release; nothing was installed: {fix}"
         )
     wanted = Version.parse(plan.version)
     if fc.release != wanted.release:
         reported = "v{}.{}.{}".format(*fc.release)
         raise InstallError(
-            f"refusing archive {archive}: it is labelled {plan.version} but its binaries report "
-            f"{fc}; nothing was installed: use the real {plan.version} archive from "
+            f"refusing archive {archive}: it is labelled {plan.version} but its binaries "
+            f"({members['firecracker']}, {members['jailer']}) report {fc}; nothing was "
+            f"installed: use the real {plan.version} archive from "
             f"{RELEASES_PAGE}, or to install {reported} an archive built for it (release-"
             f"{reported}-{plan.arch}/...) with --version {reported}"
         )
