@@ -87,4 +87,4 @@ def test_binary_pair_is_checked_once_and_again_when_a_binary_changes(
     replacement.replace(fc)
     assert resolve_binaries(cfg) == first
     assert runs[2:] == ["firecracker"] and len(checks) == 2
-    assert read_version(fc) == first.version
+    assert read_version(fc, "firecracker") == first.version

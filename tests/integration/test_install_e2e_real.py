@@ -40,7 +40,7 @@ def _binaries() -> tuple[Path, Path, str]:
 
     try:
         firecracker, jailer = find_firecracker(), find_jailer()
-        version = read_version(firecracker)
+        version = read_version(firecracker, "firecracker")
     except IronclawError as exc:
         pytest.skip(f"no firecracker/jailer on this machine to pack: {exc}")
     release = "v{}.{}.{}".format(*version.release)

@@ -16,9 +16,10 @@ from ironclaw_orchestrator.errors import (
 from ironclaw_orchestrator.vm import binaries as b
 
 
-def fake(tmp: Path, name: str, version: str) -> Path:
+def fake(tmp: Path, name: str, version: str, banner: str | None = None) -> Path:
     path = tmp / name
-    path.write_text(f"#!/bin/sh\necho '{name.split('-')[0].capitalize()} {version}'\n")
+    banner = banner or name.split("-")[0].capitalize()
+    path.write_text(f"#!/bin/sh\necho '{banner} {version}'\n")
     path.chmod(0o755)
     return path
 
@@ -116,7 +117,7 @@ def test_matching_pair(tmp_path: Path) -> None:
 
 def test_exec_name_rule_for_middle_versions(tmp_path: Path) -> None:
     j = fake(tmp_path, "jailer", "v1.5.0")
-    f = fake(tmp_path, "vmm", "v1.5.0")
+    f = fake(tmp_path, "vmm", "v1.5.0", banner="Firecracker")  # firecracker, renamed
     with pytest.raises(ConfigError, match=r"must|requires"):
         b.check_pair(j, f)
     b.check_exec_file_name(Path("vmm"), b.Version(1, 14, 1))  # allowed again in v1.13+
@@ -137,8 +138,24 @@ def test_not_a_firecracker(tmp_path: Path) -> None:
     path = tmp_path / "jailer"
     path.write_text("#!/bin/sh\necho hello\n")
     os.chmod(path, 0o755)
-    with pytest.raises(BinaryNotFoundError, match="no Firecracker version"):
-        b.read_version(path)
+    with pytest.raises(BinaryNotFoundError, match="is not firecracker"):
+        b.read_version(path, "firecracker")
+
+
+def test_a_jailer_that_is_really_firecracker_is_refused_at_start_up(tmp_path: Path) -> None:
+    # What `ironclaw install` refuses, the start path refuses too (a hand-copied binary).
+    fc = _fake_binary(tmp_path / "firecracker", "v1.7.0")
+    jailer = _fake_binary(tmp_path / "jailer", "v1.7.0")  # prints "Firecracker v1.7.0"
+    with pytest.raises(BinaryNotFoundError) as info:
+        b.check_pair(jailer, fc)
+    assert str(jailer) in str(info.value)
+    assert "is not jailer" in str(info.value)
+    assert "'Firecracker v1.7.0'" in str(info.value)
+    # The same file read as what it is passes, and the pair of real names passes.
+    real_jailer = tmp_path / "jailer-ok"
+    real_jailer.write_text("#!/bin/sh\necho 'Jailer v1.7.0'\n")
+    real_jailer.chmod(0o755)
+    assert b.check_pair(real_jailer, fc).version == b.Version(1, 7, 0)
 
 
 # --------------------------------------------------------------------------- version cache
@@ -167,18 +184,18 @@ def test_versions_are_cached_across_processes_in_the_run_dir(
 
     monkeypatch.setattr(b.subprocess, "run", counting)
     monkeypatch.setattr(b, "_version_cache", {})
-    assert b.read_version(fc) == b.Version(1, 7, 0)
+    assert b.read_version(fc, "firecracker") == b.Version(1, 7, 0)
     assert len(runs) == 1
     cache = run_dir / b.VERSION_CACHE_FILE
     assert cache.stat().st_mode & 0o777 == 0o600
     monkeypatch.setattr(b, "_version_cache", {})  # a new process
-    assert b.read_version(fc) == b.Version(1, 7, 0)
+    assert b.read_version(fc, "firecracker") == b.Version(1, 7, 0)
     assert len(runs) == 1  # from the file
     # The binary replaced by another release: its identity changed, so it runs again.
     replacement = _fake_binary(tmp_path / "new", "v1.8.0")
     replacement.replace(fc)
     monkeypatch.setattr(b, "_version_cache", {})
-    assert b.read_version(fc) == b.Version(1, 8, 0)
+    assert b.read_version(fc, "firecracker") == b.Version(1, 8, 0)
     assert len(runs) == 2
 
 
@@ -201,7 +218,8 @@ def test_a_version_cache_others_could_write_or_that_is_damaged_is_ignored(
         forged[str(fc.resolve())]["file"] = [0, 0, 0, 0, 0]
         cache.write_text(json.dumps(forged))
     monkeypatch.setattr(b, "_version_cache", {})
-    assert b.read_version(fc) == b.Version(1, 7, 0)  # ran the binary, not the forged entry
+    # ran the binary, not the forged entry:
+    assert b.read_version(fc, "firecracker") == b.Version(1, 7, 0)
 
 
 def test_the_version_cache_forgets_binaries_that_are_gone_and_stays_small(
@@ -211,10 +229,10 @@ def test_the_version_cache_forgets_binaries_that_are_gone_and_stays_small(
     run_dir.mkdir(mode=0o700)
     monkeypatch.setenv("IRONCLAW_RUN_DIR", str(run_dir))
     gone = _fake_binary(tmp_path / "gone", "v1.0.0")
-    b.read_version(gone)
+    b.read_version(gone, "firecracker")
     gone.unlink()
     for i in range(40):
-        b.read_version(_fake_binary(tmp_path / f"fc{i}", "v1.0.0"))
+        b.read_version(_fake_binary(tmp_path / f"fc{i}", "v1.0.0"), "firecracker")
     data = json.loads((run_dir / b.VERSION_CACHE_FILE).read_text())
     assert str(gone) not in data
     assert len(data) == 32 and str((tmp_path / "fc39").resolve()) in data

@@ -92,7 +92,7 @@ def test_binary_without_version(tmp_path: Path) -> None:
     )
     named = by_name(doctor.check_binaries(config)[0])
     assert named["jailer"].status is Status.FAIL
-    assert "no Firecracker version" in named["jailer"].value
+    assert "is not jailer" in named["jailer"].value
 
 
 # --------------------------------------------------------------------------- chroot base

@@ -115,7 +115,7 @@ def version_text() -> str:
             lines.append(f"{name}: not found ({hint})")
             continue
         try:
-            found = f"{read_version(path)} ({path})"
+            found = f"{read_version(path, name)} ({path})"
         except IronclawError as exc:
             found = f"{path}: version unknown: {str(exc).splitlines()[0]}"
         lines.append(f"{name}: {found}")

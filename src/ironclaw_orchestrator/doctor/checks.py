@@ -88,7 +88,7 @@ def check_binaries(config: JailerConfig) -> tuple[list[Check], Path | None]:
     for name, finder, explicit in finders:
         try:
             path = finder(explicit)
-            version = read_version(path)
+            version = read_version(path, name)
         except IronclawError as exc:
             checks.append(Check(name, Status.FAIL, _first_line(exc), _INSTALL_FIX))
             continue
@@ -107,8 +107,8 @@ def check_binaries(config: JailerConfig) -> tuple[list[Check], Path | None]:
             Check(
                 "versions",
                 Status.FAIL,
-                f"jailer {read_version(found['jailer'])} != firecracker "
-                f"{read_version(found['firecracker'])}",
+                f"jailer {read_version(found['jailer'], 'jailer')} != firecracker "
+                f"{read_version(found['firecracker'], 'firecracker')}",
                 "install both from one release archive (`ironclaw install --version vX.Y.Z`)",
                 details={"message": str(exc)},
             )

@@ -151,7 +151,9 @@ def _find(
 
 
 #: In this process: (resolved path, dev, inode, size, mtime, ctime) -> version.
-_version_cache: dict[tuple[str, int, int, int, int, int], Version] = {}
+#: (resolved path, st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, program)
+_FileKey = tuple[str, int, int, int, int, int, str]
+_version_cache: dict[_FileKey, Version] = {}
 #: Across processes (every `ironclaw` command would otherwise run both binaries): a small
 #: JSON file in the run directory, trusted only if it is ours and nobody else can write it.
 VERSION_CACHE_FILE = "binary-versions.json"
@@ -161,8 +163,12 @@ _MAX_CACHE_ENTRIES = 32
 log = logging.getLogger(__name__)
 
 
-def read_version(binary: Path) -> Version:
-    """Run ``binary --version`` once per file and parse the release.
+def read_version(binary: Path, program: str) -> Version:
+    """Run ``binary --version`` once per file and parse the release ``program`` names.
+
+    ``program`` is ``"firecracker"`` or ``"jailer"``: the output must carry that program's
+    banner (:func:`parse_version_output`), so a jailer that is really firecracker is refused
+    here too, not only by ``ironclaw install``.
 
     A file is the same while its path, device, inode, size, mtime and ctime are: replacing
     or touching it runs ``--version`` again. Results persist in the run directory (see
@@ -170,7 +176,7 @@ def read_version(binary: Path) -> Version:
     """
     st = binary.stat()
     resolved = str(binary.resolve())
-    key = (resolved, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = (resolved, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, program)
     cached = _version_cache.get(key)
     if cached is None:
         cached = _disk_cache_get(key)
@@ -187,11 +193,12 @@ def read_version(binary: Path) -> Version:
             "binary for this architecture"
         ) from exc
     try:
-        version = Version.parse(out.stdout + out.stderr)
-    except ValueError:
+        version = parse_version_output(program, out.stdout + out.stderr)
+    except ValueError as exc:
         raise BinaryNotFoundError(
-            f"{binary} --version printed no Firecracker version ({out.stdout.strip()[:80]!r}): "
-            "is it really firecracker/jailer?"
+            f"{binary} is not {program}: its --version output does not name it ({exc}); "
+            f"install the {program} binary of a Firecracker release there "
+            "(`ironclaw install --version vX.Y.Z`)"
         ) from None
     _version_cache[key] = version
     _disk_cache_put(key, version)
@@ -222,7 +229,7 @@ def _disk_cache_load(path: Path) -> dict[str, object]:
     return data if isinstance(data, dict) else {}
 
 
-def _disk_cache_get(key: tuple[str, int, int, int, int, int]) -> Version | None:
+def _disk_cache_get(key: _FileKey) -> Version | None:
     path = _disk_cache_path()
     if path is None:
         return None
@@ -235,7 +242,7 @@ def _disk_cache_get(key: tuple[str, int, int, int, int, int]) -> Version | None:
         return None
 
 
-def _disk_cache_put(key: tuple[str, int, int, int, int, int], version: Version) -> None:
+def _disk_cache_put(key: _FileKey, version: Version) -> None:
     path = _disk_cache_path()
     if path is None:
         return
@@ -270,8 +277,8 @@ class Binaries:
 
 def check_pair(jailer: Path, firecracker: Path) -> Binaries:
     """Read both versions and refuse a mismatch (the jailer must match its firecracker)."""
-    jv = read_version(jailer)
-    fv = read_version(firecracker)
+    jv = read_version(jailer, "jailer")
+    fv = read_version(firecracker, "firecracker")
     if jv.release != fv.release:
         raise VersionMismatchError(
             f"jailer {jailer} is {jv} but firecracker {firecracker} is {fv}: they must come "

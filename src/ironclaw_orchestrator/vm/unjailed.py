@@ -60,7 +60,7 @@ async def start_unjailed(
     jc = config.jailer
     explicit = jc.exec_file if jc is not None and "exec_file" in jc.model_fields_set else None
     firecracker = find_firecracker(explicit)
-    read_version(firecracker)
+    read_version(firecracker, "firecracker")
     check_kvm()
     check_run_root(run_root())
     socket = vm_run_dir(config.vm_id) / API_SOCKET_NAME
