@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any, Literal
 from ...errors import CgroupError, CleanupError, ConfigError
 from ...names import PARENT_CGROUP_NAME as DEFAULT_PARENT_CGROUP_NAME
 from ...names import is_valid_id, vm_cgroup_path
-from . import ledger
+from . import drain, ledger
 from .fs import CgroupFs, read_optional, read_pids
 from .layout import (
     CgroupLayout,
@@ -38,32 +37,12 @@ from .layout import (
 )
 from .limits import CgroupSetting, jailer_cgroup_args, setting
 from .lock import DEFAULT_LOCK_PATH, HostLock
+from .rejections import errname, write_error
 from .stats import CgroupStats, parse_flat_keyed, read_stats
 
 Version = Literal[1, 2]
 UNIFIED = "unified"
 _FORMAT = 1
-
-#: Which ``JailerConfig`` field produces a cgroup file (for "how to fix" hints).
-_FIELD_OF = {
-    "cpu.cfs_period_us": "cpu_period_us",
-    "cpu.cfs_quota_us": "cpu_count / cpu_period_us",
-    "cpu.max": "cpu_count / cpu_period_us",
-    "cpu.shares": "cpu_weight",
-    "cpu.weight": "cpu_weight",
-    "memory.limit_in_bytes": "memory_limit_mb",
-    "memory.max": "memory_limit_mb",
-    "memory.soft_limit_in_bytes": "memory_high_mb",
-    "memory.high": "memory_high_mb",
-    "cpuset.cpus": "cpuset_cpus",
-    "cpuset.mems": "cpuset_mems",
-    "pids.max": "pids_max",
-    "io.max": "io_read_bps / io_write_bps / io_read_iops / io_write_iops",
-}
-
-
-def _errname(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
 def _depth(path: str) -> int:
@@ -283,7 +262,7 @@ class VmCgroups:
             self.fs.mkdir(path)
         except OSError as exc:
             raise CgroupError(
-                f"cannot create cgroup directory {path} ({key}): {_errname(exc)} "
+                f"cannot create cgroup directory {path} ({key}): {errname(exc)} "
                 f"{exc.strerror}. Run as root, or set JailerConfig.parent_cgroup to a "
                 "subtree delegated to this user",
                 controller=key,
@@ -373,7 +352,7 @@ class VmCgroups:
                 ) from exc
             raise CgroupError(
                 f"cannot enable controller {ctrl}: writing '+{ctrl}' to {target} failed with "
-                f"{_errname(exc)} {exc.strerror}. Check that {path}/cgroup.controllers lists "
+                f"{errname(exc)} {exc.strerror}. Check that {path}/cgroup.controllers lists "
                 f"{ctrl}, or set JailerConfig.parent_cgroup elsewhere",
                 controller=ctrl,
                 path=str(target),
@@ -408,46 +387,7 @@ class VmCgroups:
         try:
             self.fs.write(target, value)
         except OSError as exc:
-            raise self._write_error(target, value, controller, exc, what) from exc
-
-    def _write_error(
-        self, target: Path, value: str, controller: str, exc: OSError, what: str
-    ) -> CgroupError:
-        name = target.name
-        parent_val = read_optional(self.fs, target.parent.parent / name)
-        context = f" (the parent cgroup has {name} = {parent_val!r})" if parent_val else ""
-        fld = _FIELD_OF.get(name)
-        fix = f"fix JailerConfig.{fld}" if fld else "fix the value"
-        if exc.errno == errno.ENOENT:
-            hint = (
-                f"this kernel offers no {name} in {target.parent}: the {controller} "
-                "controller is not enabled there or the kernel lacks the feature; unset the "
-                "limit or enable the controller"
-            )
-        elif name == "cpuset.cpus":
-            hint = f"{fix}: use CPUs that are online and allowed in the parent cpuset"
-        elif name == "cpuset.mems":
-            hint = f"{fix}: use NUMA nodes allowed in the parent cpuset"
-        elif name in ("cpu.cfs_quota_us", "cpu.max", "cpu.cfs_period_us"):
-            hint = (
-                f"{fix}: a child's CPU quota may not exceed the parent's (cgroup v1), and the "
-                "period must be 1000..1000000 us"
-            )
-        elif controller == "memory":
-            hint = f"{fix}: the limit must be at least the memory already in use"
-        elif exc.errno in (errno.EACCES, errno.EPERM):
-            hint = "run as root or use a cgroup subtree delegated to this user"
-        else:
-            hint = fix
-        doing = f" while {what}" if what else ""
-        return CgroupError(
-            f"cgroup v{self.version} controller {controller}: the kernel rejected "
-            f"{name}={value!r}{doing} in {target.parent} ({_errname(exc)}: {exc.strerror})"
-            f"{context}; {hint}",
-            controller=controller,
-            path=str(target),
-            value=value,
-        )
+            raise write_error(self.fs, self.version, target, value, controller, exc, what) from exc
 
     # ------------------------------------------------------------------ attach
 
@@ -471,7 +411,7 @@ class VmCgroups:
                 gone = " (the process has exited)" if exc.errno == errno.ESRCH else ""
                 raise CgroupError(
                     f"cannot attach pid {pid} to the {key} cgroup: writing {pid} to {target} "
-                    f"failed with {_errname(exc)} {exc.strerror}{gone}; prepare() must have "
+                    f"failed with {errname(exc)} {exc.strerror}{gone}; prepare() must have "
                     "run and the VMM must still be alive",
                     controller=key,
                     path=str(target),
@@ -480,67 +420,12 @@ class VmCgroups:
 
     # ------------------------------------------------------------------ remove
 
-    def _all_cgroups(self, top: Path) -> list[Path]:
-        """``top`` and its descendants, deepest first."""
-        out: list[Path] = []
-        for sub in self.fs.subdirs(top):
-            out += self._all_cgroups(sub)
-        out.append(top)
-        return out
-
-    def _pids(self, cg: Path) -> set[int]:
-        pids = set(read_pids(self.fs, cg / "cgroup.procs"))
-        if self.version == 1:
-            pids |= set(read_pids(self.fs, cg / "tasks"))
-        return pids
-
-    def _populated(self, top: Path) -> set[int]:
-        if self.version == 2:
-            events = read_optional(self.fs, top / "cgroup.events")
-            if events is not None and parse_flat_keyed(events).get("populated") == 0:
-                return set()
-        found: set[int] = set()
-        for cg in self._all_cgroups(top):
-            found |= self._pids(cg)
-        return found
-
-    def _kill_all(self, top: Path, failures: list[str]) -> None:
-        if self.version == 2 and self.fs.exists(top / "cgroup.kill"):
-            try:
-                self.fs.write(top / "cgroup.kill", "1")
-                return
-            except OSError as exc:
-                failures.append(f"write 1 to {top}/cgroup.kill: {_errname(exc)} {exc.strerror}")
-        for cg in self._all_cgroups(top):
-            for pid in sorted(self._pids(cg)):
-                if pid == os.getpid():
-                    msg = f"{cg} holds the orchestrator itself (pid {pid}); not killing it"
-                    if msg not in failures:
-                        failures.append(msg)
-                    continue
-                try:
-                    self.fs.kill(pid)
-                except ProcessLookupError:
-                    pass
-                except OSError as exc:
-                    failures.append(f"SIGKILL pid {pid} in {cg}: {_errname(exc)} {exc.strerror}")
-
-    def _rmdir(self, path: Path, failures: list[str], tolerate_busy: bool) -> None:
-        try:
-            self.fs.rmdir(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            if tolerate_busy and exc.errno in (errno.EBUSY, errno.ENOTEMPTY, errno.EEXIST):
-                return  # another VM's cgroup lives there
-            failures.append(f"rmdir {path}: {_errname(exc)} {exc.strerror}")
-
     def _remove_created(self) -> list[str]:
         """Remove (deepest first) the directories this object created. Lock must be held."""
         failures: list[str] = []
         vm_dirs = set(self._vm_dirs())
         for path in sorted(set(self.created), key=lambda p: len(p.parts), reverse=True):
-            self._rmdir(path, failures, tolerate_busy=path not in vm_dirs)
+            drain.rmdir(self.fs, path, failures, tolerate_busy=path not in vm_dirs)
         if not failures:
             self.created.clear()
         return failures
@@ -560,38 +445,22 @@ class VmCgroups:
         # belongs to someone else (same id still running) and must not be touched.
         owned = set(self.created)
         tops = [d for d in self._vm_dirs() if d in owned and self.fs.is_dir(d)]
-        for top in tops:
-            self._kill_all(top, failures)
-        deadline = time.monotonic() + timeout_s
-        pending = {top: self._populated(top) for top in tops}
-        while any(pending.values()) and time.monotonic() < deadline:
-            time.sleep(0.02)
-            for top in tops:
-                if pending[top]:
-                    pending[top] = self._populated(top)
-                    if pending[top] and self.version == 1:
-                        self._kill_all(top, failures)
-        for top, pids in pending.items():
-            if pids:
-                failures.append(
-                    f"{top} still holds pids {sorted(pids)} after {timeout_s:g}s "
-                    "(uninterruptible sleep? check /proc/<pid>/stack)"
-                )
+        drain.drain(self.fs, self.version, tops, timeout_s, failures)
         with HostLock(self.lock_path):
             for top in tops:
-                for cg in self._all_cgroups(top):
-                    self._rmdir(cg, failures, tolerate_busy=False)
+                for cg in drain.all_cgroups(self.fs, top):
+                    drain.rmdir(self.fs, cg, failures, tolerate_busy=False)
             failures += self._remove_created()
             if owned and not self.explicit_parent:
                 for key in self.mounts:
-                    self._rmdir(self.paths[key].parent, failures, tolerate_busy=True)
+                    drain.rmdir(self.fs, self.paths[key].parent, failures, tolerate_busy=True)
             if owned:
                 # Intermediate dirs another VM made for the same parent: the last one out
                 # removes them (see ledger).
                 try:
                     ledger.sweep(self.lock_path, self.fs, within=self._vm_dirs())
                 except OSError as exc:
-                    failures.append(f"intermediate cgroups: {_errname(exc)} {exc.strerror}")
+                    failures.append(f"intermediate cgroups: {errname(exc)} {exc.strerror}")
         self.prepared = False
         if failures:
             unique = list(dict.fromkeys(failures))
