@@ -8,8 +8,11 @@ The raw baseline drives the jailer and firecracker with a bare Unix-socket HTTP 
 here (no httpx, nothing from ironclaw's process, API or jail code): the jailer gets the same
 isolation flags ironclaw uses by default (uid/gid, new PID namespace, memory and CPU cgroups
 under our own cgroup), the probe kernel is linked into the jail, the VM is configured and
-booted, its exit is awaited and the jail and cgroups are removed. The only thing raw skips is
-the private network namespace, so the ratios are an upper bound on what ironclaw adds.
+booted, its exit is awaited and the jail and cgroups are removed. Plain raw skips the private
+network namespace ironclaw gives every VM; ``raw+netns`` also makes one per VM (unshare in a
+thread, bind-mounted under /run/netns, ``lo`` up, like ``ip netns add``) and hands it to the
+jailer with ``--netns``: ironclaw / raw+netns compares the same isolation, ironclaw / raw is
+an upper bound on what ironclaw adds.
 
 Phases per lifecycle: ``ready`` (spawn -> API answering and pre-configured), ``boot`` (InstanceStart
 -> guest exit reaped), ``cleanup``, ``total``. Then 16 lifecycles at once (VMs/s), orchestrator
@@ -23,14 +26,18 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import math
 import os
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,6 +48,8 @@ from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, prob
 RAW_BASE = Path("/var/jail")
 UID = GID = 64999  # the raw baseline's jail user (ironclaw allocates its own from the registry)
 PR_SET_CHILD_SUBREAPER = 36
+CLONE_NEWNET, MS_BIND, MNT_DETACH = 0x40000000, 4096, 2
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 1
 
 Sample = dict[str, float]
 
@@ -102,8 +111,52 @@ async def _pidfd_wait(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(res: int, what: str) -> None:
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _make_netns(path: str) -> None:
+    """In a throw-away thread: a new netns for the thread, bound on ``path``, ``lo`` up."""
+
+    def body() -> None:
+        _check(_libc.unshare(CLONE_NEWNET), "unshare")
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+        ns = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
+        _check(_libc.mount(ns, path.encode(), None, MS_BIND, None), "mount")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            ifr = struct.pack("16sH", b"lo", 0).ljust(40, b"\0")
+            flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, ifr), 16)[0]
+            up = struct.pack("16sH", b"lo", flags | IFF_UP).ljust(40, b"\0")
+            fcntl.ioctl(s, SIOCSIFFLAGS, up)
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            body()
+        except BaseException as exc:  # handed to the caller
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+def _remove_netns(path: str) -> None:
+    _check(_libc.umount2(path.encode(), MNT_DETACH), "umount2")
+    os.unlink(path)
+
+
 class Raw:
-    def __init__(self, jailer: Path, firecracker: Path, kernel: Path) -> None:
+    def __init__(self, jailer: Path, firecracker: Path, kernel: Path, netns: bool = False) -> None:
+        self.netns = netns
         self.jailer = jailer
         self.exec_file = firecracker.resolve()  # the jailer names the jail after the real file
         self.kernel = kernel
@@ -114,17 +167,22 @@ class Raw:
         vm_id = f"raw-{uuid.uuid4().hex[:10]}"
         jail = RAW_BASE / self.exec_file.name / vm_id
         root = jail / "root"
+        t0 = time.perf_counter()
+        netns = f"/run/netns/{vm_id}" if self.netns else None
+        if netns is not None:
+            os.makedirs("/run/netns", exist_ok=True)
+            await asyncio.to_thread(_make_netns, netns)
         argv = [
             str(self.jailer), "--id", vm_id, "--exec-file", str(self.exec_file),
             "--uid", str(UID), "--gid", str(GID), "--chroot-base-dir", str(RAW_BASE),
             "--new-pid-ns", "--cgroup-version", "1", "--parent-cgroup", self.parent,
             "--cgroup", f"memory.limit_in_bytes={192 << 20}",
             "--cgroup", "cpu.cfs_period_us=100000", "--cgroup", "cpu.cfs_quota_us=100000",
+            *(["--netns", netns] if netns is not None else []),
             "--", "--api-sock", "/run/firecracker.socket",
         ]  # fmt: skip
         out = os.open(self.log_dir / f"{vm_id}.out", os.O_WRONLY | os.O_CREAT, 0o600)
         actions = [(os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)]
-        t0 = time.perf_counter()
         jailer_pid = os.posix_spawn(argv[0], argv, {}, file_actions=actions)
         os.close(out)
         sock = root / "run/firecracker.socket"
@@ -153,6 +211,8 @@ class Raw:
         shutil.rmtree(jail)
         for ctrl in ("memory", "cpu"):
             os.rmdir(f"/sys/fs/cgroup/{ctrl}/{self.parent}/{vm_id}")
+        if netns is not None:
+            _remove_netns(netns)
         t3 = time.perf_counter()
         return {"ready": t1 - t0, "boot": t2 - t1, "cleanup": t3 - t2, "total": t3 - t0}
 
@@ -281,25 +341,29 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 
     kernel = probe_kernel_path(ProbeBehaviour.RESET)
     raw = Raw(find_jailer(), find_firecracker(), kernel)
+    raw_ns = Raw(find_jailer(), find_firecracker(), kernel, netns=True)
     ours = Ironclaw(kernel)
+    contenders: dict[str, Callable[[], Awaitable[Sample]]] = {
+        "raw": raw.lifecycle, "raw+netns": raw_ns.lifecycle, "ironclaw": ours.lifecycle,
+    }  # fmt: skip
     result: dict[str, object] = {}
     try:
         for _ in range(3):  # warm caches
-            await raw.lifecycle()
-            await ours.lifecycle()
-        seq: dict[str, list[Sample]] = {"raw": [], "ironclaw": []}
-        for _ in range(args.runs):  # interleaved, so drift hits both alike
-            seq["raw"].append(await raw.lifecycle())
-            seq["ironclaw"].append(await ours.lifecycle())
+            for run in contenders.values():
+                await run()
+        seq: dict[str, list[Sample]] = {who: [] for who in contenders}
+        for _ in range(args.runs):  # interleaved, so drift hits all alike
+            for who, run in contenders.items():
+                seq[who].append(await run())
         phases = {
             who: {k: _stats([s[k] for s in samples]) for k in ("ready", "boot", "cleanup", "total")}
             for who, samples in seq.items()
         }
         result["sequential_s"] = phases
-        conc: dict[str, list[dict[str, float]]] = {"raw": [], "ironclaw": []}
+        conc: dict[str, list[dict[str, float]]] = {who: [] for who in contenders}
         for _ in range(args.batches):
-            conc["raw"].append(await concurrent(raw.lifecycle, args.concurrency, 1))
-            conc["ironclaw"].append(await concurrent(ours.lifecycle, args.concurrency, 1))
+            for who, run in contenders.items():
+                conc[who].append(await concurrent(run, args.concurrency, 1))
         result["concurrent"] = {
             who: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             for who, rows in conc.items()
@@ -307,15 +371,19 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         result["memory"] = await memory(args.concurrency)
     finally:
         raw.close()
+        raw_ns.close()
     if not args.no_cli:
         result["cli_s"] = cli_wall(args.cli_runs)
     med = {who: {k: v["median"] for k, v in p.items()} for who, p in phases.items()}
     c = result["concurrent"]
     assert isinstance(c, dict)
     result["ratios"] = {
-        "ready": med["ironclaw"]["ready"] / med["raw"]["ready"],
-        "total": med["ironclaw"]["total"] / med["raw"]["total"],
-        "concurrent_vms_per_s": c["ironclaw"]["vms_per_s"] / c["raw"]["vms_per_s"],
+        f"{phase} vs {base}": med["ironclaw"][phase] / med[base][phase]
+        for base in ("raw", "raw+netns")
+        for phase in ("ready", "total")
+    } | {
+        f"concurrent_vms_per_s vs {base}": c["ironclaw"]["vms_per_s"] / c[base]["vms_per_s"]
+        for base in ("raw", "raw+netns")
     }
     return result
 
@@ -345,7 +413,7 @@ def render(result: dict[str, object]) -> None:
             print(f"  {name}: {v['median'] * 1000:.0f} ms (p90 {v['p90'] * 1000:.0f})")
     ratios = result["ratios"]
     assert isinstance(ratios, dict)
-    print("ratios ironclaw / raw: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print("ratios ironclaw / baseline: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
 
 if __name__ == "__main__":
