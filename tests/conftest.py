@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import leakcheck
@@ -30,6 +31,13 @@ import leakcheck
 from ironclaw_orchestrator.vm.process import become_subreaper
 
 pytest_plugins = ["pytester"]  # tests/unit/test_leak_guard.py runs pytest inside pytest
+
+# Property-based tests (tests/unit/test_properties_*.py): a quick default for development;
+# CI (.ci/run) selects "ci": more examples, no example database left in the clone. No
+# deadline: tests assert behaviour, never timings (the machine is shared).
+settings.register_profile("dev", max_examples=40, deadline=None)
+settings.register_profile("ci", max_examples=200, deadline=None, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 #: How long a process or thread started by a test may take to end after the test.
 GRACE_S = float(os.environ.get("IRONCLAW_TEST_LEAK_GRACE_S", "10"))

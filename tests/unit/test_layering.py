@@ -27,7 +27,20 @@ ROOT = Path(ironclaw_orchestrator.__file__).parent
 #: Lowest layer first; components are module names relative to the package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("errors",)),
-    ("primitives", ("lsm", "names", "paths", "pidfd", "procfs", "safefs", "version", "vm.seccomp")),
+    (
+        "primitives",
+        (
+            "lsm",
+            "names",
+            "paths",
+            "pidfd",
+            "procfs",
+            "safefs",
+            "version",
+            "vm.cmdline",
+            "vm.seccomp",
+        ),
+    ),
     ("config", ("vm.config", "vm.ratelimit")),
     (
         "building blocks",

@@ -459,9 +459,7 @@ async def _configure(vm: FirecrackerProcess) -> None:
         cfg.vcpu_count, cfg.memory_mb, track_dirty_pages=cfg.track_dirty_pages
     )
     kernel = KERNEL_JAIL_PATH if jailed else Path(cfg.kernel_path)
-    boot_args = cfg.boot_args
-    if cfg.enable_networking and "ip=" not in boot_args.split("#")[0]:
-        boot_args = f"{boot_args} {cfg.guest_ip_arg()}"
+    boot_args = cfg.kernel_cmdline()
     await api.put_boot_source(kernel, boot_args)
     if cfg.rootfs_path is not None:
         rootfs = ROOTFS_JAIL_PATH if jailed else Path(cfg.rootfs_path)

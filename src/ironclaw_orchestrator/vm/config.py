@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import os
 import re
 from pathlib import Path, PurePosixPath
@@ -40,6 +41,7 @@ from pydantic import (
 
 from ..errors import ConfigError
 from ..names import ID_RULE, PARENT_CGROUP_NAME, exec_file_name, is_valid_id
+from .cmdline import add_param, has_param
 from .ratelimit import RateLimit, VsockRateLimit
 
 #: Linux ``sun_path`` holds 108 bytes including the terminating NUL.
@@ -50,6 +52,8 @@ MIN_MEMORY_MIB = 128
 #: Hard bound on guest memory (1 TiB); the host's own RAM is checked at start
 #: (:func:`ironclaw_orchestrator.vm.hostcheck.check_guest_memory`).
 MAX_MEMORY_MIB = 1 << 20
+#: The kernel's smallest CFS quota (``cpu.max`` / ``cpu.cfs_quota_us``), in microseconds.
+MIN_CPU_QUOTA_US = 1000
 #: Hard bound on a VM's cgroup memory limits and head-room.
 MAX_MEMORY_LIMIT_MIB = 2 * MAX_MEMORY_MIB
 MAX_MEMORY_HEADROOM_MIB = 64 << 10
@@ -301,11 +305,24 @@ class JailerConfig(_Model):
             raise ValueError(f"netns {v!r} must be an absolute path such as /run/netns/NAME")
         return host_path(v, "netns")
 
+    @model_validator(mode="after")
+    def _quota_expressible(self) -> JailerConfig:
+        cpus = self.cpu_limit if self.cpu_limit is not None else self.cpu_count
+        quota = round(cpus * self.cpu_period_us)
+        if quota < MIN_CPU_QUOTA_US:
+            # Rounding up to the kernel's minimum would silently grant more CPU than asked.
+            raise ValueError(
+                f"cpu_limit={cpus} with cpu_period_us={self.cpu_period_us} is a quota of "
+                f"{quota} us, below the kernel's minimum of {MIN_CPU_QUOTA_US} us: raise "
+                f"cpu_period_us to at least {math.ceil(MIN_CPU_QUOTA_US / cpus)}"
+            )
+        return self
+
     @property
     def cpu_quota_us(self) -> int:
         """CFS quota per ``cpu_period_us`` implementing ``cpu_limit`` (or ``cpu_count``)."""
         cpus = self.cpu_limit if self.cpu_limit is not None else self.cpu_count
-        return max(1000, round(cpus * self.cpu_period_us))
+        return max(MIN_CPU_QUOTA_US, round(cpus * self.cpu_period_us))
 
     @functools.cached_property
     def exec_file_name(self) -> str:
@@ -395,6 +412,10 @@ class VmConfig(_Model):
             )
         if len(v) > MAX_BOOT_ARGS:
             raise ValueError(f"boot_args is {len(v)} characters, over the {MAX_BOOT_ARGS} limit")
+        if v.count('"') % 2:
+            # The kernel would read everything after the open quote, including the ``ip=``
+            # added for networking, as one value.
+            raise ValueError(f"boot_args {v!r} has an unclosed double quote: close it")
         return v
 
     @field_validator("vsock_uds_path")
@@ -424,6 +445,12 @@ class VmConfig(_Model):
             iface.network.broadcast_address,
         ):
             raise ValueError(f"tap_host_cidr {v!r} needs a host address in a /30 or larger")
+        if iface.ip + 1 == iface.network.broadcast_address:
+            raise ValueError(
+                f"tap_host_cidr {v!r} leaves no address for the guest, which gets the next "
+                f"one ({iface.ip + 1}, the broadcast address): use "
+                f"{iface.network.network_address + 1}/{iface.network.prefixlen}"
+            )
         _reject_special_network(iface.network, "tap_host_cidr", v)
         return v
 
@@ -453,6 +480,23 @@ class VmConfig(_Model):
         iface = ipaddress.IPv4Interface(self.tap_host_cidr)
         guest = iface.ip + 1
         return f"ip={guest}::{iface.ip}:{iface.network.netmask}::eth0:off"
+
+    def kernel_cmdline(self) -> str:
+        """The command line the guest kernel boots with: ``boot_args``, plus
+        :meth:`guest_ip_arg` when networking is on and ``boot_args`` sets no ``ip=`` itself."""
+        if self.enable_networking and not has_param(self.boot_args, "ip"):
+            return add_param(self.boot_args, self.guest_ip_arg())
+        return self.boot_args
+
+    @model_validator(mode="after")
+    def _cmdline_fits(self) -> VmConfig:
+        size = len(self.kernel_cmdline())
+        if size > MAX_BOOT_ARGS:
+            raise ValueError(
+                f"boot_args with the guest's ip= argument is {size} characters, over the "
+                f"{MAX_BOOT_ARGS} limit: shorten boot_args or put an ip= of your own in it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _uplink_apart_from_tap(self) -> VmConfig:

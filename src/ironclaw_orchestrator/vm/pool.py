@@ -335,10 +335,8 @@ class WarmPool:
                 stage_file, Path(cfg.kernel_path), jcfg.chroot_dir, KERNEL_JAIL_PATH,
                 uid=jcfg.uid, gid=jcfg.gid, read_only=True,
             ))  # fmt: skip
-        if cfg.kernel_path != old.kernel_path or cfg.boot_args != old.boot_args:
-            boot_args = cfg.boot_args
-            if cfg.enable_networking and "ip=" not in boot_args.split("#")[0]:
-                boot_args = f"{boot_args} {cfg.guest_ip_arg()}"
+        if cfg.kernel_path != old.kernel_path or cfg.kernel_cmdline() != old.kernel_cmdline():
+            boot_args = cfg.kernel_cmdline()
             await api.put_boot_source(KERNEL_JAIL_PATH, boot_args)
         if cfg.rootfs_path is not None and (
             cfg.rootfs_path != old.rootfs_path or cfg.rootfs_read_only != old.rootfs_read_only
