@@ -21,6 +21,9 @@ What the guest does, in order:
 3. does its :class:`ProbeBehaviour`: reset the machine (Firecracker exits with status 0),
    halt forever, spin forever, or count: print ``"IRONCLAW-PROBE-COUNT <n>\\n"`` (``n`` ten
    decimal digits, from 0 up) every ``count_ticks`` time-stamp-counter ticks, forever.
+   ``CMDLINE`` prints ``"IRONCLAW-PROBE-CMDLINE <its kernel command line>\\n"`` and resets:
+   what the guest really booted with (``boot_args``, the ``ip=`` the orchestrator added,
+   Firecracker's own additions), read through ``rsi``'s boot_params at entry.
 
 The counter lives in guest RAM (the digits of the line it prints, incremented in place), so
 it is state a test can see: a snapshot taken at count ``n`` and restored goes on from ``n``
@@ -30,13 +33,14 @@ host CPU like ``SPIN``; keep counting VMs few and short-lived.
 
 The guest memory size (``mem_size_mib``) must be larger than ``16 + touch_mib``; touching
 memory the guest does not have makes the VMM fail, not the probe. Boot it with
-:data:`PROBE_BOOT_ARGS` (the probe ignores its command line; the arguments are those of a
-Linux guest, so a probe VM is configured like a real one).
+:data:`PROBE_BOOT_ARGS` (only the CMDLINE probe reads its command line; the arguments are
+those of a Linux guest, so a probe VM is configured like a real one).
 
 How Firecracker (x86_64) starts an ELF kernel, which is all the probe relies on: each
 ``PT_LOAD`` segment is copied to its physical address (at least 1 MiB), and the vCPU starts
 at ``e_entry`` in 64-bit long mode with interrupts off, the first 1 GiB identity-mapped,
-and ``rsi`` pointing at the Linux boot_params (unused here).
+and ``rsi`` pointing at the Linux boot_params (the CMDLINE probe reads the command line
+pointer at offset ``0x228`` of it; the others ignore it).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from pathlib import Path
 from ..errors import ConfigError, StagingError
 
 __all__ = [
+    "CMDLINE_PREFIX",
     "COUNT_PREFIX",
     "DEFAULT_COUNT_TICKS",
     "MAX_TOUCH_MIB",
@@ -64,6 +69,7 @@ __all__ = [
     "TOUCH_START_MIB",
     "ProbeBehaviour",
     "build_probe_kernel",
+    "parse_cmdline",
     "parse_counts",
     "probe_kernel_path",
     "probe_listing",
@@ -77,6 +83,12 @@ TOUCHED_PREFIX = "IRONCLAW-PROBE-TOUCHED"
 #: Each line a counting probe prints: this, a space, ten decimal digits, ``"\n"``.
 COUNT_PREFIX = "IRONCLAW-PROBE-COUNT"
 _COUNT_DIGITS = 10
+#: The line a CMDLINE probe prints: this, a space, its kernel command line, ``"\n"``.
+CMDLINE_PREFIX = "IRONCLAW-PROBE-CMDLINE"
+#: boot_params (the "zero page"): offset of ``hdr.cmd_line_ptr``, a 32-bit physical address.
+_CMD_LINE_PTR = 0x228
+#: The most command-line bytes the probe looks at for the terminating NUL.
+_CMDLINE_SCAN = 4096
 #: Time-stamp-counter ticks between two count lines (about 10-20 ms on a 2-3 GHz host).
 DEFAULT_COUNT_TICKS = 1 << 25
 #: Kernel command line for a probe VM (the same as a Linux guest's; the probe ignores it).
@@ -119,6 +131,9 @@ class ProbeBehaviour(enum.Enum):
     SPIN = "spin"
     #: Print a counter line every ``count_ticks`` TSC ticks, forever (busy-waits like SPIN).
     COUNT = "count"
+    #: Print ``"IRONCLAW-PROBE-CMDLINE <the kernel command line it was booted with>\n"``
+    #: (read through the boot_params that ``rsi`` points at on entry), then reset like RESET.
+    CMDLINE = "cmdline"
 
 
 # --------------------------------------------------------------------------- assembler
@@ -242,6 +257,7 @@ def _program(
     items: list[_Item] = [
         _Label("_start"),
         _Insn("cld", b"\xfc"),  # lodsb below must count upwards
+        *_keep_boot_params(behaviour),
         _Insn(f"mov esp, {_STACK_TOP:#x}", b"\xbc", imm=_u32(_STACK_TOP)),  # B8+rd, rd = esp
         lea_rsi("ready_msg"),
         mov_ecx(len(ready)),
@@ -262,6 +278,8 @@ def _program(
             mov_ecx(len(touched)),
             call("print"),
         ]
+    if behaviour is ProbeBehaviour.CMDLINE:
+        items += _cmdline_print()
     if behaviour is ProbeBehaviour.RESET:
         items += [
             _Insn(f"mov al, {_I8042_RESET:#x}", b"\xb0", imm=_u8(_I8042_RESET)),  # B0+rb ib
@@ -311,7 +329,60 @@ def _program(
             _Label("count_last_digit"),
             _Data("db b'0\\n'", b"0\n"),
         ]
+    if behaviour is ProbeBehaviour.CMDLINE:
+        prefix = f"{CMDLINE_PREFIX} ".encode("ascii")
+        items += [
+            _Label("cmdline_msg"),
+            _Data(f"db {prefix!r}", prefix),
+            _Label("newline"),
+            _Data("db b'\\n'", b"\n"),
+        ]
     return items
+
+
+def _keep_boot_params(behaviour: ProbeBehaviour) -> list[_Item]:
+    """``rbp`` <- ``rsi`` (the boot_params pointer), which ``print`` and the touch loop keep."""
+    if behaviour is not ProbeBehaviour.CMDLINE:
+        return []
+    return [_Insn("mov rbp, rsi", b"\x48\x89\xf5")]  # REX.W 89 /r, ModRM 11 110 101
+
+
+def _cmdline_print() -> list[_Item]:
+    """Print the prefix, the NUL-terminated command line at ``boot_params.hdr.cmd_line_ptr``
+    (a 32-bit physical address, identity-mapped), ``"\\n"``; then reset (and halt)."""
+    prefix_len = len(CMDLINE_PREFIX) + 1
+    return [
+        _Insn("lea rsi, [rip + cmdline_msg]", b"\x48\x8d\x35", "cmdline_msg", 4),
+        _Insn(f"mov ecx, {prefix_len:#x}", b"\xb9", imm=_u32(prefix_len)),
+        _Insn("call print", b"\xe8", "print", 4),
+        # 8B /r, ModRM 10 110 101 = 0xb5: esi <- dword [rbp + disp32] (zero-extends into rsi)
+        _Insn(f"mov esi, dword [rbp + {_CMD_LINE_PTR:#x}]", b"\x8b\xb5", imm=_u32(_CMD_LINE_PTR)),
+        # strlen, at most _CMDLINE_SCAN bytes: repne scasb leaves rcx = max - (len + 1).
+        _Insn("mov rdi, rsi", b"\x48\x89\xf7"),  # REX.W 89 /r, ModRM 11 110 111
+        _Insn("xor eax, eax", b"\x31\xc0"),  # 31 /r: al = 0, the byte searched for
+        _Insn(f"mov ecx, {_CMDLINE_SCAN:#x}", b"\xb9", imm=_u32(_CMDLINE_SCAN)),
+        _Insn("repne scasb", b"\xf2\xae"),  # F2 AE
+        _Insn("neg ecx", b"\xf7\xd9"),  # F7 /3, ModRM 11 011 001
+        # 81 /0 id, ModRM 11 000 001: ecx = max - 1 - rcx, the length
+        _Insn(f"add ecx, {_CMDLINE_SCAN - 1:#x}", b"\x81\xc1", imm=_u32(_CMDLINE_SCAN - 1)),
+        _Insn("jz cmdline_done", b"\x74", "cmdline_done", 1),  # empty: print needs rcx > 0
+        _Insn("call print", b"\xe8", "print", 4),  # rsi still points at the command line
+        _Label("cmdline_done"),
+        _Insn("lea rsi, [rip + newline]", b"\x48\x8d\x35", "newline", 4),
+        _Insn("mov ecx, 0x1", b"\xb9", imm=_u32(1)),
+        _Insn("call print", b"\xe8", "print", 4),
+        _Insn(f"mov al, {_I8042_RESET:#x}", b"\xb0", imm=_u8(_I8042_RESET)),
+        _Insn(f"out {_I8042_COMMAND:#x}, al", b"\xe6", imm=_u8(_I8042_COMMAND)),
+    ]
+
+
+def parse_cmdline(console: str) -> str | None:
+    """The command line a CMDLINE probe printed on ``console`` (a whole line), or ``None``."""
+    prefix = CMDLINE_PREFIX + " "
+    for line in console.split("\n")[:-1]:
+        if line.startswith(prefix):
+            return line[len(prefix) :].rstrip("\r")
+    return None
 
 
 def _count_len() -> int:
