@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from property_strategies import ID_ALPHABET
+from property_strategies import ID_ALPHABET, ID_MAX_LENGTH
 
 from ironclaw_orchestrator.errors import ConfigError
-from ironclaw_orchestrator.names import ID_MAX_LENGTH
 from ironclaw_orchestrator.vm import inputs
 from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig
 from ironclaw_orchestrator.vm.hostcheck import (
