@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from property_strategies import ID_ALPHABET, ID_MAX_LENGTH
 
@@ -34,6 +34,9 @@ path_chars = st.sampled_from(["a", "-", "é", "ж", "€", "\U0001d11e"])  # 1 t
 
 
 @given(st.lists(path_chars, min_size=80, max_size=115).map(lambda cs: "/" + "".join(cs)))
+@example("/" + "a" * 106)  # 107 bytes: the longest that fits
+@example("/" + "a" * 104 + "é")  # 107 bytes, 106 characters
+@example("/" + "a" * 105 + "é")  # 108 bytes
 def test_budget_counts_bytes_and_allows_exactly_107(text: str) -> None:
     path = Path(text)
     size = len(text.encode())
