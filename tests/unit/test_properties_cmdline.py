@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from property_strategies import ipv4_interfaces
 
 from ironclaw_orchestrator.errors import ConfigError
-from ironclaw_orchestrator.vm import FirecrackerProcess, _configure
+from ironclaw_orchestrator.vm import KERNEL_JAIL_PATH, FirecrackerProcess, _configure
 from ironclaw_orchestrator.vm.cmdline import add_param, has_param, kernel_params
-from ironclaw_orchestrator.vm.config import VmConfig
+from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig
+from ironclaw_orchestrator.vm.pool import WarmPool
 
 # Parameters as users write them: name[=value], value possibly quoted (with spaces inside).
 _names = st.text("abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=12).filter(
@@ -241,3 +242,29 @@ async def test_configure_sends_custom_boot_args_verbatim() -> None:
     assert [a for name, a, _ in vmm.api.calls if name == "put_boot_source"] == [
         (Path("/k/vmlinux"), custom)
     ]
+
+
+@given(boot_args_values, boot_args_values, st.booleans())
+async def test_pool_claim_sends_the_claims_command_line(
+    pooled_args: str, claim_args: str, networking: bool
+) -> None:
+    """A warm-pool claim with other boot args re-sends the boot source (allowed until
+    InstanceStart) with the claim's full command line; with the same ones, nothing."""
+    common = {
+        "kernel_path": "/k/vmlinux", "rootfs_path": None, "enable_networking": networking,
+        "tap_host_cidr": "10.1.2.1/29",
+    }  # fmt: skip
+    pooled = VmConfig(vm_id="pooled-1", boot_args=pooled_args, **common)  # type: ignore[arg-type]
+    claim = VmConfig(vm_id="claim-1", boot_args=claim_args, **common)  # type: ignore[arg-type]
+    vmm = _Vmm()
+    vmm.config = JailerConfig()  # type: ignore[attr-defined]
+    await WarmPool._reconfigure(
+        FirecrackerProcess(claim, vmm),  # type: ignore[arg-type]
+        FirecrackerProcess(pooled, vmm),  # type: ignore[arg-type]
+        vmm,  # type: ignore[arg-type]
+    )
+    boots = [a for name, a, _ in vmm.api.calls if name == "put_boot_source"]
+    if claim.kernel_cmdline() == pooled.kernel_cmdline():
+        assert boots == []
+    else:
+        assert boots == [(KERNEL_JAIL_PATH, claim.kernel_cmdline())]
