@@ -26,7 +26,8 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 class _Strict(BaseModel):
     """Unknown keys are errors; bad values raise ``ConfigError`` naming the key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict, as VmConfig: no bool for int, no "10" for 10 (README: validation is strict).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -133,7 +134,7 @@ class VsockRateLimit(_Strict):
 
     bytes_per_s: int | None = Field(default=None, ge=1)
     bytes_burst: int | None = Field(default=None, ge=1)
-    connections_per_s: float | None = Field(default=None, gt=0)
+    connections_per_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     connections_burst: int | None = Field(default=None, ge=1)
 
 
