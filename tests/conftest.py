@@ -36,7 +36,7 @@ pytest_plugins = ["pytester"]  # tests/unit/test_leak_guard.py runs pytest insid
 # CI (.ci/run) selects "ci": more examples, no example database left in the clone. No
 # deadline: tests assert behaviour, never timings (the machine is shared).
 settings.register_profile("dev", max_examples=40, deadline=None)
-settings.register_profile("ci", max_examples=200, deadline=None, database=None, print_blob=True)
+settings.register_profile("ci", max_examples=150, deadline=None, database=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 #: How long a process or thread started by a test may take to end after the test.
