@@ -278,3 +278,33 @@ def test_parent_cgroup_never_escapes_the_hierarchy(value: str) -> None:
 def test_run_dir_is_under_the_run_root(vm_id: str) -> None:
     root = Path("/run/ironclaw")
     assert names.vm_run_dir(root, vm_id).relative_to(root).parts == ("vms", vm_id)
+
+
+_files = st.sampled_from(["/opt/fc-a", "/opt/firecracker-v1.0.0", "/usr/bin/fc-long-name-b"])
+_steps = st.lists(
+    st.tuples(st.sampled_from(["read", "copy", "assign", "copy-other", "derive"]), _files),
+    max_size=8,
+)
+
+
+@given(_files, _steps)
+def test_exec_file_name_is_always_the_current_files_name(
+    first: str, steps: list[tuple[str, str]]
+) -> None:
+    """However a config is copied, re-pointed or derived, its jail (and the socket and pid
+    paths under it) are named after the exec file it now has: these files do not exist, so
+    the resolved name is the basename."""
+    cfg = JailerConfig(exec_file=first, jailer_id="vm1")
+    for op, path in steps:
+        if op == "read":
+            _ = cfg.jail_dir
+        elif op == "copy":
+            cfg = cfg.model_copy(update={"exec_file": Path(path)})
+        elif op == "copy-other":
+            cfg = cfg.model_copy(update={"uid": 4242})
+        elif op == "assign":
+            cfg.exec_file = Path(path)
+        else:
+            cfg = VmConfig(vm_id="vm1", jailer=cfg).jailer_config()
+        assert cfg.exec_file_name == Path(cfg.exec_file).name
+        assert cfg.jail_dir == names.jail_dir(cfg.chroot_base_dir, Path(cfg.exec_file).name, "vm1")

@@ -25,8 +25,9 @@ import ipaddress
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -338,6 +339,14 @@ class JailerConfig(_Model):
         super().__setattr__(name, value)
         if name == "exec_file":
             self.__dict__.pop("exec_file_name", None)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; one given another ``exec_file`` resolves its name anew (the cached name is
+        the old file's: the jail, socket and pid paths would all point at the wrong place)."""
+        copy = super().model_copy(update=update, deep=deep)
+        if update is not None and "exec_file" in update:
+            copy.__dict__.pop("exec_file_name", None)
+        return copy
 
     @property
     def jail_dir(self) -> Path:
