@@ -36,7 +36,7 @@ from .hardening import (
     VmStats,
     check_confinement,
 )
-from .hostcheck import check_socket_budget, is_root
+from .hostcheck import is_root
 from .inputs import check_vm_inputs
 from .jailer import (
     JailerProcess,
@@ -434,10 +434,8 @@ async def _start_jailed(
         )
     if jailer_cfg.seccomp_filter is not None:
         files.append(JailFile(jailer_cfg.seccomp_filter, SECCOMP_FILTER_JAIL_PATH))
-    if config.vsock_guest_cid is not None:
-        # Firecracker listens on <uds_path>_<port> for guest-initiated connections.
-        vsock_host = jailer_cfg.chroot_dir / str(config.vsock_uds_path).lstrip("/")
-        check_socket_budget(Path(f"{vsock_host}_4294967295"), "vsock socket (with _<port>)")
+    # The vsock socket's budget was checked by check_vm_inputs, with the jail laid out under
+    # the resolved exec file's name (jailer_cfg still has the configured, unresolved one).
     tap = ns.tap_name(config.vm_id) if config.enable_networking else None
     return await start_with_jailer(
         jailer_cfg,
