@@ -73,7 +73,8 @@ def snapshot_files(snap: Snapshot, config: VmConfig) -> list[JailFile]:
 def check_clone(snap: Snapshot, config: VmConfig, jailer_cfg: JailerConfig) -> None:
     """Checks that write nothing: snapshot unchanged, version, socket budget."""
     snap.check_unchanged()
-    snap.check_version(resolve_binaries(jailer_cfg).version)
+    binaries = resolve_binaries(jailer_cfg)
+    snap.check_version(binaries.version)
     if snap.manifest.tap is not None and (
         jailer_cfg.netns is not None or not jailer_cfg.isolate_network
     ):
@@ -83,7 +84,9 @@ def check_clone(snap: Snapshot, config: VmConfig, jailer_cfg: JailerConfig) -> N
             "leave jailer.netns unset and isolate_network=True"
         )
     if snap.manifest.vsock_uds_path is not None:
-        host = jailer_cfg.chroot_dir / snap.manifest.vsock_uds_path.lstrip("/")
+        # Laid out as the jailer will: under the resolved exec file's name.
+        jail = jailer_cfg.model_copy(update={"exec_file": binaries.firecracker})
+        host = jail.chroot_dir / snap.manifest.vsock_uds_path.lstrip("/")
         check_socket_budget(Path(f"{host}_4294967295"), "vsock socket (with _<port>)")
     _warn_if_copied(snap, jailer_cfg)
 
