@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ironclaw_orchestrator.errors import ConfigError
 from ironclaw_orchestrator.vm import VmConfig, start_firecracker
 from ironclaw_orchestrator.vm import netns as ns
 from ironclaw_orchestrator.vm.cmdline import kernel_params
@@ -47,14 +48,14 @@ async def _booted_cmdline(cfg: VmConfig) -> str:
 
 
 def _probe_vm(vm_id: str, **kw: object) -> VmConfig:
-    return VmConfig(
-        vm_id=vm_id,
-        kernel_path=str(probe_kernel_path(ProbeBehaviour.CMDLINE)),
-        rootfs_path=None,
-        memory_mb=128,
-        require_sandbox=True,
-        **kw,  # type: ignore[arg-type]
-    )
+    base: dict[str, object] = {
+        "vm_id": vm_id,
+        "kernel_path": str(probe_kernel_path(ProbeBehaviour.CMDLINE)),
+        "rootfs_path": None,
+        "memory_mb": 128,
+        "require_sandbox": True,
+    }
+    return VmConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
 async def test_boot_args_and_derived_guest_address_reach_the_guest(
@@ -87,3 +88,31 @@ async def test_no_guest_address_without_networking(vm_id: str, chroot_base: Path
     line = await _booted_cmdline(_probe_vm(vm_id, boot_args=custom))
     assert line.startswith(custom), line
     assert "ip" not in [p.name for p in kernel_params(line)], line
+
+
+async def test_longest_accepted_boot_args_leave_room_for_firecrackers_device_arguments(
+    vm_id: str, chroot_base: Path, tmp_path: Path
+) -> None:
+    """Firecracker appends ``virtio_mmio.device=...`` per device after our line; a Linux guest
+    reads 2047 bytes of it. At the longest boot_args validation accepts, with a root drive, a
+    network interface and vsock, the line the guest really gets still fits."""
+    rootfs = tmp_path / "rootfs.img"
+    rootfs.write_bytes(bytes(1 << 20))
+    kw: dict[str, object] = {
+        "rootfs_path": str(rootfs), "enable_networking": True, "vsock_guest_cid": 3,
+    }  # fmt: skip
+    longest = 2047
+    while True:  # the validator is the judge; step down until it accepts
+        try:
+            cfg = _probe_vm(vm_id, boot_args=f"{PROBE_BOOT_ARGS} " + "x" * longest, **kw)
+            break
+        except ConfigError:
+            longest -= 1
+    with pytest.raises(ConfigError, match="2047"):
+        _probe_vm(vm_id, boot_args=f"{PROBE_BOOT_ARGS} " + "x" * (longest + 1), **kw)
+
+    line = await _booted_cmdline(cfg)
+    devices = [p for p in kernel_params(line) if p.name == "virtio_mmio.device"]
+    assert len(devices) == 3, line  # block, net, vsock
+    assert line.startswith(cfg.kernel_cmdline()), line
+    assert len(line) <= 2047, f"{len(line)} bytes: a Linux guest would cut off {line[2047:]!r}"

@@ -122,8 +122,8 @@ def test_tap_cidr_accepted_iff_tap_and_guest_both_get_a_usable_address(cidr: str
         or net.is_reserved
         or net.subnet_of(ipaddress.IPv4Network("0.0.0.0/8"))
     )
-    ok = _usable(net, iface.ip) and _usable(net, iface.ip + 1) if iface.ip + 1 in net else False
-    ok = ok and not special
+    has_next = int(iface.ip) < 2**32 - 1
+    ok = has_next and _usable(net, iface.ip) and _usable(net, iface.ip + 1) and not special
     if not ok:
         with pytest.raises(ConfigError, match="tap_host_cidr"):
             VmConfig(tap_host_cidr=cidr)
@@ -172,22 +172,38 @@ def test_kernel_cmdline_is_boot_args_plus_one_derived_ip(
     assert ipaddress.IPv4Address(_ip_fields(line)[0]) == ipaddress.IPv4Interface(cidr).ip + 1
 
 
-@given(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=2048))
-def test_accepted_config_has_a_command_line_that_fits(boot_args: str) -> None:
-    """Whatever is accepted, the line sent (with ip=) fits the kernel's 2048 bytes."""
+@given(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=2047),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+def test_accepted_config_has_a_command_line_that_fits(
+    boot_args: str, networking: bool, rootfs: bool, vsock: bool
+) -> None:
+    """Whatever is accepted, the line the guest gets (with ip=, and root= and one
+    virtio_mmio.device= per device as Firecracker appends them) fits the 2047 bytes a Linux
+    guest reads."""
     try:
-        cfg = VmConfig(boot_args=boot_args, enable_networking=True)
+        cfg = VmConfig(
+            boot_args=boot_args,
+            enable_networking=networking,
+            rootfs_path="/img/rootfs.ext4" if rootfs else None,
+            vsock_guest_cid=3 if vsock else None,
+        )
     except ConfigError as exc:
         assert "boot_args" in str(exc)
         return
-    assert len(cfg.kernel_cmdline()) <= 2048
-    assert has_param(cfg.kernel_cmdline(), "ip")
+    firecracker_adds = (networking + rootfs + vsock) * len(" virtio_mmio.device=4K@0xd0000000:15")
+    firecracker_adds += len(" root=/dev/vda rw") if rootfs else 0
+    assert len(cfg.kernel_cmdline()) + firecracker_adds <= 2047
+    assert has_param(cfg.kernel_cmdline(), "ip") is (networking or has_param(boot_args, "ip"))
 
 
 def test_boot_args_too_long_for_the_ip_argument() -> None:
-    VmConfig(boot_args="x" * 2048)  # fine without networking
+    VmConfig(boot_args="x" * 2047, rootfs_path=None)  # fine without networking
     with pytest.raises(ConfigError, match="ip= argument"):
-        VmConfig(boot_args="x" * 2000, enable_networking=True)
+        VmConfig(boot_args="x" * 2000, rootfs_path=None, enable_networking=True)
 
 
 # --------------------------------------------------------------------------- what start-up sends

@@ -58,8 +58,14 @@ MIN_CPU_QUOTA_US = 1000
 #: Hard bound on a VM's cgroup memory limits and head-room.
 MAX_MEMORY_LIMIT_MIB = 2 * MAX_MEMORY_MIB
 MAX_MEMORY_HEADROOM_MIB = 64 << 10
-#: Firecracker's kernel command line holds 2048 bytes, printable ASCII only.
-MAX_BOOT_ARGS = 2048
+#: A Linux (x86) guest reads at most 2047 bytes of its command line (COMMAND_LINE_SIZE 2048,
+#: with the NUL) and drops the rest; Firecracker itself takes longer lines. Printable ASCII.
+MAX_BOOT_ARGS = 2047
+#: What Firecracker v1.0 appends to the command line for each virtio device (the guest finds
+#: its devices by it): `` virtio_mmio.device=4K@0xd0000000:5``, room left for a 2-digit IRQ.
+FIRECRACKER_DEVICE_ARG = " virtio_mmio.device=4K@0xd0000000:15"
+#: ... and for the root drive, before those: `` root=/dev/vda rw`` (``ro`` when read-only).
+FIRECRACKER_ROOT_ARG = " root=/dev/vda rw"
 #: Linux PATH_MAX (including the NUL) and NAME_MAX.
 MAX_PATH_BYTES = 4095
 MAX_NAME_BYTES = 255
@@ -499,11 +505,18 @@ class VmConfig(_Model):
 
     @model_validator(mode="after")
     def _cmdline_fits(self) -> VmConfig:
-        size = len(self.kernel_cmdline())
+        devices = sum((self.rootfs_path is not None, self.enable_networking,
+                       self.vsock_guest_cid is not None))  # fmt: skip
+        root = len(FIRECRACKER_ROOT_ARG) if self.rootfs_path is not None else 0
+        size = len(self.kernel_cmdline()) + root + devices * len(FIRECRACKER_DEVICE_ARG)
         if size > MAX_BOOT_ARGS:
+            ip = self.kernel_cmdline() != self.boot_args
+            added = "the guest's ip= argument and " if ip else ""
             raise ValueError(
-                f"boot_args with the guest's ip= argument is {size} characters, over the "
-                f"{MAX_BOOT_ARGS} limit: shorten boot_args or put an ip= of your own in it"
+                f"boot_args with {added}what Firecracker appends (root=, one "
+                f"virtio_mmio.device= per device) is up to {size} characters, over the "
+                f"{MAX_BOOT_ARGS} a Linux guest reads (it would lose its devices): shorten "
+                "boot_args"
             )
         return self
 
