@@ -39,6 +39,20 @@ INT_DOMAINS: list[tuple[type[Any], str, int, int]] = [
 ]
 
 
+#: The integer fields that may be left unset (``None``).
+OPTIONAL = frozenset(
+    {
+        "vsock_guest_cid",
+        "fsize",
+        "pids_max",
+        "cpu_weight",
+        "io_read_bps",
+        "io_write_iops",
+        "no_file",
+    }
+)
+
+
 @st.composite
 def int_field_values(draw: st.DrawFn) -> tuple[type[Any], str, int, int, object]:
     model, field, lo, hi = draw(st.sampled_from(INT_DOMAINS))
@@ -79,10 +93,8 @@ def test_integer_fields_refuse_other_types(
 ) -> None:
     """``true`` is not 1, ``"2"`` is not 2, ``2.0`` is not 2 (README: validation is strict)."""
     model, field, _, _ = domain
-    if bad is None and field in {"vsock_guest_cid", "fsize", "pids_max", "cpu_weight"} | {
-        "io_read_bps", "io_write_iops", "no_file",
-    }:  # fmt: skip
-        return  # optional fields: None means unset
+    if bad is None and field in OPTIONAL:
+        return  # None means unset
     with pytest.raises(ConfigError, match=field):
         model(**{field: bad})
 
