@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.binaries",
             "vm.cancelsafe",
             "vm.cgroups",
+            "vm.consolelog",
             "vm.context",
             "vm.hostcheck",
             "vm.jailer_args",

@@ -264,6 +264,30 @@ SelinuxLabelOption = Annotated[
     typer.Option("--selinux-label", help="Start with this SELinux context (SELinux hosts)."),
 ]
 
+ConsoleLimitOption = Annotated[
+    str | None,
+    typer.Option(
+        "--console-limit",
+        help="Bytes of console output (serial + firecracker's log) kept for the VM, e.g. 4MiB; "
+        "older output is dropped (console_limit_bytes).",
+        metavar="SIZE",
+        show_default=False,
+    ),
+]
+
+
+def parse_console_limit(value: str | None) -> int | None:
+    """``--console-limit`` as bytes (``ConfigError`` naming the flag); ``None`` if unset."""
+    from ..vm.ratelimit import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"--console-limit {value!r}: {exc}") from None
+
+
 _RATE_DEVICES = {"drive": "drive_rate_limit", "net-rx": "net_rx_rate_limit",
                  "net-tx": "net_tx_rate_limit"}  # fmt: skip
 _VSOCK_KEYS = {"bytes": "bytes_per_s", "connections": "connections_per_s"}

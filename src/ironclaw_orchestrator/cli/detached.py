@@ -26,6 +26,7 @@ from .common import (
     AppArmorProfileOption,
     BootArgsOption,
     ConfigFileOption,
+    ConsoleLimitOption,
     ExitCode,
     IdOption,
     KernelOption,
@@ -40,6 +41,7 @@ from .common import (
     VerboseOption,
     handle_errors,
     hardening_overrides,
+    parse_console_limit,
     setup_logging,
     stderr,
 )
@@ -81,6 +83,7 @@ def start(
     no_seccomp: NoSeccompOption = False,
     apparmor_profile: AppArmorProfileOption = None,
     selinux_label: SelinuxLabelOption = None,
+    console_limit: ConsoleLimitOption = None,
     probe: Annotated[
         Probe | None,
         typer.Option(
@@ -116,6 +119,7 @@ def start(
             rate_limit=rate_limit, seccomp_filter=seccomp_filter, no_seccomp=no_seccomp,
             apparmor_profile=apparmor_profile, selinux_label=selinux_label,
         )  # fmt: skip
+        overrides["console_limit_bytes"] = parse_console_limit(console_limit)
         config, behaviour = build_config(config_file=config_file, overrides=overrides, probe=probe)
         if behaviour is not None and probe is None:
             # The probe guest by default, but one that stays up (reset would end at once).

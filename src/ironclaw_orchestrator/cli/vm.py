@@ -23,11 +23,13 @@ import typer
 from ..errors import ConfigError, IronclawError
 from ..vm import FirecrackerProcess, start_firecracker
 from ..vm.config import VmConfig
+from ..vm.consolelog import ConsoleFollower
 from ..vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 from .common import (
     AppArmorProfileOption,
     BootArgsOption,
     ConfigFileOption,
+    ConsoleLimitOption,
     ExitCode,
     IdOption,
     KernelOption,
@@ -46,6 +48,7 @@ from .common import (
     hardening_overrides,
     load_toml,
     merge_overrides,
+    parse_console_limit,
     setup_logging,
     stderr,
 )
@@ -131,42 +134,35 @@ def build_config(
 
 
 class _Follower:
-    """Copies a growing file to a binary stream, like ``tail -f``."""
+    """Copies a growing console to a binary stream, like ``tail -F`` (across rotations)."""
 
     def __init__(self, path: Path, out: Any) -> None:
         self.path = path
         self.out = out
-        self._file: Any = None
-
-    def _open(self) -> bool:
-        if self._file is None:
-            try:
-                self._file = self.path.open("rb")
-            except OSError:
-                return False
-        return True
+        self._reader = ConsoleFollower(path)
 
     def drain(self) -> int:
-        """Copy everything new; return the number of bytes copied."""
-        if not self._open():
-            return 0
-        total = 0
-        while chunk := self._file.read(65536):
+        """Copy what is new (up to 1 MiB, so that a flood cannot starve the event loop);
+        return the number of bytes copied."""
+        chunk = self._reader.read()
+        if chunk:
             self.out.write(chunk)
-            total += len(chunk)
-        if total:
             self.out.flush()
+        return len(chunk)
+
+    def drain_all(self) -> int:
+        """Copy everything there is now."""
+        total = 0
+        while copied := self.drain():
+            total += copied
         return total
 
     async def follow(self) -> None:
         while True:
-            if not self.drain():
-                await asyncio.sleep(CONSOLE_POLL_S)
+            await asyncio.sleep(0 if self.drain() else CONSOLE_POLL_S)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._reader.close()
 
 
 async def _print_stats(vm: FirecrackerProcess) -> None:
@@ -266,7 +262,7 @@ async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> Exit
             with contextlib.suppress(asyncio.CancelledError):
                 await tail
         if follower is not None:
-            follower.drain()
+            follower.drain_all()
             follower.close()
         if vm is not None:
             await vm.stop()
@@ -291,6 +287,7 @@ def run(
     no_seccomp: NoSeccompOption = False,
     apparmor_profile: AppArmorProfileOption = None,
     selinux_label: SelinuxLabelOption = None,
+    console_limit: ConsoleLimitOption = None,
     stats: Annotated[
         bool, typer.Option("--stats", help="Print the VM's cgroup stats (stderr) at the end.")
     ] = False,
@@ -320,6 +317,7 @@ def run(
             rate_limit=rate_limit, seccomp_filter=seccomp_filter, no_seccomp=no_seccomp,
             apparmor_profile=apparmor_profile, selinux_label=selinux_label,
         )  # fmt: skip
+        overrides["console_limit_bytes"] = parse_console_limit(console_limit)
         config, _ = build_config(config_file=config_file, overrides=overrides, probe=probe)
         try:
             code = asyncio.run(run_vm(config, force_unjailed=no_jailer, stats=stats))

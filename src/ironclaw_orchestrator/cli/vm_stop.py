@@ -66,7 +66,7 @@ def logs(
     out = sys.stdout.buffer
     follower = _Follower(path, out)
     try:
-        copied = follower.drain()
+        copied = follower.drain_all()
         if not follow:
             if not copied and not path.exists():
                 fail(f"VM {vm_id}: its log {path} does not exist (yet)", ExitCode.VM_ERROR)
@@ -78,7 +78,7 @@ def logs(
             now = time.monotonic()
             if now >= next_check:
                 if registry.get(vm_id) is None:
-                    follower.drain()
+                    follower.drain_all()
                     return
                 next_check = now + RECORD_POLL_S
             time.sleep(0.05)

@@ -28,6 +28,7 @@ from . import netns as ns
 from .api import FirecrackerApi
 from .cancelsafe import Resumable, finish
 from .config import JailerConfig, VmConfig
+from .consolelog import dropped_bytes, read_tail
 from .context import Starting, awaitable_context, stop_on_exit
 from .hardening import (
     NET_IFACE_ID,
@@ -45,7 +46,7 @@ from .jailer import (
     resolve_binaries,
     start_with_jailer,
 )
-from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, read_tail
+from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S
 from .ratelimit import RateLimit, TokenBucket, VsockRateLimit
 from .recording import VmRecorder
 from .seccomp import SECCOMP_FILTER_JAIL_PATH
@@ -159,7 +160,14 @@ class FirecrackerProcess(GuestAgentMixin, HardeningMixin):
         return isinstance(self.vmm, JailerProcess) and self.vmm.oom_killed
 
     def console_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of the console (across a rotation)."""
         return read_tail(self.console_path, lines)
+
+    @property
+    def console_dropped_bytes(self) -> int:
+        """Console output dropped so far to stay within ``console_limit_bytes``."""
+        console = self.vmm.console
+        return console.dropped if console is not None else dropped_bytes(self.console_path)
 
     async def start_instance(self) -> None:
         """Boot the guest (``InstanceStart``)."""
@@ -195,15 +203,17 @@ class FirecrackerProcess(GuestAgentMixin, HardeningMixin):
             )
 
     async def stats(self) -> VmStats:
-        """Resource usage from the VM's cgroups (jailed VMs only), and its seccomp mode."""
+        """Resource usage from the VM's cgroups (jailed VMs only), its seccomp mode, and the
+        console bytes dropped to stay within ``console_limit_bytes``."""
         if not isinstance(self.vmm, JailerProcess):
             raise UsageError(
                 f"VM {self.vm_id} runs unjailed (development mode): it has no cgroups to read"
             )
         sec = self.seccomp_status()
         return VmStats(
-            **vars(self.vmm.stats()), seccomp_mode=sec.mode, seccomp_threads=len(sec.threads)
-        )
+            **vars(self.vmm.stats()), seccomp_mode=sec.mode, seccomp_threads=len(sec.threads),
+            console_dropped_bytes=self.console_dropped_bytes,
+        )  # fmt: skip
 
     async def pause(self) -> None:
         """Pause the guest's vCPUs (``PATCH /vm Paused``)."""
@@ -445,6 +455,7 @@ async def _start_jailed(
         uplink_subnet=config.uplink_subnet,
         ready_timeout_s=ready_timeout_s,
         on_change=on_change,
+        console_limit_bytes=config.console_limit_bytes,
     )
 
 

@@ -83,6 +83,10 @@ DEFAULT_MEMORY_HEADROOM_MIB = 64
 DEFAULT_JAIL_UID = 64_000
 DEFAULT_JAIL_GID = 64_000
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
+#: Budget for a VM's console files (serial output + firecracker's log), see ``vm.consolelog``.
+DEFAULT_CONSOLE_LIMIT_BYTES = 4 << 20
+MIN_CONSOLE_LIMIT_BYTES = 16 << 10
+MAX_CONSOLE_LIMIT_BYTES = 1 << 30
 DEFAULT_JAILER_BINARY = Path("/usr/local/bin/jailer")
 DEFAULT_EXEC_FILE = Path("/usr/local/bin/firecracker-v1.14.1")
 DEFAULT_CHROOT_BASE = Path("/var/jail")
@@ -413,6 +417,11 @@ class VmConfig(_Model):
     #: writes, so ``vm.snapshot(diff=True)`` can write only those. Costs some guest write
     #: speed; needed for Diff snapshots before v1.14 (which can also approximate without it).
     track_dirty_pages: bool = False
+    #: Bytes of console output (serial + firecracker's log) kept on the host for this VM,
+    #: ``console.log`` and ``console.log.1`` together; older output is dropped.
+    console_limit_bytes: int = Field(
+        default=DEFAULT_CONSOLE_LIMIT_BYTES, ge=MIN_CONSOLE_LIMIT_BYTES, le=MAX_CONSOLE_LIMIT_BYTES
+    )
 
     _check_id = field_validator("vm_id")(lambda v: check_id(v, "vm_id"))
 

@@ -25,10 +25,12 @@ NET_IFACE_ID = "eth0"
 @dataclasses.dataclass(frozen=True)
 class VmStats(CgroupStats):
     """Cgroup counters plus the VMM's seccomp state (weakest mode over its threads: 2 =
-    every thread filtered, 0 = some thread unfiltered; ``None``: unreadable)."""
+    every thread filtered, 0 = some thread unfiltered; ``None``: unreadable), and the bytes
+    of console output dropped to keep within ``VmConfig.console_limit_bytes``."""
 
     seccomp_mode: int | None = None
     seccomp_threads: int | None = None
+    console_dropped_bytes: int | None = None
 
 
 class HardeningMixin:

@@ -41,6 +41,7 @@ from .api import FirecrackerApi
 from .binaries import Binaries, resolve_binaries
 from .cancelsafe import ThreadSteps, finish
 from .config import JailerConfig
+from .consolelog import DEFAULT_CONSOLE_LIMIT_BYTES, ConsolePump, read_tail
 from .context import awaitable_context, stop_on_exit
 from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_root
 from .jailer_args import CgroupArg, build_jailer_argv
@@ -49,7 +50,6 @@ from .lifecycle import (
     VmmHandle,
     abort_start,
     exited_error,
-    read_tail,
     wait_ready,
 )
 from .process import ChildProcess, become_subreaper
@@ -124,9 +124,14 @@ class JailerProcess(VmmHandle):
         console_path: Path,
         api: FirecrackerApi,
         argv: list[str],
+        console: ConsolePump | None = None,
     ) -> None:
         super().__init__(
-            vm_id=config.jailer_id, process=process, api=api, console_path=console_path
+            vm_id=config.jailer_id,
+            process=process,
+            api=api,
+            console_path=console_path,
+            console=console,
         )
         self.config = config
         self.binaries = binaries
@@ -195,6 +200,7 @@ async def start_with_jailer(
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
     log_level: str | None = None,
     on_change: Callable[[JailResources], None] | None = None,
+    console_limit_bytes: int = DEFAULT_CONSOLE_LIMIT_BYTES,
 ) -> JailerProcess:
     """Start Firecracker jailed by the jailer, per ``config``; return once its API answers.
 
@@ -207,7 +213,9 @@ async def start_with_jailer(
     created is removed again if any step fails. ``on_change`` is called once, when the VM's
     run and jail directories are claimed (made exclusively, so known to be ours) and before
     its network namespace is made, so a crash-safe registry can record them first; the
-    caller records the rest once the VM runs (see :mod:`.recording`).
+    caller records the rest once the VM runs (see :mod:`.recording`). The VMM's output goes
+    to ``console.log`` in the run directory, within ``console_limit_bytes`` (see
+    :mod:`.consolelog`).
     """
     # 1. Checks that write nothing.
     if not is_root():
@@ -271,6 +279,7 @@ async def start_with_jailer(
     res = JailResources(vm_id=config.jailer_id, listener=on_change)
     process: ChildProcess | None = None
     api: FirecrackerApi | None = None
+    pump: ConsolePump | None = None
     steps = ThreadSteps()
     try:
         # The run directory is created exclusively: it claims the id under this run root.
@@ -281,7 +290,7 @@ async def start_with_jailer(
         res.uplink = uplink_subnet is not None
         res.cgroups = cgroups
         console = res.run_dir / CONSOLE_LOG
-        console.touch(mode=0o600)
+        pump = ConsolePump(console, console_limit_bytes)
         netns = config.netns
         if netns is None and config.isolate_network:
             # Records the claimed dirs and the namespace in one write, before it is made.
@@ -314,7 +323,9 @@ async def start_with_jailer(
         )
         log.debug("VM %s: %s", config.jailer_id, " ".join(argv))
         res.vmm_unknown = config.new_pid_ns
-        process = ChildProcess.spawn(argv, stdout_path=console)
+        process = ChildProcess.spawn(argv, stdout_fd=pump.write_fd)
+        pump.child_started()
+        pump.attach()
         if config.new_pid_ns:
             process = await _adopt_vmm(process, config, console)
         res.vmm_pid, res.vmm_start_time = process.pid, process.start_time
@@ -327,7 +338,7 @@ async def start_with_jailer(
         )  # fmt: skip
     except BaseException:
         # Runs to its end even if cancelled (again) meanwhile; then the error propagates.
-        await finish(_roll_back(steps, process, api, res))
+        await finish(_roll_back(steps, process, api, res, pump))
         raise
     return JailerProcess(
         config=config,
@@ -337,6 +348,7 @@ async def start_with_jailer(
         console_path=console,
         api=api,
         argv=argv,
+        console=pump,
     )
 
 
@@ -346,11 +358,13 @@ _ThreadSteps = ThreadSteps
 
 async def _roll_back(
     steps: ThreadSteps, process: ChildProcess | None, api: FirecrackerApi | None,
-    res: JailResources,
+    res: JailResources, pump: ConsolePump | None = None,
 ) -> None:  # fmt: skip
     """Undo a half-finished start: what a thread step made too, so it is waited for first."""
     await steps.settle()
     await abort_start(process, api)
+    if pump is not None:
+        pump.close()  # the VMM is reaped: take in its last words, close the terminal
     try:
         await asyncio.to_thread(res.release)
     except CleanupError as cleanup_exc:

@@ -17,11 +17,11 @@ from ..errors import (
     ApiSocketTimeoutError,
     JailerError,
     VmExitedError,
-    output_tail,
 )
 from .api import FirecrackerApi
 from .cancelsafe import Resumable, finish
 from .config import MAX_SOCKET_PATH_BYTES
+from .consolelog import ConsolePump, read_tail
 from .process import ChildProcess
 
 DEFAULT_READY_TIMEOUT_S = 10.0
@@ -30,20 +30,6 @@ DEFAULT_STOP_TIMEOUT_S = 3.0
 #: itself needs, since every millisecond here is start-up latency.
 _POLL_S = 0.001
 _JAILER_ERROR = re.compile(r"Jailer error: (.*)")
-
-
-def read_tail(path: Path | None, lines: int = 20) -> str:
-    if path is None:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - 16384))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return output_tail(data, lines)
 
 
 def parse_jailer_error(text: str) -> str | None:
@@ -153,12 +139,20 @@ class VmmHandle:
     jailed: bool = False
 
     def __init__(
-        self, *, vm_id: str, process: ChildProcess, api: FirecrackerApi, console_path: Path
+        self,
+        *,
+        vm_id: str,
+        process: ChildProcess,
+        api: FirecrackerApi,
+        console_path: Path,
+        console: ConsolePump | None = None,
     ) -> None:
         self.vm_id = vm_id
         self.process = process
         self.api = api
         self.console_path = console_path
+        #: Reads the VMM's output into ``console_path`` within its byte budget.
+        self.console = console
         self.booted = False
         self._stopping: Resumable[int | None] = Resumable()
         self._stop_begun = False
@@ -174,6 +168,8 @@ class VmmHandle:
 
     async def wait(self) -> int:
         """Wait for the VMM to exit; return its exit code (``-N``: killed by signal N)."""
+        if self.console is not None:
+            self.console.attach()  # again, if this is another event loop than the start's
         code = await self.process.wait()
         self._after_exit()
         return code
@@ -201,6 +197,8 @@ class VmmHandle:
             await finish(self.process.wait())
             raise
         finally:
+            if self.console is not None and self.process.returncode is not None:
+                self.console.close()
             await self.api.aclose()
             await finish(asyncio.to_thread(self._release))
         return code

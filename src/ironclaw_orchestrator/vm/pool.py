@@ -163,6 +163,7 @@ class WarmPool:
                 jailer_cfg, files=files, tap=tap,
                 tap_host_cidr=config.tap_host_cidr if tap else None,
                 ready_timeout_s=self.ready_timeout_s, on_change=recorder.on_change,
+                console_limit_bytes=config.console_limit_bytes,
             )  # fmt: skip
         except BaseException:
             recorder.abandoned()

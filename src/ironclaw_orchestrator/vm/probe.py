@@ -134,6 +134,9 @@ class ProbeBehaviour(enum.Enum):
     #: Print ``"IRONCLAW-PROBE-CMDLINE <the kernel command line it was booted with>\n"``
     #: (read through the boot_params that ``rsi`` points at on entry), then reset like RESET.
     CMDLINE = "cmdline"
+    #: Print counter lines as fast as the serial port takes them, forever (no wait between
+    #: lines): a guest flooding its console, for the console byte budget.
+    FLOOD = "flood"
 
 
 # --------------------------------------------------------------------------- assembler
@@ -294,6 +297,8 @@ def _program(
         ]
     elif behaviour is ProbeBehaviour.COUNT:
         items += _count_loop(count_ticks)
+    elif behaviour is ProbeBehaviour.FLOOD:
+        items += _count_loop(count_ticks, wait=False)
     else:
         items += [
             _Label("halt"),
@@ -319,7 +324,7 @@ def _program(
     ]
     if touch_mib > 0:
         items += [_Label("touched_msg"), _Data(f"db {touched!r}", touched)]
-    if behaviour is ProbeBehaviour.COUNT:
+    if behaviour in (ProbeBehaviour.COUNT, ProbeBehaviour.FLOOD):
         prefix = f"{COUNT_PREFIX} ".encode("ascii")
         digits = b"0" * _COUNT_DIGITS
         items += [
@@ -389,8 +394,9 @@ def _count_len() -> int:
     return len(COUNT_PREFIX) + 1 + _COUNT_DIGITS + 1
 
 
-def _count_loop(count_ticks: int) -> list[_Item]:
-    """Print the count line, busy-wait ``count_ticks`` TSC ticks, add one to the digits."""
+def _count_loop(count_ticks: int, *, wait: bool = True) -> list[_Item]:
+    """Print the count line, busy-wait ``count_ticks`` TSC ticks (unless not ``wait``), add
+    one to the digits."""
 
     def rdtsc64() -> list[_Item]:
         return [
@@ -399,11 +405,7 @@ def _count_loop(count_ticks: int) -> list[_Item]:
             _Insn("or rax, rdx", b"\x48\x09\xd0"),  # REX.W 09 /r, ModRM 11 010 000
         ]
 
-    return [
-        _Label("count_loop"),
-        _Insn("lea rsi, [rip + count_msg]", b"\x48\x8d\x35", "count_msg", 4),
-        _Insn(f"mov ecx, {_count_len():#x}", b"\xb9", imm=_u32(_count_len())),
-        _Insn("call print", b"\xe8", "print", 4),
+    delay: list[_Item] = [
         *rdtsc64(),
         _Insn("mov rbx, rax", b"\x48\x89\xc3"),  # REX.W 89 /r, ModRM 11 000 011
         _Label("count_wait"),
@@ -413,6 +415,13 @@ def _count_loop(count_ticks: int) -> list[_Item]:
         # REX.W 3D id: cmp rax, imm32 (sign-extended, hence count_ticks < 2**31)
         _Insn(f"cmp rax, {count_ticks:#x}", b"\x48\x3d", imm=_u32(count_ticks)),
         _Insn("jb count_wait", b"\x72", "count_wait", 1),  # 72 cb
+    ]
+    return [
+        _Label("count_loop"),
+        _Insn("lea rsi, [rip + count_msg]", b"\x48\x8d\x35", "count_msg", 4),
+        _Insn(f"mov ecx, {_count_len():#x}", b"\xb9", imm=_u32(_count_len())),
+        _Insn("call print", b"\xe8", "print", 4),
+        *(delay if wait else []),
         # Decimal increment in place, from the last digit leftwards while it carries.
         _Insn("lea rdi, [rip + count_last_digit]", b"\x48\x8d\x3d", "count_last_digit", 4),
         _Label("count_carry"),

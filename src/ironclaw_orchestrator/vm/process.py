@@ -15,6 +15,7 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import pidfd as pidfds
 from ..errors import UsageError
@@ -64,28 +65,28 @@ class ChildProcess:
         cls,
         argv: Sequence[str],
         *,
-        stdout_path: Path,
+        stdout_path: Path | None = None,
+        stdout_fd: int | None = None,
         env: Mapping[str, str] | None = None,
     ) -> ChildProcess:
-        """Start ``argv`` with stdout+stderr appended to ``stdout_path``.
+        """Start ``argv`` with stdout+stderr appended to ``stdout_path``, or on ``stdout_fd``
+        (a VM's console pipe, :class:`~.consolelog.ConsolePump`).
 
         stdin is a pipe whose write end we keep (``stdin_fd``): Firecracker registers stdin as
         the serial console's input with epoll, which /dev/null does not support. The child
         gets its own process group, so a terminal's Ctrl-C reaches only us and we decide how
         to stop the VM.
         """
+        if (stdout_path is None) == (stdout_fd is None):
+            raise UsageError("ChildProcess.spawn: give stdout_path or stdout_fd (one of them)")
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        actions = [
-            (os.POSIX_SPAWN_DUP2, read_end, 0),
-            (
-                os.POSIX_SPAWN_OPEN,
-                1,
-                str(stdout_path),
-                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                0o600,
-            ),
-            (os.POSIX_SPAWN_DUP2, 1, 2),
-        ]
+        actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, read_end, 0)]
+        if stdout_fd is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, stdout_fd, 1))
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            actions.append((os.POSIX_SPAWN_OPEN, 1, str(stdout_path), flags, 0o600))
+        actions.append((os.POSIX_SPAWN_DUP2, 1, 2))
         try:
             pid = os.posix_spawn(
                 argv[0],

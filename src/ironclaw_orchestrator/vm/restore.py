@@ -153,6 +153,7 @@ async def restore_snapshot(
             uplink_subnet=config.uplink_subnet,
             ready_timeout_s=ready_timeout_s,
             on_change=recorder.on_change if recorder is not None else None,
+            console_limit_bytes=config.console_limit_bytes,
         )
     except BaseException:
         if recorder is not None:

@@ -16,6 +16,7 @@ from .binaries import find_firecracker, read_version
 from .cancelsafe import finish
 from .cleanup import remove_run_dir
 from .config import VmConfig
+from .consolelog import ConsolePump
 from .hostcheck import check_kvm, check_socket_budget
 from .jailer_args import firecracker_args
 from .lifecycle import DEFAULT_READY_TIMEOUT_S, VmmHandle, abort_start, wait_ready
@@ -32,9 +33,12 @@ class UnjailedProcess(VmmHandle):
 
     def __init__(
         self, *, vm_id: str, process: ChildProcess, run_dir: Path, api: FirecrackerApi,
-        firecracker: Path,
+        firecracker: Path, console: ConsolePump | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(vm_id=vm_id, process=process, api=api, console_path=run_dir / CONSOLE_LOG)
+        super().__init__(
+            vm_id=vm_id, process=process, api=api, console_path=run_dir / CONSOLE_LOG,
+            console=console,
+        )  # fmt: skip
         self.run_dir = run_dir
         self.firecracker = firecracker
 
@@ -68,13 +72,16 @@ async def start_unjailed(
     run_dir = create_vm_run_dir(config.vm_id)
     process: ChildProcess | None = None
     api: FirecrackerApi | None = None
+    pump: ConsolePump | None = None
     try:
         console = run_dir / CONSOLE_LOG
-        console.touch(mode=0o600)
+        pump = ConsolePump(console, config.console_limit_bytes)
         process = ChildProcess.spawn(
             [str(firecracker), "--id", config.vm_id, *firecracker_args(socket)],
-            stdout_path=console,
+            stdout_fd=pump.write_fd,
         )
+        pump.child_started()
+        pump.attach()
         api = FirecrackerApi(socket, vm_id=config.vm_id)
         await wait_ready(
             process, api, socket, vm_id=config.vm_id, console_path=console,
@@ -82,8 +89,11 @@ async def start_unjailed(
         )  # fmt: skip
     except BaseException:
         await finish(abort_start(process, api))  # completes even if cancelled (again)
+        if pump is not None:
+            pump.close()
         _remove_run_dir(config.vm_id, run_dir)
         raise
     return UnjailedProcess(
-        vm_id=config.vm_id, process=process, run_dir=run_dir, api=api, firecracker=firecracker
-    )
+        vm_id=config.vm_id, process=process, run_dir=run_dir, api=api, firecracker=firecracker,
+        console=pump,
+    )  # fmt: skip
