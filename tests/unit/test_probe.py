@@ -448,3 +448,15 @@ def test_parse_cmdline_whole_lines_only() -> None:
     assert parse_cmdline(f"{CMDLINE_PREFIX} cut off mid-li") is None
     assert parse_cmdline(f"{READY_LINE}\n") is None
     assert parse_cmdline(f"{CMDLINE_PREFIX} \n") == ""
+
+
+def test_flood_prints_count_lines_without_waiting() -> None:
+    image = build_probe_kernel(ProbeBehaviour.FLOOD)
+    line = f"{COUNT_PREFIX} {'0' * 10}\n".encode()
+    assert image.endswith(line)  # the same in-RAM counter line as COUNT ...
+    assert b"\x0f\x31" not in image  # ... but no rdtsc busy-wait between lines
+    assert b"\xfe\x07\x80\x3f\x3a" in image  # inc byte [rdi]; cmp byte [rdi], '9' + 1
+    assert b"\xb0\xfe\xe6\x64" not in image and b"\xfa\xf4" not in image  # never stops
+    listing = probe_listing(ProbeBehaviour.FLOOD)
+    assert "count_loop:" in listing and "count_wait" not in listing
+    assert build_probe_kernel(ProbeBehaviour.FLOOD, count_ticks=5) == image  # no wait to tune

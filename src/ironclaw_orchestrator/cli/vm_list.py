@@ -20,6 +20,7 @@ from ..errors import UsageError
 from ..registry import VmRecord
 from ..supervisor import VmStatus, list_vms
 from ..vm.cgroups import CgroupStats, VmCgroups
+from ..vm.consolelog import dropped_bytes
 from ..vm.seccomp import SeccompStatus, read_seccomp_status
 from .common import ExitCode, handle_errors, stderr, stdout
 from .records import JsonOption, format_duration, get_record, open_registry, uptime_s
@@ -170,7 +171,13 @@ def stats_dict(record: VmRecord, stats: CgroupStats) -> dict[str, Any]:
         ),
         **dataclasses.asdict(stats),
         "seccomp_mode": record_seccomp(record).mode,
+        "console_dropped_bytes": console_dropped(record),
     }
+
+
+def console_dropped(record: VmRecord) -> int | None:
+    """Console bytes the VM's owner dropped to stay within its budget (from the files)."""
+    return None if record.console_path is None else dropped_bytes(record.console_path)
 
 
 def _seconds(ns: int | None) -> str:
@@ -201,6 +208,7 @@ def stats_table(record: VmRecord, stats: CgroupStats) -> Table:
         ("OOM kills", _count(stats.oom_kills)),
         ("pids", _count(stats.pids_current)),
         ("seccomp", record_seccomp(record).summary()),
+        ("console dropped", _bytes(console_dropped(record))),
     ]
     for name, value in rows:
         table.add_row(name, value)

@@ -24,7 +24,6 @@ by its file mode (root only).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -41,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AgentRequestError, IronclawError
 from ..vm import VmConfig
+from ..vm.consolelog import ConsoleFollower
 from .agent import HostAgent, agent_version
 from .errors import AdmissionError, RequestError, status_for
 from .guest import (
@@ -376,29 +376,21 @@ def create_app(agent: HostAgent, *, token: bytes | None = None) -> ASGIApp:
 async def _stream_log(
     agent: HostAgent, vm_id: str, path: Path, follow: bool
 ) -> AsyncIterator[bytes]:
-    """The file's bytes; with ``follow``, new bytes until the VM's record is gone."""
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed in finally, across yields
-    except FileNotFoundError:
-        if not follow:
-            return
-        f = None
+    """The file's bytes; with ``follow``, new bytes until the VM's record is gone.
+
+    A console is read from ``console.log.1`` on and followed across rotations.
+    """
+    reader = ConsoleFollower(path)
     try:
         while True:
-            if f is None:
-                with contextlib.suppress(FileNotFoundError):
-                    f = open(path, "rb")  # noqa: SIM115
-            chunk = f.read(LOG_CHUNK) if f is not None else b""
+            chunk = reader.read(LOG_CHUNK)
             if chunk:
                 yield chunk
                 continue
             if not follow or agent.registry.get(vm_id) is None:
-                if f is not None:
-                    rest = f.read()
-                    if rest:
-                        yield rest
+                while rest := reader.read(LOG_CHUNK):
+                    yield rest
                 return
             await asyncio.sleep(FOLLOW_POLL_S)
     finally:
-        if f is not None:
-            f.close()
+        reader.close()
