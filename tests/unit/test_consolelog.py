@@ -213,7 +213,7 @@ def test_follower_of_a_plain_file(tmp_path: Path) -> None:
     follower.close()
 
 
-# --------------------------------------------------------------------------- the pipe
+# --------------------------------------------------------------------------- the terminal
 
 
 def test_pump_takes_a_childs_output_within_budget(tmp_path: Path) -> None:
@@ -245,9 +245,9 @@ def test_pump_takes_a_childs_output_within_budget(tmp_path: Path) -> None:
     assert kept(path).endswith(b"line %08d\n" % (total // 14 - 1))
 
 
-def test_a_full_pipe_drops_instead_of_blocking_the_writer(tmp_path: Path) -> None:
-    """Nobody reads (the owner's loop is busy or gone): the child's writes fail with EAGAIN
-    at once, so a VMM never stalls on its console."""
+def test_a_full_console_drops_instead_of_blocking_the_writer(tmp_path: Path) -> None:
+    """Nobody reads (the owner's loop is busy): the child's writes fail with EAGAIN at once,
+    so a VMM never stalls on its console."""
     code = (
         "import os, time\n"
         "ok = failed = 0\n"
@@ -272,7 +272,45 @@ def test_a_full_pipe_drops_instead_of_blocking_the_writer(tmp_path: Path) -> Non
 
     asyncio.run(run())
     ok, failed = map(int, out.read_text().split())
-    assert ok <= 1 << 20 and failed > 0  # the pipe filled, then writes failed at once
+    assert ok <= 1 << 20 and failed > 0  # the buffer filled, then writes failed at once
+
+
+def test_when_the_reader_is_gone_writes_fail_without_a_signal(tmp_path: Path) -> None:
+    """The owner died: the VMM's writes fail with EIO (a pipe would raise SIGPIPE, whose
+    handler kills Firecracker v1.0.0), and the raw terminal passes bytes unchanged."""
+    go, out = tmp_path / "go", tmp_path / "result"
+    code = (
+        "import errno, os, signal, time\n"
+        "signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a VMM without a handler\n"
+        "os.write(1, b'a\\nb\\n')\n"
+        "while not os.path.exists(os.environ['GO']):\n"
+        "    time.sleep(0.01)\n"
+        "try:\n"
+        "    os.write(1, b'after\\n')\n"
+        "    result = 'written'\n"
+        "except OSError as exc:\n"
+        "    result = errno.errorcode[exc.errno]\n"
+        "open(os.environ['OUT'], 'w').write(result)\n"
+    )
+
+    async def run() -> int:
+        pump = ConsolePump(tmp_path / "console.log", LIMIT)
+        proc = ChildProcess.spawn(
+            [sys.executable, "-c", code],
+            stdout_fd=pump.write_fd,
+            env={"GO": str(go), "OUT": str(out)},
+        )
+        pump.child_started()
+        pump.attach()
+        while b"b" not in (tmp_path / "console.log").read_bytes():
+            await asyncio.sleep(0.01)
+        pump.close()  # the reader goes away while the child runs
+        go.touch()
+        return await proc.wait(30)
+
+    assert asyncio.run(run()) == 0  # not killed by a signal
+    assert out.read_text() == "EIO"
+    assert (tmp_path / "console.log").read_bytes() == b"a\nb\n"
 
 
 def test_tail_takes_in_what_is_still_in_the_pipe(tmp_path: Path) -> None:

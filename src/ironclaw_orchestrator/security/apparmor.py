@@ -46,10 +46,10 @@ def _perm(mode: str) -> str:
 
 
 def _console(facts: JailFacts) -> list[str]:
-    """stdout/stderr are inherited: AppArmor revalidates them at each exec, as the host path
-    or, once ``pivot_root`` has disconnected it, relative to its mount."""
-    tail = "/".join(facts.console_log.parts[-3:])  # vms/<id>/console.log
-    return [f"{_q(facts.console_log)} w,", f"{_q('/**/' + tail)} w,"]
+    """stdout/stderr are an inherited pseudo-terminal (``vm.consolelog``): AppArmor
+    revalidates them at each exec, as ``/dev/pts/N`` or, once ``pivot_root`` has
+    disconnected devpts, relative to its mount."""
+    return ["/dev/pts/[0-9]* w,", "/[0-9]* w,"]
 
 
 def generate_apparmor_profile(facts: JailFacts) -> str:

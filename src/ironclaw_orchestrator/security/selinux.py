@@ -57,7 +57,7 @@ def generate_selinux_module(facts: JailFacts) -> tuple[str, str]:
         "require {",
         "    role system_r;",
         "    type unconfined_t, kvm_device_t, tun_tap_device_t, urandom_device_t;",
-        "    type null_device_t, cgroup_t, proc_t, sysfs_t, var_run_t;",
+        "    type null_device_t, cgroup_t, proc_t, sysfs_t, var_run_t, devpts_t, user_devpts_t;",
         "    class capability { chown dac_override dac_read_search fowner fsetid kill mknod setgid"
         " setuid sys_admin sys_chroot sys_resource };",
         "    class process { transition sigchld sigkill signal setrlimit setpgid getpgid };",
@@ -89,11 +89,13 @@ def generate_selinux_module(facts: JailFacts) -> tuple[str, str]:
         f"allow unconfined_t {{ {DOMAIN_JAILER} {DOMAIN_VMM} }}:process {{ sigkill signal }};",
         f"allow unconfined_t {DOMAIN_VMM}:unix_stream_socket connectto;",
         f"allow {{ {DOMAIN_JAILER} {DOMAIN_VMM} }} unconfined_t:process sigchld;",
-        "# Inherited stdio: the stdin pipe and the console log under /run/ironclaw.",
+        "# Inherited stdio: the stdin pipe and the console terminal (a pty of ours).",
         f"allow {{ {DOMAIN_JAILER} {DOMAIN_VMM} }} unconfined_t:fd use;",
         f"allow {{ {DOMAIN_JAILER} {DOMAIN_VMM} }} unconfined_t:fifo_file"
         " { read write getattr ioctl };",
         f"allow {{ {DOMAIN_JAILER} {DOMAIN_VMM} }} var_run_t:file {{ write append getattr }};",
+        f"allow {{ {DOMAIN_JAILER} {DOMAIN_VMM} }} {{ devpts_t user_devpts_t }}:chr_file"
+        " { read write getattr ioctl };",
         "",
         "# The jailer: build the jail as root, then exec the VMM into its own domain.",
         f"allow {DOMAIN_JAILER} self:capability {{ chown dac_override dac_read_search fowner"

@@ -1,9 +1,9 @@
 """A VM's console within a byte budget: the guest's serial output and firecracker's own log.
 
 Firecracker writes the serial console to its stdout and its log to stderr (no
-``--log-path``). Both are one pipe, read by the process that owns the VM (its event loop:
-one ``read`` per wake-up, no thread) and written to ``console.log`` in the VM's run
-directory, so a guest that floods its serial port costs the host at most
+``--log-path``). Both are one pseudo-terminal in raw mode, read by the process that owns the
+VM (its event loop: one ``read`` per wake-up, no thread) and written to ``console.log`` in
+the VM's run directory, so a guest that floods its serial port costs the host at most
 ``console_limit_bytes`` of disk (or of memory, where ``/run`` is a tmpfs):
 
 * ``console.log`` holds the newest output, at most half the budget (less a marker line);
@@ -14,20 +14,26 @@ directory, so a guest that floods its serial port costs the host at most
 * each rotation gives ``console.log`` a new inode, so a reader holding the old one reads it
   to its end (:class:`ConsoleFollower` follows across rotations like ``tail -F``).
 
-Both pipe ends are non-blocking: a full pipe (the owner's loop is busy, or gone) makes the
-VMM drop serial bytes, never stall a vCPU or its API thread. Firecracker v1.0.0 sets its
-stdout non-blocking itself and ignores the failed writes (it counts them in its metrics).
-If the owning process dies, the pipe has no reader and firecracker gets ``EPIPE``/SIGPIPE;
-such a VM is ownerless anyway and ``ironclaw gc`` removes it.
+Why a pseudo-terminal and not a pipe (both verified with Firecracker v1.0.0): both ends are
+non-blocking, so when nobody reads (the owner's loop is busy) the VMM's writes fail with
+``EAGAIN`` and it drops serial bytes, never stalling a vCPU or its API thread (Firecracker
+also sets its stdout non-blocking itself and ignores failed writes). But when the owner
+dies, a pipe without a reader raises SIGPIPE in the VMM, and Firecracker's SIGPIPE handler
+logs into that same broken pipe, re-entering its logger: the VMM dies (SIGILL), at random.
+The jailer resets the signal mask, so SIGPIPE cannot be blocked for it. A terminal whose
+master side is gone fails writes with ``EIO`` and sends no signal (it is nobody's
+controlling terminal), so the VMM outlives its owner like any orphan, for ``ironclaw gc``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
+import tty
 import weakref
 from pathlib import Path
 from typing import BinaryIO
@@ -61,7 +67,7 @@ MARKER_PREFIX = "[ironclaw] console output dropped here:"
 _MARKER = re.compile(
     re.escape(MARKER_PREFIX) + r" (\d+) bytes .* \(console_limit_bytes=(\d+), rotation (\d+)\)"
 )
-#: One read per wake-up: the pipe's default capacity.
+#: At most this much per read (one read per wake-up).
 _CHUNK = 65536
 
 
@@ -214,12 +220,13 @@ def _copy(src: int, dst: int, count: int) -> None:
             offset += len(chunk)
 
 
-#: Live pumps by console path, so that a tail read first takes in what is still in the pipe.
+#: Live pumps by console path, so that a tail read first takes in what is still unread.
 _live: weakref.WeakValueDictionary[str, ConsolePump] = weakref.WeakValueDictionary()
 
 
 class ConsolePump:
-    """The pipe a VMM writes its stdout/stderr to, and its reader into a :class:`ConsoleLog`.
+    """The terminal a VMM writes its stdout/stderr to, and its reader into a
+    :class:`ConsoleLog`.
 
     Give ``write_fd`` to the child as fds 1 and 2, then call :meth:`child_started`;
     :meth:`attach` reads it from the running event loop; :meth:`close` once the VMM exited.
@@ -227,7 +234,17 @@ class ConsolePump:
 
     def __init__(self, path: Path, limit: int = DEFAULT_CONSOLE_LIMIT_BYTES) -> None:
         self.log = ConsoleLog(path, limit)
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # openpty() opens the terminal side with O_NOCTTY: it never becomes a controlling
+        # terminal (of a supervisor, a session leader), so closing it signals nobody.
+        read_fd, write_fd = os.openpty()
+        try:
+            tty.setraw(write_fd)  # the bytes as written: no CR added, no echo, no signals
+            for fd in (read_fd, write_fd):
+                os.set_blocking(fd, False)
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
         self._read_fd: int | None = read_fd
         self.write_fd_or_none: int | None = write_fd
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -241,7 +258,7 @@ class ConsolePump:
     def write_fd(self) -> int:
         fd = self.write_fd_or_none
         if fd is None:
-            raise ValueError(f"console {self.path}: the pipe's write end was handed over")
+            raise ValueError(f"console {self.path}: the terminal was handed over")
         return fd
 
     @property
@@ -250,13 +267,13 @@ class ConsolePump:
         return self.log.dropped
 
     def child_started(self) -> None:
-        """The child holds the write end now: close ours, so its exit reads as EOF."""
+        """The child holds the terminal now: close ours, so its exit reads as the end."""
         if self.write_fd_or_none is not None:
             os.close(self.write_fd_or_none)
             self.write_fd_or_none = None
 
     def attach(self) -> None:
-        """Read the pipe from the running loop (again, if the previous loop is gone)."""
+        """Read the terminal from the running loop (again, if the previous loop is gone)."""
         loop = asyncio.get_running_loop()
         if self._read_fd is None or self._loop is loop:
             return
@@ -270,13 +287,17 @@ class ConsolePump:
         self._loop = None
 
     def _read_once(self) -> int:
-        """One read into the log; 0 when nothing is there (EOF closes the pipe)."""
+        """One read into the log; 0 when nothing is there (the end closes the terminal)."""
         if self._read_fd is None:
             return 0
         try:
             data = os.read(self._read_fd, _CHUNK)
         except BlockingIOError:
             return 0
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            data = b""  # EIO: every holder of the terminal side is gone (the VMM exited)
         if not data:
             self._detach()
             os.close(self._read_fd)
@@ -286,12 +307,12 @@ class ConsolePump:
         return len(data)
 
     def drain(self) -> None:
-        """Take in everything the pipe holds now (before reading the files)."""
+        """Take in everything the terminal holds now (before reading the files)."""
         while self._read_once():
             pass
 
     def close(self) -> None:
-        """Drain and close the pipe and the files (the VMM must have exited)."""
+        """Drain and close the terminal and the files (the VMM must have exited)."""
         self.drain()
         self._detach()
         if self._read_fd is not None:

@@ -70,7 +70,7 @@ class ChildProcess:
         env: Mapping[str, str] | None = None,
     ) -> ChildProcess:
         """Start ``argv`` with stdout+stderr appended to ``stdout_path``, or on ``stdout_fd``
-        (a VM's console pipe, :class:`~.consolelog.ConsolePump`).
+        (a VM's console terminal, :class:`~.consolelog.ConsolePump`).
 
         stdin is a pipe whose write end we keep (``stdin_fd``): Firecracker registers stdin as
         the serial console's input with epoll, which /dev/null does not support. The child
