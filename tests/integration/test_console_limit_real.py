@@ -29,12 +29,8 @@ from ironclaw_orchestrator.vm import (
     start_firecracker,
 )
 from ironclaw_orchestrator.vm.api import FirecrackerApi
-from ironclaw_orchestrator.vm.consolelog import (
-    MARKER_PREFIX,
-    dropped_bytes,
-    read_tail,
-    rotated_path,
-)
+from ironclaw_orchestrator.vm.consolelog import MARKER_PREFIX, rotated_path
+from ironclaw_orchestrator.vm.consoleread import dropped_bytes, read_tail
 from ironclaw_orchestrator.vm.probe import (
     PROBE_BOOT_ARGS,
     ProbeBehaviour,

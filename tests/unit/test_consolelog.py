@@ -19,14 +19,16 @@ from ironclaw_orchestrator.vm.config import (
 )
 from ironclaw_orchestrator.vm.consolelog import (
     MARKER_PREFIX,
-    SKIPPED_NOTE,
-    ConsoleFollower,
     ConsoleLog,
     ConsolePump,
-    dropped_bytes,
     marker_line,
-    read_tail,
     rotated_path,
+)
+from ironclaw_orchestrator.vm.consoleread import (
+    SKIPPED_NOTE,
+    ConsoleFollower,
+    dropped_bytes,
+    read_tail,
 )
 from ironclaw_orchestrator.vm.process import ChildProcess
 

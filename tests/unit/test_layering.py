@@ -51,6 +51,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.cancelsafe",
             "vm.cgroups",
             "vm.consolelog",
+            "vm.consoleread",
             "vm.context",
             "vm.hostcheck",
             "vm.jailer_args",
@@ -104,6 +105,7 @@ SIDEWAYS = frozenset(
         ("pidfd", "procfs"),  # a pidfd is opened for a pid whose identity /proc confirms
         ("vm.hostcheck", "vm.netns"),  # where namespaces and the TUN device live
         ("vm.config", "vm.ratelimit"),  # VmConfig holds RateLimit models
+        ("vm.consoleread", "vm.consolelog"),  # reads what the console writer wrote
     }
 )
 UI_LIBRARIES = ("typer", "rich")

@@ -23,7 +23,7 @@ import typer
 from ..errors import ConfigError, IronclawError
 from ..vm import FirecrackerProcess, start_firecracker
 from ..vm.config import VmConfig
-from ..vm.consolelog import ConsoleFollower
+from ..vm.consoleread import ConsoleFollower
 from ..vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 from .common import (
     AppArmorProfileOption,

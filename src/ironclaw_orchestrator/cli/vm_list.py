@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..registry import VmRecord
 from ..supervisor import VmStatus, list_vms
 from ..vm.cgroups import CgroupStats, VmCgroups
-from ..vm.consolelog import dropped_bytes
+from ..vm.consoleread import dropped_bytes
 from ..vm.seccomp import SeccompStatus, read_seccomp_status
 from .common import ExitCode, handle_errors, stderr, stdout
 from .records import JsonOption, format_duration, get_record, open_registry, uptime_s

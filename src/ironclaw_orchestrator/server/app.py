@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AgentRequestError, IronclawError
 from ..vm import VmConfig
-from ..vm.consolelog import ConsoleFollower
+from ..vm.consoleread import ConsoleFollower
 from .agent import HostAgent, agent_version
 from .errors import AdmissionError, RequestError, status_for
 from .guest import (

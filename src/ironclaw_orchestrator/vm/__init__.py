@@ -28,7 +28,7 @@ from . import netns as ns
 from .api import FirecrackerApi
 from .cancelsafe import Resumable, finish
 from .config import JailerConfig, VmConfig
-from .consolelog import dropped_bytes, read_tail
+from .consoleread import dropped_bytes, read_tail
 from .context import Starting, awaitable_context, stop_on_exit
 from .hardening import (
     NET_IFACE_ID,

@@ -41,7 +41,8 @@ from .api import FirecrackerApi
 from .binaries import Binaries, resolve_binaries
 from .cancelsafe import ThreadSteps, finish
 from .config import JailerConfig
-from .consolelog import DEFAULT_CONSOLE_LIMIT_BYTES, ConsolePump, read_tail
+from .consolelog import DEFAULT_CONSOLE_LIMIT_BYTES, ConsolePump
+from .consoleread import read_tail
 from .context import awaitable_context, stop_on_exit
 from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_root
 from .jailer_args import CgroupArg, build_jailer_argv

@@ -21,7 +21,8 @@ from ..errors import (
 from .api import FirecrackerApi
 from .cancelsafe import Resumable, finish
 from .config import MAX_SOCKET_PATH_BYTES
-from .consolelog import ConsolePump, read_tail
+from .consolelog import ConsolePump
+from .consoleread import read_tail
 from .process import ChildProcess
 
 DEFAULT_READY_TIMEOUT_S = 10.0
