@@ -55,6 +55,7 @@ def test_api_over_unix_socket_and_tcp_with_a_real_vm(harness: AgentHarness) -> N
         assert c.get(f"/v1/vms/{vm_id}").json()["vmm_pid"] == vm["vmm_pid"]
         stats = c.get(f"/v1/vms/{vm_id}/stats").json()
         assert stats["memory_current_bytes"] > 0 and stats["memory_limit_bytes"] > 128 * 2**20
+        assert stats["console_dropped_bytes"] == 0  # the probe says one line
         deadline = time.monotonic() + 30
         while "IRONCLAW-PROBE-READY" not in c.get(f"/v1/vms/{vm_id}/logs").text:
             assert time.monotonic() < deadline, "the probe's console never showed up"

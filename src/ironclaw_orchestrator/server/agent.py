@@ -38,6 +38,7 @@ from ..gc import GcReport, collect_garbage
 from ..registry import Registry, VmRecord, check_vm_id
 from ..vm import VmConfig
 from ..vm.cgroups import VmCgroups
+from ..vm.consoleread import dropped_bytes
 from .admission import Admission, Capacity, Usage
 from .errors import NotFoundError, PolicyError
 from .settings import AgentSettings
@@ -334,6 +335,10 @@ class HostAgent:
             "time": datetime.now(UTC).isoformat(),
             "memory_limit_bytes": None if limit is None else limit * 2**20,
             **dataclasses.asdict(stats),
+            # Console bytes dropped to stay within console_limit_bytes (from the files).
+            "console_dropped_bytes": (
+                None if record.console_path is None else dropped_bytes(record.console_path)
+            ),
         }
 
     def log_path(self, vm_id: str, source: str) -> Path:

@@ -6,7 +6,7 @@ Resources (all under ``/v1``; OpenAPI at ``/openapi.json``)::
     POST   /v1/vms/{id}/start      start a defined VM
     GET    /v1/vms                 every VM on this host (running, starting, stale, defined)
     GET    /v1/vms/{id}            one VM
-    GET    /v1/vms/{id}/stats      cgroup counters
+    GET    /v1/vms/{id}/stats      cgroup counters, console bytes dropped
     GET    /v1/vms/{id}/logs       console (or ?source=supervisor); ?follow=true streams
     POST   /v1/vms/{id}/exec       run a command through the guest agent, wait for its exit
     PUT    /v1/vms/{id}/files      upload the body to ?path= in the guest (&mode=0644)
