@@ -102,6 +102,7 @@ def _leak_guard_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     os.environ["TMPDIR"] = str(tmpdir)
     tempfile.tempdir = str(tmpdir)
     session = Session(token, tmpdir, leakcheck.seconds_since_boot() - 1)
+    threads_at_start = set(threading.enumerate())
     try:
         yield session
     finally:
@@ -114,7 +115,10 @@ def _leak_guard_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         left = leakcheck.our_processes(token, session.since)
         leakcheck.kill(set(left))
         leakcheck.reap_zombies()
-        threads = leakcheck.join_threads(session.deferred_threads.pop("session", set()), GRACE_S)
+        # Deferred to the session, or started by a session fixture's setup: none may remain.
+        late = session.deferred_threads.pop("session", set())
+        late |= set(threading.enumerate()) - threads_at_start
+        threads = leakcheck.join_threads(late, GRACE_S)
         files = sorted(leakcheck.tmp_entries(tmpdir))
         shutil.rmtree(tmpdir, ignore_errors=True)
     problems = []

@@ -32,7 +32,7 @@ from ironclaw_orchestrator.vm.process import become_subreaper
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # a Ray cluster starts
 
 VMS = 30
 ZONES = ("a", "b", "c")

@@ -24,6 +24,16 @@ def test_orphan_of_a_killed_shell():
     proc.wait()
     proc.stdout.close()
 
+def test_orphan_without_the_token():
+    # The 'sleep 30' leak we had: the VMM launcher gives its child an empty environment
+    # (no session token), the script's shell forks sleep and is killed: only ancestry (we
+    # are a subreaper) finds the orphan.
+    import signal, time
+    pid = os.posix_spawn("/bin/sh", ["sh", "-c", "sleep 60; :"], {}, setpgroup=0)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
 def test_thread():
     threading.Thread(target=threading.Event().wait, args=(30,), daemon=True).start()
 
@@ -81,10 +91,37 @@ def test_guard_names_each_leak_and_cleans_it(
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-p", "no:asyncio", timeout=120
     )
-    result.assert_outcomes(passed=4, errors=3)
+    result.assert_outcomes(passed=5, errors=4)
     out = result.stdout.str()
     assert "ERROR at teardown of test_orphan_of_a_killed_shell" in out
     assert "sleep 60" in out and "now killed" in out
+    assert "ERROR at teardown of test_orphan_without_the_token" in out
     assert "ERROR at teardown of test_thread" in out and "threads still running" in out
     assert "ERROR at teardown of test_temp_file" in out and "files left in TMPDIR" in out
     assert "test_clean" not in out.split("short test summary")[-1]
+
+
+SESSION_THREAD = """
+import threading
+import pytest
+
+@pytest.fixture(scope="session")
+def service():
+    threading.Thread(target=threading.Event().wait, args=(30,), daemon=True).start()
+    yield  # never stopped
+
+def test_uses_a_session_service(service):
+    pass
+"""
+
+
+def test_thread_outliving_the_session_fails_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IRONCLAW_TEST_LEAK_GRACE_S", "1")
+    for name in ("conftest.py", "leakcheck.py"):
+        shutil.copy(TESTS / name, pytester.path / name)
+    pytester.makepyfile(test_session=SESSION_THREAD)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:asyncio")
+    result.assert_outcomes(passed=1, errors=1)
+    assert "threads still running at the end of the session" in result.stdout.str()
