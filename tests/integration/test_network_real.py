@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pwd
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,23 +50,54 @@ async def test_private_netns_without_networking(vm_id: str, chroot_base: Path) -
     assert name not in await asyncio.to_thread(ns.list_netns)
 
 
+def ip_json(netns: str, *args: str) -> list[dict[str, Any]]:
+    """``ip -j`` inside ``netns``: the kernel's view, not ours."""
+    out = subprocess.run(
+        ["ip", "-n", netns, "-j", *args], check=True, capture_output=True, text=True
+    ).stdout
+    result: list[dict[str, Any]] = json.loads(out)
+    return result
+
+
 async def test_networking_tap_only_inside_and_removed(vm_id: str, chroot_base: Path) -> None:
     before = host_links()
-    vm = await start_firecracker(cfg(vm_id, enable_networking=True))
+    vm = await start_firecracker(cfg(vm_id, enable_networking=True, tap_host_cidr="10.254.3.1/29"))
     name = ns.netns_name(vm_id)
     tap = ns.tap_name(vm_id)
     try:
         assert tap in await asyncio.to_thread(ns.interfaces_in, name)
         assert tap not in host_links()
-        # Firecracker accepted the tap (PUT /network-interfaces ran during start) and boots.
+        # The tap holds the host end of the guest's subnet, is up, and belongs to the jail user.
+        (link,) = ip_json(name, "-d", "addr", "show", "dev", tap)
+        v4 = [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"]
+        assert v4 == [("10.254.3.1", 29)]
+        assert "UP" in link["flags"]
+        tun = link["linkinfo"]["info_data"]
+        assert tun["type"] == "tap"
+        uid = vm.vmm.config.uid  # type: ignore[union-attr]
+        assert str(tun["user"]) in (str(uid), pwd_name(uid))
+        # Firecracker was given exactly that tap, the derived MAC, and the guest's address.
         await vm.start_instance()
         info = await vm.api.request("GET", "/vm/config")
-        ifaces = info.get("network-interfaces", []) if isinstance(info, dict) else []
-        assert not ifaces or ifaces[0]["host_dev_name"] == tap
+        assert isinstance(info, dict), info
+        ifaces = [
+            (i["iface_id"], i["host_dev_name"], i["guest_mac"]) for i in info["network-interfaces"]
+        ]
+        assert ifaces == [("eth0", tap, ns.guest_mac(vm_id))]
+        boot_args = info["boot-source"]["boot_args"].split()
+        assert "ip=10.254.3.2::10.254.3.1:255.255.255.248::eth0:off" in boot_args
+        assert set(PROBE_BOOT_ARGS.split()) <= set(boot_args)
     finally:
         await vm.stop()
     assert name not in await asyncio.to_thread(ns.list_netns)
     assert host_links() == before
+
+
+def pwd_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 async def test_failed_start_removes_netns_and_tap(vm_id: str, chroot_base: Path) -> None:
