@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from jailcheck import assert_jailed
 
 from ironclaw_orchestrator import JailerConfig, VmConfig, start_firecracker, start_with_jailer
 from ironclaw_orchestrator.vm.probe import (
@@ -47,6 +48,8 @@ async def test_cancelled_block_stops_and_cleans_up(vm_id: str, jailed: bool) -> 
         async with start_firecracker(halt_config(vm_id), use_jailer=jailed) as vm:
             await vm.start_instance()
             await _ready(vm.console_path)
+            if jailed:
+                assert_jailed(vm)
             seen.update(pid=vm.pid, sandboxed=vm.is_sandboxed, console=vm.console_path)
             entered.set()
             await asyncio.sleep(3600)  # the guest halts forever: only a cancel ends this
@@ -66,6 +69,7 @@ async def test_exception_in_block_stops_and_cleans_up(vm_id: str) -> None:
     with pytest.raises(RuntimeError, match="agent crashed"):
         async with start_firecracker(halt_config(vm_id)) as vm:
             await vm.start_instance()
+            assert_jailed(vm)
             pid = vm.pid
             raise RuntimeError("agent crashed")
     assert not os.path.exists(f"/proc/{pid}")

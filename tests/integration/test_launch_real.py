@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from jailcheck import assert_jailed
 
 from ironclaw_orchestrator.errors import (
     CgroupError,
@@ -63,7 +64,7 @@ async def test_jailed_vm_runs_as_jail_user_in_chroot_with_limits(
 ) -> None:
     vm = await start_firecracker(probe_config(vm_id, ProbeBehaviour.HALT, require_sandbox=True))
     try:
-        assert vm.is_sandboxed
+        assert_jailed(vm, chroot_base)  # uid/gid, chroot, PID/mount/net namespaces, cgroups
         jailer = vm.vmm
         status = proc_status(vm.pid)
         assert status["Name"] == exec_name[:15]  # the resolved exec file's name
@@ -112,6 +113,7 @@ async def _wait_for_console(vm: FirecrackerProcess, text: str) -> None:
 async def test_guest_reset_is_detected_as_clean_exit(vm_id: str, chroot_base: Path) -> None:
     vm = await start_firecracker(probe_config(vm_id))
     try:
+        assert_jailed(vm, chroot_base)  # not the unjailed fallback: the jailer is here
         await vm.start_instance()
         assert await vm.wait() == 0
         assert READY_LINE in vm.console_path.read_text()
@@ -122,8 +124,13 @@ async def test_guest_reset_is_detected_as_clean_exit(vm_id: str, chroot_base: Pa
 
 async def test_stop_kills_guest_that_ignores_ctrl_alt_del(vm_id: str, chroot_base: Path) -> None:
     vm = await start_firecracker(probe_config(vm_id, ProbeBehaviour.HALT))
-    await vm.start_instance()
-    await _wait_for_console(vm, READY_LINE)
+    try:
+        assert_jailed(vm, chroot_base)  # SIGKILL of a jailed VMM, PID 1 of its namespace
+        await vm.start_instance()
+        await _wait_for_console(vm, READY_LINE)
+    except BaseException:
+        await vm.stop()
+        raise
     pid = vm.pid
     code = await vm.stop(timeout_s=0.5)
     assert code == -9

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from jailcheck import assert_jailed
 
 from ironclaw_orchestrator.errors import ConfigError
 from ironclaw_orchestrator.registry import Registry
@@ -41,6 +42,7 @@ async def test_kernel_is_linked_only_when_only_root_can_change_it(
         _config(vm_id, kernel, chroot_base), registry=Registry(tmp_path / "state")
     )
     try:
+        assert_jailed(vm, chroot_base)
         staged = vm.vmm.jail_dir / "root" / "vmlinux"  # type: ignore[union-attr]
         same_inode = os.stat(staged).st_ino == os.stat(kernel).st_ino
         assert same_inode is linked

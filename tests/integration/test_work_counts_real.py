@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from jailcheck import assert_jailed
 
 from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import VmConfig, start_firecracker
@@ -49,6 +50,7 @@ async def test_registry_writes_and_api_connections_per_start(
     )
     vm = await start_firecracker(cfg, use_jailer=True, registry=registry)
     try:
+        assert_jailed(vm)
         assert writes == [vm_id] * 3, writes  # claim + ids, before the netns, running
         record = registry.get(vm_id)
         assert record is not None and record.vmm_pid == vm.pid and record.uid is not None
