@@ -13,9 +13,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+from leftovers import leftovers
 
 from ironclaw_orchestrator.errors import VmExitedError
-from ironclaw_orchestrator.gc import collect_garbage
+from ironclaw_orchestrator.gc import GcReport, collect_garbage
 from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import JailerConfig, VmConfig, start_firecracker
 from ironclaw_orchestrator.vm import jailer as jailer_mod
@@ -48,8 +49,10 @@ async def test_vmm_killed_during_start(
     vm_id: str, chroot_base: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_wait_ready = jailer_mod.wait_ready
+    made: list[str] = []
 
     async def kill_vmm_then_wait(process: ChildProcess, *args: Any, **kwargs: Any) -> None:
+        made.extend(leftovers(vm_id))  # what the start had made by then
         os.kill(process.pid, signal.SIGKILL)  # the VMM dies between spawn and API ready
         await real_wait_ready(process, *args, **kwargs)
 
@@ -60,7 +63,14 @@ async def test_vmm_killed_during_start(
             JailerConfig(jailer_id=vm_id),
             files=[JailFile(kernel, PurePosixPath("/vmlinux"))],
         )
-    assert info.value.exit_code == -9
+    error = info.value
+    assert (error.exit_code, error.vm_id) == (-9, vm_id)
+    message = str(error)
+    assert message.startswith(f"VM {vm_id}: ") and "exited with signal 9" in message, message
+    assert "before its API was ready" in message and "--- output (" in message, message
+    # Each kind of resource existed when the VMM died, and the failed start removed it.
+    assert {k for k in kinds(made)} >= {"process", "jail dir", "cgroup", "netns"}, made
+    assert leftovers(vm_id) == []
 
 
 async def test_vmm_killed_after_boot_and_during_stop(
@@ -68,18 +78,20 @@ async def test_vmm_killed_after_boot_and_during_stop(
 ) -> None:
     vm = await start_firecracker(halt_config(vm_id))
     await vm.start_instance()
+    made = leftovers(vm_id, state_dirs=[state_dir])
     os.kill(vm.pid, signal.SIGKILL)
     assert await vm.wait() == -9
     await vm.stop()
-    assert Registry(state_dir).get(vm_id) is None
+    assert kinds(made) >= {"process", "jail dir", "cgroup", "netns", "registry record"}, made
+    assert leftovers(vm_id, state_dirs=[state_dir]) == []
 
     vm = await start_firecracker(halt_config(vm_id))
     await vm.start_instance()
     stopping = asyncio.ensure_future(vm.stop(timeout_s=2))
     await asyncio.sleep(0.05)  # stop is waiting for the guest to honour Ctrl-Alt-Del
     os.kill(vm.pid, signal.SIGKILL)
-    await stopping
-    assert Registry(state_dir).get(vm_id) is None
+    assert await stopping == -9
+    assert leftovers(vm_id, state_dirs=[state_dir]) == []
 
 
 ORCHESTRATOR = textwrap.dedent(
@@ -133,10 +145,22 @@ def run_orchestrator(ids: list[str], crash_at: str) -> subprocess.Popen[str]:
     )
 
 
-def gc_ids(state_dir: Path, ids: list[str]) -> None:
+def gc_ids(state_dir: Path, ids: list[str]) -> GcReport:
     become_subreaper()
     report = collect_garbage(Registry(state_dir), vm_ids=ids, orphan_grace_s=0)
     assert report.ok, report.to_dict()
+    return report
+
+
+def kinds(found: list[str]) -> set[str]:
+    """``{"process", "jail dir", "cgroup", ...}`` of :func:`leftovers` entries."""
+    known = ("process", "jail dir", "cgroup", "netns", "registry record", "run dir", "socket")
+    return {k for f in found for k in known if f.startswith(k + " ")}
+
+
+def done(report: GcReport, vm_id: str) -> set[tuple[str, str]]:
+    """``(kind, action)`` of what gc did for ``vm_id``."""
+    return {(a.kind, a.action) for a in report.actions if a.vm_id == vm_id}
 
 
 async def test_orchestrator_killed_during_start(
@@ -151,7 +175,9 @@ async def test_orchestrator_killed_during_start(
     finally:
         proc.kill()
         proc.wait()
-        gc_ids(state_dir, [vm_id])
+        report = gc_ids(state_dir, [vm_id])
+    assert {("jail_dir", "removed"), ("record", "removed")} <= done(report, vm_id), report
+    assert leftovers(vm_id, state_dirs=[state_dir]) == []
 
 
 async def test_orchestrator_killed_mid_jail_claim_never_blocks_the_id(
@@ -165,8 +191,11 @@ async def test_orchestrator_killed_mid_jail_claim_never_blocks_the_id(
         claims = list(chroot_base.glob(f"*/.claim-{vm_id}-*"))
         assert len(claims) == 1 and (claims[0] / ".ironclaw").is_file()
         assert not list(chroot_base.glob(f"*/{vm_id}"))
-        gc_ids(state_dir, [vm_id])  # the dead owner's record, run dir and the claim
-        assert not list(chroot_base.glob(f"*/.claim-{vm_id}-*"))
+        report = gc_ids(state_dir, [vm_id])  # the dead owner's record, run dir and the claim
+        removed = {a.name for a in report.actions if a.action == "removed"}
+        assert str(claims[0]) in removed, report
+        assert ("record", "removed") in done(report, vm_id), report
+        assert leftovers(vm_id, state_dirs=[state_dir]) == []
         vm = await start_firecracker(halt_config(vm_id))
         await vm.stop()
     finally:
@@ -184,6 +213,7 @@ async def test_orchestrator_killed_while_vms_run(
         assert proc.stdout is not None
         pids = json.loads(proc.stdout.readline())
         assert all(Path(f"/proc/{pid}").exists() for pid in pids)
+        made = {i: kinds(leftovers(i, state_dirs=[state_dir])) for i in ids}
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         # The VMMs outlive their orchestrator (that is the leak gc exists for).
@@ -195,7 +225,19 @@ async def test_orchestrator_killed_while_vms_run(
     finally:
         proc.kill()
         proc.wait()
-        gc_ids(state_dir, ids)
+        report = gc_ids(state_dir, ids)
+    for vm_id_ in ids:
+        want = {"process", "jail dir", "cgroup", "netns", "run dir", "registry record"}
+        assert made[vm_id_] >= want, made
+        assert {
+            ("vmm", "killed"),
+            ("cgroups", "removed"),
+            ("netns", "removed"),
+            ("jail_dir", "removed"),
+            ("run_dir", "removed"),
+            ("record", "removed"),
+        } <= done(report, vm_id_), report
+        assert leftovers(vm_id_, state_dirs=[state_dir]) == []
     for pid in pids:
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().split()[2] == "Z"
