@@ -116,10 +116,24 @@ class AgentHarness:
         return Registry(self.state)
 
     def leftovers(self) -> list[str]:
-        return (
-            leftovers(self.root.name, chroot_bases=(self.jail,))
-            + [f"record {p}" for p in self.state.glob("*.json")]
-            + [f"run dir {p}" for p in (self.run / "vms").glob("*")]
+        """The agent's own processes and sockets (named after its private dir), and every
+        resource of each VM id its jails, records and run dirs still name."""
+        ids = {p.name for p in self.jail.glob("*/*")}
+        ids |= {p.name.removesuffix(".json") for p in self.state.glob("*.json")}
+        ids |= {p.name for p in (self.run / "vms").glob("*")}
+        found = self.find(self.root.name)
+        for vm_id in sorted(ids):
+            found += self.find(vm_id, vm_ids=[vm_id])
+        return sorted(set(found))
+
+    def find(self, fragment: str, vm_ids: Sequence[str] = ()) -> list[str]:
+        """:func:`leftovers` in this agent's chroot base, run dir and state dir too."""
+        return leftovers(
+            fragment,
+            chroot_bases=(self.jail,),
+            run_roots=(self.run,),
+            state_dirs=(self.state,),
+            vm_ids=vm_ids,
         )
 
     def supervisors(self) -> list[int]:
@@ -169,4 +183,4 @@ class AgentHarness:
 
 
 def vm_leftovers(vm_id: str, harness: AgentHarness) -> list[str]:
-    return leftovers(vm_id, chroot_bases=(harness.jail,))
+    return harness.find(vm_id, vm_ids=[vm_id])

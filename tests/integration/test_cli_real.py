@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from leftovers import leftovers
 
 from ironclaw_orchestrator.vm.probe import READY_LINE
 
@@ -49,16 +50,12 @@ pytestmark = [
 ]
 
 
-def leftovers(vm_id: str) -> list[str]:
-    found = [str(p) for p in JAIL_BASE.glob(f"*/{vm_id}")]
-    found += [str(p) for p in (RUN_DIR / vm_id, NETNS_DIR / f"ironclaw-{vm_id}") if p.exists()]
-    for root, dirs, _files in os.walk(CGROUP_ROOT):
-        found += [os.path.join(root, d) for d in dirs if vm_id in d]
-    return found
-
-
-def _remove(path: str) -> None:
-    p = Path(path)
+def _remove(entry: str) -> None:
+    """Remove one :func:`leftovers` entry that names a path (processes are the guard's)."""
+    kind, _, rest = entry.partition(" /")
+    if kind not in ("jail dir", "run dir", "cgroup", "netns", "registry record"):
+        return
+    p = Path("/" + rest)
     if p.is_relative_to(CGROUP_ROOT):
         for child in sorted(p.rglob("*"), reverse=True):
             if child.is_dir():
@@ -66,6 +63,8 @@ def _remove(path: str) -> None:
         p.rmdir()
     elif p.is_relative_to(NETNS_DIR):
         subprocess.run(["ip", "netns", "delete", p.name], check=False)
+    elif p.is_file():
+        p.unlink()
     else:
         shutil.rmtree(p, ignore_errors=True)
 
