@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from leftovers import leftovers
 
 from ironclaw_orchestrator.errors import CgroupControllerUnavailableError, CgroupError
 from ironclaw_orchestrator.vm.cgroups import (
@@ -24,8 +25,6 @@ from ironclaw_orchestrator.vm.cgroups import (
     disk_device_for,
 )
 from ironclaw_orchestrator.vm.config import JailerConfig
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def _v1_ready() -> bool:
@@ -41,15 +40,6 @@ pytestmark = [
 ]
 
 
-def ironclaw_dirs() -> set[Path]:
-    found: set[Path] = set()
-    for dirpath, dirnames, _files in os.walk(CGROUP_ROOT):
-        for d in dirnames:
-            if "ironclaw" in d:
-                found.add(Path(dirpath) / d)
-    return found
-
-
 def chain_state(vm: VmCgroups) -> dict[Path, bool]:
     """Whether each directory from every mount down to the VM dir exists."""
     state: dict[Path, bool] = {}
@@ -62,7 +52,6 @@ def chain_state(vm: VmCgroups) -> dict[Path, bool]:
 
 
 def test_real_v1_prepare_attach_stats_remove(tmp_path: Path) -> None:
-    before = ironclaw_dirs()
     layout = detect_layout()
     vm_id = f"ironclaw-test-{secrets.token_hex(4)}"
     try:
@@ -129,18 +118,17 @@ def test_real_v1_prepare_attach_stats_remove(tmp_path: Path) -> None:
         for d in created:
             assert not d.exists()
         assert chain_state(vm) == initial
-        assert ironclaw_dirs() == before
+        assert leftovers(vm_id) == []  # at any depth, in every hierarchy
         VmCgroups.from_dict(record).remove()  # idempotent, also from a registry record
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
         vm.remove()
-    assert ironclaw_dirs() == before
+    assert leftovers(vm_id) == []
 
 
 def test_real_rejected_value_leaves_nothing(tmp_path: Path) -> None:
-    before = ironclaw_dirs()
     layout = detect_layout()
     if "cpuset" not in layout.v1_mounts:
         pytest.skip("no v1 cpuset controller")
@@ -160,10 +148,10 @@ def test_real_rejected_value_leaves_nothing(tmp_path: Path) -> None:
         assert info.value.controller == "cpuset"
         assert info.value.value == "999"
         assert vm.created == []
-        assert ironclaw_dirs() == before
+        assert leftovers(vm_id) == []  # at any depth, in every hierarchy
     finally:
         vm.remove()
-    assert ironclaw_dirs() == before
+    assert leftovers(vm_id) == []
 
 
 def test_real_v2_unavailable_on_hybrid() -> None:
