@@ -186,10 +186,12 @@ async def test_vm_exiting_immediately_reports_status_and_output(
 ) -> None:
     with pytest.raises(VmExitedError) as info:
         await start_with_jailer(JailerConfig(jailer_id=vm_id), log_level="Bogus")
-    assert info.value.exit_code not in (None, 0)
-    # firecracker's own complaint about its arguments is in the error.
-    assert "error" in info.value.output_tail.lower()
-    assert info.value.output_tail in str(info.value)
+    error = info.value
+    assert error.exit_code not in (None, 0) and error.vm_id == vm_id
+    # firecracker's own complaint about its arguments is in the error, with the status.
+    assert "Arguments parsing error" in error.output_tail, error.output_tail
+    assert error.output_tail in str(error)
+    assert str(error).startswith(f"VM {vm_id}: ") and f"status {error.exit_code}" in str(error)
 
 
 async def test_real_jailer_v2_refusal_is_explained(
