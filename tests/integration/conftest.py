@@ -111,6 +111,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 #: Every VM id claimed in this process during the session, with its registry's state dir.
 _CLAIMED: dict[str, Path] = {}
+#: Ids whose leftovers already failed their own test: not reported again at session end.
+_REPORTED: set[str] = set()
+
+
+def _left(claimed: dict[str, Path]) -> list[str]:
+    found = [
+        f"{vm_id}: {entry}"
+        for vm_id, state in claimed.items()
+        for entry in leftovers(vm_id, state_dirs=[state], vm_ids=[vm_id])
+    ]
+    _REPORTED.update(f.split(":", 1)[0] for f in found)
+    return found
 
 
 @pytest.fixture(autouse=True)
@@ -127,11 +139,7 @@ def _no_leftovers() -> Iterator[None]:
         mp.setattr(Registry, "claim", claim)
         yield
     _CLAIMED.update(claimed)
-    left = [
-        f"{vm_id}: {entry}"
-        for vm_id, state in claimed.items()
-        for entry in leftovers(vm_id, state_dirs=[state], vm_ids=[vm_id])
-    ]
+    left = _left(claimed)
     assert not left, f"test left VM resources behind: {left}"
 
 
@@ -140,11 +148,7 @@ def _no_leftovers_at_session_end() -> Iterator[None]:
     """Something that outlived its test and came back (a supervisor re-creating a VM, a
     late VMM) is caught here."""
     yield
-    left = [
-        f"{vm_id}: {entry}"
-        for vm_id, state in _CLAIMED.items()
-        for entry in leftovers(vm_id, state_dirs=[state], vm_ids=[vm_id])
-    ]
+    left = _left({i: s for i, s in _CLAIMED.items() if i not in _REPORTED})
     assert not left, f"VM resources left at the end of the session: {left}"
 
 
