@@ -63,3 +63,15 @@ def test_the_cache_is_not_part_of_equality_or_the_dump(tmp_path: Path) -> None:
     assert asked == fresh
     assert asked.model_dump() == fresh.model_dump()
     assert "exec_file_name" not in asked.model_dump()
+
+
+def test_a_copy_with_another_exec_file_resolves_it(tmp_path: Path) -> None:
+    """The start path copies the config with the binary it found (``model_copy(update=)``):
+    the jail must be named after that binary, not after the default path asked earlier."""
+    link = _binaries(tmp_path)
+    cfg = JailerConfig(exec_file=tmp_path / "firecracker-v1.14.1")
+    assert cfg.exec_file_name == "firecracker-v1.14.1"
+    found = cfg.model_copy(update={"exec_file": link})
+    assert found.exec_file_name == "firecracker-v1.0.0"
+    assert found.jail_dir.parent.name == "firecracker-v1.0.0"
+    assert cfg.model_copy().exec_file_name == "firecracker-v1.14.1"  # same file: kept
