@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jailcheck import assert_record_jailed
 
 from ironclaw_orchestrator.registry import Registry, is_alive
 
@@ -90,6 +91,9 @@ def test_cli_start_ls_stats_logs_stop(state: Path, vm_id: str) -> None:
 
     row = _ls(state)[vm_id]
     assert row["status"] == "running" and row["sandboxed"] is True and row["detached"]
+    record = Registry(state).get(vm_id)
+    assert record is not None
+    assert_record_jailed(record)  # the kernel agrees with the record
     assert row["owner_alive"] and row["vmm_alive"] and row["memory_mb"] == 128
     table = cli(state, "vm", "ls")
     assert table.returncode == 0 and vm_id in table.stdout and "running" in table.stdout

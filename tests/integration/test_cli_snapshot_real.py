@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jailcheck import assert_record_jailed
 
 from ironclaw_orchestrator.gc import collect_garbage
 from ironclaw_orchestrator.registry import Registry
@@ -43,6 +44,9 @@ def test_pause_resume_snapshot_restore(state: Path, vm_id: str, tmp_path: Path) 
     started = cli(state, "vm", "start", "--id", vm_id, "--probe", "halt")
     assert started.returncode == 0, started.stderr
     try:
+        record = Registry(state).get(vm_id)
+        assert record is not None
+        assert_record_jailed(record)  # not the unjailed fallback
         paused = cli(state, "vm", "pause", vm_id, "--json")
         assert paused.returncode == 0, paused.stderr
         assert json.loads(paused.stdout) == {"vm_id": vm_id, "state": "Paused"}
@@ -70,6 +74,7 @@ def test_pause_resume_snapshot_restore(state: Path, vm_id: str, tmp_path: Path) 
         info = json.loads(first)
         rec = Registry(state).get(f"{vm_id}-r")
         assert rec is not None and rec.vmm_pid == info["vmm_pid"]
+        assert_record_jailed(rec)  # restored into a jail of its own
         restore.send_signal(signal.SIGINT)
         assert restore.wait(timeout=60) == 130, restore.stderr.read() if restore.stderr else ""
         assert Registry(state).get(f"{vm_id}-r") is None

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jailcheck import assert_record_jailed
 
 from ironclaw_orchestrator.errors import RegistryError
 from ironclaw_orchestrator.gc import JAIL_MARKER, collect_garbage
@@ -81,6 +82,7 @@ async def test_detached_start_stop_leaves_nothing(
 ) -> None:
     rec = await spawn_supervisor(probe_config(vm_id), registry)
     assert rec.state == "running" and rec.detached and rec.sandboxed
+    assert_record_jailed(rec)  # the kernel agrees with the record
     assert rec.owner_pid != os.getpid() and rec.owner_alive()
     assert rec.vmm_alive() and rec.vmm_pid is not None
     assert rec.uid is not None and rec.uid >= 64_000 and rec.uid == rec.gid
