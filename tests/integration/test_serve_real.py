@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from agent_harness import AgentHarness, probe_body, vm_leftovers
+from jailcheck import assert_record_jailed
 
 from ironclaw_orchestrator.registry import is_alive
 from ironclaw_orchestrator.vm.process import become_subreaper
@@ -51,6 +52,9 @@ def test_api_over_unix_socket_and_tcp_with_a_real_vm(harness: AgentHarness) -> N
         assert r.status_code == 201, r.text
         vm = r.json()
         assert vm["status"] == "running" and vm["sandboxed"] is True and vm["detached"]
+        record = harness.registry().get(vm_id)
+        assert record is not None
+        assert_record_jailed(record)  # the kernel agrees: uid, chroot, namespaces, cgroups
         assert [v["vm_id"] for v in c.get("/v1/vms").json()] == [vm_id]
         assert c.get(f"/v1/vms/{vm_id}").json()["vmm_pid"] == vm["vmm_pid"]
         stats = c.get(f"/v1/vms/{vm_id}/stats").json()
