@@ -237,7 +237,7 @@ async def test_orchestrator_killed_while_vms_run(
             ("run_dir", "removed"),
             ("record", "removed"),
         } <= done(report, vm_id_), report
-        assert leftovers(vm_id_, state_dirs=[state_dir]) == []
+        assert leftovers(vm_id_, state_dirs=[state_dir], pids=pids) == []
     for pid in pids:
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().split()[2] == "Z"
