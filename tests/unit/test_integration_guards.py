@@ -92,3 +92,37 @@ def test_every_test_has_a_deadline(pytestconfig: pytest.Config) -> None:
     """pytest-timeout is installed (dev extra) and pyproject sets a default for every test."""
     assert pytestconfig.pluginmanager.hasplugin("timeout")
     assert float(pytestconfig.getini("timeout")) > 0
+
+
+CLAIMS = """
+import secrets
+from ironclaw_orchestrator.registry import Registry
+
+def test_claims_and_forgets(tmp_path):
+    Registry(tmp_path / "state").claim("lo-forgotten-" + secrets.token_hex(4))
+
+def test_claims_and_releases(tmp_path):
+    registry = Registry(tmp_path / "state")
+    vm_id = "lo-released-" + secrets.token_hex(4)
+    registry.claim(vm_id)
+    registry.release(vm_id)
+"""
+
+
+def test_every_claimed_id_is_checked_for_leftovers(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The autouse check sees ids a test claims itself (here a record left in its own state
+    dir), not only the ``vm_id`` fixture's."""
+    monkeypatch.setenv(ALLOW_SKIPS_ENV, "1")
+    sub = pytester.path / "integration"
+    sub.mkdir()
+    shutil.copy(TESTS / "integration" / "conftest.py", sub / "conftest.py")
+    shutil.copy(TESTS / "leftovers.py", pytester.path / "leftovers.py")
+    (sub / "test_claims.py").write_text(CLAIMS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    out = result.stdout.str()
+    assert "ERROR at teardown of test_claims_and_forgets" in out
+    assert "test left VM resources behind" in out and "registry record" in out
+    assert "lo-released-" not in out
