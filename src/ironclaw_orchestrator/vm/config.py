@@ -180,6 +180,10 @@ def _cpu_list(value: str | None, what: str) -> str | None:
     return value
 
 
+# Validators delegate to plain (static)methods: mutation testing (scripts/mutation.py) cannot
+# mutate a decorated function, so the rules live in undecorated ones.
+
+
 class _Model(BaseModel):
     """Base: unknown keys are errors, and bad values raise ``ConfigError`` (not pydantic's)."""
 
@@ -290,6 +294,10 @@ class JailerConfig(_Model):
     @field_validator("cgroup_version", mode="before")
     @classmethod
     def _version(cls, v: object) -> object:
+        return cls._check_version(v)
+
+    @staticmethod
+    def _check_version(v: object) -> object:
         # Literal[1, 2] alone would take True (== 1) and 2.0.
         if v is not None and (type(v) is not int or v not in (1, 2)):
             raise ValueError(f"cgroup_version {v!r} must be the integer 1 or 2 (or unset)")
@@ -298,6 +306,10 @@ class JailerConfig(_Model):
     @field_validator("parent_cgroup")
     @classmethod
     def _rel_cgroup(cls, v: str | None) -> str | None:
+        return cls._check_rel_cgroup(v)
+
+    @staticmethod
+    def _check_rel_cgroup(v: str | None) -> str | None:
         if v is None:
             return None
         parts = [p for p in v.strip("/").split("/") if p]
@@ -310,6 +322,10 @@ class JailerConfig(_Model):
     @field_validator("netns")
     @classmethod
     def _netns_abs(cls, v: str | None) -> str | None:
+        return cls._check_netns_abs(v)
+
+    @staticmethod
+    def _check_netns_abs(v: str | None) -> str | None:
         if v is None:
             return None
         if not v.startswith("/"):
@@ -332,6 +348,9 @@ class JailerConfig(_Model):
     @property
     def cpu_quota_us(self) -> int:
         """CFS quota per ``cpu_period_us`` implementing ``cpu_limit`` (or ``cpu_count``)."""
+        return self._cpu_quota_us()
+
+    def _cpu_quota_us(self) -> int:
         cpus = self.cpu_limit if self.cpu_limit is not None else self.cpu_count
         return max(MIN_CPU_QUOTA_US, round(cpus * self.cpu_period_us))
 
@@ -428,6 +447,10 @@ class VmConfig(_Model):
     @field_validator("boot_args")
     @classmethod
     def _args(cls, v: str) -> str:
+        return cls._check_args(v)
+
+    @staticmethod
+    def _check_args(v: str) -> str:
         bad = next((c for c in v if not " " <= c <= "~"), None)
         if bad is not None:
             raise ValueError(
@@ -460,6 +483,10 @@ class VmConfig(_Model):
     @field_validator("tap_host_cidr")
     @classmethod
     def _tap_cidr(cls, v: str) -> str:
+        return cls._check_tap_cidr(v)
+
+    @staticmethod
+    def _check_tap_cidr(v: str) -> str:
         try:
             iface = ipaddress.IPv4Interface(v)
         except ValueError:
@@ -481,6 +508,10 @@ class VmConfig(_Model):
     @field_validator("uplink_subnet")
     @classmethod
     def _uplink(cls, v: str | None) -> str | None:
+        return cls._check_uplink(v)
+
+    @staticmethod
+    def _check_uplink(v: str | None) -> str | None:
         if v is None:
             return None
         try:
@@ -531,6 +562,9 @@ class VmConfig(_Model):
 
     @model_validator(mode="after")
     def _uplink_apart_from_tap(self) -> VmConfig:
+        return self._check_uplink_apart_from_tap()
+
+    def _check_uplink_apart_from_tap(self) -> VmConfig:
         if self.uplink_subnet is not None:
             tap = ipaddress.IPv4Interface(self.tap_host_cidr).network
             if tap.overlaps(ipaddress.IPv4Network(self.uplink_subnet)):
@@ -543,6 +577,9 @@ class VmConfig(_Model):
 
     @model_validator(mode="after")
     def _memory_fits(self) -> VmConfig:
+        return self._check_memory_fits()
+
+    def _check_memory_fits(self) -> VmConfig:
         if self.jailer is not None and "memory_limit_mb" in self.jailer.model_fields_set:
             minimum = self.memory_mb + VMM_OVERHEAD_MIB
             if self.jailer.memory_limit_mb < minimum:
