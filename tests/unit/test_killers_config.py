@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 import pytest
+from pydantic import ValidationError
 
 from ironclaw_orchestrator.errors import ConfigError
 from ironclaw_orchestrator.vm.config import (
@@ -17,6 +18,8 @@ from ironclaw_orchestrator.vm.config import (
     MAX_PATH_BYTES,
     JailerConfig,
     VmConfig,
+    check_id,
+    config_error,
     host_path,
 )
 
@@ -107,8 +110,7 @@ def test_jail_path_messages() -> None:
 
 
 def test_jail_path_length_boundary() -> None:
-    fits = "/" + "a/" * ((MAX_PATH_BYTES - 1) // 2)
-    fits = fits[:MAX_PATH_BYTES]
+    fits = "/" + "a/" * ((MAX_PATH_BYTES - 3) // 2) + "ab"  # no trailing '/' to drop
     assert len(fits) == MAX_PATH_BYTES
     assert JailerConfig(api_sock=PurePosixPath(fits)).api_sock == PurePosixPath(fits)
     over = fits + "b"
@@ -367,6 +369,7 @@ def test_cgroup_version_accepts_only_the_integers_1_and_2() -> None:
     ("value", "normalised"),
     [
         ("ironclaw", "ironclaw"),
+        ("Xen/User.Slice", "Xen/User.Slice"),  # only slashes are stripped, case is kept
         ("/a//b/", "a/b"),
         ("user.slice/ironclaw@1:x_y-z", "user.slice/ironclaw@1:x_y-z"),
         ("p" * 255, "p" * 255),
@@ -376,7 +379,9 @@ def test_parent_cgroup_is_normalised(value: str, normalised: str) -> None:
     assert JailerConfig(parent_cgroup=value).parent_cgroup == normalised
 
 
-@pytest.mark.parametrize("bad", ["", "/", "a/../b", "./a", "a b", "a/" + "p" * 256, "ü"])
+@pytest.mark.parametrize(
+    "bad", ["", "/", "a/../b", "./a", "a b", " ironclaw", "a/" + "p" * 256, "ü"]
+)
 def test_parent_cgroup_refused(bad: str) -> None:
     assert (
         f"parent_cgroup: parent_cgroup {bad!r} must be a relative path like 'ironclaw'"
@@ -423,3 +428,23 @@ def test_memory_limit_boundary_and_message() -> None:
 )
 def test_cpu_quota(kwargs: dict[str, object], quota: int) -> None:
     assert JailerConfig(**kwargs).cpu_quota_us == quota  # type: ignore[arg-type]
+
+
+def test_absolute_paths_are_kept_verbatim() -> None:
+    """No lexical clean-up: "a/link/.." is not "a" when link is a symlink."""
+    assert host_path("/srv/images/../x", "kernel_path") == "/srv/images/../x"
+    assert host_path("/srv//x", "kernel_path") == "/srv//x"
+
+
+def test_check_id_names_vm_id_by_default() -> None:
+    assert check_id("ok-1") == "ok-1"
+    with pytest.raises(ValueError, match=r"^vm_id 'a b' is invalid: use 1 to 64 characters"):
+        check_id("a b")
+
+
+def test_config_error_defaults_to_config_and_joins_nested_locations() -> None:
+    with pytest.raises(ValidationError) as info:
+        VmConfig.model_validate({"image_dirs": ["/a", 5]})
+    text = str(config_error(info.value))
+    assert text.splitlines()[0] == "invalid config:"
+    assert "  image_dirs.1: Input is not a valid path" in text

@@ -143,7 +143,8 @@ def test_writable_ancestor(tmp_path: Path) -> None:
     assert paths.writable_ancestor(tmp_path) == tmp_path
     assert paths.writable_ancestor(tmp_path / "a" / "b" / "c") == tmp_path
     (tmp_path / "f").write_text("")
-    assert paths.writable_ancestor(tmp_path / "f") is None  # a file, not a directory
+    (tmp_path / "f").chmod(0o700)  # writable and executable, but still not a directory
+    assert paths.writable_ancestor(tmp_path / "f") is None
     assert paths.writable_ancestor(tmp_path / "f" / "below") is None
 
 
