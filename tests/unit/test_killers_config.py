@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from ironclaw_orchestrator.errors import ConfigError
 from ironclaw_orchestrator.vm.config import (
     DEFAULT_MEMORY_HEADROOM_MIB,
+    MAX_BOOT_ARGS,
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
     JailerConfig,
@@ -289,10 +290,10 @@ def test_assignment_error_names_the_model() -> None:
 
 
 def test_boot_args_boundaries_and_messages() -> None:
-    assert VmConfig(boot_args=" ~" + "a" * 2046).boot_args.endswith("a")  # 2048: the limit
-    assert "boot_args: boot_args is 2049 characters, over the 2048 limit" in _error(
-        boot_args="a" * 2049
-    )
+    longest = " ~" + "a" * (MAX_BOOT_ARGS - 2)
+    assert VmConfig(boot_args=longest, rootfs_path=None).boot_args == longest
+    over = f"boot_args: boot_args is {MAX_BOOT_ARGS + 1} characters, over the {MAX_BOOT_ARGS} limit"
+    assert over in _error(boot_args="a" * (MAX_BOOT_ARGS + 1), rootfs_path=None)
     assert (
         "boot_args: boot_args contains '\\t': the kernel command line must be printable ASCII "
         "on one line (Firecracker refuses anything else)"
@@ -306,7 +307,7 @@ def test_boot_args_boundaries_and_messages() -> None:
     ("cidr", "ok"),
     [
         ("10.0.0.1/30", True),
-        ("10.0.0.2/30", True),
+        ("10.0.0.2/29", True),
         ("10.0.0.0/30", False),  # network address
         ("10.0.0.3/30", False),  # broadcast address
         ("10.0.0.1/31", False),
@@ -321,6 +322,14 @@ def test_tap_cidr_needs_a_host_address(cidr: str, ok: bool) -> None:
             f"tap_host_cidr: tap_host_cidr {cidr!r} needs a host address in a /30 or larger"
             in _error(tap_host_cidr=cidr)
         )
+
+
+def test_tap_cidr_must_leave_the_guest_an_address() -> None:
+    assert (
+        "tap_host_cidr: tap_host_cidr '10.0.0.2/30' leaves no address for the guest, which gets "
+        "the next one (10.0.0.3, the broadcast address): use 10.0.0.1/30"
+    ) in _error(tap_host_cidr="10.0.0.2/30")
+    assert VmConfig(tap_host_cidr="10.0.0.5/29").guest_ip_arg().startswith("ip=10.0.0.6::")
 
 
 def test_tap_cidr_syntax_message() -> None:
@@ -419,7 +428,6 @@ def test_memory_limit_boundary_and_message() -> None:
         ({"cpu_count": 3}, 300_000),
         ({"cpu_count": 3, "cpu_limit": 0.5}, 50_000),
         ({"cpu_limit": 1.5, "cpu_period_us": 10_000}, 15_000),
-        ({"cpu_limit": 0.01, "cpu_period_us": 1_000}, 1_000),  # the kernel's minimum quota
         ({"cpu_limit": 0.333, "cpu_period_us": 100_000}, 33_300),
         ({"cpu_limit": 0.0125, "cpu_period_us": 100_000}, 1_250),
         ({"cpu_limit": 0.01}, 1_000),
@@ -428,6 +436,15 @@ def test_memory_limit_boundary_and_message() -> None:
 )
 def test_cpu_quota(kwargs: dict[str, object], quota: int) -> None:
     assert JailerConfig(**kwargs).cpu_quota_us == quota  # type: ignore[arg-type]
+
+
+def test_cpu_quota_below_the_kernel_minimum_is_refused() -> None:
+    assert (
+        "  (top level): cpu_limit=0.01 with cpu_period_us=1000 is a quota of 10 us, below the "
+        "kernel's minimum of 1000 us: raise cpu_period_us to at least 100000"
+    ) in _jailer_error(cpu_limit=0.01, cpu_period_us=1_000)
+    # 999.98 us rounds to exactly the minimum: accepted.
+    assert JailerConfig(cpu_limit=0.02, cpu_period_us=49_999).cpu_quota_us == 1000
 
 
 def test_absolute_paths_are_kept_verbatim() -> None:

@@ -334,6 +334,9 @@ class JailerConfig(_Model):
 
     @model_validator(mode="after")
     def _quota_expressible(self) -> JailerConfig:
+        return self._check_quota_expressible()
+
+    def _check_quota_expressible(self) -> JailerConfig:
         cpus = self.cpu_limit if self.cpu_limit is not None else self.cpu_count
         quota = round(cpus * self.cpu_period_us)
         if quota < MIN_CPU_QUOTA_US:
@@ -545,6 +548,9 @@ class VmConfig(_Model):
 
     @model_validator(mode="after")
     def _cmdline_fits(self) -> VmConfig:
+        return self._check_cmdline_fits()
+
+    def _check_cmdline_fits(self) -> VmConfig:
         devices = sum((self.rootfs_path is not None, self.enable_networking,
                        self.vsock_guest_cid is not None))  # fmt: skip
         root = len(FIRECRACKER_ROOT_ARG) if self.rootfs_path is not None else 0
