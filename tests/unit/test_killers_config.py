@@ -465,3 +465,26 @@ def test_config_error_defaults_to_config_and_joins_nested_locations() -> None:
     text = str(config_error(info.value))
     assert text.splitlines()[0] == "invalid config:"
     assert "  image_dirs.1: Input is not a valid path" in text
+
+
+def test_boot_args_with_their_own_ip_get_no_second_one() -> None:
+    cfg = VmConfig(enable_networking=True, boot_args="console=ttyS0 ip=dhcp")
+    assert cfg.kernel_cmdline() == "console=ttyS0 ip=dhcp"
+    plain = VmConfig(enable_networking=True, boot_args="console=ttyS0")
+    assert plain.kernel_cmdline() == f"console=ttyS0 {plain.guest_ip_arg()}"
+
+
+def test_unclosed_quote_message() -> None:
+    assert (
+        "boot_args: boot_args 'console=ttyS0 x=\"a b' has an unclosed double quote: close it"
+        in _error(boot_args='console=ttyS0 x="a b')
+    )
+
+
+def test_command_line_budget_message_says_what_was_added() -> None:
+    long = "a" * (MAX_BOOT_ARGS - 60)
+    text = _error(boot_args=long, enable_networking=True)
+    assert "  (top level): boot_args with the guest's ip= argument and what Firecracker " in text
+    assert text.endswith("(it would lose its devices): shorten boot_args")
+    text = _error(boot_args=long + " ip=dhcp", enable_networking=True)
+    assert "  (top level): boot_args with what Firecracker appends (root=, one" in text
