@@ -88,6 +88,14 @@ def test_route_conflicts_ignore_default_routes() -> None:
     assert hostcheck.route_conflicts(net, routes) == [routes[1], routes[3]]
 
 
+def test_a_vpn_split_default_route_is_a_default_route() -> None:
+    # OpenVPN's def1: 0.0.0.0/1 + 128.0.0.0/1 instead of 0.0.0.0/0; a /2 is a real clash.
+    routes = [_route("0.0.0.0/1", "tun0"), _route("128.0.0.0/1", "tun0"), _route("0.0.0.0/2")]
+    assert hostcheck.route_conflicts(ipaddress.IPv4Network("10.1.0.0/30"), routes) == [routes[2]]
+    assert hostcheck.route_conflicts(ipaddress.IPv4Network("172.16.0.0/30"), routes) == []
+    hostcheck.check_uplink_routes("172.16.0.0/30", routes[:2])
+
+
 def test_route_text() -> None:
     assert str(_route("10.0.0.0/8")) == "10.0.0.0/8 dev eth0"
     assert str(_route("10.0.0.0/8", None)) == "10.0.0.0/8"

@@ -410,8 +410,13 @@ def host_ipv4_routes() -> list[HostRoute]:
 
 
 def route_conflicts(subnet: ipaddress.IPv4Network, routes: Sequence[HostRoute]) -> list[HostRoute]:
-    """The routes ``subnet`` overlaps, default routes aside (they overlap everything)."""
-    return [r for r in routes if r.network.prefixlen > 0 and r.network.overlaps(subnet)]
+    """The routes ``subnet`` overlaps, default routes aside (they overlap everything).
+
+    A /1 counts as a default route: VPN clients (OpenVPN's ``def1``, WireGuard's
+    ``AllowedIPs = 0.0.0.0/0`` on some setups) replace the default route by ``0.0.0.0/1`` +
+    ``128.0.0.0/1``, which would otherwise refuse every uplink subnet. No network is that big.
+    """
+    return [r for r in routes if r.network.prefixlen > 1 and r.network.overlaps(subnet)]
 
 
 def check_uplink_routes(subnet: str, routes: Sequence[HostRoute] | None = None) -> None:
