@@ -6,6 +6,15 @@ symlink to ``firecracker-v1.0.0``, as a release install lays out), points the or
 at a short private directory (socket paths have a 107-byte budget), and replaces what needs
 root: the cgroup tree is a :class:`FakeKernel` (v1 hybrid or v2), ``is_root`` and
 ``check_kvm`` say yes. Everything else is the real code.
+
+``refusal_host`` (see :func:`make_refusal_host`) is for tests that expect a start to be
+refused before anything is made: on top, the network layer is a :class:`FakeNet`, a config
+that names no binaries or chroot base gets the stand-ins' (``$IRONCLAW_JAILER``,
+``$IRONCLAW_FIRECRACKER``, the chroot base default), a start that reaches the jailer
+stage with another chroot base fails the test at once, and an ``ironclaw`` or supervisor
+process started from the test lands on the same stand-in host (``standin/boot``). Should a
+refusal break (a code change, a mutant), the start runs on the stand-ins and the test's
+:meth:`StandinHost.made` names what it made, instead of a real VM starting on this host.
 """
 
 from __future__ import annotations
@@ -22,13 +31,19 @@ from typing import Any
 
 import pytest
 from fake_cgroupfs import FakeKernel
+from fake_net import install as install_fake_net
 
 import ironclaw_orchestrator.vm as vm_pkg
+from ironclaw_orchestrator.registry import LOCK_NAME
 from ironclaw_orchestrator.vm import binaries, cgroups, jailer
 from ironclaw_orchestrator.vm.cgroups import CgroupLayout, VmCgroups
 from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig
 
 SOURCES = Path(__file__).resolve().parent / "standin"
+#: ``<root>:<cgroup version>`` of a refusal host, in the environment of the processes a test
+#: starts; with :data:`BOOT` on ``PYTHONPATH``, ``ironclaw`` and the supervisor join it.
+HOST_ENV = "IRONCLAW_STANDIN_HOST"
+BOOT = SOURCES / "boot"
 V1 = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio")
 V2 = frozenset({"cpu", "cpuset", "io", "memory", "pids"})
 #: The jail uid/gid: ours, unless we are root (uid 0 is refused as a jail uid).
@@ -41,6 +56,8 @@ class StandinHost:
     version: int
     ctl: dict[str, Any] = field(default_factory=dict)
     fs: FakeKernel | None = None
+    #: :meth:`snapshot` once set up (the fake cgroup mounts' own files).
+    pristine: set[str] = field(default_factory=set)
 
     @property
     def bin(self) -> Path:
@@ -91,13 +108,9 @@ class StandinHost:
 
     def vm_config(self, vm_id: str = "sa-1", **kw: Any) -> VmConfig:
         jailer_kw = kw.pop("jailer", {})
-        return VmConfig(
-            vm_id=vm_id,
-            kernel_path=str(self.images / "vmlinux"),
-            rootfs_path=str(self.images / "rootfs.ext4"),
-            jailer=self.jailer_config(vm_id, **jailer_kw),
-            **kw,
-        )
+        kw.setdefault("kernel_path", str(self.images / "vmlinux"))
+        kw.setdefault("rootfs_path", str(self.images / "rootfs.ext4"))
+        return VmConfig(vm_id=vm_id, jailer=self.jailer_config(vm_id, **jailer_kw), **kw)
 
     def jail(self, vm_id: str = "sa-1") -> Path:
         return self.base / self.exec_name / vm_id
@@ -114,6 +127,31 @@ class StandinHost:
         for top in (self.base, self.run, self.cg):
             out |= {str(p.relative_to(self.root)) for p in top.rglob("*")}
         return out - shared
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def netns_dir(self) -> Path:
+        return self.root / "netns"
+
+    def spawned(self) -> list[dict[str, Any]]:
+        """Each run of the stand-in jailer or firecracker (``--version`` aside), in order."""
+        log = Path(self.ctl["spawns"])
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def made(self) -> list[str]:
+        """What was made since the host was set up (see :func:`make_refusal_host`): stand-in
+        runs, paths under the jail base, run dir and cgroup tree, registry records and logs,
+        network namespaces. ``[]`` after a refused start."""
+        found = [f"spawned {s['program']} {s['argv']}" for s in self.spawned()]
+        found += sorted(self.snapshot() - self.pristine)
+        if self.state.exists():  # records, their logs and temp files; not the lock
+            found += [f"registry {p.name}" for p in self.state.iterdir() if p.name != LOCK_NAME]
+        if self.netns_dir.exists():
+            found += [f"netns {p.name}" for p in self.netns_dir.iterdir()]
+        return found
 
     def plant_neighbour(self, vm_id: str = "neighbour") -> list[Path]:
         """Another VM's jail, run dir and cgroup (same parent): nothing of ours may touch them."""
@@ -173,37 +211,111 @@ def _fake_cgroups(host: StandinHost) -> FakeKernel:
     return FakeKernel(host.cg)
 
 
+def _patch(host: StandinHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the orchestrator at ``host``: fake cgroups, root and KVM said yes, private dirs."""
+    kernel = host.fs
+    assert kernel is not None
+    lock = host.root / "cgroup.lock"
+
+    class Cgroups(VmCgroups):
+        """Planned on the fake kernel, with a private host lock."""
+
+        @classmethod
+        def plan(cls, *args: Any, **kw: Any) -> VmCgroups:
+            kw.update(lock_path=lock, fs=kernel)
+            return super().plan(*args[:5], **kw)
+
+        @classmethod
+        def from_dict(cls, data: dict[str, Any], fs: Any = None) -> VmCgroups:
+            return super().from_dict(data, fs=kernel)
+
+    monkeypatch.setattr(cgroups, "detect_layout", lambda *a, **k: host.layout())
+    monkeypatch.setattr(cgroups, "VmCgroups", Cgroups)
+    monkeypatch.setattr(jailer, "is_root", lambda: True)
+    monkeypatch.setattr(jailer, "check_kvm", lambda *a: None)
+    monkeypatch.setattr(vm_pkg, "is_root", lambda: True)
+    monkeypatch.setattr(binaries, "_version_cache", {})
+    monkeypatch.setenv("IRONCLAW_RUN_DIR", str(host.run))
+    monkeypatch.setenv("IRONCLAW_STATE_DIR", str(host.state))
+
+
 def make_host(monkeypatch: pytest.MonkeyPatch, version: int) -> Iterator[StandinHost]:
     """Set up a stand-in host; on exit, remove it (tests assert what they left first)."""
     host = StandinHost(Path(tempfile.mkdtemp(prefix="sa-")), version)
     os.chmod(host.root, 0o755)
     try:
         _install(host)
-        host.control(requests=str(host.root / "requests.jsonl"), cgroup_mounts={
-            k: str(v) for k, v in host._mounts().items()})  # fmt: skip
-        kernel = host.fs = _fake_cgroups(host)
-        lock = host.root / "cgroup.lock"
-
-        class Cgroups(VmCgroups):
-            """Planned on the fake kernel, with a private host lock."""
-
-            @classmethod
-            def plan(cls, *args: Any, **kw: Any) -> VmCgroups:
-                kw.update(lock_path=lock, fs=kernel)
-                return super().plan(*args[:5], **kw)
-
-            @classmethod
-            def from_dict(cls, data: dict[str, Any], fs: Any = None) -> VmCgroups:
-                return super().from_dict(data, fs=kernel)
-
-        monkeypatch.setattr(cgroups, "detect_layout", lambda *a, **k: host.layout())
-        monkeypatch.setattr(cgroups, "VmCgroups", Cgroups)
-        monkeypatch.setattr(jailer, "is_root", lambda: True)
-        monkeypatch.setattr(jailer, "check_kvm", lambda *a: None)
-        monkeypatch.setattr(vm_pkg, "is_root", lambda: True)
-        monkeypatch.setattr(binaries, "_version_cache", {})
-        monkeypatch.setenv("IRONCLAW_RUN_DIR", str(host.run))
-        monkeypatch.setenv("IRONCLAW_STATE_DIR", str(host.root / "state"))
+        host.control(
+            requests=str(host.root / "requests.jsonl"),
+            spawns=str(host.root / "spawns.jsonl"),
+            cgroup_mounts={k: str(v) for k, v in host._mounts().items()},
+        )
+        host.fs = _fake_cgroups(host)
+        _patch(host, monkeypatch)
+        host.pristine = host.snapshot()
         yield host
     finally:
         shutil.rmtree(host.root, ignore_errors=True)
+
+
+class EscapedStandinHost(AssertionError):
+    """A start reached the jailer stage outside the stand-in host (a refusal did not hold)."""
+
+
+def _guard(host: StandinHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a refusal host adds to :func:`_patch`: nothing a start could reach is real."""
+    install_fake_net(monkeypatch, host.netns_dir)
+    monkeypatch.setenv(binaries.JAILER_ENV, str(host.bin / "jailer"))
+    monkeypatch.setenv(binaries.FIRECRACKER_ENV, str(host.bin / "firecracker"))
+    real_jailer_config = VmConfig.jailer_config
+
+    def jailer_config(self: VmConfig) -> JailerConfig:
+        cfg = real_jailer_config(self)
+        if "chroot_base_dir" in cfg.model_fields_set:
+            return cfg
+        return cfg.model_copy(update={"chroot_base_dir": host.base})
+
+    monkeypatch.setattr(VmConfig, "jailer_config", jailer_config)
+    real_check = jailer.check_chroot_base
+
+    def check_chroot_base(base: Path, **kw: Any) -> None:
+        if not Path(base).resolve().is_relative_to(host.root.resolve()):
+            raise EscapedStandinHost(
+                f"a start reached the jailer with chroot base {base}, outside the stand-in "
+                f"host {host.root}: a refusal did not hold"
+            )
+        real_check(base, **kw)
+
+    monkeypatch.setattr(jailer, "check_chroot_base", check_chroot_base)
+    monkeypatch.setenv(HOST_ENV, f"{host.root}:{host.version}")
+    path = os.environ.get("PYTHONPATH", "")
+    if str(BOOT) not in path.split(":"):
+        monkeypatch.setenv("PYTHONPATH", f"{BOOT}:{path}" if path else str(BOOT))
+
+
+def make_refusal_host(monkeypatch: pytest.MonkeyPatch, version: int = 2) -> Iterator[StandinHost]:
+    """A stand-in host for refusal tests (see the module docstring); assert ``made() == []``."""
+    hosts = make_host(monkeypatch, version)
+    host = next(hosts)
+    try:
+        _guard(host, monkeypatch)
+        # A start that got through anyway ends on its own once booted (`vm run` returns).
+        host.control(after_start="exit:0")
+        host.pristine = host.snapshot()
+        yield host
+    finally:
+        hosts.close()
+
+
+def join_from_child(spec: str) -> None:
+    """In an ``ironclaw`` or supervisor process started by a test: join its refusal host.
+
+    Patches this process for good (it ends with the command); see ``standin/boot``.
+    """
+    root, _, version = spec.rpartition(":")
+    host = StandinHost(Path(root), int(version))
+    host.ctl = json.loads((host.bin / "standin.json").read_text())
+    host.fs = FakeKernel(host.cg)
+    monkeypatch = pytest.MonkeyPatch()
+    _patch(host, monkeypatch)
+    _guard(host, monkeypatch)

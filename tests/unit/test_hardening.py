@@ -1,11 +1,17 @@
-"""Rate-limit and seccomp plumbing without a VM: flags, preflight refusals, live updates."""
+"""Rate-limit and seccomp plumbing without a VM: flags, preflight refusals, live updates.
+
+The refusals run on the stand-in host (``standin_host.py``): should one break, the start goes
+ahead on the stand-in jailer and firecracker, and the test fails naming what was made.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from standin_host import StandinHost, make_refusal_host
 
 from ironclaw_orchestrator import doctor
 from ironclaw_orchestrator.cli.common import hardening_overrides, merge_overrides
@@ -13,8 +19,9 @@ from ironclaw_orchestrator.cli.vm import build_config
 from ironclaw_orchestrator.doctor import HostPaths, Status
 from ironclaw_orchestrator.errors import ConfigError, UsageError
 from ironclaw_orchestrator.lsm import LsmPaths
+from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import FirecrackerProcess, start_firecracker
-from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig
+from ironclaw_orchestrator.vm.config import VmConfig
 from ironclaw_orchestrator.vm.ratelimit import RateLimit, TokenBucket, VsockRateLimit
 
 
@@ -86,24 +93,49 @@ def test_bad_rate_limit_flag_names_itself(spec: str, match: str) -> None:
     assert spec in str(info.value)
 
 
-async def test_refusals_before_anything_is_made(tmp_path: Path) -> None:
-    kernel = tmp_path / "vmlinux"
-    kernel.write_bytes(b"\x7fELF")
-    base: dict[str, Any] = {"vm_id": "h13-unit", "kernel_path": str(kernel), "rootfs_path": None}
-    with pytest.raises(ConfigError, match="drive_rate_limit needs a root drive"):
-        await start_firecracker(VmConfig(**base, drive_rate_limit=RateLimit()), record=False)
-    with pytest.raises(ConfigError, match="need enable_networking"):
-        await start_firecracker(VmConfig(**base, net_rx_rate_limit=RateLimit()), record=False)
-    with pytest.raises(ConfigError, match="production mode"):
-        await start_firecracker(
-            VmConfig(**base, require_sandbox=True, jailer=JailerConfig(no_seccomp=True)),
-            record=False,
-        )
-    with pytest.raises(ConfigError, match=r"jailer\.seccomp_filter .* does not exist"):
-        await start_firecracker(
-            VmConfig(**base, jailer=JailerConfig(seccomp_filter=tmp_path / "none.bpf")),
-            record=False,
-        )
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
+    """The stand-in host: should a refusal below break, the start runs on stand-ins."""
+    monkeypatch.delenv("IRONCLAW_REQUIRE_SANDBOX", raising=False)
+    yield from make_refusal_host(monkeypatch)
+
+
+async def refused(host: StandinHost, cfg: VmConfig, match: str, **kw: Any) -> None:
+    """``start_firecracker(cfg)`` raises ``ConfigError`` (``match``); nothing was made."""
+    with pytest.raises(ConfigError, match=match):
+        vm = await start_firecracker(cfg, registry=Registry(host.state), **kw)
+        made = host.made()
+        await vm.stop()  # accepted after all: never leave it running
+        pytest.fail(f"accepted: started on the stand-in host, making {made}")
+    assert host.made() == []
+
+
+async def test_refusals_before_anything_is_made(host: StandinHost, tmp_path: Path) -> None:
+    bare = {"rootfs_path": None}
+    await refused(
+        host,
+        host.vm_config("h13-unit", drive_rate_limit=RateLimit(), **bare),
+        "drive_rate_limit needs a root drive",
+    )
+    await refused(
+        host,
+        host.vm_config("h13-unit", net_rx_rate_limit=RateLimit(), **bare),
+        "need enable_networking",
+    )
+    await refused(
+        host,
+        host.vm_config("h13-unit", require_sandbox=True, **bare),  # the stand-in: no_seccomp
+        "production mode",
+    )
+    await refused(
+        host,
+        host.vm_config(
+            "h13-unit",
+            jailer={"seccomp_filter": tmp_path / "none.bpf", "no_seccomp": False},
+            **bare,
+        ),
+        r"jailer\.seccomp_filter .* does not exist",
+    )
 
 
 class _Api:
@@ -165,32 +197,23 @@ def test_doctor_reports_seccomp_and_lsms(tmp_path: Path) -> None:
     assert named["LSM"].status is Status.PASS and named["LSM"].details["apparmor"] is True
 
 
-async def test_confinement_options_need_the_jailer(tmp_path: Path) -> None:
-    kernel = tmp_path / "vmlinux"
-    kernel.write_bytes(b"\x7fELF")
+async def test_confinement_options_need_the_jailer(host: StandinHost) -> None:
     for jailer in (
-        JailerConfig(apparmor_profile="ironclaw-x"),
-        JailerConfig(selinux_label="system_u:system_r:ironclaw_jailer_t:s0"),
-        JailerConfig(seccomp_filter=kernel),
+        {"apparmor_profile": "ironclaw-x"},
+        {"selinux_label": "system_u:system_r:ironclaw_jailer_t:s0"},
+        {"seccomp_filter": host.images / "vmlinux", "no_seccomp": False},
     ):
-        cfg = VmConfig(vm_id="h13-unit", kernel_path=str(kernel), rootfs_path=None, jailer=jailer)
-        with pytest.raises(ConfigError, match="applied by the jailer"):
-            await start_firecracker(cfg, use_jailer=False, record=False)
+        cfg = host.vm_config("h13-unit", rootfs_path=None, jailer=jailer)
+        await refused(host, cfg, "applied by the jailer", use_jailer=False)
 
 
-async def test_seccomp_filter_confined_to_image_dirs(tmp_path: Path) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    kernel = images / "vmlinux"
-    kernel.write_bytes(b"\x7fELF")
-    outside = tmp_path / "filter.bpf"
+async def test_seccomp_filter_confined_to_image_dirs(host: StandinHost) -> None:
+    outside = host.root / "filter.bpf"
     outside.write_bytes(b"\0" * 8)
-    cfg = VmConfig(
-        vm_id="h13-unit",
-        kernel_path=str(kernel),
+    cfg = host.vm_config(
+        "h13-unit",
         rootfs_path=None,
-        image_dirs=[images],
-        jailer=JailerConfig(seccomp_filter=outside),
+        image_dirs=[host.images],
+        jailer={"seccomp_filter": outside, "no_seccomp": False},
     )
-    with pytest.raises(ConfigError, match=r"jailer\.seccomp_filter .* outside the image dir"):
-        await start_firecracker(cfg, record=False)
+    await refused(host, cfg, r"jailer\.seccomp_filter .* outside the image dir")

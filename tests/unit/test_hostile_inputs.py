@@ -9,11 +9,15 @@ asserts:
 * the exit code the README's exit-status table documents for bad configuration (2);
 * nothing spawned: every way to start a process (``os.posix_spawn``, ``os.fork``,
   ``subprocess.Popen``, the detached supervisor) raises if called, and no child is left;
-* nothing made: the registry claim (which precedes every host resource) raises if reached,
-  and the jail, run and state directories, netns, cgroups and processes named after the
-  case's unique id are absent afterwards.
+* nothing made: the registry claim (which precedes every host resource) raises if reached;
+  nothing was made on the stand-in host (below), and no jail, run or state directory,
+  netns, cgroup or process named after the case's unique id exists on this host.
 
-No root needed: a case that were accepted would hit a sentinel and fail, not start a VM.
+Every case runs on the stand-in host (``standin_host.make_refusal_host``): its binaries,
+chroot base, run and state directories, fake cgroups and network, also for the ``ironclaw``
+subprocesses. No root needed; and should a refusal break (a code change, a mutant) while
+the suite runs as root, the case fails on a sentinel or names what the stand-ins made, it
+does not start a real VM.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 
 import psutil
 import pytest
+from standin_host import StandinHost, make_refusal_host
 from typer.testing import CliRunner
 
 from ironclaw_orchestrator.cli import app
@@ -286,11 +291,17 @@ class Host:
     token: str
     vm_id: str
     root: Path
-    jail: Path
-    state: Path
-    run: Path
+    standin: StandinHost
     places: dict[str, str]
     spawned: list[str]
+
+    @property
+    def jail(self) -> Path:
+        return self.standin.base
+
+    @property
+    def state(self) -> Path:
+        return self.standin.state
 
     def fill(self, value: Any) -> Any:
         """``value`` with ``{images}``-style placeholders replaced (recursively)."""
@@ -303,11 +314,9 @@ class Host:
         return value
 
     def left_behind(self) -> list[str]:
-        found = leftovers(self.token, chroot_bases=(self.jail, Path("/var/jail")))
-        for d in (self.jail, self.state, self.run):
-            if d.exists():
-                found += [f"{p}" for p in d.rglob("*") if not p.name.startswith(".")]
-        return found
+        return self.standin.made() + leftovers(
+            self.token, chroot_bases=(self.jail, Path("/var/jail"))
+        )
 
 
 @pytest.fixture(scope="session")
@@ -316,8 +325,17 @@ def probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe_cache: Path) -> Iterator[Host]:
-    token = uuid.uuid4().hex[:10]
+def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
+    yield from make_refusal_host(monkeypatch)
+
+
+@pytest.fixture
+def host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe_cache: Path, standin: StandinHost
+) -> Iterator[Host]:
+    # A short id: were a case accepted, its jail's socket path under the stand-in host's
+    # chroot base must fit (or the socket budget check would refuse it in its place).
+    token = uuid.uuid4().hex[:8]
     images = tmp_path / "images"
     images.mkdir()
     kernel = images / "vmlinux"
@@ -329,24 +347,19 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe_cache: Path) -> 
     os.mkfifo(fifo)
     h = Host(
         token=token,
-        vm_id=f"hostile-{token}",
+        vm_id=f"h-{token}",
         root=tmp_path,
-        jail=tmp_path / "jail",
-        state=tmp_path / "state",
-        run=tmp_path / "run",
+        standin=standin,
         places={
             "images": str(images),
             "kernel": str(kernel),
             "shadow_link": str(shadow_link),
             "dir": str(tmp_path / "a-dir"),
             "fifo": str(fifo),
-            "jail": str(tmp_path / "jail"),
+            "jail": str(standin.base),
         },
         spawned=[],
     )
-    h.jail.mkdir()
-    monkeypatch.setenv("IRONCLAW_STATE_DIR", str(h.state))
-    monkeypatch.setenv("IRONCLAW_RUN_DIR", str(h.run))
     monkeypatch.setenv("IRONCLAW_CACHE_DIR", str(probe_cache))
     for var in ("IRONCLAW_REQUIRE_SANDBOX", "IRONCLAW_IMAGE_DIRS"):
         monkeypatch.delenv(var, raising=False)
@@ -486,31 +499,48 @@ SUBPROCESS_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "key"), SUBPROCESS_CASES, ids=lambda v: str(v)[:30])
-def test_hostile_input_through_a_real_process(
-    argv: list[str], key: str, tmp_path: Path, probe_cache: Path
-) -> None:
-    token = uuid.uuid4().hex[:10]
-    not_utf8 = tmp_path / "latin1.toml"
-    not_utf8.write_bytes(b'vm_id = "caf\xe9"\n')
-    argv = [a.format(not_utf8=not_utf8) for a in argv]
-    if "--id" not in argv:
-        argv += ["--id", f"hostile-{token}"]
-    env = {
-        **os.environ,
-        "IRONCLAW_STATE_DIR": str(tmp_path / "state"),
-        "IRONCLAW_RUN_DIR": str(tmp_path / "run"),
-        "IRONCLAW_CACHE_DIR": str(probe_cache),
-    }
-    proc = subprocess.run(
+def ironclaw(argv: list[str], probe_cache: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m ironclaw_orchestrator.cli ARGV``: on the stand-in host of the test (its
+    environment carries it, see ``standin/boot``)."""
+    return subprocess.run(
         [sys.executable, "-m", "ironclaw_orchestrator.cli", *argv],
-        env=env,
+        env={**os.environ, "IRONCLAW_CACHE_DIR": str(probe_cache)},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize(("argv", "key"), SUBPROCESS_CASES, ids=lambda v: str(v)[:30])
+def test_hostile_input_through_a_real_process(
+    argv: list[str], key: str, tmp_path: Path, probe_cache: Path, standin: StandinHost
+) -> None:
+    token = uuid.uuid4().hex[:8]  # a short id, as in ``host``
+    not_utf8 = tmp_path / "latin1.toml"
+    not_utf8.write_bytes(b'vm_id = "caf\xe9"\n')
+    argv = [a.format(not_utf8=not_utf8) for a in argv]
+    if "--id" not in argv:
+        argv += ["--id", f"h-{token}"]
+    proc = ironclaw(argv, probe_cache)
+    assert standin.made() == [], proc.stderr  # accepted: it started on the stand-ins
     assert proc.returncode == ExitCode.USAGE, proc.stderr
     assert key in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").glob("*.json"))
-    assert not (tmp_path / "run" / "vms").exists() or not any((tmp_path / "run" / "vms").iterdir())
+    assert leftovers(token) == []
+
+
+def test_a_real_process_starts_on_the_stand_in_host(
+    tmp_path: Path, probe_cache: Path, standin: StandinHost
+) -> None:
+    """The safety net of the test above: an accepted start in an ``ironclaw`` subprocess runs
+    the stand-in jailer and firecracker under the stand-in host's roots, nothing real."""
+    token = uuid.uuid4().hex[:8]  # a short id, as in ``host``
+    assert standin.ctl["after_start"] == "exit:0"  # the "guest" ends at once: vm run exits 0
+    before = standin.snapshot()
+    argv = ["vm", "run", "--id", f"h-{token}", "--memory", "128", "--no-seccomp"]
+    proc = ironclaw(argv, probe_cache)  # (a Python stand-in has no seccomp filter)
+    assert proc.returncode == 0, proc.stderr
+    assert [s["program"] for s in standin.spawned()] == ["jailer", "firecracker"]
+    jailer_argv = standin.spawned()[0]["argv"]
+    assert jailer_argv[jailer_argv.index("--chroot-base-dir") + 1] == str(standin.base)
+    assert standin.snapshot() == before  # and vm run removed all it made
     assert leftovers(token) == []

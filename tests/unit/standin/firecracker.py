@@ -3,10 +3,11 @@
 Started by the stand-in jailer with its working directory as the jail's root: every path
 the API gets is jail-relative and resolved there, so an unstaged kernel or disk is refused
 with 400 as by the real one. Each request is appended to ``requests`` (``standin.json``)
-as one JSON line. ``"fail"`` makes it fail at a chosen step: ``exit-before-socket``,
-``hang-before-socket``, ``die-after-ready`` (exits after answering the first ``GET /``),
-``api-400:<METHOD> <path>``. After ``InstanceStart``, ``"after_start": "exit:N"`` exits with
-N; ``SendCtrlAltDel`` makes it exit 0 (the guest reboots), unless ``"ignore_ctrl_alt_del"``.
+as one JSON line, and each run to ``"spawns"``. ``"fail"`` makes it fail at a chosen step:
+``exit-before-socket``, ``hang-before-socket``, ``die-after-ready`` (exits after answering
+the first ``GET /``), ``api-400:<METHOD> <path>``. After ``InstanceStart``,
+``"after_start": "exit:N"`` exits with N; ``SendCtrlAltDel`` makes it exit 0 (the guest
+reboots), unless ``"ignore_ctrl_alt_del"``.
 """
 
 import asyncio
@@ -102,7 +103,13 @@ def main() -> None:
     if args == ["--version"]:
         print("Firecracker v1.0.0")
         return
-    ctl = json.loads(Path(os.environ["STANDIN_CONTROL"]).read_text())
+    # Jailed: the jailer passes the control file; unjailed, it sits next to this file.
+    control = os.environ.get("STANDIN_CONTROL") or Path(__file__).with_name("standin.json")
+    ctl = json.loads(Path(control).read_text())
+    if ctl.get("spawns"):
+        with open(ctl["spawns"], "a") as log:
+            line = {"program": "firecracker", "pid": os.getpid(), "argv": sys.argv[1:]}
+            log.write(json.dumps(line) + "\n")
     opts: dict[str, str] = {}
     while args:
         flag = args.pop(0)

@@ -6,6 +6,7 @@ base (``<base>/<resolved exec name>/<id>/root`` with ``dev/``, ``run/``, a copy 
 file, the pid file ``<exec name>.pid`` with ``--new-pid-ns``), writes every ``--cgroup``
 value into the (fake) cgroup tree without creating files, attaches the VMM there, and runs
 the copied exec file with its working directory as its "chroot" (a real chroot needs root).
+Each run is logged to ``standin.json``'s ``"spawns"`` file (one JSON line).
 ``standin.json``'s ``"fail"`` makes it fail at a chosen step (see ``FAILS``).
 """
 
@@ -28,6 +29,13 @@ VALUED = {
 def die(reason: str) -> None:
     print(f"Jailer error: {reason}", file=sys.stderr, flush=True)
     sys.exit(134)  # v1.0 panics with the error
+
+
+def log_spawn(ctl: dict, program: str, argv: list[str]) -> None:
+    """One JSON line per run (``--version`` aside): a test can tell a start was attempted."""
+    if ctl.get("spawns"):
+        with open(ctl["spawns"], "a") as log:
+            log.write(json.dumps({"program": program, "pid": os.getpid(), "argv": argv}) + "\n")
 
 
 def parse(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -87,6 +95,7 @@ def main() -> None:
         print("Jailer v1.0.0")
         return
     ctl = json.loads(Path(__file__).with_name("standin.json").read_text())
+    log_spawn(ctl, "jailer", argv)
     opts, fc_args = parse(argv)
     vm_id = opts["--id"][0]
     if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", vm_id):
