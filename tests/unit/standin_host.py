@@ -239,9 +239,12 @@ def _patch(host: StandinHost, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IRONCLAW_STATE_DIR", str(host.state))
 
 
-def make_host(monkeypatch: pytest.MonkeyPatch, version: int) -> Iterator[StandinHost]:
-    """Set up a stand-in host; on exit, remove it (tests assert what they left first)."""
-    host = StandinHost(Path(tempfile.mkdtemp(prefix="sa-")), version)
+def make_host(
+    monkeypatch: pytest.MonkeyPatch, version: int, parent: Path | None = None
+) -> Iterator[StandinHost]:
+    """Set up a stand-in host (in ``parent``, default ``$TMPDIR``); on exit, remove it
+    (tests assert what they left first)."""
+    host = StandinHost(Path(tempfile.mkdtemp(prefix="sa-", dir=parent)), version)
     os.chmod(host.root, 0o755)
     try:
         _install(host)
@@ -295,7 +298,9 @@ def _guard(host: StandinHost, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def make_refusal_host(monkeypatch: pytest.MonkeyPatch, version: int = 2) -> Iterator[StandinHost]:
     """A stand-in host for refusal tests (see the module docstring); assert ``made() == []``."""
-    hosts = make_host(monkeypatch, version)
+    # In /tmp itself: the shortest chroot base, so that a start that got through anyway fits
+    # the socket path budget (or it is refused there, never reaching the stand-ins).
+    hosts = make_host(monkeypatch, version, Path("/tmp"))
     host = next(hosts)
     try:
         _guard(host, monkeypatch)

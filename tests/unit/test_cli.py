@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from standin_host import StandinHost, make_refusal_host
 from typer.testing import CliRunner
 
 from ironclaw_orchestrator import doctor as doctor_lib
@@ -51,6 +53,12 @@ def _probe_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IRONCLAW_REQUIRE_SANDBOX", raising=False)
 
 
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
+    """For ``vm run`` refusals: should one break, the VM starts on the stand-in host."""
+    yield from make_refusal_host(monkeypatch)
+
+
 @pytest.mark.parametrize(
     "argv",
     [[], ["doctor"], ["install"], ["vm"], ["vm", "run"]],
@@ -74,7 +82,7 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_bad_toml_key_names_key_and_file(tmp_path: Path) -> None:
+def test_bad_toml_key_names_key_and_file(tmp_path: Path, host: StandinHost) -> None:
     cfg = write(
         tmp_path / "vm.toml",
         """
@@ -90,29 +98,33 @@ def test_bad_toml_key_names_key_and_file(tmp_path: Path) -> None:
     assert "jailer.not_a_jailer_field" in result.output
     assert str(cfg) in result.output
     assert "Traceback" not in result.output
+    assert host.made() == []
 
 
-def test_bad_toml_value_names_key(tmp_path: Path) -> None:
+def test_bad_toml_value_names_key(tmp_path: Path, host: StandinHost) -> None:
     cfg = write(tmp_path / "vm.toml", 'vcpu_count = 0\n[jailer]\ncpuset_cpus = "3-1"\n')
     result = runner.invoke(app, ["vm", "run", "-c", str(cfg)])
     assert result.exit_code == ExitCode.USAGE
     assert "vcpu_count" in result.output
     assert "jailer.cpuset_cpus" in result.output
     assert str(cfg) in result.output
+    assert host.made() == []
 
 
-def test_invalid_toml_syntax(tmp_path: Path) -> None:
+def test_invalid_toml_syntax(tmp_path: Path, host: StandinHost) -> None:
     cfg = write(tmp_path / "broken.toml", "vm_id = \n")
     result = runner.invoke(app, ["vm", "run", "--config", str(cfg)])
     assert result.exit_code == ExitCode.USAGE
     assert "not valid TOML" in result.output
     assert str(cfg) in result.output
+    assert host.made() == []
 
 
-def test_missing_config_file(tmp_path: Path) -> None:
+def test_missing_config_file(tmp_path: Path, host: StandinHost) -> None:
     result = runner.invoke(app, ["vm", "run", "--config", str(tmp_path / "nope.toml")])
     assert result.exit_code == ExitCode.USAGE
     assert "does not exist" in result.output
+    assert host.made() == []
 
 
 @pytest.mark.parametrize(
@@ -127,11 +139,12 @@ def test_missing_config_file(tmp_path: Path) -> None:
         (["--kernel", "/bin/true", "--probe", "halt"], "--probe"),
     ],
 )
-def test_bad_flag_values_are_usage_errors(argv: list[str], needle: str) -> None:
+def test_bad_flag_values_are_usage_errors(argv: list[str], needle: str, host: StandinHost) -> None:
     result = runner.invoke(app, ["vm", "run", *argv])
     assert result.exit_code == ExitCode.USAGE, result.output
     assert needle in result.output
     assert "Traceback" not in result.output
+    assert host.made() == []
 
 
 @pytest.mark.parametrize("argv", [["--vcpus", "two"], ["--probe", "explode"], ["--bogus"]])

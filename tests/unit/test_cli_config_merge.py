@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from standin_host import StandinHost, make_refusal_host
 from typer.testing import CliRunner
 
 from ironclaw_orchestrator import supervisor
@@ -40,7 +42,13 @@ def test_a_flag_overrides_a_bad_value_in_the_file(tmp_path: Path) -> None:
     assert "memory_mb" in str(info.value) and str(cfg) in str(info.value)
 
 
-def test_file_and_flags_are_checked_together(tmp_path: Path) -> None:
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
+    """For ``vm run`` refusals: should one break, the VM starts on the stand-in host."""
+    yield from make_refusal_host(monkeypatch)
+
+
+def test_file_and_flags_are_checked_together(tmp_path: Path, host: StandinHost) -> None:
     """Each is fine alone; together the memory limit is below guest memory + overhead."""
     cfg = tmp_path / "vm.toml"
     cfg.write_text("[jailer]\nmemory_limit_mb = 300\n")
@@ -48,6 +56,7 @@ def test_file_and_flags_are_checked_together(tmp_path: Path) -> None:
     result = runner.invoke(app, ["vm", "run", "-c", str(cfg), "--memory", "512"])
     assert result.exit_code == ExitCode.USAGE
     assert "jailer.memory_limit_mb" in result.output and str(cfg) in result.output
+    assert host.made() == []
 
 
 def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

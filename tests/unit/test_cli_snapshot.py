@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from standin_host import StandinHost, make_refusal_host
 from typer.testing import CliRunner, Result
 
 from ironclaw_orchestrator.cli import app
@@ -46,23 +48,34 @@ def test_vm_without_live_vmm_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "is not running" in result.output
 
 
-def test_restore_of_a_non_snapshot_starts_nothing(tmp_path: Path) -> None:
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
+    """For restore refusals: should one break, the clone starts on the stand-in host (the
+    detached one too: its supervisor joins it, see ``standin/boot``)."""
+    yield from make_refusal_host(monkeypatch)
+
+
+def test_restore_of_a_non_snapshot_starts_nothing(tmp_path: Path, host: StandinHost) -> None:
     (tmp_path / "junk").mkdir()
-    result = invoke(tmp_path / "state", "vm", "restore", str(tmp_path / "junk"), "--id", "r-1")
+    result = invoke(host.state, "vm", "restore", str(tmp_path / "junk"), "--id", "r-1")
     assert result.exit_code == 2, result.output
     assert "manifest.json missing" in result.output
-    assert Registry(tmp_path / "state").get("r-1") is None
+    assert Registry(host.state).get("r-1") is None
+    assert host.made() == []
 
 
-def test_detached_restore_of_a_non_snapshot_starts_nothing(tmp_path: Path) -> None:
+def test_detached_restore_of_a_non_snapshot_starts_nothing(
+    tmp_path: Path, host: StandinHost
+) -> None:
     """-d: the supervisor verifies the snapshot, its error comes back, nothing is left."""
     (tmp_path / "junk").mkdir()
-    state = tmp_path / "state"
+    state = host.state
     result = invoke(state, "vm", "restore", str(tmp_path / "junk"), "--id", "r-2", "-d")
     assert result.exit_code == 2, result.output
     assert "manifest.json missing" in result.output
     assert Registry(state).list() == []
     assert sorted(p.name for p in state.iterdir() if not p.name.startswith(".lock")) == []
+    assert host.made() == []
 
 
 def test_record_config_drops_host_specific_jail_settings() -> None:

@@ -333,9 +333,7 @@ def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
 def host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe_cache: Path, standin: StandinHost
 ) -> Iterator[Host]:
-    # A short id: were a case accepted, its jail's socket path under the stand-in host's
-    # chroot base must fit (or the socket budget check would refuse it in its place).
-    token = uuid.uuid4().hex[:8]
+    token = uuid.uuid4().hex[:10]
     images = tmp_path / "images"
     images.mkdir()
     kernel = images / "vmlinux"
@@ -347,7 +345,7 @@ def host(
     os.mkfifo(fifo)
     h = Host(
         token=token,
-        vm_id=f"h-{token}",
+        vm_id=f"hostile-{token}",
         root=tmp_path,
         standin=standin,
         places={
@@ -515,12 +513,12 @@ def ironclaw(argv: list[str], probe_cache: Path) -> subprocess.CompletedProcess[
 def test_hostile_input_through_a_real_process(
     argv: list[str], key: str, tmp_path: Path, probe_cache: Path, standin: StandinHost
 ) -> None:
-    token = uuid.uuid4().hex[:8]  # a short id, as in ``host``
+    token = uuid.uuid4().hex[:10]
     not_utf8 = tmp_path / "latin1.toml"
     not_utf8.write_bytes(b'vm_id = "caf\xe9"\n')
     argv = [a.format(not_utf8=not_utf8) for a in argv]
     if "--id" not in argv:
-        argv += ["--id", f"h-{token}"]
+        argv += ["--id", f"hostile-{token}"]
     proc = ironclaw(argv, probe_cache)
     assert standin.made() == [], proc.stderr  # accepted: it started on the stand-ins
     assert proc.returncode == ExitCode.USAGE, proc.stderr
@@ -533,10 +531,10 @@ def test_a_real_process_starts_on_the_stand_in_host(
 ) -> None:
     """The safety net of the test above: an accepted start in an ``ironclaw`` subprocess runs
     the stand-in jailer and firecracker under the stand-in host's roots, nothing real."""
-    token = uuid.uuid4().hex[:8]  # a short id, as in ``host``
+    token = uuid.uuid4().hex[:10]
     assert standin.ctl["after_start"] == "exit:0"  # the "guest" ends at once: vm run exits 0
     before = standin.snapshot()
-    argv = ["vm", "run", "--id", f"h-{token}", "--memory", "128", "--no-seccomp"]
+    argv = ["vm", "run", "--id", f"hostile-{token}", "--memory", "128", "--no-seccomp"]
     proc = ironclaw(argv, probe_cache)  # (a Python stand-in has no seccomp filter)
     assert proc.returncode == 0, proc.stderr
     assert [s["program"] for s in standin.spawned()] == ["jailer", "firecracker"]

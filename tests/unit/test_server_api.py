@@ -1,4 +1,8 @@
-"""Host agent API without VMs: validation, policy, admission, auth, body limits, sockets."""
+"""Host agent API without VMs: validation, policy, admission, auth, body limits, sockets.
+
+The agent runs on the stand-in host (``standin_host.make_refusal_host``): should a refusal
+below break, its supervisor starts the VM on the stand-ins, and the test names what was made.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from standin_host import StandinHost, make_refusal_host
 
 from ironclaw_orchestrator.errors import ConfigError, UsageError
 from ironclaw_orchestrator.server import AgentSettings, HostAgent, create_app
@@ -22,15 +27,20 @@ TOKEN = b"s3cret-token-0123456789abcdef"
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> AgentSettings:
+def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
+    yield from make_refusal_host(monkeypatch)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, standin: StandinHost) -> AgentSettings:
     images = tmp_path / "images"
     images.mkdir()
     (images / "vmlinux").write_bytes(b"\x7fELF")
     return AgentSettings(
         socket_path=tmp_path / "agent.sock",
-        state_dir=tmp_path / "state",
-        run_dir=tmp_path / "run",
-        chroot_base=tmp_path / "jail",
+        state_dir=standin.state,
+        run_dir=standin.run,
+        chroot_base=standin.base,
         image_dirs=(images,),
         capacity_vcpus=2,
         capacity_memory_mb=1024,
@@ -182,12 +192,14 @@ async def test_logs_stream_and_follow_until_the_vm_is_gone(
 async def test_hostile_bodies_get_4xx_and_leave_nothing(
     client: httpx.AsyncClient,
     settings: AgentSettings,
+    standin: StandinHost,
     content: bytes,
     status: int,
     needle: str,
 ) -> None:
-    before = state_files(settings)
+    before, made = state_files(settings), standin.made()  # the agent's own state dirs
     r = await client.post("/v1/vms", content=content, params={"start": "true"})
+    assert standin.made() == made, r.text
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle in err["message"] and err["status"] == status
@@ -244,11 +256,12 @@ async def test_huge_bodies_are_refused_declared_or_streamed(
 
 
 async def test_full_host_refuses_with_429_and_reason(
-    client: httpx.AsyncClient, agent: HostAgent, settings: AgentSettings
+    client: httpx.AsyncClient, agent: HostAgent, settings: AgentSettings, standin: StandinHost
 ) -> None:
+    made = standin.made()
     agent.registry.claim("big", vcpus=1, memory_mb=1000)
     r = await client.post("/v1/vms", params={"start": "true"}, json=vm_body(settings))
-    assert r.status_code == 429
+    assert r.status_code == 429, r.text
     err = r.json()["error"]
     assert err["reason"] == "host_full" and "1000 of 1024 MiB" in err["message"]
     agent.registry.release("big")
@@ -257,12 +270,15 @@ async def test_full_host_refuses_with_429_and_reason(
     assert r.status_code == 429 and "vCPU" in r.json()["error"]["message"]
     agent.registry.release("cpus")
     assert not agent.admission.starting
+    assert standin.made() == made
 
 
 async def test_starting_cap_and_draining(
-    client: httpx.AsyncClient, agent: HostAgent, settings: AgentSettings
+    client: httpx.AsyncClient, agent: HostAgent, settings: AgentSettings, standin: StandinHost
 ) -> None:
     from ironclaw_orchestrator.server.admission import Usage
+
+    made = standin.made()
 
     agent.admission.starting.update({"s1": Usage(1, 128), "s2": Usage(1, 128)})
     r = await client.post("/v1/vms", params={"start": "true"}, json=vm_body(settings))
@@ -274,6 +290,7 @@ async def test_starting_cap_and_draining(
     r = await client.post("/v1/vms", params={"start": "true"}, json=vm_body(settings))
     assert r.status_code == 503 and r.json()["error"]["reason"] == "draining"
     assert (await client.get("/v1/host")).json()["health"] == "draining"
+    assert standin.made() == made
 
 
 # --------------------------------------------------------------------------- TCP and token
