@@ -7,7 +7,7 @@ at a short private directory (socket paths have a 107-byte budget), and replaces
 root: the cgroup tree is a :class:`FakeKernel` (v1 hybrid or v2), ``is_root`` and
 ``check_kvm`` say yes. Everything else is the real code.
 
-``refusal_host`` (see :func:`make_refusal_host`) is for tests that expect a start to be
+:func:`make_refusal_host` makes a stand-in host for tests that expect a start to be
 refused before anything is made: on top, the network layer is a :class:`FakeNet`, a config
 that names no binaries or chroot base gets the stand-ins' (``$IRONCLAW_JAILER``,
 ``$IRONCLAW_FIRECRACKER``, the chroot base default), a start that reaches the jailer
