@@ -130,6 +130,8 @@ class FakeKernel(CgroupFs):
             path.write_text(value + "\n")
 
     def mkdir(self, path: Path) -> None:
+        if path.exists():
+            raise _err(errno.EEXIST, path)  # the VFS finds the name before cgroupfs is asked
         if not (path.parent / "cgroup.procs").exists():
             raise _err(errno.ENOENT, path)  # cgroups are only made inside cgroups
         os.mkdir(path)

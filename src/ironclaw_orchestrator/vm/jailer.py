@@ -317,7 +317,7 @@ async def start_with_jailer(
             exec_file=binaries.firecracker,
             version=binaries.version,
             cgroup_version=version,
-            cgroups=[CgroupArg(s.file, s.value) for s in cgroups.settings if s.via_jailer],
+            cgroups=[CgroupArg(s.file, s.value) for s in cgroups.jailer_settings()],
             parent_cgroup=cgroups.parent,
             netns=netns,
             level=log_level,

@@ -12,6 +12,7 @@ itself and attaches the VMM to those controllers' cgroups (:meth:`VmCgroups.atta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -139,10 +140,15 @@ def cgroup_settings(
     return out
 
 
-def jailer_cgroup_args(settings: list[CgroupSetting]) -> list[str]:
+def via_jailer(settings: Sequence[CgroupSetting]) -> list[CgroupSetting]:
+    """The settings passed to the jailer as ``--cgroup FILE=VALUE``, in write order (the
+    one place that decides it; the others are written by the orchestrator alone)."""
+    return [s for s in settings if s.via_jailer]
+
+
+def jailer_cgroup_args(settings: Sequence[CgroupSetting]) -> list[str]:
     """``["--cgroup", "FILE=VALUE", ...]`` for the settings the jailer can take."""
     args: list[str] = []
-    for s in settings:
-        if s.via_jailer:
-            args += ["--cgroup", s.jailer_arg]
+    for s in via_jailer(settings):
+        args += ["--cgroup", s.jailer_arg]
     return args

@@ -1,0 +1,240 @@
+"""Creating and filling one VM's cgroup directories, before the VMM exists.
+
+Under the host lock: find the intermediate directories that are missing, list them in the
+ledger (one write, before any is made), create them and the VM's own directory, enable the
+controllers (v2) or copy the cpuset (v1) as each level needs, then write every value. A value
+the kernel rejects is a :class:`CgroupError` here, before anything is spawned; everything
+created is removed again before it propagates.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import CgroupError
+from . import ledger
+from .fs import read_optional, read_pids
+from .layout import is_ancestor_or_equal
+from .limits import setting
+from .lock import HostLock
+from .planning import UNIFIED, chain
+from .rejections import errname
+
+if TYPE_CHECKING:
+    from .tree import VmCgroups
+
+__all__ = ["prepare"]
+
+
+def prepare(cg: VmCgroups) -> None:
+    """See :meth:`VmCgroups.prepare`."""
+    with HostLock(cg.lock_path):
+        missing: set[Path] = set()
+        try:
+            missing = _missing_intermediates(cg)
+            # Record before make: a crash from here on leaves nothing gc cannot find.
+            ledger.record(cg.lock_path, missing)
+            if cg.version == 2:
+                _prepare_v2(cg, missing)
+            else:
+                _prepare_v1(cg, missing)
+            _resolve_cpuset_mems(cg)
+            for s in cg.settings:
+                cg._write_setting(s)
+        except BaseException as exc:
+            problems, removed = cg._remove_created()
+            for problem in problems:
+                exc.add_note(f"rollback: {problem}")
+            try:
+                # Listed but never made (a step failed first) or made and removed: unlisted
+                # without a look; what another VM left empty there goes too.
+                gone = removed | (missing - set(cg.created))
+                ledger.sweep(cg.lock_path, cg.fs, within=cg._vm_dirs, gone=gone)
+            except OSError as sweep_exc:
+                exc.add_note(f"rollback: intermediate cgroups: {sweep_exc}")
+            raise
+    cg.prepared = True
+
+
+def _hierarchies(cg: VmCgroups) -> dict[Path, list[str]]:
+    """mount -> the keys (v1 controllers, or ``unified``) that share it."""
+    by_mount: dict[Path, list[str]] = {}
+    for key in (UNIFIED,) if cg.version == 2 else cg.controllers:
+        by_mount.setdefault(cg.mounts[key], []).append(key)
+    return by_mount
+
+
+def _missing_intermediates(cg: VmCgroups) -> set[Path]:
+    """The directories between each mount and the VM's that do not exist (lock held).
+
+    Looked up from the deepest up: once one exists, those above it do too. Refuses (before
+    anything is made) to create one outside the orchestrator's own cgroup.
+    """
+    missing: set[Path] = set()
+    for mount, keys in _hierarchies(cg).items():
+        dirs = chain(mount, cg.parent, cg.vm_id)[:-1]
+        for path in reversed(dirs):
+            if cg.fs.is_dir(path):
+                break
+            _check_inside_own(cg, keys[0], path)
+            missing.add(path)
+    return missing
+
+
+def _check_inside_own(cg: VmCgroups, key: str, path: Path) -> None:
+    own = cg.mounts[key] / cg.own[key]
+    if not cg.explicit_parent and not is_ancestor_or_equal(str(own), str(path)):
+        raise CgroupError(
+            f"refusing to create {path}: it is outside the orchestrator's own {key} "
+            f"cgroup {own} (which does not exist?). Set JailerConfig.parent_cgroup to "
+            "choose where VM cgroups go",
+            controller=key,
+            path=str(path),
+        )
+
+
+def _make(cg: VmCgroups, key: str, path: Path, missing: set[Path]) -> bool:
+    """Create ``path`` (the VM's directory, or a missing intermediate); ``True`` if made here."""
+    vm_dir = path not in missing
+    if vm_dir:
+        _check_inside_own(cg, key, path)
+    try:
+        cg.fs.mkdir(path)
+    except FileExistsError:
+        if vm_dir:
+            raise CgroupError(
+                f"the cgroup {path} of VM {cg.vm_id} already exists: a VM with this id "
+                "is running, or an earlier one was not cleaned up. Stop/clean it up "
+                "(ironclaw cleanup, or rmdir the directory once it holds no processes) "
+                "or use another id",
+                controller=key,
+                path=str(path),
+            ) from None
+        # Made by someone else since we looked: not ours, so not listed.
+        missing.discard(path)
+        ledger.forget(cg.lock_path, [path])
+        return False
+    except OSError as exc:
+        raise CgroupError(
+            f"cannot create cgroup directory {path} ({key}): {errname(exc)} "
+            f"{exc.strerror}. Run as root, or set JailerConfig.parent_cgroup to a "
+            "subtree delegated to this user",
+            controller=key,
+            path=str(path),
+        ) from exc
+    cg.created.append(path)
+    return True
+
+
+def _prepare_v1(cg: VmCgroups, missing: set[Path]) -> None:
+    for mount, keys in _hierarchies(cg).items():
+        for path in chain(mount, cg.parent, cg.vm_id):
+            if path in missing or path == cg._paths[keys[0]]:
+                made = _make(cg, keys[0], path, missing)
+                if made and "cpuset" in keys:
+                    for name in ("cpuset.cpus", "cpuset.mems"):
+                        _inherit(cg, path, name)
+
+
+def _inherit(cg: VmCgroups, path: Path, name: str) -> None:
+    """v1 cpuset: a new cgroup starts with empty cpus/mems; copy the parent's."""
+    src = path.parent / name
+    value = read_optional(cg.fs, src)
+    if not value:
+        raise CgroupError(
+            f"cannot initialise {path / name}: the parent's {src} is "
+            f"{'empty' if value == '' else 'unreadable'}. Give the parent cgroup CPUs and "
+            "memory nodes first, or set JailerConfig.parent_cgroup elsewhere",
+            controller="cpuset",
+            path=str(src),
+            value=value,
+        )
+    cg._write(path / name, value, "cpuset", "copying the parent's value")
+
+
+def _prepare_v2(cg: VmCgroups, missing: set[Path]) -> None:
+    mount = cg.mounts[UNIFIED]
+    own = mount / cg.own[UNIFIED]
+    dirs = [mount, *chain(mount, cg.parent, cg.vm_id)]
+    for i, path in enumerate(dirs):
+        made = False
+        if i > 0 and (path in missing or i == len(dirs) - 1):
+            made = _make(cg, UNIFIED, path, missing)
+        if i == len(dirs) - 1:
+            break
+        # A cgroup made just now distributes no controller yet: nothing to read.
+        subtree = "" if made else read_optional(cg.fs, path / "cgroup.subtree_control")
+        enabled = set((subtree or "").split())
+        for ctrl in cg.controllers:
+            if ctrl in enabled:
+                continue
+            outside = path != own and is_ancestor_or_equal(str(path), str(own))
+            if outside and not cg.explicit_parent:
+                raise CgroupError(
+                    f"controller {ctrl} is not enabled in {path}/cgroup.subtree_control, "
+                    f"above the orchestrator's own cgroup {own}; ironclaw does not change "
+                    f"cgroups it does not own. Enable it there (echo +{ctrl} > "
+                    f"{path}/cgroup.subtree_control, or systemd Delegate=yes) or set "
+                    "JailerConfig.parent_cgroup to a delegated subtree",
+                    controller=ctrl,
+                    path=str(path / "cgroup.subtree_control"),
+                    value=f"+{ctrl}",
+                )
+            _enable(cg, path, ctrl)
+
+
+def _enable(cg: VmCgroups, path: Path, ctrl: str) -> None:
+    target = path / "cgroup.subtree_control"
+    try:
+        cg.fs.write(target, f"+{ctrl}")
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            pids = read_pids(cg.fs, path / "cgroup.procs")
+            who = ", ".join(map(str, pids[:20])) or "(none listed; threads or a race)"
+            mine = " (including this orchestrator)" if os.getpid() in pids else ""
+            raise CgroupError(
+                f"cannot enable controller {ctrl} for child cgroups: writing '+{ctrl}' to "
+                f"{target} failed with EBUSY because the cgroup {path} holds processes "
+                f"{who}{mine}; cgroup v2's no-internal-processes rule forbids distributing "
+                "a controller from a cgroup that has processes. Set "
+                "JailerConfig.parent_cgroup to a delegated subtree that holds no "
+                "processes, e.g. run the orchestrator under systemd with Delegate=yes, "
+                "move the orchestrator itself into a leaf (such as <service>/orchestrator) "
+                "and use parent_cgroup='<service>/vms'",
+                controller=ctrl,
+                path=str(target),
+                value=f"+{ctrl}",
+            ) from exc
+        raise CgroupError(
+            f"cannot enable controller {ctrl}: writing '+{ctrl}' to {target} failed with "
+            f"{errname(exc)} {exc.strerror}. Check that {path}/cgroup.controllers lists "
+            f"{ctrl}, or set JailerConfig.parent_cgroup elsewhere",
+            controller=ctrl,
+            path=str(target),
+            value=f"+{ctrl}",
+        ) from exc
+
+
+def _resolve_cpuset_mems(cg: VmCgroups) -> None:
+    files = [s.file for s in cg.settings]
+    if "cpuset.cpus" not in files or "cpuset.mems" in files:
+        return
+    parent = cg._paths[cg._key("cpuset")].parent
+    names = ("cpuset.mems",) if cg.version == 1 else ("cpuset.mems.effective", "cpuset.mems")
+    value = None
+    for name in names:
+        value = read_optional(cg.fs, parent / name)
+        if value:
+            break
+    if not value:
+        raise CgroupError(
+            f"cpuset_cpus is set but cpuset_mems is not, and the parent cgroup {parent} "
+            "has no memory nodes to inherit: set JailerConfig.cpuset_mems (e.g. '0')",
+            controller="cpuset",
+            path=str(parent / names[0]),
+        )
+    at = files.index("cpuset.cpus") + 1
+    cg.settings.insert(at, setting("cpuset", "cpuset.mems", value))

@@ -1,0 +1,110 @@
+"""Removing one VM's cgroup directories (and the intermediates nobody uses any more).
+
+Only directories the VM's :class:`VmCgroups` created are touched, plus (with the derived
+parent) that parent when it is empty, and intermediates listed in the ledger once empty.
+A VM cgroup that is already empty goes with one ``rmdir`` (the kernel refuses it, atomically,
+while the cgroup holds a process or a child); only one that does not is drained: its
+processes are killed, waited for, and its subtree removed.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import CleanupError
+from . import drain, ledger
+from .fs import CgroupFs
+from .lock import DEFAULT_LOCK_PATH, HostLock
+from .rejections import errname
+
+if TYPE_CHECKING:
+    from .tree import VmCgroups
+
+__all__ = ["remove", "remove_created", "sweep_intermediates"]
+
+_BUSY = (errno.EBUSY, errno.ENOTEMPTY, errno.EEXIST)
+
+
+def _try_rmdir(fs: CgroupFs, path: Path) -> OSError | None:
+    """``rmdir``; ``None`` if the directory is gone (removed now or before), else the error."""
+    try:
+        fs.rmdir(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc
+    return None
+
+
+def remove_created(cg: VmCgroups, skip: set[Path]) -> tuple[list[str], set[Path]]:
+    """Remove (deepest first) the directories ``cg`` created, except ``skip`` (known gone).
+
+    Lock must be held. Returns the failures and the directories now gone.
+    """
+    failures: list[str] = []
+    gone = set(skip)
+    vm_dirs = set(cg._vm_dirs)
+    for path in sorted(set(cg.created) - skip, key=lambda p: len(p.parts), reverse=True):
+        exc = _try_rmdir(cg.fs, path)
+        if exc is None:
+            gone.add(path)
+        elif not (path not in vm_dirs and exc.errno in _BUSY):  # busy: another VM's inside
+            failures.append(f"rmdir {path}: {errname(exc)} {exc.strerror}")
+    if not failures:
+        cg.created.clear()
+    return failures, gone
+
+
+def remove(cg: VmCgroups, timeout_s: float) -> None:
+    """See :meth:`VmCgroups.remove`."""
+    failures: list[str] = []
+    # Only directories this object created: a VM dir found pre-existing by prepare()
+    # belongs to someone else (same id still running) and must not be touched.
+    owned = set(cg.created)
+    gone: set[Path] = set()
+    busy: list[Path] = []
+    for top in cg._vm_dirs:
+        if top in owned:
+            if _try_rmdir(cg.fs, top) is None:
+                gone.add(top)
+            else:
+                busy.append(top)  # processes or child cgroups left (or an error): drain
+    if busy:
+        drain.drain(cg.fs, cg.version, busy, timeout_s, failures)
+    with HostLock(cg.lock_path):
+        for top in busy:
+            for sub in drain.all_cgroups(cg.fs, top):
+                drain.rmdir(cg.fs, sub, failures, tolerate_busy=False)
+            if not cg.fs.is_dir(top):
+                gone.add(top)
+        problems, gone = remove_created(cg, gone)
+        failures += problems
+        if owned and not cg.explicit_parent:
+            # The derived parent (<own>/ironclaw), if this VM did not make it: empty, it goes.
+            for parent in {p.parent for p in cg._vm_dirs} - set(owned):
+                exc = _try_rmdir(cg.fs, parent)
+                if exc is None:
+                    gone.add(parent)
+                elif exc.errno not in _BUSY:
+                    failures.append(f"rmdir {parent}: {errname(exc)} {exc.strerror}")
+        if owned:
+            # Intermediate dirs another VM made for the same parent: the last one out
+            # removes them (see ledger).
+            try:
+                ledger.sweep(cg.lock_path, cg.fs, within=cg._vm_dirs, gone=gone)
+            except OSError as exc:
+                failures.append(f"intermediate cgroups: {errname(exc)} {exc.strerror}")
+    cg.prepared = False
+    if failures:
+        unique = list(dict.fromkeys(failures))
+        raise CleanupError(f"removing the cgroups of VM {cg.vm_id} failed", unique)
+
+
+def sweep_intermediates(
+    lock_path: Path = DEFAULT_LOCK_PATH, fs: CgroupFs | None = None
+) -> list[Path]:
+    """Remove empty intermediate cgroup dirs made for VMs (``ironclaw gc``); return them."""
+    with HostLock(lock_path):
+        return ledger.sweep(lock_path, fs or CgroupFs())

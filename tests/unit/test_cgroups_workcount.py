@@ -1,0 +1,294 @@
+"""Work counts of a VM's cgroups per lifecycle: ledger writes, lock-file opens, reads.
+
+Each count guards a cut made for start-up cost (per-VM orchestrator CPU): on a host whose /run
+is a disk file system, every ledger rewrite allocates and frees an inode, and every lock use
+used to open the lock file. Counts, never timings.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from fake_cgroupfs import FakeKernel
+
+from ironclaw_orchestrator.vm.cgroups import (
+    CgroupLayout,
+    HostLock,
+    VmCgroups,
+    cgroup_settings,
+    ledger,
+    lock,
+)
+from ironclaw_orchestrator.vm.config import JailerConfig
+
+V1 = ("cpu", "cpuacct", "memory")
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> tuple[CgroupLayout, FakeKernel, Path]:
+    """v1: own memory cgroup /process_api/abc, own cpu and cpuacct at the root: a VM needs
+    process_api, process_api/abc and .../ironclaw in cpu and cpuacct, ironclaw in memory."""
+    root = tmp_path / "cg"
+    for c in V1:
+        (root / c).mkdir(parents=True)
+        (root / c / "cgroup.procs").write_text("1\n")
+    fs = FakeKernel(root)
+    fs.mkdir(root / "memory" / "process_api")
+    fs.mkdir(root / "memory" / "process_api" / "abc")
+    layout = CgroupLayout(
+        mode="v1",
+        v1_mounts={c: root / c for c in V1},
+        unified_mount=None,
+        unified_controllers=frozenset(),
+        own_paths={"cpu": "/", "cpuacct": "/", "memory": "/process_api/abc"},
+    )
+    return layout, fs, tmp_path / "run" / "cgroup.lock"
+
+
+def vm(host: tuple[CgroupLayout, FakeKernel, Path], vm_id: str) -> VmCgroups:
+    layout, fs, lock_path = host
+    settings = cgroup_settings(JailerConfig(memory_limit_mb=128), 1, None)
+    return VmCgroups.plan(layout, 1, vm_id, settings, None, lock_path=lock_path, fs=fs)
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every ledger rewrite, as the list it wrote."""
+    seen: list[list[str]] = []
+    real = ledger._write
+
+    def counting(path: Path, entries: object) -> None:
+        listed = sorted(set(entries))  # type: ignore[call-overload]
+        seen.append(listed)
+        real(path, listed)
+
+    monkeypatch.setattr(ledger, "_write", counting)
+    return seen
+
+
+def listed(lock_path: Path) -> set[str]:
+    path = ledger.ledger_path(lock_path)
+    return set(path.read_text().split()) if path.exists() else set()
+
+
+def test_prepare_records_its_intermediates_in_one_write_before_making_them(
+    host: tuple[CgroupLayout, FakeKernel, Path], writes: list[list[str]]
+) -> None:
+    _, fs, lock_path = host
+    made_when_written: list[bool] = []
+    real_mkdir = fs.mkdir
+
+    def mkdir(path: Path) -> None:
+        # Record before make: when a directory is made, the ledger already lists it.
+        if not path.name.startswith("vm"):
+            made_when_written.append(str(path) in listed(lock_path))
+        real_mkdir(path)
+
+    fs.mkdir = mkdir  # type: ignore[method-assign]
+    a = vm(host, "vm1")
+    a.prepare()
+    intermediates = {str(p) for p in a.created if not p.name.startswith("vm")}
+    assert len(intermediates) == 7  # 3 in cpu, 3 in cpuacct, 1 in memory
+    assert writes == [sorted(intermediates)]
+    assert made_when_written == [True] * 7
+    assert listed(lock_path) == intermediates  # never a directory we did not create
+
+
+def test_sequential_lifecycles_write_the_ledger_twice_each(
+    host: tuple[CgroupLayout, FakeKernel, Path], writes: list[list[str]]
+) -> None:
+    _, fs, lock_path = host
+    before = {p for p in fs.root.rglob("*") if p.is_dir()}
+    for n in range(3):
+        a = vm(host, f"vm{n}")
+        a.prepare()
+        a.remove()
+        assert len(writes) == 2 * (n + 1)
+    assert listed(lock_path) == set()
+    assert {p for p in fs.root.rglob("*") if p.is_dir()} == before
+
+
+def test_a_vm_that_needs_no_new_directory_does_not_write_the_ledger(
+    host: tuple[CgroupLayout, FakeKernel, Path], writes: list[list[str]]
+) -> None:
+    lock_path = host[2]
+    first = vm(host, "vm1")
+    first.prepare()
+    assert len(writes) == 1
+    second = vm(host, "vm2")
+    second.prepare()
+    second.remove()  # the intermediates are busy with vm1: nothing changes
+    assert len(writes) == 1
+    first.remove()
+    assert len(writes) == 2
+    assert listed(lock_path) == set()
+
+
+def test_an_intermediate_made_by_someone_else_meanwhile_is_not_listed(
+    host: tuple[CgroupLayout, FakeKernel, Path], writes: list[list[str]]
+) -> None:
+    """Missing when looked up, there when made (not by ironclaw, which holds the lock): not
+    ours, so dropped from the ledger again and never removed."""
+    _, fs, lock_path = host
+    theirs = fs.root / "cpu" / "process_api"
+    real_mkdir = fs.mkdir
+
+    def mkdir(path: Path) -> None:
+        if path == theirs and not path.exists():
+            real_mkdir(path)  # another program wins the race
+        real_mkdir(path)
+
+    fs.mkdir = mkdir  # type: ignore[method-assign]
+    a = vm(host, "vm1")
+    a.prepare()
+    assert theirs not in a.created
+    assert str(theirs) not in listed(lock_path)
+    assert len(writes) == 2  # recorded with the others, then dropped
+    a.remove()
+    assert theirs.is_dir()  # never ours: left alone
+    assert listed(lock_path) == set()
+
+
+def test_an_empty_vm_cgroup_is_removed_without_reading_its_processes(
+    host: tuple[CgroupLayout, FakeKernel, Path],
+) -> None:
+    _, fs, _ = host
+    a = vm(host, "vm1")
+    a.prepare()
+    reads: list[Path] = []
+    real_read = fs.read
+
+    def read(path: Path) -> str:
+        reads.append(path)
+        return real_read(path)
+
+    fs.read = read  # type: ignore[method-assign]
+    a.remove()
+    assert not any(p.name in ("cgroup.procs", "tasks") for p in reads)
+    assert fs.killed == []
+    assert not any(p.exists() for p in a.paths.values())
+
+
+def test_a_vm_cgroup_with_processes_is_still_drained(
+    host: tuple[CgroupLayout, FakeKernel, Path],
+) -> None:
+    _, fs, _ = host
+    a = vm(host, "vm1")
+    a.prepare()
+    a.attach(4242, everywhere=True)
+    fs.mkdir(a.paths["memory"] / "child")  # a child cgroup keeps the fast rmdir busy too
+    a.remove(timeout_s=5)
+    assert set(fs.killed) == {4242}  # v1 kills again on each pass
+    assert not any(p.exists() for p in a.paths.values())
+
+
+def test_the_lock_file_is_opened_once_per_process(
+    host: tuple[CgroupLayout, FakeKernel, Path],
+) -> None:
+    _, _, lock_path = host
+    for n in range(3):
+        a = vm(host, f"vm{n}")
+        a.prepare()
+        a.remove()
+    assert lock.open_count(lock_path) == 1
+
+
+def test_a_deleted_lock_file_is_opened_again(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    with HostLock(path):
+        pass
+    path.unlink()  # e.g. /run cleaned: our descriptor now locks a file nobody else sees
+    with HostLock(path):
+        assert path.exists()
+    assert lock.open_count(path) == 2
+
+
+def test_the_lock_excludes_threads_of_one_process(tmp_path: Path) -> None:
+    path = tmp_path / "t.lock"
+    entered = threading.Event()
+
+    def other() -> None:
+        with HostLock(path):
+            entered.set()
+
+    with HostLock(path):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(0.2)
+        assert t.is_alive() and not entered.is_set()
+    t.join(30)
+    assert entered.is_set()
+
+
+def test_a_forked_child_does_not_share_the_parents_lock(tmp_path: Path) -> None:
+    """flock belongs to the open file description, which a child inherits: reusing it, the
+    child would "hold" the lock its parent holds. It must open its own."""
+    path = tmp_path / "f.lock"
+    with HostLock(path):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit code
+            code = 1
+            try:
+                entry = lock._table.get(path)
+                fd = entry.open()
+                try:
+                    import fcntl
+
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    code = 0 if entry.opens == 1 else 2  # excluded, through its own file
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_remove_rollback_after_a_failed_mkdir_unlists_what_was_never_made(
+    host: tuple[CgroupLayout, FakeKernel, Path],
+) -> None:
+    _, fs, lock_path = host
+    real_mkdir = fs.mkdir
+
+    def mkdir(path: Path) -> None:
+        if path.parent.name == "cpuacct":
+            raise OSError(errno.EACCES, "denied", str(path))
+        real_mkdir(path)
+
+    fs.mkdir = mkdir  # type: ignore[method-assign]
+    before = {p for p in fs.root.rglob("*") if p.is_dir()}
+    with pytest.raises(Exception, match="EACCES"):
+        vm(host, "vm1").prepare()
+    assert listed(lock_path) == set()
+    assert {p for p in fs.root.rglob("*") if p.is_dir()} == before
+
+
+def test_v2_sequential_lifecycles_write_the_ledger_twice_each(
+    tmp_path: Path, writes: list[list[str]]
+) -> None:
+    u = tmp_path / "cg" / "unified"
+    u.mkdir(parents=True)
+    (u / "cgroup.controllers").write_text("cpu memory\n")
+    (u / "cgroup.subtree_control").write_text("cpu memory\n")
+    (u / "cgroup.procs").write_text("1\n")
+    fs = FakeKernel(tmp_path / "cg")
+    fs.mkdir(u / "svc")
+    layout = CgroupLayout("v2", {}, u, frozenset({"cpu", "memory"}), {"": "/svc"})
+    settings = cgroup_settings(JailerConfig(), 2, None)
+    lock_path = tmp_path / "l"
+    for n in range(2):
+        a = VmCgroups.plan(layout, 2, f"vm{n}", settings, None, lock_path=lock_path, fs=fs)
+        a.prepare()
+        assert a.created == [u / "svc/ironclaw", u / f"svc/ironclaw/vm{n}"]
+        assert listed(lock_path) == {str(u / "svc/ironclaw")}
+        assert set((u / "svc/ironclaw/cgroup.subtree_control").read_text().split()) == {
+            "cpu",
+            "memory",
+        }
+        a.remove()
+        assert len(writes) == 2 * (n + 1)
+    assert not (u / "svc/ironclaw").exists()
+    assert listed(lock_path) == set()
