@@ -139,6 +139,7 @@ class JailerProcess(VmmHandle):
         self.resources = resources
         self.argv = argv
         self.oom_killed = False
+        self._oom_read = False
 
     @property
     def api_socket(self) -> Path:
@@ -171,12 +172,14 @@ class JailerProcess(VmmHandle):
     def _after_exit(self) -> None:
         """Record whether the memory cgroup OOM-killed the VMM."""
         cgroups = self.resources.cgroups
-        if cgroups is None or self.oom_killed:
+        if cgroups is None or self._oom_read:
             return
         try:
             kills = cgroups.oom_kills()
         except IronclawError:
-            kills = None
+            return
+        # Called once the VMM has exited (wait, then stop): its cgroup's count is final.
+        self._oom_read = True
         self.oom_killed = bool(kills)
 
     def _release(self) -> None:

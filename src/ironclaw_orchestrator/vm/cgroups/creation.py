@@ -31,16 +31,17 @@ __all__ = ["prepare"]
 
 def prepare(cg: VmCgroups) -> None:
     """See :meth:`VmCgroups.prepare`."""
+    chains = _chains(cg)
     with HostLock(cg.lock_path):
-        missing: set[Path] = set()
+        missing: set[str] = set()
         try:
-            missing = _missing_intermediates(cg)
+            missing = _missing_intermediates(cg, chains)
             # Record before make: a crash from here on leaves nothing gc cannot find.
             ledger.record(cg.lock_path, missing)
             if cg.version == 2:
-                _prepare_v2(cg, missing)
+                _prepare_v2(cg, chains[0][1], missing)
             else:
-                _prepare_v1(cg, missing)
+                _prepare_v1(cg, chains, missing)
             _resolve_cpuset_mems(cg)
             for s in cg.settings:
                 cg._write_setting(s)
@@ -51,7 +52,8 @@ def prepare(cg: VmCgroups) -> None:
             try:
                 # Listed but never made (a step failed first) or made and removed: unlisted
                 # without a look; what another VM left empty there goes too.
-                gone = removed | (missing - set(cg.created))
+                created = {str(p) for p in cg.created}
+                gone = {*removed, *(Path(p) for p in missing - created)}
                 ledger.sweep(cg.lock_path, cg.fs, within=cg._vm_dirs, gone=gone)
             except OSError as sweep_exc:
                 exc.add_note(f"rollback: intermediate cgroups: {sweep_exc}")
@@ -59,50 +61,54 @@ def prepare(cg: VmCgroups) -> None:
     cg.prepared = True
 
 
-def _hierarchies(cg: VmCgroups) -> dict[Path, list[str]]:
-    """mount -> the keys (v1 controllers, or ``unified``) that share it."""
+#: One hierarchy: the keys (v1 controllers, or ``unified``) sharing a mount, and the
+#: directories from the mount (exclusive) down to the VM's (inclusive).
+_Chain = tuple[list[str], list[str]]
+
+
+def _chains(cg: VmCgroups) -> list[_Chain]:
     by_mount: dict[Path, list[str]] = {}
     for key in (UNIFIED,) if cg.version == 2 else cg.controllers:
         by_mount.setdefault(cg.mounts[key], []).append(key)
-    return by_mount
+    return [(keys, chain(mount, cg.parent, cg.vm_id)) for mount, keys in by_mount.items()]
 
 
-def _missing_intermediates(cg: VmCgroups) -> set[Path]:
+def _missing_intermediates(cg: VmCgroups, chains: list[_Chain]) -> set[str]:
     """The directories between each mount and the VM's that do not exist (lock held).
 
     Looked up from the deepest up: once one exists, those above it do too. Refuses (before
     anything is made) to create one outside the orchestrator's own cgroup.
     """
-    missing: set[Path] = set()
-    for mount, keys in _hierarchies(cg).items():
-        dirs = chain(mount, cg.parent, cg.vm_id)[:-1]
-        for path in reversed(dirs):
-            if cg.fs.is_dir(path):
+    missing: set[str] = set()
+    for keys, dirs in chains:
+        for path in reversed(dirs[:-1]):
+            if cg.fs.is_dir(Path(path)):
                 break
             _check_inside_own(cg, keys[0], path)
             missing.add(path)
     return missing
 
 
-def _check_inside_own(cg: VmCgroups, key: str, path: Path) -> None:
-    own = cg.mounts[key] / cg.own[key]
-    if not cg.explicit_parent and not is_ancestor_or_equal(str(own), str(path)):
+def _check_inside_own(cg: VmCgroups, key: str, path: str) -> None:
+    own = f"{cg.mounts[key]}/{cg.own[key]}"
+    if not cg.explicit_parent and not is_ancestor_or_equal(own, path):
         raise CgroupError(
             f"refusing to create {path}: it is outside the orchestrator's own {key} "
-            f"cgroup {own} (which does not exist?). Set JailerConfig.parent_cgroup to "
-            "choose where VM cgroups go",
+            f"cgroup {own.rstrip('/')} (which does not exist?). Set JailerConfig.parent_cgroup "
+            "to choose where VM cgroups go",
             controller=key,
-            path=str(path),
+            path=path,
         )
 
 
-def _make(cg: VmCgroups, key: str, path: Path, missing: set[Path]) -> bool:
-    """Create ``path`` (the VM's directory, or a missing intermediate); ``True`` if made here."""
+def _make(cg: VmCgroups, key: str, path: str, missing: set[str]) -> Path | None:
+    """Create ``path`` (the VM's directory, or a missing intermediate); it if made here."""
     vm_dir = path not in missing
     if vm_dir:
         _check_inside_own(cg, key, path)
+    where = Path(path)
     try:
-        cg.fs.mkdir(path)
+        cg.fs.mkdir(where)
     except FileExistsError:
         if vm_dir:
             raise CgroupError(
@@ -111,32 +117,32 @@ def _make(cg: VmCgroups, key: str, path: Path, missing: set[Path]) -> bool:
                 "(ironclaw cleanup, or rmdir the directory once it holds no processes) "
                 "or use another id",
                 controller=key,
-                path=str(path),
+                path=path,
             ) from None
         # Made by someone else since we looked: not ours, so not listed.
         missing.discard(path)
-        ledger.forget(cg.lock_path, [path])
-        return False
+        ledger.forget(cg.lock_path, [where])
+        return None
     except OSError as exc:
         raise CgroupError(
             f"cannot create cgroup directory {path} ({key}): {errname(exc)} "
             f"{exc.strerror}. Run as root, or set JailerConfig.parent_cgroup to a "
             "subtree delegated to this user",
             controller=key,
-            path=str(path),
+            path=path,
         ) from exc
-    cg.created.append(path)
-    return True
+    cg.created.append(where)
+    return where
 
 
-def _prepare_v1(cg: VmCgroups, missing: set[Path]) -> None:
-    for mount, keys in _hierarchies(cg).items():
-        for path in chain(mount, cg.parent, cg.vm_id):
-            if path in missing or path == cg._paths[keys[0]]:
+def _prepare_v1(cg: VmCgroups, chains: list[_Chain], missing: set[str]) -> None:
+    for keys, dirs in chains:
+        for path in dirs:
+            if path in missing or path == dirs[-1]:
                 made = _make(cg, keys[0], path, missing)
-                if made and "cpuset" in keys:
+                if made is not None and "cpuset" in keys:
                     for name in ("cpuset.cpus", "cpuset.mems"):
-                        _inherit(cg, path, name)
+                        _inherit(cg, made, name)
 
 
 def _inherit(cg: VmCgroups, path: Path, name: str) -> None:
@@ -155,23 +161,24 @@ def _inherit(cg: VmCgroups, path: Path, name: str) -> None:
     cg._write(path / name, value, "cpuset", "copying the parent's value")
 
 
-def _prepare_v2(cg: VmCgroups, missing: set[Path]) -> None:
+def _prepare_v2(cg: VmCgroups, dirs: list[str], missing: set[str]) -> None:
     mount = cg.mounts[UNIFIED]
     own = mount / cg.own[UNIFIED]
-    dirs = [mount, *chain(mount, cg.parent, cg.vm_id)]
-    for i, path in enumerate(dirs):
-        made = False
-        if i > 0 and (path in missing or i == len(dirs) - 1):
-            made = _make(cg, UNIFIED, path, missing)
-        if i == len(dirs) - 1:
+    levels = [str(mount), *dirs]
+    for i, name in enumerate(levels):
+        made = None
+        if i > 0 and (name in missing or i == len(levels) - 1):
+            made = _make(cg, UNIFIED, name, missing)
+        if i == len(levels) - 1:
             break
+        path = made or Path(name)
         # A cgroup made just now distributes no controller yet: nothing to read.
         subtree = "" if made else read_optional(cg.fs, path / "cgroup.subtree_control")
         enabled = set((subtree or "").split())
         for ctrl in cg.controllers:
             if ctrl in enabled:
                 continue
-            outside = path != own and is_ancestor_or_equal(str(path), str(own))
+            outside = path != own and is_ancestor_or_equal(name, str(own))
             if outside and not cg.explicit_parent:
                 raise CgroupError(
                     f"controller {ctrl} is not enabled in {path}/cgroup.subtree_control, "

@@ -213,17 +213,51 @@ def _from_mountinfo(
     return v1, unified, roots, controllers
 
 
+def _read_own() -> bytes:
+    fd = os.open("/proc/self/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+#: The last layout built from the real /proc: (mount-derived part, own cgroups text, layout).
+_last: tuple[object, bytes, CgroupLayout] | None = None
+
+
 def detect_layout(proc: Path = _PROC) -> CgroupLayout:
     """Read the host's cgroup layout (see the module docstring for the sources).
 
     For the real ``/proc`` the mount-derived part is cached until the mount table changes;
-    the process's own cgroups are read every time (a process can be moved).
+    the process's own cgroups are read every time (a process can be moved), and the same
+    layout object is returned while neither changed (treat it as read-only).
     """
-    if proc == _PROC:
-        v1, unified, roots, controllers = _watch.get()
-    else:
-        v1, unified, roots, controllers = _from_mountinfo(_read(proc / "self" / "mountinfo"))
-    own = parse_proc_cgroup(_read(proc / "self" / "cgroup"))
+    global _last
+    if proc is _PROC or proc == _PROC:
+        mounts = _watch.get()
+        own_text = _read_own()
+        last = _last
+        if last is not None and last[0] is mounts and last[1] == own_text:
+            return last[2]
+        layout = _layout(*mounts, parse_proc_cgroup(own_text.decode("utf-8", "replace")))
+        _last = (mounts, own_text, layout)
+        return layout
+    v1, unified, roots, controllers = _from_mountinfo(_read(proc / "self" / "mountinfo"))
+    return _layout(
+        v1, unified, roots, controllers, parse_proc_cgroup(_read(proc / "self" / "cgroup"))
+    )
+
+
+def _layout(
+    v1: dict[str, Path],
+    unified: Path | None,
+    roots: dict[Path, str],
+    controllers: frozenset[str],
+    own: dict[str, str],
+) -> CgroupLayout:
     mode: Mode
     if v1 and unified is not None:
         mode = "hybrid"

@@ -46,7 +46,7 @@ def _write(path: Path, entries: Iterable[str]) -> None:
     replace_file(tmp, path)
 
 
-def record(lock_path: Path, directories: Iterable[Path]) -> None:
+def record(lock_path: Path, directories: Iterable[Path | str]) -> None:
     """List ``directories`` (about to be created for a VM) in one write. Hold the host lock."""
     new = {str(d) for d in directories}
     if not new:
@@ -62,7 +62,7 @@ def record_intermediate(lock_path: Path, directory: Path) -> None:
     record(lock_path, [directory])
 
 
-def forget(lock_path: Path, directories: Iterable[Path]) -> None:
+def forget(lock_path: Path, directories: Iterable[Path | str]) -> None:
     """Unlist ``directories`` (listed, but not made by us after all). Hold the host lock."""
     drop = {str(d) for d in directories}
     if not drop:

@@ -44,14 +44,14 @@ def norm_parent(value: str) -> str:
     return "/".join(parts)
 
 
-def chain(mount: Path, parent: str, vm_id: str) -> list[Path]:
-    """Directories from ``mount`` (exclusive) down to the VM's (inclusive)."""
-    # One string join per level: ``Path / part`` re-parses the whole path each time.
+def chain(mount: Path, parent: str, vm_id: str) -> list[str]:
+    """Directories from ``mount`` (exclusive) down to the VM's (inclusive), as strings
+    (``Path / part`` re-parses the whole path at each level)."""
     base = str(mount).rstrip("/")
-    out: list[Path] = []
+    out: list[str] = []
     for part in [*parent.split("/"), vm_id]:
         base = f"{base}/{part}"
-        out.append(Path(base))
+        out.append(base)
     return out
 
 
