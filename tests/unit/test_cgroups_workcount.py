@@ -292,3 +292,38 @@ def test_v2_sequential_lifecycles_write_the_ledger_twice_each(
         assert len(writes) == 2 * (n + 1)
     assert not (u / "svc/ironclaw").exists()
     assert listed(lock_path) == set()
+
+
+def test_detect_layout_reuses_its_result_until_own_cgroups_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ironclaw_orchestrator.vm.cgroups import layout as layout_mod
+
+    first = layout_mod.detect_layout()
+    assert layout_mod.detect_layout() is first  # nothing changed: nothing rebuilt
+    real = layout_mod._read_own()
+    monkeypatch.setattr(layout_mod, "_read_own", lambda: real + b"99:pids:/moved\n")
+    moved = layout_mod.detect_layout()
+    assert moved is not first and moved.own_paths["pids"] == "/moved"
+
+
+def test_the_oom_count_is_read_once_after_exit() -> None:
+    """wait() and stop() both run the exit hook, both after the VMM exited."""
+    from types import SimpleNamespace
+
+    from ironclaw_orchestrator.vm.jailer import JailerProcess
+
+    reads: list[int] = []
+
+    class Cgroups:
+        def oom_kills(self) -> int:
+            reads.append(1)
+            return 2
+
+    proc = JailerProcess.__new__(JailerProcess)
+    proc.resources = SimpleNamespace(cgroups=Cgroups())  # type: ignore[assignment]
+    proc.oom_killed = False
+    proc._oom_read = False
+    proc._after_exit()
+    proc._after_exit()
+    assert reads == [1] and proc.oom_killed
