@@ -327,3 +327,12 @@ def test_the_oom_count_is_read_once_after_exit() -> None:
     proc._after_exit()
     proc._after_exit()
     assert reads == [1] and proc.oom_killed
+
+
+def test_lock_files_kept_open_are_bounded(tmp_path: Path) -> None:
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for n in range(3 * lock._MAX_OPEN):
+        with HostLock(tmp_path / f"{n}.lock"):
+            pass
+    assert len(lock._table.files) <= lock._MAX_OPEN
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + lock._MAX_OPEN

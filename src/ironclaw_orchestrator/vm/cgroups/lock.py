@@ -128,8 +128,12 @@ class HostLock:
         self._entry: _LockFile | None = None
 
     def __enter__(self) -> HostLock:
-        entry = _table.get(self.path)
-        entry.mutex.acquire()
+        while True:
+            entry = _table.get(self.path)
+            entry.mutex.acquire()
+            if _table.files.get(self.path) is entry:
+                break
+            entry.mutex.release()  # evicted (or a fork reset) meanwhile: take the current one
         try:
             while True:
                 fd = entry.open()

@@ -59,6 +59,9 @@ def remove_created(cg: VmCgroups, skip: set[Path]) -> tuple[list[str], set[Path]
 
 def remove(cg: VmCgroups, timeout_s: float) -> None:
     """See :meth:`VmCgroups.remove`."""
+    if not cg.created:  # nothing of ours (never prepared, or removed already)
+        cg.prepared = False
+        return
     failures: list[str] = []
     # Only directories this object created: a VM dir found pre-existing by prepare()
     # belongs to someone else (same id still running) and must not be touched.
@@ -81,7 +84,7 @@ def remove(cg: VmCgroups, timeout_s: float) -> None:
                 gone.add(top)
         problems, gone = remove_created(cg, gone)
         failures += problems
-        if owned and not cg.explicit_parent:
+        if not cg.explicit_parent:
             # The derived parent (<own>/ironclaw), if this VM did not make it: empty, it goes.
             for parent in {p.parent for p in cg._vm_dirs} - set(owned):
                 exc = _try_rmdir(cg.fs, parent)
@@ -89,13 +92,12 @@ def remove(cg: VmCgroups, timeout_s: float) -> None:
                     gone.add(parent)
                 elif exc.errno not in _BUSY:
                     failures.append(f"rmdir {parent}: {errname(exc)} {exc.strerror}")
-        if owned:
-            # Intermediate dirs another VM made for the same parent: the last one out
-            # removes them (see ledger).
-            try:
-                ledger.sweep(cg.lock_path, cg.fs, within=cg._vm_dirs, gone=gone)
-            except OSError as exc:
-                failures.append(f"intermediate cgroups: {errname(exc)} {exc.strerror}")
+        # Intermediate dirs another VM made for the same parent: the last one out removes
+        # them (see ledger).
+        try:
+            ledger.sweep(cg.lock_path, cg.fs, within=cg._vm_dirs, gone=gone)
+        except OSError as exc:
+            failures.append(f"intermediate cgroups: {errname(exc)} {exc.strerror}")
     cg.prepared = False
     if failures:
         unique = list(dict.fromkeys(failures))
