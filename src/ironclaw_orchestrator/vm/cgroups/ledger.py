@@ -33,9 +33,17 @@ def ledger_path(lock_path: Path) -> Path:
 
 def _read(path: Path) -> list[str]:
     try:
-        return [line for line in path.read_text().splitlines() if line.startswith("/")]
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return []
+    try:
+        chunks = [os.read(fd, 65536)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    text = b"".join(chunks).decode("utf-8")
+    return [line for line in text.splitlines() if line.startswith("/")]
 
 
 def _write(path: Path, entries: Iterable[str]) -> None:
