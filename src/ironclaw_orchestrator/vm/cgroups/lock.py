@@ -113,6 +113,13 @@ class _Table:
 _table = _Table()
 
 
+def kept_fds() -> set[int]:
+    """Descriptors of the lock files this process keeps open (by design, not per VM)."""
+    if _table.pid != os.getpid():
+        return set()
+    return {e.fd for e in list(_table.files.values()) if e.fd is not None}
+
+
 def open_count(path: Path) -> int:
     """How often this process opened the lock file ``path`` (for work-count tests)."""
     entry = _table.files.get(path)
