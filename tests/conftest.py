@@ -28,6 +28,7 @@ from hypothesis import settings
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import leakcheck
 
+from ironclaw_orchestrator.vm.netns.kernel import close_idle_workers
 from ironclaw_orchestrator.vm.process import become_subreaper
 
 pytest_plugins = ["pytester"]  # tests/unit/test_leak_guard.py runs pytest inside pytest
@@ -159,6 +160,7 @@ def _leak_guard(request: pytest.FixtureRequest, _leak_guard_session: Session) ->
     threads_before = set(threading.enumerate())
     files_before = leakcheck.tmp_entries(s.tmpdir)
     yield
+    close_idle_workers()  # the reused namespace helpers are the process's, not the test's
     started = set(leakcheck.our_processes(s.token, since))
     new_threads = set(threading.enumerate()) - threads_before
     scope = _owner_scope(request.node)

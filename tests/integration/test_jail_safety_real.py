@@ -83,7 +83,8 @@ async def test_losing_start_removes_only_what_it_created(
 ) -> None:
     """Two orchestrators (separate state dirs, run dirs, chroot bases) start the same id:
     the loser fails and removes only its own run dir and jail; the winner's namespace, jail
-    and VM are untouched. ``race``: both passed the early check; the netns lock decides."""
+    and VM are untouched. ``race``: both passed the early check; the exclusive netns claim
+    decides."""
     winner = await start_firecracker(config(vm_id), registry=Registry(tmp_path / "a"))
     other_base = Path(f"/tmp/icb-{os.getpid()}")  # short: socket paths must fit 107 bytes
     try:

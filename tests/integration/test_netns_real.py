@@ -381,3 +381,98 @@ def test_many_namespaces_created_and_removed_cleanly() -> None:
     left = set(netns.list_netns()) & set(names)
     assert not left
     assert not {str(netns.netns_path(n)) for n in names} & set(_mountinfo_under_netns())
+
+
+def test_claimed_name_becomes_a_real_namespace_on_its_own_file(vm_id: str) -> None:
+    """The VM path: an exclusive empty file claims the name; the namespace is bound on that
+    very file (never unlinked and made again, so the name is never free meanwhile)."""
+    name = netns.netns_name(vm_id)
+    path = netns.claim_netns_name(name)
+    assert os.path.isfile(path) and str(path) not in _mountinfo_under_netns()
+    with pytest.raises(FileExistsError):
+        netns.claim_netns_name(name)
+    home = _thread_netns_ino()
+    assert netns.create_claimed_netns(name) == path
+    assert _thread_netns_ino() == home, "the calling thread must never change namespace"
+    assert str(path) in _mountinfo_under_netns()
+    assert netns.interfaces_in(name) == ["lo"]
+    assert _link(name, "lo").get("flags") & 1, "lo must be UP"  # type: ignore[attr-defined]
+    with pytest.raises(FileExistsError):
+        netns.claim_netns_name(name)  # a bound namespace is as taken as a claim
+    netns.remove_netns(name)
+    assert not os.path.lexists(path) and str(path) not in _mountinfo_under_netns()
+
+
+def test_failed_bind_on_a_claim_keeps_the_claim_for_its_owner(
+    vm_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim is recorded before the bind: a failed bind leaves it for the owner's
+    rollback (remove_netns), never for someone else to take in between."""
+    name = netns.netns_name(vm_id)
+    path = netns.claim_netns_name(name)
+    with monkeypatch.context() as m:
+        m.setattr(namespace, "_thread_netns_file", lambda: "/nonexistent/ns/net")
+        with pytest.raises(NetworkError, match=r"could not create network namespace.*root"):
+            netns.create_claimed_netns(name)
+    assert os.path.isfile(path) and str(path) not in _mountinfo_under_netns()
+    netns.remove_netns(name)
+    assert not os.path.lexists(path)
+
+
+def test_namespace_helpers_are_reused_and_always_go_home() -> None:
+    """Work count: after the first, creating namespaces starts no thread; the idle helper
+    is back in the host's namespace after each job (it never serves one from elsewhere)."""
+    import threading
+
+    from ironclaw_orchestrator.vm.netns import kernel
+
+    home = _thread_netns_ino()
+    names = [netns.netns_name("t-" + secrets.token_hex(6)) for _ in range(6)]
+    try:
+        netns.create_claimed_netns(netns.claim_netns_name(names[0]).name)
+        started, threads = kernel._WORKERS.started, threading.active_count()
+        for n in names[1:]:
+            netns.create_claimed_netns(netns.claim_netns_name(n).name)
+            netns.ensure_netns(n)  # existing: lo up through a helper that setns()-es in
+            helpers = [t for t in threading.enumerate() if t.name == "ironclaw-netns"]
+            assert helpers and all(
+                os.stat(f"/proc/self/task/{t.native_id}/ns/net").st_ino == home for t in helpers
+            )
+        assert kernel._WORKERS.started == started and threading.active_count() == threads
+        inodes = {netns.netns_inode(netns.netns_path(n)) for n in names}
+        assert len(inodes) == len(names) and home not in inodes
+    finally:
+        for n in names:
+            netns.remove_netns(n)
+    assert not set(netns.list_netns()) & set(names)
+    assert not {str(netns.netns_path(n)) for n in names} & set(_mountinfo_under_netns())
+
+
+def test_remove_stats_nothing_before_it_unmounts(
+    vm_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Work count at stop: one umount2 and one unlink, no stat of the namespace file."""
+    from ironclaw_orchestrator.vm.netns import kernel
+
+    name = netns.netns_name(vm_id)
+    path = netns.ensure_netns(name)
+    calls: list[str] = []
+    real_libc_call, real_stat, real_unlink = kernel._libc_call, os.stat, os.unlink
+    monkeypatch.setattr(
+        kernel, "_libc_call", lambda f, *a: (calls.append(f), real_libc_call(f, *a))[1]
+    )
+    monkeypatch.setattr(
+        os, "stat", lambda p, *a, **k: (calls.append("stat"), real_stat(p, *a, **k))[1]
+    )
+    monkeypatch.setattr(
+        os,
+        "lstat",
+        lambda p, *a, **k: (calls.append("lstat"), real_stat(p, *a, follow_symlinks=False))[1],
+    )
+    monkeypatch.setattr(
+        os, "unlink", lambda p, *a, **k: (calls.append("unlink"), real_unlink(p, *a, **k))[1]
+    )
+    netns.remove_netns(name)
+    monkeypatch.undo()
+    assert calls == ["umount2", "unlink"], calls
+    assert not os.path.lexists(path) and str(path) not in _mountinfo_under_netns()

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from ironclaw_orchestrator.errors import NetworkError
-from ironclaw_orchestrator.vm import cleanup
 from ironclaw_orchestrator.vm import netns as ns
 
 
@@ -30,6 +29,18 @@ class FakeNet:
     def ensure_netns(self, name: str) -> Path:
         path = self.dir / name
         path.touch()
+        self.devices.setdefault(name, set())
+        return path
+
+    def claim_netns_name(self, name: str) -> Path:
+        path = self.dir / name
+        path.touch(exist_ok=False)  # FileExistsError if taken, as the real exclusive create
+        return path
+
+    def create_claimed_netns(self, name: str) -> Path:
+        path = self.dir / name
+        if not path.exists():
+            raise NetworkError(f"network namespace {name} was not claimed")
         self.devices.setdefault(name, set())
         return path
 
@@ -60,8 +71,9 @@ def install(monkeypatch: pytest.MonkeyPatch, root: Path) -> FakeNet:
     root.mkdir(exist_ok=True)
     net = FakeNet(root)
     monkeypatch.setattr(ns.names, "NETNS_DIR", root)
-    monkeypatch.setattr(cleanup, "NETNS_LOCK_PATH", root.parent / "netns.lock")
-    for name in ("ensure_netns", "remove_netns", "ensure_tap", "remove_tap"):
+    for name in ("ensure_netns", "claim_netns_name", "create_claimed_netns", "remove_netns"):
+        monkeypatch.setattr(ns, name, getattr(net, name))
+    for name in ("ensure_tap", "remove_tap"):
         monkeypatch.setattr(ns, name, getattr(net, name))
     for name in ("ensure_uplink", "remove_uplink"):
         monkeypatch.setattr(ns, name, getattr(net, name))

@@ -91,18 +91,88 @@ def test_swappable_parents_and_links(tmp_path: Path) -> None:
     assert swappable_reason(tmp_path / "missing", must_exist=False) is None
 
 
-def test_a_taken_namespace_is_refused_not_adopted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Two orchestrators, one id: the loser must not record (and so not delete) the netns."""
+@pytest.fixture
+def netns_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``/run/netns`` in a temporary directory (its shared-mount preparation skipped)."""
+    from ironclaw_orchestrator.vm.netns import namespace
+
     monkeypatch.setattr(ns.names, "NETNS_DIR", tmp_path / "netns")  # where netns_path reads it
+    monkeypatch.setattr(namespace, "_prepare_run_dir", lambda: None)
     (tmp_path / "netns").mkdir()
-    lock = tmp_path / "netns.lock"
-    with cleanup.claim_netns("vm-1", lock) as name:
-        assert name == "ironclaw-vm-1"
-    (tmp_path / "netns" / "ironclaw-vm-1").write_text("")  # the winner's namespace
-    with pytest.raises(ConfigError, match="already exists"), cleanup.claim_netns("vm-1", lock):
-        pytest.fail("must not be reached")
+    return tmp_path / "netns"
+
+
+def test_a_taken_namespace_is_refused_not_adopted(netns_dir: Path) -> None:
+    """Two orchestrators, one id: the loser must not record (and so not delete) the netns."""
+    assert cleanup.claim_netns("vm-1") == "ironclaw-vm-1"
+    claim = netns_dir / "ironclaw-vm-1"
+    assert claim.is_file() and claim.stat().st_size == 0  # empty: the namespace binds on it
+    winner = claim.stat().st_ino
+    with pytest.raises(ConfigError, match=r"already exists.*ironclaw gc"):
+        cleanup.claim_netns("vm-1")
+    assert claim.stat().st_ino == winner  # the loser touched nothing
+
+
+def test_netns_claim_is_one_exclusive_create_and_no_lock(
+    netns_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Work count: claiming a name opens one file (O_EXCL) and takes no host lock, so no
+    VM's namespace creation waits for another's."""
+    import fcntl
+
+    opened: list[tuple[str, int]] = []
+    locked: list[object] = []
+    real_open = os.open
+
+    def counting_open(path: str, flags: int, *args: object, **kw: object) -> int:
+        opened.append((str(path), flags))
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(fcntl, "flock", lambda *a: locked.append(a))
+    monkeypatch.setattr(fcntl, "lockf", lambda *a: locked.append(a))
+    cleanup.claim_netns("vm-1")
+    assert [p for p, _ in opened] == [str(netns_dir / "ironclaw-vm-1")]
+    assert opened[0][1] & os.O_CREAT and opened[0][1] & os.O_EXCL
+    assert locked == []
+
+
+def test_concurrent_claims_of_one_id_have_one_winner(netns_dir: Path) -> None:
+    import threading
+
+    barrier = threading.Barrier(8)
+    results: list[str] = []
+
+    def claim() -> None:
+        barrier.wait()
+        try:
+            cleanup.claim_netns("vm-1")
+            results.append("won")
+        except ConfigError:
+            results.append("refused")
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["refused"] * 7 + ["won"]
+
+
+def test_remove_network_removes_an_unbound_claim_and_follows_no_symlink(
+    netns_dir: Path, tmp_path: Path
+) -> None:
+    """A crash (or a failed bind) between claim and namespace leaves a plain file: stop and
+    gc remove it by name; a symlink there is removed, not its target."""
+    cleanup.claim_netns("vm-1")
+    cleanup.remove_network("ironclaw-vm-1", "vm-1", None, False)
+    assert not os.path.lexists(netns_dir / "ironclaw-vm-1")
+    cleanup.remove_network("ironclaw-vm-1", "vm-1", None, False)  # gone: fine
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    (netns_dir / "ironclaw-vm-2").symlink_to(target)
+    cleanup.remove_network("ironclaw-vm-2", "vm-2", None, False)
+    assert not os.path.lexists(netns_dir / "ironclaw-vm-2") and target.read_text() == "keep"
 
 
 async def test_a_cancelled_start_step_finishes_before_rollback() -> None:

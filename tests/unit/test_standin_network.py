@@ -76,3 +76,56 @@ async def test_namespace_of_the_same_id_is_refused_and_kept(
     with pytest.raises(ConfigError, match="already exists"):
         await start_firecracker(networked(host))  # type: ignore[arg-type]
     assert taken.exists() and host.snapshot() == before
+
+
+async def test_namespace_is_claimed_then_recorded_then_made(
+    host: StandinHost, net: FakeNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Record-before-make without a lock: the name is claimed (exclusive create) before any
+    record names it, and recorded before the namespace is bound on the claim."""
+    from ironclaw_orchestrator.vm import netns as ns
+
+    registry = Registry(host.root / "state")
+    seen: list[tuple[str, str | None]] = []
+
+    def spy(step: str, real: object) -> object:
+        def call(name: str) -> object:
+            rec = registry.get("sa-1")
+            seen.append((step, rec.netns_name if rec is not None else "no record"))
+            return real(name)  # type: ignore[operator]
+
+        return call
+
+    monkeypatch.setattr(ns, "claim_netns_name", spy("claim", net.claim_netns_name))
+    monkeypatch.setattr(ns, "create_claimed_netns", spy("create", net.create_claimed_netns))
+    vm = await start_firecracker(networked(host), registry=registry)  # type: ignore[arg-type]
+    await vm.stop()
+    name = names.netns_name("sa-1")
+    assert seen == [("claim", None), ("create", name)]
+    assert not (net.dir / name).exists()
+
+
+async def test_a_private_namespace_adds_no_host_lock_to_a_start(
+    host: StandinHost, net: FakeNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Work count: the namespace's claim is an exclusive create, so a networked start takes
+    exactly the host locks (flock) of a start without a namespace of its own."""
+    import fcntl
+
+    locks: list[int] = []
+    real_flock = fcntl.flock
+
+    def counting_flock(fd: int, op: int) -> None:
+        if op & fcntl.LOCK_EX:
+            locks.append(fd)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", counting_flock)
+    counts = []
+    for vm_id, cfg in (("sa-1", host.vm_config("sa-1")), ("sa-2", networked(host, "sa-2"))):
+        locks.clear()
+        vm = await start_firecracker(cfg)  # type: ignore[arg-type]
+        counts.append(len(locks))
+        await vm.stop()
+        assert not (net.dir / names.netns_name(vm_id)).exists()
+    assert counts[0] == counts[1], counts

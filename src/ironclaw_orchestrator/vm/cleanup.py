@@ -2,7 +2,8 @@
 
 Each ``remove_*`` is idempotent (a resource already gone is fine) and touches only the
 thing named. :func:`claim_jail_dir` makes the jail directory atomically, with our marker
-inside, so no crash can leave an unmarked jail that blocks its id.
+inside, so no crash can leave an unmarked jail that blocks its id; :func:`claim_netns`
+claims the namespace name by an exclusive create, without a host lock.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,14 +19,12 @@ from .. import names, procfs
 from .. import pidfd as pidfds
 from ..errors import ConfigError
 from ..safefs import rename_noreplace, rmtree_nofollow
-from .cgroups.lock import DEFAULT_LOCK_PATH, HostLock
 
 if TYPE_CHECKING:
     from .cgroups.fs import CgroupFs
 
 __all__ = [
     "CLAIM_PREFIX",
-    "NETNS_LOCK_PATH",
     "claim_jail_dir",
     "claim_netns",
     "jail_processes",
@@ -40,8 +38,6 @@ __all__ = [
 
 #: A jail directory being made: ``<base>/<exec>/.claim-<id>-<hex>`` (renamed to ``<id>``).
 CLAIM_PREFIX = ".claim-"
-#: Serialises "is the namespace free? then create it" across orchestrators on one host.
-NETNS_LOCK_PATH = DEFAULT_LOCK_PATH.with_name("netns.lock")
 
 
 # --------------------------------------------------------------------------- jail directory
@@ -116,24 +112,33 @@ def remove_run_dir(run_dir: Path) -> None:
 # --------------------------------------------------------------------------- network
 
 
-@contextlib.contextmanager
-def claim_netns(vm_id: str, lock_path: Path | None = None) -> Iterator[str]:
-    """Hold the host's netns lock while the VM's namespace name is free; yield the name.
+def claim_netns(vm_id: str) -> str:
+    """Claim the VM's namespace name ``ironclaw-<id>``; return it. Bind it only after recording.
 
-    Raises ``ConfigError`` if ``ironclaw-<id>`` exists (another orchestrator's VM with this
-    id): that namespace is never recorded as ours, so our rollback cannot delete it.
+    The claim is the exclusive create of the empty file ``/run/netns/<name>`` (which the
+    namespace is later bound on): atomic across every process on the host, so no host lock
+    is taken and none is held while the kernel makes the namespace. Why that is safe:
+
+    * two orchestrators, one id: exactly one create succeeds; the other gets
+      ``ConfigError`` and has recorded nothing, so its rollback never deletes the winner's;
+    * a record names the namespace only after the claim, so it never names someone
+      else's, and nothing between claim and bind unlinks the file (the name stays ours);
+    * a crash after the claim leaves a file (or a namespace) named after the id, recorded or
+      not; gc removes both kinds by name like a jail claim, after the id's directories (made
+      just before) have aged, and never while any process is inside.
     """
     from . import netns as ns
 
     name = names.netns_name(vm_id)
-    with HostLock(lock_path or NETNS_LOCK_PATH):
-        if os.path.lexists(ns.netns_path(name)):
-            raise ConfigError(
-                f"VM {vm_id}: network namespace {name} already exists: the id is in use "
-                "(perhaps by an orchestrator with another state directory), or a crash left "
-                "it behind (`ironclaw gc` removes leftovers)"
-            )
-        yield name
+    try:
+        ns.claim_netns_name(name)
+    except FileExistsError:
+        raise ConfigError(
+            f"VM {vm_id}: network namespace {name} already exists: the id is in use "
+            "(perhaps by an orchestrator with another state directory), or a crash left "
+            "it behind (`ironclaw gc` removes leftovers)"
+        ) from None
+    return name
 
 
 def remove_network(netns: str, vm_id: str, tap: str | None, uplink: bool) -> None:

@@ -381,7 +381,7 @@ JAIL_MARKER = names.JAIL_MARKER
 
 def _netns_taken(config: JailerConfig) -> Path | None:
     """The VM's own namespace path if it exists already (a quick check before making
-    anything; :func:`cleanup.claim_netns` decides under a host lock)."""
+    anything; :func:`cleanup.claim_netns` decides by an exclusive create)."""
     if config.netns is not None or not config.isolate_network:
         return None
     path = ns.netns_path(names.netns_name(config.jailer_id))
@@ -396,10 +396,10 @@ def _make_network(
     uplink_subnet: str | None,
 ) -> str:
     """Create the VM's own namespace (refused if its name is taken), tap and uplink."""
-    with cleanup.claim_netns(config.jailer_id) as name:
-        res.netns_name = name
-        res.changed()
-        path = ns.ensure_netns(name)
+    name = cleanup.claim_netns(config.jailer_id)  # exclusive create: ours, or ConfigError
+    res.netns_name = name
+    res.changed()
+    path = ns.create_claimed_netns(name)
     if tap is not None:
         ns.ensure_tap(name, tap, config.uid, config.gid, host_cidr=tap_host_cidr)
     if uplink_subnet is not None:

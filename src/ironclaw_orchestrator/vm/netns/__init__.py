@@ -21,9 +21,10 @@ Layout (each module one concept; dependencies point down the list):
 - :mod:`.names`: where namespaces live, name rules; the names derived from a VM id
   (namespace, TAP, MAC, veth pair) are :mod:`ironclaw_orchestrator.names`, re-exported.
 - :mod:`.kernel`: the TUN device, ioctl numbers, libc ``setns``/``unshare``/``mount``,
-  running a function in a helper thread that has joined a namespace.
+  running a function in a (reused) helper thread that has joined a namespace.
 - :mod:`.netlink`: rtnetlink sockets into the host or a namespace, link lookup.
-- :mod:`.namespace`: :func:`ensure_netns`, :func:`remove_netns`, :func:`list_netns`, ...
+- :mod:`.namespace`: :func:`ensure_netns`, :func:`claim_netns_name`,
+  :func:`create_claimed_netns`, :func:`remove_netns`, :func:`list_netns`, ...
 - :mod:`.tap`: :func:`ensure_tap`, :func:`remove_tap`.
 - :mod:`.uplink`: :func:`ensure_uplink`, :func:`remove_uplink`.
 - :mod:`.forkguard`: keeps pyroute2's forked helpers off our asyncio wakeup fd (installed
@@ -44,7 +45,15 @@ from .names import (
     tap_name,
     uplink_names,
 )
-from .namespace import ensure_netns, interfaces_in, list_netns, netns_inode, remove_netns
+from .namespace import (
+    claim_netns_name,
+    create_claimed_netns,
+    ensure_netns,
+    interfaces_in,
+    list_netns,
+    netns_inode,
+    remove_netns,
+)
 from .tap import ensure_tap, remove_tap
 from .uplink import Uplink, ensure_uplink, remove_uplink
 
@@ -54,6 +63,8 @@ __all__ = [
     "NETNS_PREFIX",
     "TUN_DEVICE",
     "Uplink",
+    "claim_netns_name",
+    "create_claimed_netns",
     "ensure_netns",
     "ensure_tap",
     "ensure_uplink",

@@ -1,11 +1,16 @@
 """Named network namespaces: create, remove, list, inspect.
 
-Namespace creation (:func:`ensure_netns`) needs no fork and no external binary: a helper
-thread ``unshare(CLONE_NEWNET)``-s (only that thread moves), bind-mounts its
+Namespace creation needs no fork and no external binary: a helper thread
+``unshare(CLONE_NEWNET)``-s (only that thread moves), bind-mounts its
 ``/proc/thread-self/ns/net`` on ``/run/netns/<name>`` exactly like ``ip netns add``, brings
 ``lo`` up with ``SIOCSIFFLAGS`` on a socket it created (sockets belong to their creator's
-namespace) and exits; the bind mount keeps the namespace alive. Only if that fails with
-EPERM/ENOSYS (e.g. a seccomp filter) does it fall back to pyroute2, which forks.
+namespace) and goes back home; the bind mount keeps the namespace alive.
+
+Two ways in: :func:`ensure_netns` (idempotent; if the kernel refuses with EPERM/ENOSYS it
+falls back to pyroute2, which forks), and for a VM :func:`claim_netns_name` then
+:func:`create_claimed_netns`: the empty file made exclusively at ``/run/netns/<name>`` (as
+``ip netns add`` makes it) is the claim of the name, recorded before the namespace is bound
+on it; no lock is needed (see :func:`ironclaw_orchestrator.vm.cleanup.claim_netns`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from .kernel import (
     _is_nsfs,
     _mount,
     _run_in_netns,
-    _run_in_thread,
+    _run_in_new_netns,
     _thread_netns_file,
     _umount_detach,
     _unshare_net,
@@ -56,6 +61,8 @@ def _prepare_run_dir() -> None:
     so a removed namespace is really freed. Done once per process (under a lock).
     """
     global _run_dir_ready
+    if _run_dir_ready:  # the common case: no lock taken
+        return
     with _run_dir_lock:
         if _run_dir_ready:
             return
@@ -99,25 +106,37 @@ def _lo_error(name: str, exc: BaseException) -> NetworkError:
     )
 
 
-def _create_here(name: str, path: Path) -> None:
-    """Body of the creating thread: new netns for this thread, bind it on ``path``, lo up.
-
-    OSError before the bind mount leaves nothing behind (the file we made is unlinked and
-    the namespace dies with the thread); a failure to bring ``lo`` up is a NetworkError
-    (the namespace then exists, as with the pyroute2 path).
-    """
-    _unshare_net()
-    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
-    try:
-        _mount(_thread_netns_file(), str(path), _MS_BIND)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(path)
-        raise
+def _bind_here(name: str, path: Path) -> None:
+    """In the helper thread, after its unshare: bind its namespace on ``path``, ``lo`` up."""
+    _mount(_thread_netns_file(), str(path), _MS_BIND)
     try:
         _set_lo_up_here()
     except OSError as exc:
         raise _lo_error(name, exc) from exc
+
+
+def _create_here(name: str, path: Path) -> None:
+    """Body of the helper thread (after its unshare): make ``path``, bind on it, lo up.
+
+    OSError before the bind mount leaves nothing behind (the file we made is unlinked and
+    the namespace dies when the thread goes home); a failure to bring ``lo`` up is a
+    NetworkError (the namespace then exists, as with the pyroute2 path).
+    """
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    try:
+        _bind_here(name, path)
+    except OSError:
+        with suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def _run_dir_error(name: str, exc: OSError) -> NetworkError:
+    return NetworkError(
+        f"could not make {NETNS_DIR} a shared mount point (as `ip netns add` does) for "
+        f"network namespace {name!r}: {exc}; check that we run as root and that "
+        f"{NETNS_DIR} is writable"
+    )
 
 
 def _create_fast(name: str, path: Path) -> bool:
@@ -129,13 +148,9 @@ def _create_fast(name: str, path: Path) -> bool:
     except OSError as exc:
         if exc.errno in _FALLBACK_ERRNOS:
             return False
-        raise NetworkError(
-            f"could not make {NETNS_DIR} a shared mount point (as `ip netns add` does) for "
-            f"network namespace {name!r}: {exc}; check that we run as root and that "
-            f"{NETNS_DIR} is writable"
-        ) from exc
+        raise _run_dir_error(name, exc) from exc
     try:
-        _run_in_thread(name, lambda: _create_here(name, path))
+        _run_in_new_netns(_unshare_net, lambda: _create_here(name, path))
     except OSError as exc:
         if exc.errno == errno.EEXIST and _is_nsfs(path):
             return True  # someone else created it concurrently: fine
@@ -201,13 +216,58 @@ def ensure_netns(name: str) -> Path:
     """
     path = netns_path(name)
     _refuse_running_loop(f"create network namespace {name!r}")
-    if path.exists() and not _is_nsfs(path):
-        _remove_stale(path)
-    if not path.exists():
+    if not _is_nsfs(path):
+        if os.path.lexists(path):
+            _remove_stale(path)
         if _create_fast(name, path):
             return path
         _create_pyroute2(name, path)
     _lo_up(name)
+    return path
+
+
+def claim_netns_name(name: str) -> Path:
+    """Claim ``/run/netns/<name>``: create it, empty, exclusively (``ip netns add``'s first step).
+
+    Raises ``FileExistsError`` if the name is taken (a namespace, someone's claim, a stale
+    file), and then nothing was made. Afterwards the name is the caller's alone: record it,
+    then bind the namespace with :func:`create_claimed_netns`. :func:`remove_netns` removes
+    a claim that was never bound.
+    """
+    path = netns_path(name)
+    try:
+        _prepare_run_dir()
+    except OSError as exc:
+        raise _run_dir_error(name, exc) from exc
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise NetworkError(
+            f"could not claim network namespace {name!r} ({path}): {exc}; check that we "
+            f"run as root and that {NETNS_DIR} is writable"
+        ) from exc
+    return path
+
+
+def create_claimed_netns(name: str) -> Path:
+    """Make the network namespace on the file :func:`claim_netns_name` made, ``lo`` up.
+
+    Nothing here unlinks or replaces the claim, so the name never becomes free for another
+    orchestrator to take meanwhile. On failure the claim (or the namespace, if only ``lo``
+    failed) stays for the caller's :func:`remove_netns`. No pyroute2 fallback: it would
+    need the same unshare and mount, and it makes its own file exclusively.
+    """
+    path = netns_path(name)
+    try:
+        _run_in_new_netns(_unshare_net, lambda: _bind_here(name, path))
+    except OSError as exc:
+        raise NetworkError(
+            f"could not create network namespace {name!r} at {path}: {exc}; check that we "
+            "run as root (CAP_SYS_ADMIN) and that no seccomp filter refuses "
+            "unshare(CLONE_NEWNET) or mount(); remove_netns() removes the claim"
+        ) from exc
     return path
 
 
@@ -228,30 +288,34 @@ def remove_netns(name: str) -> None:
 
     This removes the name (lazily unmounts and unlinks ``/run/netns/<name>``, like ``ip
     netns delete``); the kernel frees the namespace, with every TAP and veth end in it,
-    once no process is left inside.
+    once no process is left inside. A plain file there (a claim never bound, or a crash's
+    leftover) is unlinked.
     """
     path = netns_path(name)
-    if not os.path.lexists(path):
-        return
-    if not _is_nsfs(path):
-        _remove_stale(path)
-        return
     try:
-        try:
-            _umount_detach(str(path))
-        except OSError as exc:
-            # EINVAL: no longer a mount point (unmounted concurrently); ENOENT: gone.
-            if exc.errno == errno.ENOENT:
-                return
-            if exc.errno != errno.EINVAL:
-                raise
+        # Unmount first, no stat before: the answer says what is there.
+        _umount_detach(str(path))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return  # gone
+        # EINVAL: not a mount point (a plain file or symlink; or unmounted concurrently).
+        # EPERM (not root): only a plain file can be removed, and no namespace is there.
+        if exc.errno not in (errno.EINVAL, errno.EPERM) or (
+            exc.errno == errno.EPERM and _is_nsfs(path)
+        ):
+            raise NetworkError(
+                f"could not remove network namespace {name!r} ({path}): {exc}; check that "
+                f"we run as root, then retry or run `ip netns delete {name}`"
+            ) from exc
+    try:
         os.unlink(path)
     except FileNotFoundError:
         return
     except OSError as exc:
         raise NetworkError(
             f"could not remove network namespace {name!r} ({path}): {exc}; check that "
-            f"we run as root, then retry or run `ip netns delete {name}`"
+            f"we run as root, then retry or run `ip netns delete {name}` (umount {path}; "
+            f"rm {path})"
         ) from exc
 
 
