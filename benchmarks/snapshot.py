@@ -16,9 +16,15 @@ Measured (medians, p90), each to "the restored VM runs":
   staged files, registry record), returning a running VM;
 * claim: ``WarmPool(..., snapshot=)`` and ``WarmPool`` booting the probe, ``claim()`` from a
   full pool (the pool is refilled between samples, outside the timing);
+* raw+netns: the raw jailer + firecracker with the isolation ironclaw adds by default, made
+  here with bare syscalls (nothing from ironclaw; the helpers are ``benchmarks/startup.py``'s):
+  a network namespace per VM (unshare in a thread, bind-mounted under /run/netns, ``lo`` up)
+  handed to the jailer with ``--netns``, and memory + CPU cgroups (v1) beneath our own, set
+  by the jailer's ``--cgroup``. ironclaw / raw+netns is what the same isolation costs
+  through ironclaw; ironclaw / raw is an upper bound on what ironclaw adds;
 * throughput: ``--total`` restore -> running -> stop cycles with ``--flight`` in flight,
-  raw jailer + firecracker and ironclaw alternating for ``--rounds`` rounds (so both see the
-  same host load; the load average is printed with each round);
+  raw, raw+netns and ironclaw alternating for ``--rounds`` rounds (so all see the same host
+  load; the load average is printed with each round);
 * orchestrator CPU (``time.process_time``, all threads) per restore and per stop, from the
   sequential restore samples, with user/system split and the children's (jailer, VMM) CPU.
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -42,6 +49,8 @@ import uuid
 from pathlib import Path
 from typing import IO
 
+from startup import PR_SET_CHILD_SUBREAPER, _make_netns, _own_cgroup, _remove_netns
+
 from ironclaw_orchestrator.vm import (
     Snapshot,
     VmConfig,
@@ -51,6 +60,11 @@ from ironclaw_orchestrator.vm import (
 )
 from ironclaw_orchestrator.vm.binaries import find_firecracker, find_jailer
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
+
+#: The raw+netns baseline's cgroups, as ironclaw sets them for a 128 MiB, 1 vCPU VM.
+RAW_CGROUPS = ("memory.limit_in_bytes=201326592", "cpu.cfs_period_us=100000",
+               "cpu.cfs_quota_us=100000")  # fmt: skip
+RAW_CONTROLLERS = ("memory", "cpu")
 
 # --------------------------------------------------------------------------- raw baseline
 
@@ -119,75 +133,102 @@ async def raw_once(firecracker: Path, snap: Snapshot) -> dict[str, float]:
     return {"spawn->running": t2 - t0, "load+resume": t2 - t1}
 
 
-async def raw_jailed_once(
-    jailer: Path, firecracker: Path, snap: Snapshot, base: Path
-) -> dict[str, float]:
+class RawJailed:
     """The jailer + firecracker by hand: chroot, uid 64999, new PID namespace, files
-    hard-linked in; no cgroups or netns (the floor for a restore into a fresh jail)."""
-    vm_id = f"raw-{uuid.uuid4().hex[:8]}"
-    jail = base / firecracker.resolve().name / vm_id
-    root = jail / "root"
-    t0 = time.perf_counter()
-    root.mkdir(parents=True)
-    for src, name in ((snap.memory_path, "memory"), (snap.state_path, "vmstate")):
-        os.link(src, root / name)
-    sock = root / "run" / "firecracker.socket"
-    out = open(jail.parent / f"{vm_id}.out", "wb")  # noqa: SIM115
-    argv = [str(jailer), "--id", vm_id, "--exec-file", str(firecracker.resolve()), "--uid",
-            "64999", "--gid", "64999", "--chroot-base-dir", str(base), "--new-pid-ns", "--",
-            "--api-sock", "/run/firecracker.socket"]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE, stdout=out, stderr=out
-    )
-    deadline = time.monotonic() + 10
-    last: Exception | None = None
-    try:
-        while True:
-            assert time.monotonic() < deadline, f"{sock} never answered: {last!r}"
-            if sock.exists():
-                try:
-                    if (await http(sock, "GET", "/"))[0] == 200:
-                        break
-                except OSError as exc:
-                    last = exc
-            await asyncio.sleep(0.001)
-        body = {"snapshot_path": "/vmstate", "mem_file_path": "/memory",
-                "enable_diff_snapshots": False, "resume_vm": True}  # fmt: skip
-        status, text = await http(sock, "PUT", "/snapshot/load", body)
-        assert status == 204, text
-        t1 = time.perf_counter()
-    finally:
-        await proc.wait()
-        # Blocking clean-up off the event loop, so that 16 in flight do not queue behind it.
-        await asyncio.to_thread(_raw_cleanup, jail, root, firecracker, out, vm_id)
-    return {"spawn->running": t1 - t0}
+    hard-linked in. ``isolate`` adds a netns per VM and memory + CPU cgroups (see the doc)."""
 
+    def __init__(
+        self, jailer: Path, firecracker: Path, snap: Snapshot, base: Path, *, isolate: bool
+    ) -> None:
+        self.jailer, self.exec_file = jailer, firecracker.resolve()
+        self.snap, self.base = snap, base
+        self.isolate = isolate
+        self.parent = f"{_own_cgroup('memory')}/raw-bench-snap-{os.getpid()}"
 
-def _raw_cleanup(jail: Path, root: Path, firecracker: Path, out: IO[bytes], vm_id: str) -> None:
-    # The jailer forked the VMM into its PID namespace and exited; the pid file names it.
-    pid_file = root / f"{firecracker.resolve().name}.pid"
-    with contextlib.suppress(OSError, ValueError):
-        vmm = int(pid_file.read_text())
-        os.kill(vmm, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(vmm, 0)  # ours if we are a subreaper (the project's code made us)
-    out.close()
-    (jail.parent / f"{vm_id}.out").unlink()
-    shutil.rmtree(jail)
+    async def once(self) -> dict[str, float]:
+        vm_id = f"raw-{uuid.uuid4().hex[:8]}"
+        jail = self.base / self.exec_file.name / vm_id
+        root = jail / "root"
+        netns = f"/run/netns/{vm_id}" if self.isolate else None
+        t0 = time.perf_counter()
+        if netns is not None:
+            os.makedirs("/run/netns", exist_ok=True)
+            await asyncio.to_thread(_make_netns, netns)
+        root.mkdir(parents=True)
+        for src, name in ((self.snap.memory_path, "memory"), (self.snap.state_path, "vmstate")):
+            os.link(src, root / name)
+        sock = root / "run" / "firecracker.socket"
+        out = open(jail.parent / f"{vm_id}.out", "wb")  # noqa: SIM115
+        argv = [str(self.jailer), "--id", vm_id, "--exec-file", str(self.exec_file),
+                "--uid", "64999", "--gid", "64999", "--chroot-base-dir", str(self.base),
+                "--new-pid-ns"]  # fmt: skip
+        if self.isolate:
+            argv += ["--cgroup-version", "1", "--parent-cgroup", self.parent, "--netns", str(netns)]
+            for setting in RAW_CGROUPS:
+                argv += ["--cgroup", setting]
+        argv += ["--", "--api-sock", "/run/firecracker.socket"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=out, stderr=out
+        )
+        deadline = time.monotonic() + 10
+        last: Exception | None = None
+        try:
+            while True:
+                assert time.monotonic() < deadline, f"{sock} never answered: {last!r}"
+                if sock.exists():
+                    try:
+                        if (await http(sock, "GET", "/"))[0] == 200:
+                            break
+                    except OSError as exc:
+                        last = exc
+                await asyncio.sleep(0.001)
+            body = {"snapshot_path": "/vmstate", "mem_file_path": "/memory",
+                    "enable_diff_snapshots": False, "resume_vm": True}  # fmt: skip
+            status, text = await http(sock, "PUT", "/snapshot/load", body)
+            assert status == 204, text
+            t1 = time.perf_counter()
+        finally:
+            await proc.wait()
+            # Blocking clean-up off the event loop, so that 16 in flight do not queue behind it.
+            await asyncio.to_thread(self._cleanup, jail, root, out, vm_id, netns)
+        return {"spawn->running": t1 - t0}
 
+    def _cleanup(
+        self, jail: Path, root: Path, out: IO[bytes], vm_id: str, netns: str | None
+    ) -> None:
+        # The jailer forked the VMM into its PID namespace and exited; the pid file names it.
+        pid_file = root / f"{self.exec_file.name}.pid"
+        with contextlib.suppress(OSError, ValueError):
+            vmm = int(pid_file.read_text())
+            os.kill(vmm, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(vmm, 0)  # ours: main() made us a subreaper
+        out.close()
+        (jail.parent / f"{vm_id}.out").unlink()
+        shutil.rmtree(jail)
+        if self.isolate:
+            for ctrl in RAW_CONTROLLERS:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(f"/sys/fs/cgroup/{ctrl}/{self.parent}/{vm_id}")
+        if netns is not None:
+            _remove_netns(netns)
 
-async def raw_jailed_throughput(
-    jailer: Path, firecracker: Path, snap: Snapshot, base: Path, flight: int, total: int
-) -> float:
-    sem = asyncio.Semaphore(flight)
+    async def throughput(self, flight: int, total: int) -> float:
+        sem = asyncio.Semaphore(flight)
 
-    async def one() -> None:
-        async with sem:
-            await raw_jailed_once(jailer, firecracker, snap, base)
+        async def one() -> None:
+            async with sem:
+                await self.once()
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(total)))
-    return total / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(total)))
+        return total / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        if self.isolate:
+            for ctrl in RAW_CONTROLLERS:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(f"/sys/fs/cgroup/{ctrl}/{self.parent}")
 
 
 # --------------------------------------------------------------------------- ironclaw
@@ -250,6 +291,8 @@ def report(name: str, samples: list[dict[str, float]]) -> None:
 
 async def main(runs: int, flight: int, total: int, rounds: int, workdir: Path) -> None:
     print(load())
+    # Jailed VMMs are re-parented to us (ironclaw does the same), so the raw clean-up can reap.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     kernel = probe_kernel_path(ProbeBehaviour.HALT)
     template = VmConfig(
         kernel_path=str(kernel), rootfs_path=None, memory_mb=128, boot_args=PROBE_BOOT_ARGS
@@ -274,11 +317,33 @@ async def main(runs: int, flight: int, total: int, rounds: int, workdir: Path) -
     jailer = find_jailer()
     raw_base = workdir / "rj"  # short: the socket path must fit in 107 bytes
     raw_base.mkdir()
+    raw = RawJailed(jailer, firecracker, snap, raw_base, isolate=False)
+    raw_ns = RawJailed(jailer, firecracker, snap, raw_base, isolate=True)
+    try:
+        await measure(runs, flight, total, rounds, firecracker, snap, template, raw, raw_ns)
+    finally:
+        raw_ns.close()
+
+
+async def measure(
+    runs: int,
+    flight: int,
+    total: int,
+    rounds: int,
+    firecracker: Path,
+    snap: Snapshot,
+    template: VmConfig,
+    raw: RawJailed,
+    raw_ns: RawJailed,
+) -> None:
     report("raw firecracker (unjailed)", [await raw_once(firecracker, snap) for _ in range(runs)])
-    raw_j = [await raw_jailed_once(jailer, firecracker, snap, raw_base) for _ in range(runs)]
+    raw_j = [await raw.once() for _ in range(runs)]
     report("raw jailer+firecracker", raw_j)
+    raw_n = [await raw_ns.once() for _ in range(runs)]
+    report("raw+netns (+cgroups)", raw_n)
     u0, s0, k0 = rusage()
-    report("restore into fresh jail", [await restore_once(snap) for _ in range(runs)])
+    ours = [await restore_once(snap) for _ in range(runs)]
+    report("restore into fresh jail", ours)
     u1, s1, k1 = rusage()
     print(
         f"{'':<28} {'per restore+stop':<18} user {(u1 - u0) / runs * 1000:.1f} ms, system "
@@ -293,17 +358,35 @@ async def main(runs: int, flight: int, total: int, rounds: int, workdir: Path) -
     async with WarmPool(template, size=2) as pool:
         report("warm pool claim (boot)", await claim_samples(pool, runs, "bench-pb"))
     print(f"\n{flight} in flight, {total} total, each spawn -> running -> stopped and removed:")
-    raws, ours = [], []
+    raws: list[float] = []
+    raw_nss: list[float] = []
+    ourt: list[float] = []
     for i in range(rounds):
-        raws.append(await raw_jailed_throughput(jailer, firecracker, snap, raw_base, flight, total))
-        ours.append(await throughput(snap, flight, total))
+        raws.append(await raw.throughput(flight, total))
+        raw_nss.append(await raw_ns.throughput(flight, total))
+        ourt.append(await throughput(snap, flight, total))
         print(
-            f"  round {i + 1}: raw jailer+firecracker {raws[-1]:5.0f}/s, restore into fresh "
-            f"jail {ours[-1]:5.0f}/s ({load()})"
+            f"  round {i + 1}: raw {raws[-1]:5.0f}/s, raw+netns {raw_nss[-1]:5.0f}/s, restore "
+            f"into fresh jail {ourt[-1]:5.0f}/s ({load()})"
         )
+    med = {
+        "raw": statistics.median(raws),
+        "raw+netns": statistics.median(raw_nss),
+        "ironclaw": statistics.median(ourt),
+    }
+    print("  median: " + ", ".join(f"{k} {v:.0f} restores/s" for k, v in med.items()))
+    latency = {
+        "raw": statistics.median(s["spawn->running"] for s in raw_j),
+        "raw+netns": statistics.median(s["spawn->running"] for s in raw_n),
+    }
+    ours_latency = statistics.median(s["restore->running"] for s in ours)
     print(
-        f"  median: raw {statistics.median(raws):.0f} restores/s, ironclaw "
-        f"{statistics.median(ours):.0f} restores/s"
+        "ratios ironclaw / baseline: "
+        + ", ".join(
+            f"restore->running vs {b} {ours_latency / latency[b]:.2f}x, "
+            f"restores/s vs {b} {med['ironclaw'] / med[b]:.2f}x"
+            for b in ("raw", "raw+netns")
+        )
     )
 
 
