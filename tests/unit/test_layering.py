@@ -83,6 +83,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.restore",
             "vm.snapshot",
             "vm.snapshot_diff",
+            "vm.snapshot_dir",
+            "vm.snapshot_seal",
             "vm.unjailed",
         ),
     ),

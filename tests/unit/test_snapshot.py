@@ -204,7 +204,7 @@ def _age(snap_dir: Path, seconds: float = 10.0) -> None:
 
 
 def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    from ironclaw_orchestrator.vm import snapshot as snapshot_mod
+    from ironclaw_orchestrator.vm import snapshot_dir as snapshot_mod
 
     hashed: list[Path] = []
     real = snapshot_mod.sha256_file
@@ -236,8 +236,9 @@ def test_a_changed_snapshot_is_verified_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
 ) -> None:
     snap = make_snapshot(tmp_path)
-    if change != "fresh":  # "fresh": written just now, so never trusted without hashing
-        _age(snap.path)
+    # "fresh": written just now (dated a second ahead, so that a slow host cannot age it
+    # past the margin before the load), so never trusted without hashing.
+    _age(snap.path, -1.0 if change == "fresh" else 10.0)
     hashed = _count_hashing(monkeypatch)
     Snapshot.load(snap.path)
     hashed.clear()

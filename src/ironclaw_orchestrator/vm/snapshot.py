@@ -1,4 +1,6 @@
-"""Snapshots of a running microVM: taking them, and verifying them before anyone uses one.
+"""Snapshots of a running microVM: taking them (here), verifying them before anyone uses one
+(:mod:`.snapshot_dir`), sealing them (:mod:`.snapshot_seal`). Every public name of those
+modules is importable from here too.
 
 A snapshot is a directory::
 
@@ -27,276 +29,64 @@ without a manifest whose name says it is incomplete, which :meth:`Snapshot.load`
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import hashlib
-import json
-import os
 import secrets
 import shutil
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-from ..errors import ConfigError, StagingError, UsageError, VersionMismatchError
+from ..errors import ConfigError, UsageError
 from .api import FirecrackerApi
 from .binaries import Version
 from .cancelsafe import ThreadSteps, finish
 from .config import VmConfig
 from .jailer import JailerProcess
 from .snapshot_api import create_body, diff_needs_tracking
-from .snapshot_cache import Fingerprint, VerifiedCache, fingerprint
 from .snapshot_diff import check_reports_holes, merge_layer
-from .staging import copy_extents, make_owned_dir
+from .snapshot_dir import (
+    FORMAT,
+    INCOMPLETE,
+    JAIL_SNAPSHOT_DIR,
+    LAYER,
+    MANIFEST,
+    MEMORY,
+    ROOTFS,
+    VMSTATE,
+    BaseRef,
+    FileEntry,
+    Progress,
+    Snapshot,
+    SnapshotManifest,
+    sha256_file,
+)
+from .snapshot_seal import copy_sparse, seal_snapshot
+from .staging import make_owned_dir
 
 if TYPE_CHECKING:
     from . import FirecrackerProcess
 
 __all__ = [
+    "FORMAT",
+    "INCOMPLETE",
+    "JAIL_SNAPSHOT_DIR",
+    "LAYER",
     "MANIFEST",
+    "MEMORY",
+    "ROOTFS",
+    "VMSTATE",
+    "BaseRef",
+    "FileEntry",
+    "Progress",
     "Snapshot",
     "SnapshotManifest",
     "SnapshotSource",
     "copy_sparse",
     "seal_snapshot",
+    "sha256_file",
     "snapshot_vm",
     "take_snapshot",
 ]
-
-MANIFEST = "manifest.json"
-MEMORY = "memory"
-#: Firecracker's dirty-page layer of a Diff snapshot, merged into ``memory`` and removed.
-LAYER = "memory.layer"
-VMSTATE = "vmstate"
-ROOTFS = "rootfs.ext4"
-FORMAT = 1
-INCOMPLETE = ".incomplete-"
-#: Where snapshot files live inside a jail (the source's while writing, each clone's).
-JAIL_SNAPSHOT_DIR = PurePosixPath("/snapshot")
-#: ``(phase, bytes done, bytes total)``: copying the drive, hashing.
-Progress = Callable[[str, int, int], None]
-_CHUNK = 1 << 20
-_FICLONE = 0x40049409
-
-
-class FileEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    size: int
-    sha256: str
-
-
-class BaseRef(BaseModel):
-    """The snapshot a Diff snapshot was merged onto (provenance; the Diff is complete)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str
-    created_at: datetime
-    memory_sha256: str
-
-
-class SnapshotManifest(BaseModel):
-    """``manifest.json``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: int
-    snapshot_type: Literal["Full", "Diff"]
-    firecracker_version: str
-    created_at: datetime
-    source_vm_id: str
-    #: ``VmConfig.model_dump(mode="json")`` of the source VM.
-    config: dict[str, Any]
-    mem_size_mib: int
-    files: dict[str, FileEntry]
-    #: Jail-relative names inside the VM state that a restore must recreate.
-    rootfs_jail_path: str | None
-    tap: str | None
-    vsock_uds_path: str | None
-    #: Diff snapshots: the base the dirty pages were merged onto, and their size in bytes.
-    base: BaseRef | None = None
-    dirty_bytes: int | None = None
-
-
-@dataclass
-class Snapshot:
-    """A verified snapshot directory. Build with :meth:`load` (or :func:`take_snapshot`)."""
-
-    path: Path
-    manifest: SnapshotManifest
-    #: name -> (device, inode, size, mtime_ns) when verified: a later change is refused.
-    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
-
-    @property
-    def config(self) -> VmConfig:
-        return VmConfig(**self.manifest.config)
-
-    @property
-    def version(self) -> Version:
-        return Version.parse(self.manifest.firecracker_version)
-
-    @property
-    def memory_path(self) -> Path:
-        return self.path / MEMORY
-
-    @property
-    def state_path(self) -> Path:
-        return self.path / VMSTATE
-
-    @property
-    def rootfs_path(self) -> Path | None:
-        return self.path / ROOTFS if ROOTFS in self.manifest.files else None
-
-    @classmethod
-    def load(cls, path: Path | str, *, firecracker_version: Version | None = None) -> Snapshot:
-        """Read and verify the snapshot in ``path`` (every file's size and SHA-256).
-
-        Raises ``ConfigError`` for a missing, incomplete, truncated or altered snapshot and
-        ``VersionMismatchError`` if ``firecracker_version`` differs from the one that wrote it.
-
-        A directory this process verified (or wrote) before is not hashed again while every
-        file keeps its inode, size and mtime and only we can write them
-        (:mod:`.snapshot_cache`): clones of one snapshot pay for the hashing once.
-        """
-        path = Path(path)
-        if INCOMPLETE in path.name:
-            raise ConfigError(
-                f"snapshot {path} is incomplete (its writer was interrupted): remove it and "
-                "take the snapshot again"
-            )
-        cached = _VERIFIED.get(path)
-        if cached is not None:
-            manifest, prints = cached
-            snap = cls(path, manifest, {n: p for n, p in prints.items() if n != MANIFEST})
-        else:
-            snap = cls._verify(path)
-        if firecracker_version is not None:
-            snap.check_version(firecracker_version)
-        return snap
-
-    @classmethod
-    def _verify(cls, path: Path) -> Snapshot:
-        started = time.time_ns()
-        try:
-            manifest_print = fingerprint((path / MANIFEST).lstat())  # before it is read
-        except OSError:
-            manifest_print = None  # reported by _read_manifest
-        manifest = _read_manifest(path)
-        snap = cls(path, manifest)
-        for name, entry in manifest.files.items():
-            file = path / name
-            try:
-                st = file.stat()
-            except OSError as exc:
-                raise ConfigError(
-                    f"snapshot {path}: {name} is missing or unreadable ({exc.strerror}): the "
-                    "snapshot is damaged; take it again"
-                ) from None
-            if st.st_size != entry.size:
-                raise ConfigError(
-                    f"snapshot {path}: {name} is {st.st_size} bytes, the manifest says "
-                    f"{entry.size} (truncated or replaced): take the snapshot again"
-                )
-            digest = sha256_file(file)
-            if digest != entry.sha256:
-                raise ConfigError(
-                    f"snapshot {path}: {name} has SHA-256 {digest}, the manifest says "
-                    f"{entry.sha256} (altered): take the snapshot again"
-                )
-            snap.fingerprints[name] = fingerprint(st)
-        if manifest_print is not None:
-            prints = {**snap.fingerprints, MANIFEST: manifest_print}
-            _VERIFIED.put(path, manifest, prints, started_ns=started, exempt={MANIFEST})
-        return snap
-
-    def check_version(self, running: Version) -> None:
-        if running.release != self.version.release:
-            raise VersionMismatchError(
-                f"snapshot {self.path} was written by Firecracker {self.version} but this host "
-                f"runs {running}: Firecracker only loads snapshots of its own release here; "
-                "restore with the same release (exec_file / IRONCLAW_FIRECRACKER)"
-            )
-
-    def check_unchanged(self) -> None:
-        """Refuse files changed since :meth:`load` verified them (cheap: no re-hashing)."""
-        for name, expected in self.fingerprints.items():
-            try:
-                st = (self.path / name).stat()
-            except OSError as exc:
-                raise ConfigError(
-                    f"snapshot {self.path}: {name} disappeared after it was verified "
-                    f"({exc.strerror}); load the snapshot again"
-                ) from None
-            if fingerprint(st) != expected:
-                raise ConfigError(
-                    f"snapshot {self.path}: {name} changed after it was verified; "
-                    "Snapshot.load() it again"
-                )
-        if set(self.fingerprints) != set(self.manifest.files):
-            raise ConfigError(f"snapshot {self.path} was not verified: use Snapshot.load()")
-
-
-#: Snapshot directories verified by this process (see :mod:`.snapshot_cache`).
-_VERIFIED: VerifiedCache[SnapshotManifest] = VerifiedCache()
-
-
-def _read_manifest(path: Path) -> SnapshotManifest:
-    file = path / MANIFEST
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{path} is not a snapshot ({MANIFEST} missing): it may be incomplete; take the "
-            "snapshot again"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"snapshot manifest {file} is unreadable: {exc}") from None
-    try:
-        manifest = SnapshotManifest.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"snapshot manifest {file} is invalid: {where}: {first['msg']}") from None
-    if manifest.format != FORMAT:
-        raise ConfigError(
-            f"snapshot {path} has format {manifest.format}; this version reads {FORMAT}"
-        )
-    expected = {MEMORY, VMSTATE} | ({ROOTFS} if manifest.rootfs_jail_path else set())
-    if set(manifest.files) != expected:
-        raise ConfigError(
-            f"snapshot manifest {file} lists {sorted(manifest.files)}, not {sorted(expected)}"
-        )
-    return manifest
-
-
-def sha256_file(path: Path, progress: Progress | None = None, done: int = 0, total: int = 0) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress("hash", done, total)
-    return h.hexdigest()
-
-
-def copy_sparse(src: Path, dest: Path, progress: Progress | None = None) -> None:
-    """Copy ``src`` to a new file ``dest``: reflink if possible, else only its data extents."""
-    with open(src, "rb") as fin, open(dest, "xb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        try:
-            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
-            if progress is not None:
-                progress("copy", size, size)
-            return
-        except OSError:
-            pass  # no reflink here: copy data extents, leave holes as holes
-        report = None if progress is None else (lambda done: progress("copy", done, size))
-        copy_extents(fin.fileno(), fout.fileno(), size, report)
 
 
 @dataclass(frozen=True)
@@ -468,110 +258,3 @@ def _rootfs_jail_path(config: VmConfig) -> PurePosixPath | None:
     from . import ROOTFS_JAIL_PATH
 
     return ROOTFS_JAIL_PATH if config.rootfs_path is not None else None
-
-
-def seal_snapshot(
-    work: Path,
-    dest: Path,
-    *,
-    config: VmConfig,
-    version: Version,
-    diff: bool,
-    rootfs_jail: PurePosixPath | None,
-    progress: Progress | None = None,
-    base: Snapshot | None = None,
-    dirty_bytes: int | None = None,
-) -> Snapshot:
-    """Seal the files in ``work`` (0444, root), hash them, write the manifest last, and move
-    the directory to ``dest``. ``config`` is the source VM's; ``base`` a Diff's base."""
-    from . import netns as ns
-
-    started = time.time_ns()
-    names = [MEMORY, VMSTATE] + ([ROOTFS] if rootfs_jail is not None else [])
-    total = sum((work / n).stat().st_size for n in names)
-    files: dict[str, FileEntry] = {}
-    done = 0
-    for name in names:
-        file = work / name
-        _own(file)
-        os.chmod(file, 0o444)
-        size = file.stat().st_size
-        files[name] = FileEntry(size=size, sha256=sha256_file(file, progress, done, total))
-        done += size
-    manifest = SnapshotManifest(
-        format=FORMAT,
-        snapshot_type="Diff" if diff else "Full",
-        firecracker_version=str(version),
-        created_at=datetime.now(UTC),
-        source_vm_id=config.vm_id,
-        config=_config_dump(config),
-        mem_size_mib=config.memory_mb,
-        files=files,
-        rootfs_jail_path=str(rootfs_jail) if rootfs_jail is not None else None,
-        tap=ns.tap_name(config.vm_id) if config.enable_networking else None,
-        vsock_uds_path=str(config.vsock_uds_path) if config.vsock_guest_cid is not None else None,
-        base=None if base is None else BaseRef(
-            path=str(base.path), created_at=base.manifest.created_at,
-            memory_sha256=base.manifest.files[MEMORY].sha256,
-        ),
-        dirty_bytes=dirty_bytes,
-    )  # fmt: skip
-    _own(work)
-    os.chmod(work, 0o700)
-    _write_manifest(work / MANIFEST, manifest)
-    try:
-        os.rename(work, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise StagingError(f"could not move the snapshot to {dest}: {exc.strerror}") from exc
-        _copy_across(work, dest, names)
-    return _verified(dest, manifest, started)
-
-
-def _config_dump(config: VmConfig) -> dict[str, Any]:
-    """The config as JSON; jail settings only where chosen, so that defaults and the
-    binaries found on the restoring host still apply (e.g. ``exec_file``)."""
-    data = config.model_dump(mode="json", exclude={"jailer"})
-    if config.jailer is not None:
-        data["jailer"] = config.jailer.model_dump(mode="json", exclude_unset=True)
-    return data
-
-
-def _own(path: Path) -> None:
-    """Take a file written by the jailed VMM away from its uid (root writes snapshots)."""
-    if os.geteuid() == 0:
-        os.chown(path, 0, 0)
-
-
-def _verified(dest: Path, manifest: SnapshotManifest, started_ns: int) -> Snapshot:
-    """The snapshot just written: hashed as written (from ``started_ns``), so only
-    fingerprinted here, and remembered as verified."""
-    snap = Snapshot(dest, manifest)
-    for name in manifest.files:
-        snap.fingerprints[name] = fingerprint((dest / name).stat())
-    prints = {**snap.fingerprints, MANIFEST: fingerprint((dest / MANIFEST).lstat())}
-    _VERIFIED.put(dest, manifest, prints, started_ns=started_ns, exempt={MANIFEST})
-    return snap
-
-
-def _write_manifest(path: Path, manifest: SnapshotManifest) -> None:
-    with open(path, "x") as f:
-        f.write(manifest.model_dump_json(indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(path, 0o444)
-
-
-def _copy_across(work: Path, dest: Path, names: list[str]) -> None:
-    """Another filesystem: copy to an incomplete-named directory, then rename."""
-    tmp = dest.with_name(f".{dest.name}{INCOMPLETE}{os.getpid()}")
-    try:
-        tmp.mkdir(mode=0o700)
-        for name in [*names, MANIFEST]:
-            copy_sparse(work / name, tmp / name)
-            os.chmod(tmp / name, 0o444)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
