@@ -16,11 +16,11 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
-from ironclaw_orchestrator.errors import ConfigError, UsageError
+from ironclaw_orchestrator.errors import ApiError, ConfigError, UsageError
 from ironclaw_orchestrator.gc import collect_garbage
 from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import (
@@ -32,6 +32,7 @@ from ironclaw_orchestrator.vm import (
     restore_snapshot,
     start_firecracker,
 )
+from ironclaw_orchestrator.vm import restore as restore_mod
 from ironclaw_orchestrator.vm.probe import (
     PROBE_BOOT_ARGS,
     READY_LINE,
@@ -40,6 +41,8 @@ from ironclaw_orchestrator.vm.probe import (
     probe_kernel_path,
 )
 from ironclaw_orchestrator.vm.process import become_subreaper
+from ironclaw_orchestrator.vm.restore import CLONE_MEMORY
+from ironclaw_orchestrator.vm.snapshot import copy_sparse, seal_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -153,7 +156,7 @@ async def test_restore_continues_the_count_in_a_fresh_jail(
     assert os.stat(f"/proc/{clone.pid}").st_uid == clone.vmm.config.uid
     assert ns_inode(clone.pid, "net") != ns_inode(os.getpid(), "net")
     assert f"{vm_id}-c" in Path(f"/proc/{clone.pid}/cgroup").read_text()
-    mem_in_jail = clone.vmm.jail_host_path("/snapshot/memory")
+    mem_in_jail = clone.vmm.jail_host_path(CLONE_MEMORY)
     assert mem_in_jail.stat().st_ino == loaded.memory_path.stat().st_ino  # hard link
     assert loaded.memory_path.stat().st_mode & 0o222 == 0
     disk_in_jail = clone.vmm.jail_host_path("/rootfs.ext4")
@@ -265,6 +268,84 @@ async def test_restore_refuses_a_damaged_snapshot_before_starting(
         await restore_snapshot(tmp_path / "snap", f"{vm_id}-bad")
     assert Registry(state_dir).get(f"{vm_id}-bad") is None
     assert not leftovers(f"{vm_id}-bad")
+
+
+async def test_a_load_firecracker_refuses_leaves_nothing(
+    vm_id: str, tmp_path: Path, running: list[FirecrackerProcess], state_dir: Path
+) -> None:
+    """A well-formed snapshot whose VM state Firecracker cannot load: the restore fails at
+    ``PUT /snapshot/load`` (its record was written while the load ran), stops the VMM and
+    drops the record; nothing is left."""
+    src = await start_halted(vm_id, tmp_path, running)
+    good = await src.snapshot(tmp_path / "snap")
+    await src.stop(timeout_s=0.2)
+    work = tmp_path / "work"
+    work.mkdir()
+    copy_sparse(good.memory_path, work / "memory")
+    copy_sparse(good.rootfs_path, work / "rootfs.ext4")  # type: ignore[arg-type]
+    (work / "vmstate").write_bytes(b"\xff" * good.state_path.stat().st_size)
+    bad = seal_snapshot(
+        work, tmp_path / "bad", config=good.config, version=good.version, diff=False,
+        rootfs_jail=PurePosixPath(good.manifest.rootfs_jail_path or "/rootfs.ext4"),
+    )  # fmt: skip
+    with pytest.raises(ApiError, match="snapshot/load"):
+        await restore_snapshot(bad, f"{vm_id}-bad")
+    assert Registry(state_dir).get(f"{vm_id}-bad") is None
+    assert not leftovers(f"{vm_id}-bad")
+    assert bad.memory_path.stat().st_nlink == 1  # the clone's link went with its jail
+
+
+async def test_work_per_restore(
+    vm_id: str,
+    tmp_path: Path,
+    running: list[FirecrackerProcess],
+    state_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counted, never timed: per restore, the registry is written three times (claim, before
+    the netns, running), the API is one connection, no directory is made for the snapshot's
+    files, and the clone config is validated once per snapshot, not per clone."""
+    src = await start_halted(vm_id, tmp_path, running)
+    snap = await src.snapshot(tmp_path / "snap")
+    await src.stop(timeout_s=0.2)
+    writes: list[str] = []
+    real_write = Registry._write_tmp
+
+    def counting_write(self: Registry, ident: str, data: bytes) -> Path:
+        writes.append(ident)
+        return real_write(self, ident, data)
+
+    connections: list[str] = []
+    real_connect = asyncio.open_unix_connection
+
+    async def counting_connect(path: str, *args: object, **kwargs: object) -> object:
+        link = await real_connect(path, *args, **kwargs)  # type: ignore[arg-type]
+        connections.append(str(path))
+        return link
+
+    validated: list[str] = []
+    real_clone = restore_mod._clone_config
+
+    def counting_clone(src: VmConfig, clone_id: str, jailer: object) -> VmConfig:
+        validated.append(clone_id)
+        return real_clone(src, clone_id, jailer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Registry, "_write_tmp", counting_write)
+    monkeypatch.setattr(asyncio, "open_unix_connection", counting_connect)
+    monkeypatch.setattr(restore_mod, "_clone_config", counting_clone)
+    for n in (1, 2):
+        clone_id = f"{vm_id}-w{n}"
+        writes.clear()
+        connections.clear()
+        clone = await restore_snapshot(snap, clone_id)
+        running.append(clone)
+        assert writes == [clone_id] * 3, writes
+        assert connections == [str(clone.socket_path)], connections
+        root = clone.vmm.chroot_dir
+        assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["dev", "run"]
+        assert (root / CLONE_MEMORY.name).stat().st_ino == snap.memory_path.stat().st_ino
+        await clone.stop(timeout_s=0.2)
+    assert validated == [vm_id]  # the template, from the source's config, once
 
 
 def pool_leftovers(state_dir: Path) -> list[str]:

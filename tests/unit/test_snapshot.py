@@ -12,7 +12,7 @@ import pytest
 
 from ironclaw_orchestrator.errors import ConfigError, VersionMismatchError
 from ironclaw_orchestrator.vm.binaries import Version
-from ironclaw_orchestrator.vm.config import VmConfig
+from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig
 from ironclaw_orchestrator.vm.restore import clone_config, snapshot_files
 from ironclaw_orchestrator.vm.snapshot import (
     MANIFEST,
@@ -24,7 +24,9 @@ from ironclaw_orchestrator.vm.snapshot import (
 V1 = Version.parse("v1.0.0")
 
 
-def make_snapshot(tmp_path: Path, *, rootfs: bool = True, name: str = "snap") -> Snapshot:
+def make_snapshot(
+    tmp_path: Path, *, rootfs: bool = True, name: str = "snap", jailer: JailerConfig | None = None
+) -> Snapshot:
     work = tmp_path / f"work-{name}"
     work.mkdir()
     (work / "memory").write_bytes(os.urandom(64 * 1024))
@@ -38,6 +40,7 @@ def make_snapshot(tmp_path: Path, *, rootfs: bool = True, name: str = "snap") ->
         memory_mb=128,
         enable_networking=True,
         vsock_guest_cid=3,
+        jailer=jailer,
     )
     return seal_snapshot(
         work,
@@ -171,11 +174,52 @@ def test_clone_config_keeps_guest_and_drops_source_jail_id(tmp_path: Path) -> No
     assert cfg.vm_id == "clone-1" and cfg.memory_mb == 128 and cfg.enable_networking
     assert cfg.jailer_config().jailer_id == "clone-1"
     files = snapshot_files(snap, cfg)
+    # All in the jail's root: staging makes no directory per restore (nor removes one).
     assert [(str(f.jail_path), f.read_only) for f in files] == [
-        ("/snapshot/memory", True),
-        ("/snapshot/vmstate", True),
+        ("/memory", True),
+        ("/vmstate", True),
         ("/rootfs.ext4", False),  # each clone writes its own copy
     ]
+    assert all(f.jail_path.parent == PurePosixPath("/") for f in files)
+
+
+def test_clone_configs_are_validated_once_per_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ironclaw_orchestrator.vm import restore
+
+    built: list[str] = []
+    real = restore._clone_config
+
+    def counting(src: VmConfig, vm_id: str, jailer: object) -> VmConfig:
+        built.append(vm_id)
+        return real(src, vm_id, jailer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(restore, "_clone_config", counting)
+    snap = make_snapshot(tmp_path, name="jailed", jailer=JailerConfig(cpu_limit=2.0))
+    first = clone_config(snap, "clone-1")
+    second = clone_config(snap, "clone-2")
+    assert built == ["src"]  # the template, once; each clone is a copy with its own id
+    fresh = real(snap.config, "clone-2", None)
+    assert second.model_dump() == fresh.model_dump()
+    assert second.model_fields_set == fresh.model_fields_set
+    assert second.jailer_config() == fresh.jailer_config()
+    # Clones share no mutable state with each other or the template.
+    assert first.jailer is not None and second.jailer is not None
+    assert first.jailer is not second.jailer
+    first.jailer.cpu_limit = 1.5
+    first.memory_headroom_mb = 96
+    third = clone_config(snap, "clone-3")
+    assert third.jailer is not None and third.jailer.cpu_limit == 2.0
+    assert third.memory_headroom_mb == fresh.memory_headroom_mb
+    assert snap.config.vm_id == "src" and snap.config is not snap.config
+    # A bad id is refused as by the full validation, naming the key.
+    with pytest.raises(ConfigError, match="vm_id"):
+        clone_config(snap, "bad/id")
+    # An explicit jail config is not the cached template's.
+    own = clone_config(snap, "clone-4", JailerConfig(cpu_limit=3.0))
+    assert own.jailer is not None and own.jailer.cpu_limit == 3.0
+    assert built == ["src", "bad/id", "clone-4"]
 
 
 def test_manifest_keeps_only_chosen_jail_settings(tmp_path: Path) -> None:
@@ -183,8 +227,6 @@ def test_manifest_keeps_only_chosen_jail_settings(tmp_path: Path) -> None:
     work.mkdir()
     (work / "memory").write_bytes(b"m")
     (work / "vmstate").write_bytes(b"s")
-    from ironclaw_orchestrator.vm.config import JailerConfig
-
     config = VmConfig(
         vm_id="s", kernel_path="/k", rootfs_path=None, jailer=JailerConfig(cpu_limit=2.0)
     )

@@ -15,6 +15,7 @@ incomplete is refused. Taking snapshots: :mod:`.snapshot`; sealing them: :mod:`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -109,12 +110,24 @@ class Snapshot:
     manifest: SnapshotManifest
     #: name -> (device, inode, size, mtime_ns) when verified: a later change is refused.
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    #: What restores derive from the (immutable) manifest once per snapshot instead of once
+    #: per clone, e.g. the validated clone config (:func:`.restore.clone_config`).
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def config(self) -> VmConfig:
-        return VmConfig(**self.manifest.config)
+        """The source VM's config (a new object each time; validated once per snapshot)."""
+        return self.source_config().model_copy(deep=True)
 
-    @property
+    def source_config(self) -> VmConfig:
+        """The source VM's config, shared: callers must not change it (see :attr:`config`)."""
+        config = self.derived.get("config")
+        if config is None:
+            config = self.derived["config"] = VmConfig(**self.manifest.config)
+        assert isinstance(config, VmConfig)
+        return config
+
+    @functools.cached_property
     def version(self) -> Version:
         return Version.parse(self.manifest.firecracker_version)
 
