@@ -82,3 +82,52 @@ def test_pause_resume_snapshot_restore(state: Path, vm_id: str, tmp_path: Path) 
         stopped = cli(state, "vm", "stop", vm_id)
     assert stopped.returncode == 0, stopped.stderr
     assert Registry(state).list() == []
+
+
+def test_diff_snapshots_from_the_cli(state: Path, vm_id: str, tmp_path: Path) -> None:
+    """``vm snapshot --diff``: refused without a base, built on the VM's latest snapshot
+    (found by itself), chained, and for a restored VM on the snapshot it came from (given
+    with --base and proven by the memory file linked in its jail); every Diff restores."""
+    config = tmp_path / "vm.toml"
+    config.write_text("track_dirty_pages = true\n")
+    restored = f"{vm_id}-r"
+    started = cli(state, "vm", "start", "--id", vm_id, "--probe", "halt", "-c", str(config))
+    assert started.returncode == 0, started.stderr
+    try:
+        first = cli(state, "vm", "snapshot", vm_id, str(tmp_path / "d0"), "--diff")
+        assert first.returncode == 2 and "took none since it started" in first.stderr
+        assert not (tmp_path / "d0").exists()
+        assert cli(state, "vm", "snapshot", vm_id, str(tmp_path / "full")).returncode == 0
+        d1 = cli(state, "vm", "snapshot", vm_id, str(tmp_path / "d1"), "--diff", "--json")
+        assert d1.returncode == 0, d1.stderr
+        manifest = json.loads(d1.stdout)
+        assert manifest["snapshot_type"] == "Diff"
+        assert manifest["base"]["path"] == str(tmp_path / "full")
+        stale = cli(state, "vm", "snapshot", vm_id, str(tmp_path / "d2"), "--diff", "--base",
+                    str(tmp_path / "full"))  # fmt: skip
+        assert stale.returncode == 2 and "builds on its latest snapshot" in stale.stderr
+        d2 = cli(state, "vm", "snapshot", vm_id, str(tmp_path / "d2"), "--diff", "--json")
+        assert d2.returncode == 0, d2.stderr
+        assert json.loads(d2.stdout)["base"]["path"] == str(tmp_path / "d1")  # chained
+
+        up = cli(state, "vm", "restore", str(tmp_path / "d2"), "--id", restored, "-d")
+        assert up.returncode == 0, up.stderr
+        no_base = cli(state, "vm", "snapshot", restored, str(tmp_path / "r1"), "--diff")
+        assert no_base.returncode == 2 and "--base" in no_base.stderr
+        wrong = cli(state, "vm", "snapshot", restored, str(tmp_path / "r1"), "--diff",
+                    "--base", str(tmp_path / "d1"))  # fmt: skip
+        assert wrong.returncode == 2 and "was not restored from" in wrong.stderr
+        r1 = cli(state, "vm", "snapshot", restored, str(tmp_path / "r1"), "--diff",
+                 "--base", str(tmp_path / "d2"), "--json")  # fmt: skip
+        assert r1.returncode == 0, r1.stderr
+        assert json.loads(r1.stdout)["snapshot_type"] == "Diff"
+        assert cli(state, "vm", "stop", restored).returncode == 0
+        again = cli(state, "vm", "restore", str(tmp_path / "r1"), "--id", restored, "-d")
+        assert again.returncode == 0, again.stderr  # the Diff is a complete snapshot
+        rec = Registry(state).get(restored)
+        assert rec is not None and rec.vmm_alive()
+    finally:
+        cli(state, "vm", "stop", restored)
+        stopped = cli(state, "vm", "stop", vm_id)
+    assert stopped.returncode == 0, stopped.stderr
+    assert Registry(state).list() == []

@@ -128,3 +128,17 @@ def test_detached_restore_hands_the_supervisor_a_restore_request(
     assert result.exit_code == 2 and "fake supervisor" in result.output
     assert seen == [RestoreRequest(snapshot_dir=str(tmp_path / "snap"), resume=False)]
     assert not list(state.glob(f"{supervisor.CONFIG_PREFIX}*"))
+
+
+def test_snapshot_base_needs_diff(tmp_path: Path) -> None:
+    result = invoke(tmp_path / "state", "vm", "snapshot", "vm-1", str(tmp_path / "s"), "--base",
+                    str(tmp_path / "b"))  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "add --diff" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_snapshot_diff_is_documented() -> None:
+    result = runner.invoke(app, ["vm", "snapshot", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "--diff" in result.output and "--base" in result.output

@@ -82,6 +82,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.resources",
             "vm.restore",
             "vm.snapshot",
+            "vm.snapshot_base",
             "vm.snapshot_diff",
             "vm.snapshot_dir",
             "vm.snapshot_seal",

@@ -26,6 +26,8 @@ from ..vm.api import FirecrackerApi
 from ..vm.binaries import Version
 from ..vm.config import JailerConfig, VmConfig
 from ..vm.snapshot import Snapshot, SnapshotSource, snapshot_vm
+from ..vm.snapshot_api import diff_needs_tracking
+from ..vm.snapshot_base import diff_base
 from .common import ExitCode, IdOption, VerboseOption, handle_errors, setup_logging, stderr
 from .records import JsonOption, get_record, open_registry
 
@@ -38,9 +40,16 @@ SNAPSHOT_HELP = (
     "The VM is paused while its memory, state and root drive are written, then resumed "
     "(--no-resume leaves it paused). DIR gets the files and a manifest (config, firecracker "
     "version, sizes, SHA-256 of each file); it appears only once complete.\n\n"
+    "With --diff, a Diff snapshot: Firecracker writes only the pages dirtied since the VM's "
+    "latest snapshot, which are merged onto a copy of that snapshot's memory, so DIR is "
+    "complete on its own. The VM must track dirty pages (track_dirty_pages = true) and have "
+    "a base: its latest snapshot, found by itself, or for a VM restored from a snapshot that "
+    "took none since, that snapshot given with --base.\n\n"
     "Examples:\n\n"
     "ironclaw vm snapshot web-1 /var/lib/ironclaw/snaps/web-1\n\n"
-    "ironclaw vm snapshot web-1 ./snap --json"
+    "ironclaw vm snapshot web-1 ./snap --json\n\n"
+    "ironclaw vm snapshot web-1 ./snap-2 --diff\n\n"
+    "ironclaw vm snapshot fork-1 ./fork-snap --diff --base ./snap"
 )
 RESTORE_HELP = (
     "Restore the snapshot in DIR as a new VM in a fresh jail and run it in the foreground, "
@@ -109,7 +118,12 @@ def record_config(record: VmRecord) -> VmConfig:
 
 
 async def _snapshot(
-    record: VmRecord, dest: Path, resume_after: bool, progress: Progress
+    record: VmRecord,
+    dest: Path,
+    resume_after: bool,
+    progress: Progress,
+    diff: bool = False,
+    base_dir: Path | None = None,
 ) -> Snapshot:
     assert record.api_socket is not None and record.jail_dir is not None
     if record.uid is None or record.gid is None:
@@ -129,21 +143,43 @@ async def _snapshot(
     paused = info.get("state") == "Paused"
     chroot = Path(record.jail_dir) / "root"
     config = record_config(record)
+    base = None
+    if diff:
+        if not config.track_dirty_pages and diff_needs_tracking(version):
+            raise UsageError(
+                f"VM {record.vm_id}: Firecracker {version} writes Diff snapshots only of VMs "
+                "that track dirty pages: start (or restore) it with track_dirty_pages = true, "
+                "or take a Full snapshot"
+            )
+        base = await asyncio.to_thread(diff_base, record.vm_id, Path(record.jail_dir), base_dir)
     # A fresh connection for the pause (see snapshot_vm on GET / right before PATCH /vm).
     async with FirecrackerApi(record.api_socket, vm_id=record.vm_id) as api:
         source = SnapshotSource(api, chroot, record.uid, record.gid, version, config)
         return await snapshot_vm(
-            source, dest, resume=resume_after, was_paused=paused, progress=report
-        )
+            source, dest, diff=diff, base=base, resume=resume_after, was_paused=paused,
+            progress=report,
+        )  # fmt: skip
 
 
 def snapshot(
     vm_id: Annotated[str, typer.Argument(help="VM id.")],
     dest: Annotated[Path, typer.Argument(help="New directory for the snapshot.")],
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Leave the VM paused.")] = False,
+    diff: Annotated[
+        bool, typer.Option("--diff", help="Only the pages dirtied since its latest snapshot.")
+    ] = False,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            help="With --diff, for a restored VM: the snapshot it was restored from.",
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     with handle_errors():
+        if base is not None and not diff:
+            raise UsageError("--base names the base of a Diff snapshot: add --diff")
         record = _running_record(vm_id)
         columns = (
             TextColumn("{task.description}"),
@@ -153,7 +189,9 @@ def snapshot(
         )
         console = stderr.get()
         with Progress(*columns, console=console, transient=True, disable=json_output) as progress:
-            snap = asyncio.run(_snapshot(record, dest.absolute(), not no_resume, progress))
+            snap = asyncio.run(
+                _snapshot(record, dest.absolute(), not no_resume, progress, diff, base)
+            )
     data = snap.manifest.model_dump(mode="json", exclude={"config"})
     _print({"path": str(snap.path), **data}, json_output, str(snap.path))
 

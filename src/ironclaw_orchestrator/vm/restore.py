@@ -33,8 +33,8 @@ from .config import JailerConfig, VmConfig, check_id
 from .hostcheck import check_socket_budget
 from .jailer import JailerProcess, JailFile, resolve_binaries, start_with_jailer
 from .lifecycle import DEFAULT_READY_TIMEOUT_S
-from .snapshot import MEMORY, VMSTATE, Snapshot
 from .snapshot_api import load_body
+from .snapshot_dir import CLONE_MEMORY, CLONE_STATE, Snapshot
 
 __all__ = [
     "CLONE_MEMORY",
@@ -45,10 +45,6 @@ __all__ = [
     "restore_snapshot",
     "snapshot_files",
 ]
-
-#: Where a clone's jail holds the snapshot's memory and VM state files.
-CLONE_MEMORY = PurePosixPath("/") / MEMORY
-CLONE_STATE = PurePosixPath("/") / VMSTATE
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ without a manifest whose name says it is incomplete, which :meth:`Snapshot.load`
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import shutil
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from .cancelsafe import ThreadSteps, finish
 from .config import VmConfig
 from .jailer import JailerProcess
 from .snapshot_api import create_body, diff_needs_tracking
+from .snapshot_base import forget_base, remember_base
 from .snapshot_diff import check_reports_holes, merge_layer
 from .snapshot_dir import (
     FORMAT,
@@ -65,6 +67,8 @@ from .staging import make_owned_dir
 
 if TYPE_CHECKING:
     from . import FirecrackerProcess
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FORMAT",
@@ -198,6 +202,8 @@ async def snapshot_vm(
             paused = True
         mem_name = LAYER if diff else MEMORY
         body = create_body(source.version, jail_rel / VMSTATE, jail_rel / mem_name, diff=diff)
+        # From here until the seal, no snapshot is a valid Diff base (see snapshot_base).
+        forget_base(source.chroot_dir.parent)
         await api.create_snapshot(body)
         if on_created is not None:
             on_created()
@@ -220,7 +226,12 @@ async def snapshot_vm(
             sealed.append(snap)
             return snap
 
-        return await steps.run(seal)
+        snap = await steps.run(seal)
+        try:
+            remember_base(source.chroot_dir.parent, snap)
+        except OSError as exc:  # the snapshot is good; only `vm snapshot --diff` misses it
+            log.warning("snapshot %s: could not note it as the Diff base: %s", dest, exc)
+        return snap
     except BaseException:
         # Runs to its end even if cancelled again. A seal that finished after the cancel
         # made ``dest``: removed too, since the caller gets no snapshot.

@@ -33,6 +33,8 @@ from .config import VmConfig
 from .snapshot_cache import Fingerprint, VerifiedCache, fingerprint
 
 __all__ = [
+    "CLONE_MEMORY",
+    "CLONE_STATE",
     "FORMAT",
     "INCOMPLETE",
     "JAIL_SNAPSHOT_DIR",
@@ -57,8 +59,12 @@ VMSTATE = "vmstate"
 ROOTFS = "rootfs.ext4"
 FORMAT = 1
 INCOMPLETE = ".incomplete-"
-#: Where snapshot files live inside a jail (the source's while writing, each clone's).
+#: Where snapshot files are written inside the source VM's jail (``snapshot-<hex>`` beside it).
 JAIL_SNAPSHOT_DIR = PurePosixPath("/snapshot")
+#: Where a clone's jail holds the snapshot's memory and VM state: its root (a directory for
+#: them would cost every restore a directory creation and removal).
+CLONE_MEMORY = PurePosixPath("/") / MEMORY
+CLONE_STATE = PurePosixPath("/") / VMSTATE
 #: ``(phase, bytes done, bytes total)``: copying the drive, hashing.
 Progress = Callable[[str, int, int], None]
 _CHUNK = 1 << 20
