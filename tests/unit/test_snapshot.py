@@ -302,3 +302,29 @@ def test_a_changed_snapshot_is_verified_again(
     else:
         Snapshot.load(snap.path)
     assert hashed, "the snapshot should have been hashed again"
+
+
+def test_loads_of_one_verified_directory_share_the_clone_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``restore_snapshot("dir")`` loads the directory per restore: the clone config is
+    still validated once per directory (while the verification is trusted), not per load."""
+    from ironclaw_orchestrator.vm import restore
+
+    snap = make_snapshot(tmp_path, jailer=JailerConfig(cpu_limit=2.0))
+    _age(snap.path)
+    built: list[str] = []
+    real = restore._clone_config
+
+    def counting(src: VmConfig, vm_id: str, jailer: object) -> VmConfig:
+        built.append(vm_id)
+        return real(src, vm_id, jailer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(restore, "_clone_config", counting)
+    first = Snapshot.load(snap.path)
+    a = clone_config(first, "a")
+    b = clone_config(Snapshot.load(snap.path), "b")
+    assert built == ["src"] and (a.vm_id, b.vm_id) == ("a", "b")
+    os.chmod(snap.path, 0o770)  # no longer trusted: verified again, derived anew
+    clone_config(Snapshot.load(snap.path), "c")
+    assert built == ["src", "src"]

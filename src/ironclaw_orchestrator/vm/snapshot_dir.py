@@ -168,8 +168,9 @@ class Snapshot:
             )
         cached = _VERIFIED.get(path)
         if cached is not None:
-            manifest, prints = cached
-            snap = cls(path, manifest, {n: p for n, p in prints.items() if n != MANIFEST})
+            (manifest, derived), prints = cached
+            prints = {n: p for n, p in prints.items() if n != MANIFEST}
+            snap = cls(path, manifest, prints, derived)  # derived: once per directory
         else:
             snap = cls._verify(path)
         if firecracker_version is not None:
@@ -208,7 +209,9 @@ class Snapshot:
             snap.fingerprints[name] = fingerprint(st)
         if manifest_print is not None:
             prints = {**snap.fingerprints, MANIFEST: manifest_print}
-            _VERIFIED.put(path, manifest, prints, started_ns=started, exempt={MANIFEST})
+            _VERIFIED.put(
+                path, (manifest, snap.derived), prints, started_ns=started, exempt={MANIFEST}
+            )
         return snap
 
     def check_version(self, running: Version) -> None:
@@ -239,7 +242,8 @@ class Snapshot:
 
 
 #: Snapshot directories verified by this process (see :mod:`.snapshot_cache`).
-_VERIFIED: VerifiedCache[SnapshotManifest] = VerifiedCache()
+#: With each its manifest and ``Snapshot.derived`` (shared by every load of the directory).
+_VERIFIED: VerifiedCache[tuple[SnapshotManifest, dict[str, Any]]] = VerifiedCache()
 
 
 def _read_manifest(path: Path) -> SnapshotManifest:

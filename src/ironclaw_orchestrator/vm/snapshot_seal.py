@@ -133,7 +133,7 @@ def _verified(dest: Path, manifest: SnapshotManifest, started_ns: int) -> Snapsh
     for name in manifest.files:
         snap.fingerprints[name] = fingerprint((dest / name).stat())
     prints = {**snap.fingerprints, MANIFEST: fingerprint((dest / MANIFEST).lstat())}
-    _VERIFIED.put(dest, manifest, prints, started_ns=started_ns, exempt={MANIFEST})
+    _VERIFIED.put(dest, (manifest, snap.derived), prints, started_ns=started_ns, exempt={MANIFEST})
     return snap
 
 
