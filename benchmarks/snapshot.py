@@ -22,6 +22,8 @@ Measured (medians, p90), each to "the restored VM runs":
   handed to the jailer with ``--netns``, and memory + CPU cgroups (v1) beneath our own, set
   by the jailer's ``--cgroup``. ironclaw / raw+netns is what the same isolation costs
   through ironclaw; ironclaw / raw is an upper bound on what ironclaw adds;
+* the raw, raw+netns and restore samples are interleaved after a warm-up (so drift and the
+  kernel's deferred clean-up of namespaces and cgroups hit all alike);
 * throughput: ``--total`` restore -> running -> stop cycles with ``--flight`` in flight,
   raw, raw+netns and ironclaw alternating for ``--rounds`` rounds (so all see the same host
   load; the load average is printed with each round);
@@ -234,12 +236,17 @@ class RawJailed:
 # --------------------------------------------------------------------------- ironclaw
 
 
-async def restore_once(snap: Snapshot | Path) -> dict[str, float]:
+async def restore_once(snap: Snapshot | Path, usage: list[float] | None = None) -> dict[str, float]:
+    """One restore -> running -> stop; ``usage`` accumulates (user, system, children) CPU."""
+    r0 = rusage()
     t0, c0 = time.perf_counter(), time.process_time()
     vm = await restore_snapshot(snap, f"bench-r-{uuid.uuid4().hex[:8]}")
     t1, c1 = time.perf_counter(), time.process_time()
     await vm.stop(timeout_s=0)
     c2 = time.process_time()
+    if usage is not None:
+        for i, (after, before) in enumerate(zip(rusage(), r0, strict=True)):
+            usage[i] += after - before
     return {"restore->running": t1 - t0, "cpu restore": c1 - c0, "cpu stop": c2 - c1}
 
 
@@ -337,17 +344,27 @@ async def measure(
     raw_ns: RawJailed,
 ) -> None:
     report("raw firecracker (unjailed)", [await raw_once(firecracker, snap) for _ in range(runs)])
-    raw_j = [await raw.once() for _ in range(runs)]
+    # Interleaved after a warm-up, as in startup.py: drift (and the kernel's deferred clean-up
+    # of the previous contender's namespaces and cgroups) hits all three alike.
+    for _ in range(2):
+        await raw.once()
+        await raw_ns.once()
+        await restore_once(snap)
+    raw_j: list[dict[str, float]] = []
+    raw_n: list[dict[str, float]] = []
+    ours: list[dict[str, float]] = []
+    usage = [0.0, 0.0, 0.0]
+    for _ in range(runs):
+        raw_j.append(await raw.once())
+        raw_n.append(await raw_ns.once())
+        ours.append(await restore_once(snap, usage))
     report("raw jailer+firecracker", raw_j)
-    raw_n = [await raw_ns.once() for _ in range(runs)]
     report("raw+netns (+cgroups)", raw_n)
-    u0, s0, k0 = rusage()
-    ours = [await restore_once(snap) for _ in range(runs)]
     report("restore into fresh jail", ours)
-    u1, s1, k1 = rusage()
+    u, s, k = (x / runs * 1000 for x in usage)
     print(
-        f"{'':<28} {'per restore+stop':<18} user {(u1 - u0) / runs * 1000:.1f} ms, system "
-        f"{(s1 - s0) / runs * 1000:.1f} ms; jailer+VMM (children) {(k1 - k0) / runs * 1000:.1f} ms"
+        f"{'':<28} {'per restore+stop':<18} user {u:.1f} ms, system {s:.1f} ms; "
+        f"jailer+VMM (children) {k:.1f} ms"
     )
     report(
         "restore from a directory",
