@@ -47,13 +47,22 @@ CLI_MODULES = {spec.split(":")[0] for spec in (*COMMANDS.values(), *VM_COMMANDS.
 
 
 def modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:
-    """The names in ``sys.modules`` after ``code`` ran in a fresh interpreter."""
-    script = textwrap.dedent(code) + textwrap.dedent(
+    """The names in ``sys.modules`` when a fresh interpreter that ran ``code`` exits.
+
+    Printed by an ``atexit`` handler: ``cli.main`` ends the process with ``os._exit`` after
+    running those (``cli.startup.exit_now``), so nothing after ``main()`` would run.
+    """
+    script = textwrap.dedent(
         """
-        import json as _json, sys as _sys
-        print("MODULES=" + _json.dumps(sorted(_sys.modules)))
+        import atexit as _atexit
+
+        def _print_modules():
+            import json as _json, sys as _sys
+            print("MODULES=" + _json.dumps(sorted(_sys.modules)), flush=True)
+
+        _atexit.register(_print_modules)
         """
-    )
+    ) + textwrap.dedent(code)
     proc = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -83,6 +92,7 @@ def test_import_cli_imports_no_command_and_nothing_heavy() -> None:
         "ironclaw_orchestrator.cli",
         "ironclaw_orchestrator.cli.common",
         "ironclaw_orchestrator.cli.lazy",
+        "ironclaw_orchestrator.cli.startup",
         "ironclaw_orchestrator.errors",
     ]
     assert top_level(mods, (*HEAVY, "pydantic", "h11", "asyncio")) == []

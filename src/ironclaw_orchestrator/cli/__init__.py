@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from .common import ExitCode, VerboseOption, setup_logging
 from .lazy import LazyGroup
+from .startup import exit_now, pause_gc
 
 __all__ = ["COMMANDS", "VM_COMMANDS", "ExitCode", "app", "main"]
 
@@ -154,9 +155,15 @@ def _root(
         os.environ[STATE_DIR_ENV] = str(state_dir.absolute())
 
 
-def main() -> None:
+def main() -> NoReturn:
     """Console-script entry point (``ironclaw``)."""
     # The CLI uses no pydantic plugins; finding them scans every installed package's entry
     # points (~10 ms of each command). Set the variable yourself to keep plugins on.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-    app(prog_name="ironclaw")
+    # No garbage collection while the command's modules load (startup.py says why).
+    pause_gc()
+    try:
+        app(prog_name="ironclaw")
+    except SystemExit as exc:
+        exit_now(exc.code)
+    exit_now(0)

@@ -13,18 +13,24 @@ its commands is looked up::
 
 The attribute is a command function (its help is the named module attribute, else its
 docstring) or a ``typer.Typer`` (a sub-group, with the help it was declared with).
+
+Every command loaded here first calls :func:`.startup.resume_gc`: ``cli.main`` pauses the
+garbage collector for the imports and the parsing, and the command's own work runs with it on.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
 import typer
 from typer.core import TyperGroup
 from typer.main import get_command_from_info, get_group
 from typer.models import CommandInfo
+
+from .startup import resume_gc
 
 __all__ = ["LazyCommands", "LazyGroup", "load_command"]
 
@@ -41,15 +47,41 @@ def load_command(name: str, spec: str, *, rich_markup_mode: Any) -> Any:
     if isinstance(target, typer.Typer):
         group = get_group(target)
         group.name = name
-        return group
+        return _resuming_gc(group)
     info = CommandInfo(
         name=name,
         callback=target,
         help=getattr(module, help_attr) if help_attr else None,
     )
-    return get_command_from_info(
-        info, pretty_exceptions_short=True, rich_markup_mode=rich_markup_mode
+    return _resuming_gc(
+        get_command_from_info(info, pretty_exceptions_short=True, rich_markup_mode=rich_markup_mode)
     )
+
+
+def _resuming_gc(command: Any) -> Any:
+    """``command`` (and a group's commands) with a callback that first resumes the collector.
+
+    A group's own callback is left alone: it runs before its sub-command is imported. A lazy
+    group's commands are wrapped as they load (walking them here would import them all).
+    """
+    commands = getattr(command, "commands", None)
+    if isinstance(commands, LazyCommands):
+        return command
+    if commands is not None:
+        for sub in commands.values():
+            _resuming_gc(sub)
+    elif command.callback is not None:
+        command.callback = _after_resume_gc(command.callback)
+    return command
+
+
+def _after_resume_gc(callback: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        resume_gc()
+        return callback(*args, **kwargs)
+
+    return run
 
 
 class LazyCommands(MutableMapping[str, Any]):

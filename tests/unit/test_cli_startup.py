@@ -1,0 +1,157 @@
+"""The ``ironclaw`` process's start and end (cli/startup.py): no garbage collection while the
+command loads, and an exit without the interpreter's teardown that still does what a normal
+exit does that anyone can see. Each test runs a fresh interpreter; none measures time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+PRELUDE = """
+import atexit, gc, os, sys, threading, time
+from ironclaw_orchestrator.cli.startup import exit_now
+
+
+class Noisy:
+    def __del__(self):
+        os.write(2, b"TEARDOWN\\n")  # not through sys.stderr: a test closes sys.stdout
+
+
+noisy = Noisy()  # freed by the interpreter's teardown, and only by it
+"""
+
+
+def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(PRELUDE) + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_exit_now_runs_atexit_flushes_and_keeps_the_code() -> None:
+    proc = run_python(
+        """
+        atexit.register(lambda: print("ATEXIT"))
+        sys.stdout.write("buffered, no newline ")
+        sys.stderr.write("to stderr")
+        exit_now(3)
+        print("NOT REACHED")
+        """
+    )
+    assert proc.returncode == 3
+    assert proc.stdout == "buffered, no newline ATEXIT\n"
+    assert proc.stderr == "to stderr"
+
+
+def test_exit_now_skips_the_teardown() -> None:
+    proc = run_python("exit_now(0)")
+    assert proc.returncode == 0
+    assert "TEARDOWN" not in proc.stderr
+
+
+def test_a_plain_exit_does_the_teardown() -> None:
+    """The control for the test above: the probe object is freed by a normal exit."""
+    proc = run_python("sys.exit(0)")
+    assert proc.returncode == 0
+    assert "TEARDOWN" in proc.stderr
+
+
+def test_exit_now_waits_for_a_live_thread_like_a_normal_exit() -> None:
+    proc = run_python(
+        """
+        def work():
+            time.sleep(0.2)
+            print("THREAD DONE", flush=True)
+
+        threading.Thread(target=work).start()
+        exit_now(4)
+        """
+    )
+    assert proc.returncode == 4
+    assert "THREAD DONE" in proc.stdout
+    assert "TEARDOWN" in proc.stderr  # the normal exit path
+
+
+def test_exit_now_ignores_daemon_threads() -> None:
+    proc = run_python(
+        """
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+        exit_now(0)
+        """
+    )
+    assert proc.returncode == 0
+    assert "TEARDOWN" not in proc.stderr
+
+
+def test_exit_now_leaves_other_codes_to_the_interpreter() -> None:
+    message = run_python('exit_now("bye")')
+    assert message.returncode == 1
+    assert message.stderr.startswith("bye\n")
+    none = run_python("exit_now(None)")
+    assert none.returncode == 0
+    assert "TEARDOWN" not in none.stderr
+    big = run_python("exit_now(300)")
+    assert "TEARDOWN" in big.stderr  # out of 0-255: what the interpreter does with it
+
+
+def test_exit_now_falls_back_when_stdout_cannot_be_flushed() -> None:
+    proc = run_python(
+        """
+        sys.stdout.close()
+        exit_now(5)
+        """
+    )
+    assert proc.returncode == 5
+    assert "TEARDOWN" in proc.stderr  # the normal exit path
+
+
+def test_vm_run_collects_no_garbage_while_it_loads(tmp_path: Path) -> None:
+    """From ``main()`` to the command's work the collector never runs (the imports and the
+    parsing allocate only what lives on); the command then runs with it on, the start-up's
+    objects frozen. The VM itself is faked: ``asyncio.run`` records the state instead."""
+    proc = run_python(
+        """
+        import asyncio
+        from ironclaw_orchestrator.cli import main
+
+        runs = []
+        gc.callbacks.append(lambda phase, info: phase == "start" and runs.append(info))
+
+        def fake_run(coro):
+            coro.close()
+            print(f"COLLECTIONS={len(runs)} ENABLED={gc.isenabled()}", flush=True)
+            print(f"FROZEN={gc.get_freeze_count() > 0}", flush=True)
+            return 0
+
+        asyncio.run = fake_run
+        sys.argv = ["ironclaw", "vm", "run", "--id", "startup-1"]
+        runs.clear()
+        main()
+        """,
+        env={"IRONCLAW_CACHE_DIR": str(tmp_path / "probe-cache")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "COLLECTIONS=0 ENABLED=True\nFROZEN=True\n" in proc.stdout, proc.stdout
+    assert "TEARDOWN" not in proc.stderr  # ended by exit_now
+
+
+def test_resume_gc_leaves_a_collector_it_did_not_stop_alone() -> None:
+    proc = run_python(
+        """
+        from ironclaw_orchestrator.cli.startup import pause_gc, resume_gc
+
+        gc.disable()
+        pause_gc()  # already off: not ours to turn back on
+        resume_gc()
+        print("ENABLED", gc.isenabled(), "FROZEN", gc.get_freeze_count())
+        """
+    )
+    assert proc.stdout.startswith("ENABLED False FROZEN 0"), proc.stdout + proc.stderr
