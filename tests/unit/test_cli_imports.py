@@ -85,17 +85,43 @@ def under(modules: set[str], prefixes: tuple[str, ...]) -> list[str]:
 
 
 def test_import_cli_imports_no_command_and_nothing_heavy() -> None:
+    """The console script's import of the package loads no typer: ``main()`` loads it after
+    pausing the garbage collector."""
     mods = modules_after("import ironclaw_orchestrator.cli")
+    ours = sorted(m for m in mods if m.startswith("ironclaw_orchestrator"))
+    assert ours == [
+        "ironclaw_orchestrator",
+        "ironclaw_orchestrator.cli",
+        "ironclaw_orchestrator.cli.startup",
+    ]
+    assert top_level(mods, (*HEAVY, "typer", "pydantic", "h11", "asyncio")) == []
+
+
+def test_the_command_tree_loads_no_command_and_nothing_heavy() -> None:
+    mods = modules_after("from ironclaw_orchestrator.cli import app, COMMANDS")
     ours = sorted(m for m in mods if m.startswith("ironclaw_orchestrator"))
     assert ours == [
         "ironclaw_orchestrator",
         "ironclaw_orchestrator.cli",
         "ironclaw_orchestrator.cli.common",
         "ironclaw_orchestrator.cli.lazy",
+        "ironclaw_orchestrator.cli.root",
         "ironclaw_orchestrator.cli.startup",
         "ironclaw_orchestrator.errors",
     ]
     assert top_level(mods, (*HEAVY, "pydantic", "h11", "asyncio")) == []
+
+
+def test_the_package_serves_the_tree_and_its_submodules() -> None:
+    import ironclaw_orchestrator.cli as cli
+    from ironclaw_orchestrator.cli import common, root
+
+    assert cli.app is root.app
+    assert cli.vm_app is root.vm_app
+    assert cli.ExitCode is common.ExitCode
+    assert cli.version_text is root.version_text
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        _ = cli.nonsense
 
 
 def test_vm_run_imports_its_module_only() -> None:

@@ -1,158 +1,54 @@
 """The ``ironclaw`` command line (typer): ``doctor``, ``install``, ``vm ...`` and ``gc``.
 
-One module per command group; :mod:`.common` holds exit codes, error output, logging and
-TOML loading. This package is the only place that imports typer or rich.
+One module per command group; :mod:`.root` holds the command tree (``app``, the tables),
+:mod:`.common` exit codes, error output, logging and TOML loading. This package is the only
+place that imports typer or rich.
 
 Start-up cost: the commands are listed in :data:`COMMANDS` and :data:`VM_COMMANDS` and their
 modules are imported only when one of them runs (:mod:`.lazy`), so ``ironclaw vm run``
-imports the VM code but not the installer, gc or the detached-VM code. Register a command
-with one line in the table of its group: ``"name": "module:function:HELP_ATTRIBUTE"`` (or
-``"name": "module:app"`` for a ``typer.Typer`` sub-group). Nothing here may import the library
-or rich at module level (``tests/unit/test_cli_imports.py`` checks).
+imports the VM code but not the installer, gc or the detached-VM code. Register a command with
+one line in the table of its group (in :mod:`.root`): ``"name": "module:function:HELP_ATTRIBUTE"``
+(or ``"name": "module:app"`` for a ``typer.Typer`` sub-group). Importing this package imports
+nothing else: :func:`main` pauses the garbage collector (:mod:`.startup`), then loads typer and
+the command tree; ``app`` and the tables are loaded on first access. Nothing here may import
+the library, typer or rich at module level (``tests/unit/test_cli_imports.py`` checks).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import typer
-
-from .common import ExitCode, VerboseOption, setup_logging
-from .lazy import LazyGroup
 from .startup import exit_now, pause_gc
+
+if TYPE_CHECKING:
+    from .common import ExitCode
+    from .root import COMMANDS, VM_COMMANDS, app
+    from .root import STATE_DIR_HELP as STATE_DIR_HELP
+    from .root import version_text as version_text
+    from .root import vm_app as vm_app
 
 __all__ = ["COMMANDS", "VM_COMMANDS", "ExitCode", "app", "main"]
 
-#: ``ironclaw <name>``: the module of this package and the command function (help attribute).
-COMMANDS: dict[str, str] = {
-    "doctor": "doctor:doctor:HELP",
-    "install": "install:install:HELP",
-    "gc": "gc:gc:HELP",
-    "serve": "serve:serve:HELP",
-    "vm": ":vm_app",
-    "image": "image:app",
-    "security": "security:app",
+#: Names served from the module that defines them, imported on first access.
+_LAZY = {
+    "COMMANDS": "root",
+    "STATE_DIR_HELP": "root",
+    "VM_COMMANDS": "root",
+    "app": "root",
+    "version_text": "root",
+    "vm_app": "root",
+    "ExitCode": "common",
 }
 
-#: ``ironclaw vm <name>``, same form.
-VM_COMMANDS: dict[str, str] = {
-    "run": "vm:run:RUN_HELP",
-    "start": "detached:start:START_HELP",
-    "ls": "vm_list:ls:LS_HELP",
-    "stats": "vm_list:stats:STATS_HELP",
-    "logs": "vm_stop:logs:LOGS_HELP",
-    "stop": "vm_stop:stop:STOP_HELP",
-    "exec": "guest:exec_:EXEC_HELP",
-    "cp": "guest:cp:CP_HELP",
-    "pause": "snapshot:pause:PAUSE_HELP",
-    "resume": "snapshot:resume:RESUME_HELP",
-    "snapshot": "snapshot:snapshot:SNAPSHOT_HELP",
-    "restore": "snapshot:restore:RESTORE_HELP",
-}
 
-#: Help of ``--state-dir``; the variable and default are registry.STATE_DIR_ENV and
-#: DEFAULT_STATE_DIR (not imported here: the registry pulls in pydantic; a unit test checks).
-STATE_DIR_HELP = (
-    "VM registry directory (sets $IRONCLAW_STATE_DIR; default /run/ironclaw/registry as root, "
-    "else $XDG_RUNTIME_DIR/ironclaw/registry or ~/.local/state/ironclaw/registry)."
-)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:  # a submodule (``from ironclaw_orchestrator.cli import vm``) or a typo
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-
-class _RootGroup(LazyGroup):
-    lazy_commands = COMMANDS
-
-
-class _VmGroup(LazyGroup):
-    lazy_commands = VM_COMMANDS
-
-
-app = typer.Typer(
-    name="ironclaw",
-    cls=_RootGroup,
-    help=(
-        "Run untrusted workloads in Firecracker microVMs, sandboxed by the Jailer.\n\n"
-        "Examples:\n\n"
-        "  ironclaw doctor            # can this host run jailed VMs?\n\n"
-        "  ironclaw install           # install firecracker + jailer\n\n"
-        "  ironclaw vm run            # boot the built-in probe guest\n\n"
-        "  ironclaw vm start -d       # ... detached; then vm ls / stats / logs / stop\n\n"
-        "  ironclaw gc                # clean up after crashed or killed VMs"
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-vm_app = typer.Typer(
-    cls=_VmGroup,
-    help=(
-        "Run microVMs: in the foreground (run) or detached (start, ls, stats, logs, stop)."
-        "\n\nExamples:\n\n"
-        "  ironclaw vm run --probe halt\n\n"
-        "  ironclaw vm start -d --id web-1\n\n"
-        "  ironclaw vm ls\n\n"
-        "  ironclaw vm stop web-1"
-    ),
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-def version_text() -> str:
-    """``ironclaw --version``: our version, then each binary found (path and version)."""
-    from ..errors import IronclawError
-    from ..version import __version__
-    from ..vm.binaries import find_firecracker, find_jailer, read_version
-
-    lines = [f"ironclaw-orchestrator {__version__}"]
-    for name, finder in (("firecracker", find_firecracker), ("jailer", find_jailer)):
-        try:
-            path = finder()
-        except IronclawError:
-            hint = f"run `ironclaw install` or set IRONCLAW_{name.upper()}"
-            lines.append(f"{name}: not found ({hint})")
-            continue
-        try:
-            found = f"{read_version(path, name)} ({path})"
-        except IronclawError as exc:
-            found = f"{path}: version unknown: {str(exc).splitlines()[0]}"
-        lines.append(f"{name}: {found}")
-    return "\n".join(lines)
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        print(version_text())
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    verbose: VerboseOption = False,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option("--state-dir", help=STATE_DIR_HELP, show_default=False),
-    ] = None,
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version",
-            "-V",
-            help="Print the version and the firecracker/jailer found, then exit.",
-            callback=_print_version,
-            is_eager=True,
-        ),
-    ] = False,
-) -> None:
-    setup_logging(verbose)
-    if state_dir is not None:
-        from ..registry import STATE_DIR_ENV
-
-        # The environment, so that everything started from here (supervisors) agrees.
-        os.environ[STATE_DIR_ENV] = str(state_dir.absolute())
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 def main() -> NoReturn:
@@ -160,8 +56,10 @@ def main() -> NoReturn:
     # The CLI uses no pydantic plugins; finding them scans every installed package's entry
     # points (~10 ms of each command). Set the variable yourself to keep plugins on.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-    # No garbage collection while the command's modules load (startup.py says why).
+    # No garbage collection while typer and the command's modules load (startup.py says why).
     pause_gc()
+    from .root import app
+
     try:
         app(prog_name="ironclaw")
     except SystemExit as exc:
