@@ -9,7 +9,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 PRELUDE = """
 import atexit, gc, os, sys, threading, time
@@ -155,3 +159,39 @@ def test_resume_gc_leaves_a_collector_it_did_not_stop_alone() -> None:
         """
     )
     assert proc.stdout.startswith("ENABLED False FROZEN 0"), proc.stdout + proc.stderr
+
+
+class _Resumed(Exception):
+    pass
+
+
+def _leaves(command: Any, path: str = "ironclaw") -> Iterator[tuple[str, Any]]:
+    commands = getattr(command, "commands", None)
+    if commands is None:
+        yield path, command
+        return
+    for name in list(commands):
+        yield from _leaves(commands[name], f"{path} {name}")
+
+
+def test_every_command_resumes_the_collector_before_its_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each command of the tree (sub-groups' too) calls resume_gc before its own function:
+    a long-running one (serve, vm run --probe spin) must not run without the collector."""
+    import typer.main
+
+    from ironclaw_orchestrator.cli import app, lazy
+
+    def resumed() -> None:
+        raise _Resumed
+
+    monkeypatch.setattr(lazy, "resume_gc", resumed)
+    leaves = list(_leaves(typer.main.get_command(app)))
+    assert {"ironclaw vm run", "ironclaw serve", "ironclaw image add-agent"} <= {
+        path for path, _ in leaves
+    }
+    for path, command in leaves:
+        with pytest.raises(_Resumed):  # raised before the command's own function runs
+            command.callback()
+            pytest.fail(f"{path}: ran without resuming the collector")
