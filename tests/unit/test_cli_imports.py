@@ -144,8 +144,9 @@ def test_vm_run_imports_its_module_only() -> None:
 
 
 def test_vm_run_quiet_success_imports_no_rich(tmp_path: Path) -> None:
-    """A ``vm run`` whose guest exits cleanly prints nothing through rich, so never imports it
-    (the VM itself is faked: what is checked is the CLI around it)."""
+    """A ``vm run`` whose guest exits cleanly prints nothing through rich, so never imports it,
+    and from ``main()`` to its exit loads nothing heavy and no other command (the VM itself is
+    faked: what is checked is the CLI around it)."""
     mods = modules_after(
         """
         import sys
@@ -166,6 +167,11 @@ def test_vm_run_quiet_success_imports_no_rich(tmp_path: Path) -> None:
     )
     assert "ironclaw_orchestrator.cli.vm" in mods
     assert top_level(mods, ("rich",)) == []
+    assert top_level(mods, HEAVY) == []
+    assert under(mods, LIBRARY_ONLY_SOME) == []
+    prefix = "ironclaw_orchestrator.cli."
+    loaded = {m.removeprefix(prefix) for m in mods if m.startswith(prefix)}
+    assert sorted(CLI_MODULES & loaded) == ["vm"]
 
 
 def test_an_error_is_still_printed_through_rich() -> None:
