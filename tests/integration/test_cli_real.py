@@ -137,6 +137,28 @@ def test_vm_run_halt_interrupted(
     assert not leftovers(vm_id)
 
 
+def test_vm_run_stops_and_cleans_up_when_stdout_is_closed(vm_id: str) -> None:
+    """``ironclaw vm run | head -1`` after head exited: the console copy fails with EPIPE,
+    and the VM is stopped and removed (exit 141), not left running with nothing reading."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*CLI, "vm", "run", "--id", vm_id, "--probe", "halt"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=DEADLINE_S,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert "stdout closed: stopping VM" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not leftovers(vm_id)
+
+
 def test_doctor_json_live_passes() -> None:
     result = run_cli("doctor", "--json")
     doc = json.loads(result.stdout)

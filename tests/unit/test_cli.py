@@ -241,6 +241,7 @@ def test_exit_codes_are_stable() -> None:
         "INSTALL_FAILED": 5,
         "CLEANUP_FAILED": 6,
         "INTERRUPTED": 130,
+        "OUTPUT_CLOSED": 141,
         "TERMINATED": 143,
     }
 

@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import secrets
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,7 +78,7 @@ RUN_HELP = (
     "everything up (exit 130 / 143).\n\n"
     "Exit status: 0 guest exited cleanly, 1 VM error (or the VMM exited non-zero), 2 "
     "usage or configuration error, 3 host not ready, 4 OOM-killed, 6 cleanup failed, "
-    "130 SIGINT, 143 SIGTERM.\n\n"
+    "130 SIGINT, 141 stdout closed (the VM was stopped), 143 SIGTERM.\n\n"
     "The TOML file holds VmConfig keys at top level and JailerConfig keys in a "
     "\\[jailer] table; flags override it:\n\n"
     'vm_id = "web-1"\n\n'
@@ -133,21 +135,43 @@ def build_config(
         raise ConfigError(f"invalid configuration (from {source}):\n{problems}") from None
 
 
+def _discard_output(out: Any) -> None:
+    """Point ``out``'s descriptor at /dev/null, so that what is still buffered is dropped
+    instead of failing again at exit (Python's "Note on SIGPIPE")."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 class _Follower:
     """Copies a growing console to a binary stream, like ``tail -F`` (across rotations)."""
 
-    def __init__(self, path: Path, out: Any) -> None:
+    def __init__(self, path: Path, out: Any, on_closed: Callable[[], None] = lambda: None) -> None:
         self.path = path
         self.out = out
         self._reader = ConsoleFollower(path)
+        self._on_closed = on_closed
+        #: The reader of ``out`` went away (EPIPE): from then on output is read and dropped.
+        self.closed = False
 
     def drain(self) -> int:
         """Copy what is new (up to 1 MiB, so that a flood cannot starve the event loop);
-        return the number of bytes copied."""
+        return the number of bytes read."""
         chunk = self._reader.read()
-        if chunk:
-            self.out.write(chunk)
-            self.out.flush()
+        if chunk and not self.closed:
+            try:
+                self.out.write(chunk)
+                self.out.flush()
+            except BrokenPipeError:
+                self.closed = True
+                _discard_output(self.out)
+                self._on_closed()
         return len(chunk)
 
     def drain_all(self) -> int:
@@ -207,6 +231,9 @@ async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> Exit
         loop.add_signal_handler(sig, on_signal, sig)
 
     def interrupted() -> ExitCode:
+        if signals[0] == signal.SIGPIPE:
+            stderr.print(f"[yellow]stdout closed:[/] stopping VM {config.vm_id} and cleaning up")
+            return ExitCode.OUTPUT_CLOSED
         name = signal.Signals(signals[0]).name
         stderr.print(f"[yellow]{name}:[/] stopping VM {config.vm_id} and cleaning up")
         return ExitCode.INTERRUPTED if signals[0] == signal.SIGINT else ExitCode.TERMINATED
@@ -231,7 +258,10 @@ async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> Exit
         if not vm.is_sandboxed:
             log.warning("VM %s is NOT sandboxed (no jailer): do not run untrusted code", vm.vm_id)
         log.info("VM %s started (pid %d), console %s", vm.vm_id, vm.pid, vm.console_path)
-        follower = _Follower(vm.console_path, sys.stdout.buffer)
+        # A closed stdout (the reader of a pipe exited) stops the VM, as SIGPIPE would.
+        follower = _Follower(
+            vm.console_path, sys.stdout.buffer, on_closed=lambda: on_signal(signal.SIGPIPE)
+        )
         tail = asyncio.ensure_future(follower.follow())
         await vm.start_instance()
         waiter = asyncio.ensure_future(vm.wait())
@@ -257,17 +287,22 @@ async def run_vm(config: VmConfig, *, force_unjailed: bool, stats: bool) -> Exit
         )
         return ExitCode.VM_ERROR
     finally:
-        if tail is not None:
-            tail.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await tail
-        if follower is not None:
-            follower.drain_all()
-            follower.close()
-        if vm is not None:
-            await vm.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        try:
+            if tail is not None:
+                tail.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await tail
+            if follower is not None:
+                try:
+                    follower.drain_all()
+                finally:
+                    follower.close()
+        finally:
+            # Whatever the console copy raised, the VM is stopped and cleaned up.
+            if vm is not None:
+                await vm.stop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
 
 
 def run(
