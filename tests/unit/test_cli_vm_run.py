@@ -1,5 +1,6 @@
 """``vm run`` around the VM (cli/vm.py ``run_vm``): whatever happens to the console copy,
-the VM is stopped and cleaned up. The VM is faked; what is checked is the CLI's handling."""
+the VM is stopped and cleaned up; ``vm logs -f`` ends when its reader is gone. The VM is
+faked; what is checked is the CLI's handling."""
 
 from __future__ import annotations
 
@@ -97,3 +98,32 @@ def test_any_console_copy_error_still_stops_the_vm(
     with pytest.raises(OSError, match="I/O error"):
         run(monkeypatch, vm, out)
     assert vm.stops == 1
+
+
+def test_vm_logs_follow_ends_when_stdout_is_closed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``vm logs -f web-1 | head -1``: the reader is gone, so following ends (exit 141)
+    instead of reading on for as long as the VM lives."""
+    import typer
+
+    from ironclaw_orchestrator.cli import vm_stop
+
+    console = tmp_path / "console.log"
+    console.write_bytes(b"line 1\nline 2\n")
+    record = SimpleNamespace(console_path=console, log_path=None)
+    polls: list[int] = []
+
+    class Registry:
+        def get(self, vm_id: str) -> Any:
+            polls.append(1)
+            return record if len(polls) < 3 else None  # the VM stops at the third poll
+
+    monkeypatch.setattr(vm_stop, "open_registry", Registry)
+    monkeypatch.setattr(vm_stop, "get_record", lambda registry, vm_id: record)
+    out = Output(BrokenPipeError(errno.EPIPE, "Broken pipe"))
+    monkeypatch.setattr(vm_stop.sys, "stdout", out)
+    with pytest.raises(typer.Exit) as exc:
+        vm_stop.logs("web-1", follow=True, supervisor=False)
+    assert exc.value.exit_code == ExitCode.OUTPUT_CLOSED
+    assert (out.writes, polls) == (1, [])  # ended at the first failed write

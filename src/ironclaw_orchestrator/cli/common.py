@@ -53,8 +53,8 @@ class ExitCode(enum.IntEnum):
     CLEANUP_FAILED = 6
     #: Stopped by SIGINT (Ctrl-C); the VM was stopped and cleaned up first.
     INTERRUPTED = 130
-    #: ``vm run``: stdout was closed while the VM ran (the reader of a pipe exited; 128 +
-    #: SIGPIPE, as a process killed by it); the VM was stopped and cleaned up first.
+    #: ``vm run``, ``vm logs -f``: stdout was closed (the reader of a pipe exited; 128 +
+    #: SIGPIPE, as a process killed by it); ``vm run`` stopped and cleaned up the VM first.
     OUTPUT_CLOSED = 141
     #: Stopped by SIGTERM; the VM was stopped and cleaned up first.
     TERMINATED = 143

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
@@ -23,8 +23,8 @@ RECORD_POLL_S = 0.25
 LOGS_HELP = (
     "Print a VM's serial console (and firecracker's own log lines).\n\n"
     "-f/--follow keeps printing new output until the VM's record is gone (the VM stopped) "
-    "or Ctrl-C (exit 130). --supervisor prints the log of a detached VM's supervisor "
-    "instead, which says why it stopped.\n\n"
+    "or Ctrl-C (exit 130), or until stdout is closed (exit 141). --supervisor prints the "
+    "log of a detached VM's supervisor instead, which says why it stopped.\n\n"
     "Examples:\n\n"
     "ironclaw vm logs web-1\n\n"
     "ironclaw vm logs -f web-1\n\n"
@@ -64,7 +64,7 @@ def logs(
         what = "supervisor log (it is not detached)" if supervisor else "console log yet"
         fail(f"VM {vm_id} has no {what}", ExitCode.VM_ERROR)
     out = sys.stdout.buffer
-    follower = _Follower(path, out)
+    follower = _Follower(path, out, on_closed=_output_closed)
     try:
         copied = follower.drain_all()
         if not follow:
@@ -86,6 +86,11 @@ def logs(
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     finally:
         follower.close()
+
+
+def _output_closed() -> NoReturn:
+    # `vm logs -f | head -1`: the reader is gone, so is the point of following (exit 141).
+    raise typer.Exit(int(ExitCode.OUTPUT_CLOSED))
 
 
 async def _stop_one(registry: Registry, vm_id: str, timeout: float) -> str:
