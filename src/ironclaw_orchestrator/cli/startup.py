@@ -27,7 +27,7 @@ import sys
 import threading
 from typing import NoReturn
 
-__all__ = ["exit_now", "gc_paused_by_us", "pause_gc", "resume_gc"]
+__all__ = ["exit_now", "pause_gc", "resume_gc"]
 
 _paused = False
 
@@ -38,11 +38,6 @@ def pause_gc() -> None:
     if gc.isenabled():
         gc.disable()
         _paused = True
-
-
-def gc_paused_by_us() -> bool:
-    """Whether :func:`pause_gc` stopped the collector and it has not been resumed."""
-    return _paused
 
 
 def resume_gc() -> None:
