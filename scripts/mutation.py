@@ -72,6 +72,8 @@ class Target:
 #: staging's stage_file/_copy/make_owned_dir and the rest of registry.py (file I/O, locking).
 TARGETS: tuple[Target, ...] = (
     Target("config", "vm/config.py"),
+    Target("config_rules", "vm/config_rules.py"),
+    Target("jailer_config", "vm/jailer_config.py"),
     Target("names", "names.py"),
     Target("paths", "paths.py"),
     Target("jailer_args", "vm/jailer_args.py"),

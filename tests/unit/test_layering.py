@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.seccomp",
         ),
     ),
-    ("config", ("vm.config", "vm.ratelimit")),
+    ("config", ("vm.config", "vm.config_rules", "vm.jailer_config", "vm.ratelimit")),
     (
         "building blocks",
         (
@@ -73,6 +73,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "vm",
             "vm.cleanup",
+            "vm.handle",
             "vm.hardening",
             "vm.inputs",
             "vm.jailer",
@@ -108,6 +109,10 @@ SIDEWAYS = frozenset(
         ("pidfd", "procfs"),  # a pidfd is opened for a pid whose identity /proc confirms
         ("vm.hostcheck", "vm.netns"),  # where namespaces and the TUN device live
         ("vm.config", "vm.ratelimit"),  # VmConfig holds RateLimit models
+        # vm.config is split by concept: VmConfig, JailerConfig, the rules both use.
+        ("vm.config", "vm.config_rules"),
+        ("vm.config", "vm.jailer_config"),
+        ("vm.jailer_config", "vm.config_rules"),
         ("vm.consoleread", "vm.consolelog"),  # reads what the console writer wrote
     }
 )

@@ -20,380 +20,96 @@ characters, and the kernel command line is printable ASCII, as Firecracker requi
 
 from __future__ import annotations
 
-import functools
 import ipaddress
-import math
 import os
-import re
-from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, Self
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    Strict,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ..errors import ConfigError
-from ..names import ID_RULE, PARENT_CGROUP_NAME, exec_file_name, is_valid_id
 from .cmdline import add_param, has_param
+from .config_rules import (
+    DEFAULT_API_SOCK,
+    DEFAULT_BOOT_ARGS,
+    DEFAULT_CHROOT_BASE,
+    DEFAULT_CONSOLE_LIMIT_BYTES,
+    DEFAULT_EXEC_FILE,
+    DEFAULT_JAIL_GID,
+    DEFAULT_JAIL_UID,
+    DEFAULT_JAILER_BINARY,
+    DEFAULT_MEMORY_HEADROOM_MIB,
+    DEFAULT_PARENT_CGROUP_NAME,
+    FIRECRACKER_DEVICE_ARG,
+    FIRECRACKER_ROOT_ARG,
+    MAX_BOOT_ARGS,
+    MAX_CONSOLE_LIMIT_BYTES,
+    MAX_MEMORY_HEADROOM_MIB,
+    MAX_MEMORY_LIMIT_MIB,
+    MAX_MEMORY_MIB,
+    MAX_NAME_BYTES,
+    MAX_NO_FILE,
+    MAX_PATH_BYTES,
+    MAX_PIDS,
+    MAX_SOCKET_PATH_BYTES,
+    MAX_U63,
+    MAX_VCPUS,
+    MIN_CONSOLE_LIMIT_BYTES,
+    MIN_CPU_QUOTA_US,
+    MIN_MEMORY_MIB,
+    VMM_OVERHEAD_MIB,
+    HostPath,
+    ImageDirs,
+    JailPath,
+    _image_dirs,
+    _jail_path,
+    _Model,
+    _reject_special_network,
+    check_id,
+    config_error,
+    host_path,
+)
+from .jailer_config import JailerConfig
 from .ratelimit import RateLimit, VsockRateLimit
 
-#: Linux ``sun_path`` holds 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
-#: Firecracker's own limit on vCPUs.
-MAX_VCPUS = 32
-MIN_MEMORY_MIB = 128
-#: Hard bound on guest memory (1 TiB); the host's own RAM is checked at start
-#: (:func:`ironclaw_orchestrator.vm.hostcheck.check_guest_memory`).
-MAX_MEMORY_MIB = 1 << 20
-#: The kernel's smallest CFS quota (``cpu.max`` / ``cpu.cfs_quota_us``), in microseconds.
-MIN_CPU_QUOTA_US = 1000
-#: Hard bound on a VM's cgroup memory limits and head-room.
-MAX_MEMORY_LIMIT_MIB = 2 * MAX_MEMORY_MIB
-MAX_MEMORY_HEADROOM_MIB = 64 << 10
-#: A Linux (x86) guest reads at most 2047 bytes of its command line (COMMAND_LINE_SIZE 2048,
-#: with the NUL) and drops the rest; Firecracker itself takes longer lines. Printable ASCII.
-MAX_BOOT_ARGS = 2047
-#: What Firecracker v1.0 appends to the command line for each virtio device (the guest finds
-#: its devices by it): `` virtio_mmio.device=4K@0xd0000000:5``, room left for a 2-digit IRQ.
-FIRECRACKER_DEVICE_ARG = " virtio_mmio.device=4K@0xd0000000:15"
-#: ... and for the root drive, before those: `` root=/dev/vda rw`` (``ro`` when read-only).
-FIRECRACKER_ROOT_ARG = " root=/dev/vda rw"
-#: Linux PATH_MAX (including the NUL) and NAME_MAX.
-MAX_PATH_BYTES = 4095
-MAX_NAME_BYTES = 255
-#: The kernel's ceiling for ``pids.max`` (PID_MAX_LIMIT) and for RLIMIT_NOFILE (nr_open).
-MAX_PIDS = 1 << 22
-MAX_NO_FILE = 1 << 20
-#: Byte and IOPS figures end up in 64-bit kernel counters.
-MAX_U63 = (1 << 63) - 1
-#: What the VMM itself needs on top of guest memory (Firecracker publishes <= 5 MiB; the
-#: jailer's copy of the exec file and page tables need a little more).
-VMM_OVERHEAD_MIB = 16
-#: Default head-room above guest memory when the memory limit is derived from ``VmConfig``.
-DEFAULT_MEMORY_HEADROOM_MIB = 64
-#: The unprivileged uid/gid the VMM runs as unless configured.
-DEFAULT_JAIL_UID = 64_000
-DEFAULT_JAIL_GID = 64_000
-DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
-#: Budget for a VM's console files (serial output + firecracker's log), see ``vm.consolelog``.
-DEFAULT_CONSOLE_LIMIT_BYTES = 4 << 20
-MIN_CONSOLE_LIMIT_BYTES = 16 << 10
-MAX_CONSOLE_LIMIT_BYTES = 1 << 30
-DEFAULT_JAILER_BINARY = Path("/usr/local/bin/jailer")
-DEFAULT_EXEC_FILE = Path("/usr/local/bin/firecracker-v1.14.1")
-DEFAULT_CHROOT_BASE = Path("/var/jail")
-DEFAULT_API_SOCK = PurePosixPath("/run/firecracker.socket")
-DEFAULT_PARENT_CGROUP_NAME = PARENT_CGROUP_NAME
-
-
-def check_id(value: str, what: str = "vm_id") -> str:
-    if not is_valid_id(value):
-        raise ValueError(f"{what} {value!r} is invalid: {ID_RULE}")
-    return value
-
-
-#: A host path: ``str`` from TOML/JSON is accepted (the one lax type; everything else is
-#: strict), then :func:`host_path` refuses control characters and makes it absolute.
-HostPath = Annotated[Path, Strict(False)]
-JailPath = Annotated[PurePosixPath, Strict(False)]
-#: A list (TOML, JSON) or tuple of host directories.
-ImageDirs = Annotated[tuple[HostPath, ...], Strict(False)]
-
-
-def _control_free(value: str, what: str) -> None:
-    bad = next((c for c in value if ord(c) < 0x20 or ord(c) == 0x7F), None)
-    if bad is not None:
-        raise ValueError(f"{what} {value!r} contains the control character {bad!r}: remove it")
-
-
-def host_path(value: str | Path, what: str) -> str:
-    """``value`` checked (not empty, no control characters, fits PATH_MAX) and absolute.
-
-    A relative path is taken relative to the current directory now, so the path that is
-    recorded (and later cleaned up, possibly by another process) is the one meant.
-    """
-    text = str(value)
-    if not text:
-        raise ValueError(f"{what} is empty: give a path")
-    _control_free(text, what)
-    if len(os.fsencode(text)) > MAX_PATH_BYTES:
-        raise ValueError(f"{what} is longer than {MAX_PATH_BYTES} bytes: shorten it")
-    if any(len(os.fsencode(part)) > MAX_NAME_BYTES for part in text.split("/")):
-        raise ValueError(f"{what} {text!r} has a component over {MAX_NAME_BYTES} bytes")
-    return text if os.path.isabs(text) else os.path.abspath(text)
-
-
-def _jail_path(value: PurePosixPath, what: str) -> PurePosixPath:
-    text = str(value)
-    _control_free(text, what)
-    if not value.is_absolute() or ".." in value.parts:
-        raise ValueError(f"{what} {text!r} must be an absolute jail-relative path without '..'")
-    if len(text.encode()) > MAX_PATH_BYTES:
-        raise ValueError(f"{what} is longer than {MAX_PATH_BYTES} bytes: shorten it")
-    return value
-
-
-def _image_dirs(value: tuple[Path, ...] | None, what: str) -> tuple[Path, ...] | None:
-    if value is None:
-        return None
-    if not value:
-        raise ValueError(f"{what} is empty: list at least one directory, or leave it unset")
-    for path in value:
-        if not str(path).startswith("/"):
-            raise ValueError(f"{what} entry {str(path)!r} must be an absolute directory")
-        host_path(path, what)
-    return value
-
-
-def _reject_special_network(net: ipaddress.IPv4Network, what: str, value: str) -> None:
-    """Refuse addresses that are never a VM's to use: loopback, multicast, 0/8, 240/4."""
-    for flag, name in (
-        (net.is_loopback, "loopback"),
-        (net.is_multicast, "multicast"),
-        (net.is_reserved, "reserved (240.0.0.0/4)"),
-        (net.subnet_of(ipaddress.IPv4Network("0.0.0.0/8")), "'this network' (0.0.0.0/8)"),
-    ):
-        if flag:
-            raise ValueError(
-                f"{what} {value!r} is in the {name} range: use a private range such as "
-                "10.0.0.0/8 or 172.16.0.0/12"
-            )
-
-
-def _cpu_list(value: str | None, what: str) -> str | None:
-    if value is None:
-        return None
-    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value):
-        raise ValueError(f"{what} {value!r} is not a CPU/node list such as '0', '0-3' or '0,2'")
-    for part in value.split(","):
-        lo, _, hi = part.partition("-")
-        if hi and int(hi) < int(lo):
-            raise ValueError(f"{what} {value!r}: range {part!r} runs backwards")
-    return value
-
-
-# Validators delegate to plain (static)methods: mutation testing (scripts/mutation.py) cannot
-# mutate a decorated function, so the rules live in undecorated ones.
-
-
-class _Model(BaseModel):
-    """Base: unknown keys are errors, and bad values raise ``ConfigError`` (not pydantic's)."""
-
-    # strict: no bool for int, no "2" for 2 (TOML, JSON and keyword arguments alike).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True)
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise config_error(exc, type(self).__name__) from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        try:
-            super().__setattr__(name, value)
-        except ValidationError as exc:
-            raise config_error(exc, type(self).__name__) from None
-
-
-class JailerConfig(_Model):
-    """How to jail one Firecracker process (spec: JailerConfig).
-
-    The first seven fields and their defaults are the spec's; the rest are what the real jailer
-    and the Resource Limits sections need. Limits left ``None`` are not set.
-    """
-
-    jailer_binary: HostPath = DEFAULT_JAILER_BINARY
-    jailer_id: str = "ironclaw-vm"
-    chroot_base_dir: HostPath = DEFAULT_CHROOT_BASE
-    exec_file: HostPath = DEFAULT_EXEC_FILE
-    cpu_count: int = Field(default=1, ge=1, le=MAX_VCPUS)
-    memory_limit_mb: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_LIMIT_MIB)
-    netns: str | None = None
-    #: With ``netns`` unset: give the VM a private network namespace of its own
-    #: (``ironclaw-<id>``, created before the jailer runs and deleted at stop). ``False``
-    #: leaves the VMM in the host's namespace (not recommended).
-    isolate_network: bool = True
-
-    uid: int = Field(default=DEFAULT_JAIL_UID, ge=1, le=2**32 - 2)
-    gid: int = Field(default=DEFAULT_JAIL_GID, ge=1, le=2**32 - 2)
-    #: 1 or 2; ``None`` detects the host's layout.
-    cgroup_version: Literal[1, 2] | None = None
-    #: Relative to each hierarchy's root. ``None``: ``<the orchestrator's own cgroup>/ironclaw``.
-    parent_cgroup: str | None = None
-    #: Run the VMM as PID 1 of a new PID namespace (it cannot see or signal host processes).
-    new_pid_ns: bool = True
-    #: Jailer ``--resource-limit no-file=`` (jailer default 2048) and ``fsize=`` (bytes).
-    no_file: int | None = Field(default=2048, ge=16, le=MAX_NO_FILE)
-    fsize: int | None = Field(default=None, ge=1, le=MAX_U63)
-    #: Jail-relative path of the API socket.
-    api_sock: JailPath = DEFAULT_API_SOCK
-    #: Confine staged files (kernel, disks) to these directories, symlinks resolved.
-    #: ``None``: ``IRONCLAW_IMAGE_DIRS`` (colon-separated) if set, else no confinement.
-    image_dirs: ImageDirs | None = None
-    #: Host path of a custom seccomp filter (compiled with Firecracker's seccompiler-bin for
-    #: this exact release), staged into the jail; ``None`` keeps Firecracker's built-in one.
-    seccomp_filter: Path | None = None
-    #: Run the VMM without seccomp (``--no-seccomp``): refused when a sandbox is required.
-    no_seccomp: bool = False
-    #: Confine jailer and VMM with this AppArmor profile (``ironclaw security profile``).
-    apparmor_profile: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    #: Run jailer and VMM with this SELinux context, e.g. ``system_u:system_r:ironclaw_vmm_t:s0``.
-    selinux_label: str | None = Field(
-        default=None, pattern=r"^[a-z0-9_]+:[a-z0-9_]+:[a-z0-9_]+(:[A-Za-z0-9_.,:-]+)?$"
-    )
-
-    # Resource limits beyond cpu_count / memory_limit_mb (spec Phase 2).
-    cpu_period_us: int = Field(default=100_000, ge=1_000, le=1_000_000)
-    #: CPU time quota in CPUs, may be fractional (``0.5`` = half a CPU). Default: ``cpu_count``.
-    cpu_limit: float | None = Field(default=None, ge=0.01, le=MAX_VCPUS)
-    #: Relative CPU weight, 1..10000 (v2 ``cpu.weight``; v1 ``cpu.shares`` scaled).
-    cpu_weight: int | None = Field(default=None, ge=1, le=10_000)
-    #: v2 ``memory.high`` (throttle before the hard limit); v1 ``memory.soft_limit_in_bytes``.
-    memory_high_mb: int | None = Field(default=None, ge=1, le=MAX_MEMORY_LIMIT_MIB)
-    #: Pin the VMM's threads, e.g. ``"0-1"``; ``cpuset_mems`` defaults to the parent's nodes.
-    cpuset_cpus: str | None = None
-    cpuset_mems: str | None = None
-    pids_max: int | None = Field(default=None, ge=1, le=MAX_PIDS)
-    #: Disk throttling for the device holding the VM's disks (v2 ``io.max``, v1 ``blkio``).
-    io_read_bps: int | None = Field(default=None, ge=1, le=MAX_U63)
-    io_write_bps: int | None = Field(default=None, ge=1, le=MAX_U63)
-    io_read_iops: int | None = Field(default=None, ge=1, le=MAX_U63)
-    io_write_iops: int | None = Field(default=None, ge=1, le=MAX_U63)
-
-    _check_id = field_validator("jailer_id")(lambda v: check_id(v, "jailer_id"))
-
-    @field_validator("cpuset_cpus", "cpuset_mems")
-    @classmethod
-    def _lists(cls, v: str | None, info: object) -> str | None:
-        return _cpu_list(v, getattr(info, "field_name", "cpuset"))
-
-    @field_validator("api_sock")
-    @classmethod
-    def _abs_sock(cls, v: PurePosixPath) -> PurePosixPath:
-        return _jail_path(v, "api_sock")
-
-    @field_validator("jailer_binary", "exec_file", "chroot_base_dir", mode="before")
-    @classmethod
-    def _host_paths(cls, v: object, info: ValidationInfo) -> object:
-        # Before conversion: Path("") would already be ".", the current directory.
-        return host_path(v, str(info.field_name)) if isinstance(v, str | Path) else v
-
-    @field_validator("image_dirs")
-    @classmethod
-    def _dirs(cls, v: tuple[Path, ...] | None) -> tuple[Path, ...] | None:
-        return _image_dirs(v, "image_dirs")
-
-    @field_validator("cgroup_version", mode="before")
-    @classmethod
-    def _version(cls, v: object) -> object:
-        return cls._check_version(v)
-
-    @staticmethod
-    def _check_version(v: object) -> object:
-        # Literal[1, 2] alone would take True (== 1) and 2.0.
-        if v is not None and (type(v) is not int or v not in (1, 2)):
-            raise ValueError(f"cgroup_version {v!r} must be the integer 1 or 2 (or unset)")
-        return v
-
-    @field_validator("parent_cgroup")
-    @classmethod
-    def _rel_cgroup(cls, v: str | None) -> str | None:
-        return cls._check_rel_cgroup(v)
-
-    @staticmethod
-    def _check_rel_cgroup(v: str | None) -> str | None:
-        if v is None:
-            return None
-        parts = [p for p in v.strip("/").split("/") if p]
-        if not parts or any(
-            p in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,255}", p) for p in parts
-        ):
-            raise ValueError(f"parent_cgroup {v!r} must be a relative path like 'ironclaw'")
-        return "/".join(parts)
-
-    @field_validator("netns")
-    @classmethod
-    def _netns_abs(cls, v: str | None) -> str | None:
-        return cls._check_netns_abs(v)
-
-    @staticmethod
-    def _check_netns_abs(v: str | None) -> str | None:
-        if v is None:
-            return None
-        if not v.startswith("/"):
-            raise ValueError(f"netns {v!r} must be an absolute path such as /run/netns/NAME")
-        return host_path(v, "netns")
-
-    @model_validator(mode="after")
-    def _quota_expressible(self) -> JailerConfig:
-        return self._check_quota_expressible()
-
-    def _check_quota_expressible(self) -> JailerConfig:
-        cpus = self.cpu_limit if self.cpu_limit is not None else self.cpu_count
-        quota = round(cpus * self.cpu_period_us)
-        if quota < MIN_CPU_QUOTA_US:
-            # Rounding up to the kernel's minimum would silently grant more CPU than asked.
-            raise ValueError(
-                f"cpu_limit={cpus} with cpu_period_us={self.cpu_period_us} is a quota of "
-                f"{quota} us, below the kernel's minimum of {MIN_CPU_QUOTA_US} us: raise "
-                f"cpu_period_us to at least {math.ceil(MIN_CPU_QUOTA_US / cpus)}"
-            )
-        return self
-
-    @property
-    def cpu_quota_us(self) -> int:
-        """CFS quota per ``cpu_period_us`` implementing ``cpu_limit`` (or ``cpu_count``)."""
-        return self._cpu_quota_us()
-
-    def _cpu_quota_us(self) -> int:
-        cpus = self.cpu_limit if self.cpu_limit is not None else self.cpu_count
-        return max(MIN_CPU_QUOTA_US, round(cpus * self.cpu_period_us))
-
-    @functools.cached_property
-    def exec_file_name(self) -> str:
-        """The jailer's name for the exec file: the basename of its resolved path.
-
-        Resolved once per config object (again if ``exec_file`` is reassigned): the jail of
-        one VM keeps the name it started with even if the symlink is re-pointed (an upgrade)
-        while it runs. ``VmConfig.jailer_config()`` hands out fresh objects.
-        """
-        return exec_file_name(self.exec_file)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name == "exec_file":
-            self.__dict__.pop("exec_file_name", None)
-
-    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
-        """A copy; one given another ``exec_file`` resolves its name anew (the cached name is
-        the old file's: the jail, socket and pid paths would all point at the wrong place)."""
-        copy = super().model_copy(update=update, deep=deep)
-        if update is not None and "exec_file" in update:
-            copy.__dict__.pop("exec_file_name", None)
-        return copy
-
-    @property
-    def jail_dir(self) -> Path:
-        """``<chroot_base>/<exec name>/<id>``: everything the jailer makes for this VM."""
-        return self.chroot_base_dir / self.exec_file_name / self.jailer_id
-
-    @property
-    def chroot_dir(self) -> Path:
-        """The VMM's ``/`` on the host: ``<jail_dir>/root``."""
-        return self.jail_dir / "root"
-
-    @property
-    def api_socket_path(self) -> Path:
-        """Host path of the API socket (inside ``root/``, unlike the spec says)."""
-        return self.chroot_dir / str(self.api_sock).lstrip("/")
+#: The constants and rules live in :mod:`.config_rules`, ``JailerConfig`` in
+#: :mod:`.jailer_config`; all stay importable from here.
+__all__ = [
+    "DEFAULT_API_SOCK",
+    "DEFAULT_BOOT_ARGS",
+    "DEFAULT_CHROOT_BASE",
+    "DEFAULT_CONSOLE_LIMIT_BYTES",
+    "DEFAULT_EXEC_FILE",
+    "DEFAULT_JAILER_BINARY",
+    "DEFAULT_JAIL_GID",
+    "DEFAULT_JAIL_UID",
+    "DEFAULT_MEMORY_HEADROOM_MIB",
+    "DEFAULT_PARENT_CGROUP_NAME",
+    "FIRECRACKER_DEVICE_ARG",
+    "FIRECRACKER_ROOT_ARG",
+    "MAX_BOOT_ARGS",
+    "MAX_CONSOLE_LIMIT_BYTES",
+    "MAX_MEMORY_HEADROOM_MIB",
+    "MAX_MEMORY_LIMIT_MIB",
+    "MAX_MEMORY_MIB",
+    "MAX_NAME_BYTES",
+    "MAX_NO_FILE",
+    "MAX_PATH_BYTES",
+    "MAX_PIDS",
+    "MAX_SOCKET_PATH_BYTES",
+    "MAX_U63",
+    "MAX_VCPUS",
+    "MIN_CONSOLE_LIMIT_BYTES",
+    "MIN_CPU_QUOTA_US",
+    "MIN_MEMORY_MIB",
+    "VMM_OVERHEAD_MIB",
+    "HostPath",
+    "ImageDirs",
+    "JailPath",
+    "JailerConfig",
+    "VmConfig",
+    "check_id",
+    "config_error",
+    "host_path",
+]
 
 
 class VmConfig(_Model):
@@ -622,20 +338,3 @@ class VmConfig(_Model):
         merged.__dict__.pop("exec_file_name", None)  # resolve anew: the binary may have changed
         # model_copy keeps fields_set; remember that these were derived, not chosen.
         return merged
-
-
-def config_error(exc: ValidationError, source: str = "config") -> ConfigError:
-    """A ``ConfigError`` listing each bad key with its message."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        nested = err.get("ctx", {}).get("error")
-        if isinstance(nested, ConfigError):
-            # A nested model (e.g. ``jailer``) already listed its keys: prefix them with ours.
-            for line in str(nested).splitlines()[1:]:
-                key, _, msg = line.strip().partition(": ")
-                lines.append(f"  {loc}.{key}: {msg}" if loc else f"  {key}: {msg}")
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc or '(top level)'}: {msg}")
-    return ConfigError(f"invalid {source}:\n" + "\n".join(lines))
