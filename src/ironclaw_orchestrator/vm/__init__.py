@@ -101,8 +101,8 @@ async def start_firecracker(
     claimed it already. A recorded, jailed VM gets a uid/gid of its own from the registry
     unless ``jailer.uid``/``gid`` are set.
     """
-    check_vm_inputs(config, jailed=use_jailer is not False)
     jailer_cfg = config.jailer_config()
+    check_vm_inputs(config, jailed=use_jailer is not False, jailer=jailer_cfg)
     reason = _unjailed_reason(config, jailer_cfg, use_jailer)
     check_confinement(config, jailer_cfg, jailed=reason is None)
     recorder = _recorder(config, jailer_cfg, registry, claim, record, jailed=reason is None)

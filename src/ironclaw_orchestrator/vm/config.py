@@ -335,6 +335,6 @@ class VmConfig(_Model):
         if "image_dirs" not in base.model_fields_set and self.image_dirs is not None:
             updates["image_dirs"] = self.image_dirs
         merged = base.model_copy(update=updates)
-        merged.__dict__.pop("exec_file_name", None)  # resolve anew: the binary may have changed
+        merged._forget_derived("exec_file")  # resolve anew: the binary may have changed
         # model_copy keeps fields_set; remember that these were derived, not chosen.
         return merged

@@ -117,7 +117,8 @@ class FirecrackerProcess(GuestAgentMixin, HardeningMixin):
             raise UsageError(f"VM {self.vm_id} was already started")
         await self.vmm.api.instance_start()
         self.vmm.booted = True
-        if not self.config.jailer_config().no_seccomp:
+        jailer = self.config.jailer  # no_seccomp is never derived: no jailer_config() needed
+        if jailer is None or not jailer.no_seccomp:
             await self._check_seccomp()
 
     async def wait(self) -> int:

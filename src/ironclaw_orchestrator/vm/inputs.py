@@ -28,12 +28,16 @@ from .staging import check_source
 __all__ = ["check_vm_inputs"]
 
 
-def check_vm_inputs(config: VmConfig, *, jailed: bool = True) -> None:
+def check_vm_inputs(
+    config: VmConfig, *, jailed: bool = True, jailer: JailerConfig | None = None
+) -> None:
     """Refuse ``config`` if the host says it cannot work; read-only, quick, spawns nothing.
 
     ``jailed=False``: the caller asked for an unjailed VM (no jail paths to check).
+    ``jailer``: ``config.jailer_config()`` if the caller has it already (it is not changed).
     """
-    jailer = config.jailer_config()
+    if jailer is None:
+        jailer = config.jailer_config()
     check_source(Path(config.kernel_path), "kernel_path", jailer.image_dirs)
     if config.rootfs_path is not None:
         check_source(Path(config.rootfs_path), "rootfs_path", jailer.image_dirs)

@@ -52,13 +52,28 @@ class ChildProcess:
         self.pid = pid
         #: Write end of the child's stdin pipe (Firecracker's serial input), or None.
         self.stdin_fd = stdin_fd
-        self.start_time = read_start_time(pid)
+        self._start_time: int | None = None
+        self._start_time_read = False
         self._pidfd: int | None = pidfds.open_pidfd(pid)
         if self._pidfd is None:
             raise ProcessLookupError(pid)
         self.returncode: int | None = None
         self._exited: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def start_time(self) -> int | None:
+        """Start time in clock ticks since boot (with the pid, the process's identity).
+
+        Read from /proc on first use, not per spawn: the jailer that forks the VMM never
+        needs it. ``None`` if first asked after the process was reaped (its pid may be
+        reused by then); until then the pid is still ours, even as a zombie.
+        """
+        if not self._start_time_read:
+            self._start_time_read = True
+            if self.returncode is None:
+                self._start_time = read_start_time(self.pid)
+        return self._start_time
 
     @classmethod
     def spawn(

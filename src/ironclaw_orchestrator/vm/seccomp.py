@@ -8,6 +8,7 @@ created at ``InstanceStart``. ``Seccomp: 2`` in ``/proc/<pid>/task/<tid>/status`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +20,8 @@ SECCOMP_DISABLED, SECCOMP_STRICT, SECCOMP_FILTER = 0, 1, 2
 SECCOMP_FILTER_JAIL_PATH = PurePosixPath("/seccomp-filter.bpf")
 #: Kernel's ``/proc/sys/kernel/seccomp/actions_avail`` exists when filter mode is built in.
 ACTIONS_AVAIL = Path("/proc/sys/kernel/seccomp/actions_avail")
+#: ``/proc/<pid>/task/<tid>/status`` is about 1.5 KiB; ``Seccomp:`` comes before its middle.
+_STATUS_READ = 8192
 
 
 @dataclass(frozen=True)
@@ -53,22 +56,31 @@ class SeccompStatus:
 def read_seccomp_status(pid: int, proc: Path = Path("/proc")) -> SeccompStatus:
     """Read the ``Seccomp:`` line of each thread of ``pid`` (threads that vanish are skipped).
 
-    All /proc reading for this lives in this one function.
+    All /proc reading for this lives in this one function. It runs at every start (the
+    vCPU threads install their filters at ``InstanceStart``), so it reads bytes with plain
+    ``os`` calls: one directory listing and one read per thread.
     """
     threads: dict[int, int] = {}
+    task_dir = f"{proc}/{pid}/task"
     try:
-        tids = [int(p.name) for p in (proc / str(pid) / "task").iterdir() if p.name.isdigit()]
+        tids = [int(name) for name in os.listdir(task_dir) if name.isdigit()]
     except OSError:
         return SeccompStatus(pid, {})
     for tid in tids:
         try:
-            text = (proc / str(pid) / "task" / str(tid) / "status").read_text()
+            fd = os.open(f"{task_dir}/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
-        for line in text.splitlines():
-            if line.startswith("Seccomp:"):
-                threads[tid] = int(line.split()[1])
-                break
+        try:
+            data = b"\n" + os.read(fd, _STATUS_READ)  # so the first line matches too
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        at = data.find(b"\nSeccomp:")
+        if at >= 0:
+            end = data.find(b"\n", at + 1)
+            threads[tid] = int(data[at + 9 : end if end >= 0 else len(data)])
     return SeccompStatus(pid, threads)
 
 

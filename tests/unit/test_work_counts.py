@@ -1,0 +1,134 @@
+"""Work per start and stop, counted (never timed), against the stand-in jailer.
+
+Guards the per-VM CPU of the start/stop path (issue 10): host facts and derived values are
+computed once, not once per step that needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+from standin_host import StandinHost, make_host
+
+from ironclaw_orchestrator import procfs
+from ironclaw_orchestrator.registry import Registry
+from ironclaw_orchestrator.vm import jailer_config, seccomp, start_firecracker
+from ironclaw_orchestrator.vm.cgroups import VmCgroups
+from ironclaw_orchestrator.vm.config import JailerConfig
+from ironclaw_orchestrator.vm.process import ChildProcess
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
+    monkeypatch.delenv("IRONCLAW_REQUIRE_SANDBOX", raising=False)
+    yield from make_host(monkeypatch, 1)
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[object]:
+    """Count calls of ``owner.name`` (its first argument each)."""
+    calls: list[object] = []
+    real = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+async def test_one_stat_read_one_oom_read_one_exec_resolution_per_lifecycle(
+    host: StandinHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry(host.root / "state")
+    stats = counting(monkeypatch, procfs, "read_stat")
+    ooms = counting(monkeypatch, VmCgroups, "oom_kills")
+    resolved = counting(monkeypatch, jailer_config, "exec_file_name")
+    host.control(after_start="exit:0")
+    vm = await start_firecracker(host.vm_config(), registry=registry, ready_timeout_s=30)
+    try:
+        # The VMM's start time (its identity for the record) is read; the jailer's, which
+        # forks the VMM and exits, is not. (The registry may read the orchestrator's own.)
+        assert vm.pid in stats
+        vm_reads = [pid for pid in stats if pid != os.getpid()]
+        assert vm_reads == [vm.pid], stats
+        # The exec file's name (a realpath) is resolved by the input check and the start,
+        # not by every step that derives a jail path from it.
+        assert len(resolved) <= 2, resolved
+        await vm.start_instance()
+        assert await vm.wait() == 0
+    finally:
+        await vm.stop()
+    assert len(ooms) == 1  # read once the VMM exited; stop() does not read it again
+
+
+async def test_jailer_start_time_is_not_read() -> None:
+    reads = []
+    real = procfs.read_stat
+
+    def counted(pid: int, proc: Path = procfs.PROC) -> procfs.ProcStat | None:
+        reads.append(pid)
+        return real(pid, proc)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(procfs, "read_stat", counted)
+    try:
+        child = ChildProcess.spawn(["/bin/sleep", "5"], stdout_path=Path("/dev/null"))
+        assert reads == []
+        start = child.start_time
+        assert start is not None and reads == [child.pid]
+        assert child.start_time == start and reads == [child.pid]  # read once
+        child.kill()
+        await child.wait()
+        late = ChildProcess.spawn(["/bin/true"], stdout_path=Path("/dev/null"))
+        await late.wait()
+        # Asked first after the reap: the pid may be reused, so no answer rather than a wrong one.
+        assert late.start_time is None and late.pid not in reads
+    finally:
+        mp.undo()
+
+
+def test_jail_paths_are_derived_once_and_follow_their_inputs(tmp_path: Path) -> None:
+    cfg = JailerConfig(jailer_id="a", chroot_base_dir=tmp_path, exec_file=tmp_path / "fc-1")
+    assert cfg.jail_dir == tmp_path / "fc-1" / "a"
+    assert cfg.jail_dir is cfg.jail_dir  # computed once per object
+    assert cfg.api_socket_path == tmp_path / "fc-1/a/root/run/firecracker.socket"
+    cfg.jailer_id = "b"
+    assert cfg.jail_dir == tmp_path / "fc-1" / "b"
+    assert cfg.chroot_dir == tmp_path / "fc-1/b/root"
+    cfg.api_sock = PurePosixPath("/api.sock")
+    assert cfg.api_socket_path == tmp_path / "fc-1/b/root/api.sock"
+    cfg.exec_file = tmp_path / "fc-2"
+    assert cfg.exec_file_name == "fc-2"
+    assert cfg.api_socket_path == tmp_path / "fc-2/b/root/api.sock"
+    moved = cfg.model_copy(update={"chroot_base_dir": tmp_path / "other"})
+    assert moved.jail_dir == tmp_path / "other/fc-2/b"
+    assert cfg.jail_dir == tmp_path / "fc-2/b"  # the original keeps its own
+    renamed = cfg.model_copy(update={"jailer_id": "c"})
+    assert renamed.chroot_dir == tmp_path / "fc-2/c/root"
+    same = cfg.model_copy(update={"uid": 4242})
+    assert same.jail_dir == cfg.jail_dir and same == cfg.model_copy(update={"uid": 4242})
+    assert "jail_dir" not in cfg.model_dump()
+
+
+def test_seccomp_status_reads_one_file_per_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = tmp_path / "7" / "task"
+    for tid, text in {
+        7: "Name:\tfirecracker\nSeccomp:\t2\nSeccomp_filters:\t1\n",
+        8: "Seccomp:\t2\n",  # the line first ...
+        9: "Name:\tfc_vcpu 0\nSeccomp:\t0",  # ... or last, without a newline
+        10: "Name:\tfc_api\n",  # no such line: not counted
+    }.items():
+        (task / str(tid)).mkdir(parents=True)
+        (task / str(tid) / "status").write_text(text)
+    (task / "11").mkdir()  # a thread that exited between the listing and the read
+    opened = counting(monkeypatch, seccomp.os, "open")
+    status = seccomp.read_seccomp_status(7, tmp_path)
+    assert status.threads == {7: 2, 8: 2, 9: 0}
+    assert len(opened) == 5  # one open per listed thread, nothing else
