@@ -77,6 +77,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.hardening",
             "vm.inputs",
             "vm.jailer",
+            "vm.jailer_process",
             "vm.lifecycle",
             "vm.pool",
             "vm.recording",

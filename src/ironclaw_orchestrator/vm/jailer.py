@@ -20,7 +20,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from types import TracebackType
 from typing import Any
 
 from .. import names
@@ -29,29 +28,25 @@ from ..errors import (
     CleanupError,
     ConfigError,
     IronclawError,
-    JailerError,
     SandboxRequiredError,
-    UsageError,
-    VmExitedError,
 )
 from ..safefs import check_not_swappable, check_run_root
 from . import cgroups as cg
 from . import cleanup
 from . import netns as ns
 from .api import FirecrackerApi
-from .binaries import Binaries, resolve_binaries
+from .binaries import resolve_binaries
 from .cancelsafe import ThreadSteps, finish
 from .config import JailerConfig
 from .consolelog import DEFAULT_CONSOLE_LIMIT_BYTES, ConsolePump
-from .consoleread import read_tail
-from .context import awaitable_context, stop_on_exit
+from .context import awaitable_context
 from .hostcheck import check_chroot_base, check_kvm, check_socket_budget, is_root
 from .jailer_args import CgroupArg, build_jailer_argv
+from .jailer_process import JailerProcess
+from .jailer_process import adopt_vmm as _adopt_vmm
 from .lifecycle import (
     DEFAULT_READY_TIMEOUT_S,
-    VmmHandle,
     abort_start,
-    exited_error,
     wait_ready,
 )
 from .process import ChildProcess, become_subreaper
@@ -93,105 +88,6 @@ def jailer_available(config: JailerConfig | None = None) -> str | None:
     except IronclawError as exc:
         return str(exc)
     return None
-
-
-class JailerProcess(VmmHandle):
-    """A Firecracker process running inside the jailer's sandbox (spec: the jailer handle).
-
-    ``pid`` is the VMM itself (not the jailer), ``api_socket`` its host-side socket path.
-    ``async with`` it (or ``async with start_with_jailer(...) as vmm:``) to have it stopped
-    and its jail, cgroups and namespace removed when the block ends, however it ends.
-    """
-
-    async def __aenter__(self) -> JailerProcess:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await stop_on_exit(self, exc)
-
-    jailed = True
-
-    def __init__(
-        self,
-        *,
-        config: JailerConfig,
-        binaries: Binaries,
-        process: ChildProcess,
-        resources: JailResources,
-        console_path: Path,
-        api: FirecrackerApi,
-        argv: list[str],
-        console: ConsolePump | None = None,
-    ) -> None:
-        super().__init__(
-            vm_id=config.jailer_id,
-            process=process,
-            api=api,
-            console_path=console_path,
-            console=console,
-        )
-        self.config = config
-        self.binaries = binaries
-        self.resources = resources
-        self.argv = argv
-        self.oom_killed = False
-        self._oom_read = False
-
-    @property
-    def api_socket(self) -> Path:
-        return self.config.api_socket_path
-
-    @property
-    def chroot_dir(self) -> Path:
-        return self.config.chroot_dir
-
-    @property
-    def jail_dir(self) -> Path:
-        return self.config.jail_dir
-
-    @property
-    def cgroup_paths(self) -> dict[str, Path]:
-        cgroups = self.resources.cgroups
-        return dict(cgroups.paths) if cgroups is not None else {}
-
-    @property
-    def netns_path(self) -> str | None:
-        if self.config.netns is not None:
-            return self.config.netns
-        name = self.resources.netns_name
-        return str(ns.netns_path(name)) if name is not None else None
-
-    def jail_host_path(self, jail_path: PurePosixPath | str) -> Path:
-        """Host path of a path as the VMM sees it."""
-        return self.chroot_dir / str(jail_path).lstrip("/")
-
-    def _after_exit(self) -> None:
-        """Record whether the memory cgroup OOM-killed the VMM."""
-        cgroups = self.resources.cgroups
-        if cgroups is None or self._oom_read:
-            return
-        try:
-            kills = cgroups.oom_kills()
-        except IronclawError:
-            return
-        # Called once the VMM has exited (wait, then stop): its cgroup's count is final.
-        self._oom_read = True
-        self.oom_killed = bool(kills)
-
-    def _release(self) -> None:
-        self.resources.release()
-
-    def stats(self) -> cg.CgroupStats:
-        """Resource usage read from the VM's own cgroups."""
-        cgroups = self.resources.cgroups
-        if cgroups is None:
-            raise UsageError(f"VM {self.vm_id} has no cgroups (stopped, or started without limits)")
-        return cgroups.stats()
 
 
 @awaitable_context
@@ -462,41 +358,3 @@ def _wants_io(config: JailerConfig) -> bool:
             config.io_write_iops,
         )
     )
-
-
-async def _adopt_vmm(jailer: ChildProcess, config: JailerConfig, console: Path) -> ChildProcess:
-    """With ``--new-pid-ns`` the jailer forks the VMM, writes its pid file and exits 0."""
-    # The VMM shares the jailer's stdin pipe: keep its write end open past the jailer's exit.
-    stdin_fd = jailer.take_stdin()
-    try:
-        code = await jailer.wait()
-        if code != 0:
-            raise exited_error(config.jailer_id, code, console, what="the jailer")
-        pid_file = names.pid_file(config.jail_dir)
-        try:
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError) as exc:
-            # The VMM exists all the same: find it by its root (the chroot), kill and reap it.
-            killed = cleanup.kill_jail_processes(config.jail_dir)
-            found = f"; killed its VMM (pid {', '.join(map(str, killed))})" if killed else ""
-            raise JailerError(
-                f"VM {config.jailer_id}: the jailer exited 0 but its pid file {pid_file} is "
-                f"missing or invalid ({exc}){found}. Is {config.exec_file} from the jailer's "
-                f"release? output:\n{read_tail(console)}",
-                vm_id=config.jailer_id,
-                output_tail=read_tail(console),
-            ) from exc
-        try:
-            vmm = ChildProcess.adopt(pid, stdin_fd=stdin_fd)
-        except ProcessLookupError:
-            raise VmExitedError(
-                f"VM {config.jailer_id}: the VMM (pid {pid}) was gone before it could be "
-                f"watched; output:\n{read_tail(console)}",
-                vm_id=config.jailer_id,
-                output_tail=read_tail(console),
-            ) from None
-    except BaseException:
-        if stdin_fd is not None:
-            os.close(stdin_fd)
-        raise
-    return vmm
