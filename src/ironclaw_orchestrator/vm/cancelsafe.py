@@ -48,35 +48,25 @@ async def finish(aw: Awaitable[T]) -> T:
 
 
 class ThreadSteps:
-    """Blocking steps run in threads, whose ends a rollback waits for.
+    """Blocking steps run in a thread, one at a time, whose end a rollback waits for.
 
-    A cancel interrupts the caller's wait at once; :meth:`settle` then waits until every
-    step's thread is done, so that the rollback sees (and removes) what they made. Steps
-    may overlap: :meth:`start` one, do other work, then await it.
+    A cancel interrupts the caller's wait at once; :meth:`settle` then waits until the
+    step's thread is done, so that the rollback sees (and removes) what it made.
     """
 
     def __init__(self) -> None:
-        self._running: list[asyncio.Future[Any]] = []
-
-    def start(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        """Run ``fn(*args)`` in a thread from now on; await the result with :meth:`join`."""
-        fut: asyncio.Future[T] = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-        self._running.append(fut)
-        return fut
-
-    async def join(self, fut: asyncio.Future[T]) -> T:
-        """The result of a started step (a cancel leaves the step running)."""
-        return await asyncio.shield(fut)
+        self._running: asyncio.Future[Any] | None = None
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        return await self.join(self.start(fn, *args))
+        fut: asyncio.Future[T] = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._running = fut
+        return await asyncio.shield(fut)
 
     async def settle(self) -> None:
-        """Wait for every step to end (their errors are the caller's to report)."""
-        running = [fut for fut in self._running if not fut.done()]
-        if running:
-            await finish(asyncio.wait(running))
-        for fut in self._running:
+        """Wait for the last step to end (its error is the caller's to report)."""
+        fut = self._running
+        if fut is not None:
+            await finish(asyncio.wait([fut]))
             if not fut.cancelled():
                 fut.exception()  # retrieved: the failure is reported by the caller
 

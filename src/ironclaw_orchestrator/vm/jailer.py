@@ -20,7 +20,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from .. import names
 from ..errors import (
@@ -193,25 +192,11 @@ async def start_with_jailer(
         console = res.run_dir / CONSOLE_LOG
         pump = ConsolePump(console, console_limit_bytes)
         netns = config.netns
-        network: asyncio.Future[str] | None = None
         if netns is None and config.isolate_network:
-            # Records the claimed dirs and the namespace in one write, before it is made.
-            recorded = _when_recorded(res)
-            network = steps.start(_make_network, res, config, tap, tap_host_cidr, uplink_subnet)
-            either: list[asyncio.Future[Any]] = [recorded, network]
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            res.listener = on_change
-            if not recorded.done():
-                await steps.join(network)  # it failed before its record: raise its error
+            netns = await steps.run(_make_network, res, config, tap, tap_host_cidr, uplink_subnet)
         else:
             res.changed()
-        # The cgroups (listed by that record, so made only after it) are prepared while the
-        # namespace is still being made and the files are staged here: three steps at once,
-        # each waited for by a rollback (steps.settle) before anything is removed.
-        # Not recorded again until the VM runs (the caller's record of a started VM): a
-        # crash in between leaves cgroups and a VMM that gc finds by the recorded jail (its
-        # processes are killed by their root) and by the VM's name (its cgroups).
-        prepared = steps.start(cgroups.prepare)
+        await steps.run(cgroups.prepare)
         config.chroot_dir.mkdir(mode=0o755)
         for f in files:
             res.staged.append(
@@ -221,9 +206,6 @@ async def start_with_jailer(
                     image_dirs=config.image_dirs,
                 )
             )  # fmt: skip
-        if network is not None:
-            netns = await steps.join(network)
-        await steps.join(prepared)
         argv = build_jailer_argv(
             config,
             jailer=binaries.jailer,
@@ -287,26 +269,6 @@ async def _roll_back(
 
 #: Kept for importers: the marker's one home is :mod:`ironclaw_orchestrator.names`.
 JAIL_MARKER = names.JAIL_MARKER
-
-
-def _when_recorded(res: JailResources) -> asyncio.Future[None]:
-    """A future done once ``res.changed()`` has run (in a step's thread)."""
-    loop = asyncio.get_running_loop()
-    recorded: asyncio.Future[None] = loop.create_future()
-    listener = res.listener
-
-    def changed(changed_res: JailResources) -> None:
-        if listener is not None:
-            listener(changed_res)
-        loop.call_soon_threadsafe(_set_done, recorded)
-
-    res.listener = changed
-    return recorded
-
-
-def _set_done(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def _netns_taken(config: JailerConfig) -> Path | None:
