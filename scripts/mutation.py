@@ -69,7 +69,7 @@ class Target:
 
 
 #: The pure modules. Left out on purpose: vm/inputs.py (only sequences host checks),
-#: staging's stage_file/_copy/make_owned_dir and the rest of registry.py (file I/O, locking).
+#: staging's stage_file/_copy/make_owned_dir and the rest of registry/ (file I/O, locking).
 TARGETS: tuple[Target, ...] = (
     Target("config", "vm/config.py"),
     Target("config_rules", "vm/config_rules.py"),
@@ -103,14 +103,15 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "registry",
-        "registry.py",
+        "registry/record.py",
         (
             "check_vm_id",
-            "Registry.record_path",
-            "Registry.log_path",
-            "Registry._encode",
-            "Registry._read",
-            "Registry._make",
+            "record_name",
+            "log_name",
+            "encode_record",
+            "pad_record",
+            "decode_record",
+            "make_record",
         ),
     ),
     Target("archive", "install/archive.py"),

@@ -97,7 +97,7 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
+def rename_noreplace(src: Path | str, dst: Path | str) -> None:
     """Rename ``src`` to ``dst``, failing with ``FileExistsError`` if ``dst`` exists.
 
     Plain ``rename`` would silently replace an empty directory at ``dst``.
@@ -110,7 +110,7 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         raise OSError(err, os.strerror(err), str(src), None, str(dst))
 
 
-def replace_file(src: Path, dst: Path) -> None:
+def replace_file(src: Path | str, dst: Path | str) -> None:
     """Atomically put the file ``src`` in place of ``dst`` (readers see old or new, whole).
 
     Like ``os.replace``, but swaps the two names (``RENAME_EXCHANGE``) and then unlinks the

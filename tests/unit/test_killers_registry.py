@@ -1,5 +1,5 @@
-"""registry.py record encoding: the file format, each way a record file is refused, and what
-``_make`` accepts (pinned where mutants of the encoding survived)."""
+"""Record encoding (registry/record.py): the file format, each way a record file is refused,
+and what ``make_record`` accepts (pinned where mutants of the encoding survived)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from ironclaw_orchestrator.errors import ConfigError, RegistryError
-from ironclaw_orchestrator.registry import RECORD_FORMAT, Registry, VmRecord, check_vm_id
+from ironclaw_orchestrator.registry import (
+    RECORD_FORMAT,
+    RECORD_SIZE,
+    Registry,
+    VmRecord,
+    check_vm_id,
+)
 
 
 @pytest.fixture
@@ -36,7 +42,8 @@ def test_record_and_log_paths(reg: Registry) -> None:
 def test_record_file_is_one_json_line(reg: Registry) -> None:
     rec = reg.claim("vm-1", vcpus=2)
     raw = reg.record_path("vm-1").read_bytes()
-    assert raw.endswith(b"}\n") and raw.count(b"\n") == 1
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 1 and len(raw) == RECORD_SIZE
+    assert raw.rstrip().endswith(b"}")  # padded with spaces, for updates in place
     data = json.loads(raw)
     assert data["format"] == RECORD_FORMAT and data["vm_id"] == "vm-1" and data["vcpus"] == 2
     assert reg.get("vm-1") == rec

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ironclaw_orchestrator import registry as registry_mod
 from ironclaw_orchestrator.errors import ConfigError, RegistryError
 from ironclaw_orchestrator.registry import (
     Registry,
@@ -19,6 +18,8 @@ from ironclaw_orchestrator.registry import (
     is_alive,
     read_process_start,
 )
+from ironclaw_orchestrator.registry import ids as ids_mod
+from ironclaw_orchestrator.registry import store as store_mod
 
 
 def dead_pid() -> int:
@@ -176,8 +177,9 @@ def test_invalid_ids_and_fields_are_rejected(reg: Registry) -> None:
 
 
 def test_crash_mid_write_keeps_the_old_record(
-    reg: Registry, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    reg = Registry(tmp_path / "state", durable=True)  # durable: every update is a new file
     rec = reg.claim("vm-1")
     # A crash after writing the temporary file, before the rename:
     torn = reg.state_dir / ".vm-1.json.abcdef.tmp"
@@ -189,12 +191,28 @@ def test_crash_mid_write_keeps_the_old_record(
     def boom(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("ironclaw_orchestrator.registry.replace_file", boom)
+    monkeypatch.setattr(store_mod, "replace_file", boom)
     with pytest.raises(RegistryError, match="No space left"):
         reg.update("vm-1", state="running")
     monkeypatch.undo()
     assert reg.get("vm-1") == rec
     assert sorted(p.name for p in reg.state_dir.iterdir()) == [".lock", torn.name, "vm-1.json"]
+
+
+def test_failed_write_in_place_keeps_the_old_record(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = reg.claim("vm-1")
+
+    def boom(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "pwrite", boom)
+    with pytest.raises(RegistryError, match=r"cannot write its record .*Input/output error"):
+        reg.update("vm-1", state="running")
+    monkeypatch.undo()
+    assert reg.get("vm-1") == rec
+    assert reg.update("vm-1", state="running").state == "running"
 
 
 def test_corrupt_records_are_skipped_and_reported(reg: Registry) -> None:
@@ -254,7 +272,7 @@ def test_concurrent_claims_never_both_win(reg: Registry) -> None:
 def test_allocate_ids_lowest_free_and_released_with_record(
     reg: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(registry_mod, "_host_has_id", lambda n: n == 64_001)
+    monkeypatch.setattr(ids_mod, "host_has_id", lambda n: n == 64_001)
     for vm_id in ("a", "b", "c"):
         reg.claim(vm_id)
     assert reg.allocate_ids("a") == (64_000, 64_000)
@@ -268,7 +286,7 @@ def test_allocate_ids_lowest_free_and_released_with_record(
 
 
 def test_allocate_ids_exhausted(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry_mod, "_host_has_id", lambda n: False)
+    monkeypatch.setattr(ids_mod, "host_has_id", lambda n: False)
     reg.claim("a")
     reg.claim("b")
     reg.allocate_ids("a", first=70_000, count=1)
@@ -281,7 +299,7 @@ def test_allocation_counts_ids_of_every_record_file(
 ) -> None:
     """Ids are read from the raw JSON (no model validation); a record of another schema
     still holds its ids, and an unparsable one is reported."""
-    monkeypatch.setattr(registry_mod, "_host_has_id", lambda n: False)
+    monkeypatch.setattr(ids_mod, "host_has_id", lambda n: False)
     (reg.state_dir / "future.json").write_text('{"format": 99, "uid": 64000, "gid": 64001}')
     (reg.state_dir / "broken.json").write_text("{not json")
     reg.claim("a")
@@ -321,7 +339,7 @@ def test_concurrent_allocators_get_unique_ids(reg: Registry) -> None:
 def test_claim_allocates_ids_in_its_one_write(
     reg: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(registry_mod, "_host_has_id", lambda n: n == 64_000)
+    monkeypatch.setattr(ids_mod, "host_has_id", lambda n: n == 64_000)
     writes: list[str] = []
     real_write = Registry._write_tmp
 
