@@ -8,7 +8,13 @@ orchestrator killed in between leaves a record naming the jail, run dir and name
 VMM is found and killed by its root inside the recorded jail, and cgroup directories made
 after the second write are found by the VM's name (``ironclaw gc``'s orphan pass, which a
 released record's id skips the grace period for). Fewer writes keep the registry off the
-start-up path (issue: per-VM CPU), without a resource nobody knows about.
+start-up path (issue: per-VM CPU), without a resource nobody knows about; only the claim
+makes a file, the two updates overwrite it in place (see :mod:`..registry.store`).
+
+Why not two writes (the claim naming the run dir, jail and namespace too): those names are
+recorded only once they are known to be ours (made exclusively), because gc removes what a
+record names; at the claim they may still belong to another orchestrator's VM of the same
+id.
 """
 
 from __future__ import annotations
