@@ -199,20 +199,29 @@ def test_crash_mid_write_keeps_the_old_record(
     assert sorted(p.name for p in reg.state_dir.iterdir()) == [".lock", torn.name, "vm-1.json"]
 
 
-def test_failed_write_in_place_keeps_the_old_record(
+def test_a_failed_write_in_place_falls_back_to_a_new_file(
     reg: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rec = reg.claim("vm-1")
+    inode = reg.record_path("vm-1").stat().st_ino
 
     def boom(fd: int, data: bytes, offset: int) -> int:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "pwrite", boom)
-    with pytest.raises(RegistryError, match=r"cannot write its record .*Input/output error"):
-        reg.update("vm-1", state="running")
+    running = reg.update("vm-1", state="running")
+    assert reg.get("vm-1") == running and reg.record_path("vm-1").stat().st_ino != inode
+    assert sorted(p.name for p in reg.state_dir.iterdir()) == [".lock", "vm-1.json"]
+
+    def no_space(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "replace_file", no_space)
+    with pytest.raises(RegistryError, match=r"cannot write its record .*No space left"):
+        reg.update("vm-1", state="stopping")
     monkeypatch.undo()
-    assert reg.get("vm-1") == rec
-    assert reg.update("vm-1", state="running").state == "running"
+    assert reg.get("vm-1") == running != rec
+    assert sorted(p.name for p in reg.state_dir.iterdir()) == [".lock", "vm-1.json"]
 
 
 def test_corrupt_records_are_skipped_and_reported(reg: Registry) -> None:

@@ -265,9 +265,13 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def read_all(fd: int) -> bytes:
-    """The whole file open at ``fd`` (usually one page: one read)."""
-    chunks = []
-    while chunk := os.read(fd, RECORD_SIZE + 1):
+    """The whole regular file open at ``fd`` (a record of a page: one read)."""
+    want = RECORD_SIZE + 1
+    chunk = os.read(fd, want)
+    if len(chunk) < want:  # a short read of a regular file is its end
+        return chunk
+    chunks = [chunk]
+    while chunk := os.read(fd, want):
         chunks.append(chunk)
     return b"".join(chunks)
 
