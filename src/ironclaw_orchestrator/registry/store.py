@@ -151,7 +151,7 @@ class LockFile:
 
         A shared hold (a reader) does not create the lock file: where there is none, no
         record was written since it was made or removed, and the reader goes unlocked
-        (yielding ``False``; see ``Registry._read_checked``). Reads leave the directory as
+        (yielding ``False``; see ``Registry._read_locked``). Reads leave the directory as
         they found it.
         """
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
@@ -214,6 +214,18 @@ class LockFile:
     def idle(self) -> bool:
         return not self._depth
 
+    def close_if_idle(self) -> bool:
+        """Close the file unless a thread is using it (or about to: holds the mutex)."""
+        if not self._mutex.acquire(blocking=False):
+            return False
+        try:
+            if self._depth:
+                return False
+            self.close()
+            return True
+        finally:
+            self._mutex.release()
+
     def __del__(self) -> None:
         # One evicted by lock_file() while a thread was about to use it is reopened by that
         # thread; closed here once nobody refers to it.
@@ -243,8 +255,7 @@ def lock_file(state_dir: str) -> LockFile:
             for old_key, old in list(_locks.items()):
                 if len(_locks) <= MAX_OPEN_LOCKS:
                     break
-                if old is not lock and old.idle():
-                    old.close()
+                if old is not lock and old.close_if_idle():
                     del _locks[old_key]
         else:
             _locks.move_to_end(key)
