@@ -262,3 +262,38 @@ def test_an_unlocked_reader_rereads_under_the_lock_what_it_could_not_parse(
     assert scan.records == [rec] and scan.problems == []
     (reg.state_dir / "bad.json").write_text("{not json")  # corrupt under the lock too
     assert [p.path.name for p in reg.scan().problems] == ["bad.json"]
+
+
+def _update_forever(state_dir: str, ready: Any) -> None:
+    reg = Registry(state_dir)
+    ready.set()
+    i = 0
+    while True:  # records of alternating length: each write pads over a longer one
+        i += 1
+        reg.update("vm-1", config={"n": i, "pad": "x" * (i % 7) * 300})
+
+
+def test_a_writer_killed_mid_update_leaves_a_whole_record(reg: Registry) -> None:
+    """SIGKILL at any moment of updates in place: the record is the old or the new one, and
+    readers in the meantime never see a torn one."""
+    reg.claim("vm-1", config={"n": 0, "pad": ""})
+    ctx = multiprocessing.get_context("fork")
+    seen: list[int] = []
+    for _ in range(5):
+        ready = ctx.Event()
+        writer = ctx.Process(target=_update_forever, args=(str(reg.state_dir), ready))
+        writer.start()
+        try:
+            assert ready.wait(30)
+            for _ in range(200):
+                rec = reg.get("vm-1")  # raises if torn
+                assert rec is not None and rec.config is not None
+                seen.append(rec.config["n"])
+        finally:
+            os.kill(writer.pid, 9)  # type: ignore[arg-type]
+            writer.join(30)
+        rec = reg.get("vm-1")
+        assert rec is not None and rec.config is not None
+        assert rec.config["pad"] == "x" * (rec.config["n"] % 7) * 300
+        assert os.path.getsize(reg.record_path("vm-1")) == RECORD_SIZE
+    assert len(set(seen)) > 1  # the writers did write meanwhile
