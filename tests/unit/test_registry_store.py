@@ -137,6 +137,7 @@ def test_an_update_sees_another_writers_change(reg: Registry) -> None:
 
 def test_padding_keeps_one_json_line() -> None:
     assert pad_record(b'{"a":1}\n', 12) == b'{"a":1}    \n'
+    assert pad_record(b'{"a":1}\n', 9) == b'{"a":1} \n'  # one byte short: one space
     assert pad_record(b'{"a":1}\n', 8) == b'{"a":1}\n'
     assert pad_record(b'{"a":1}\n', 3) == b'{"a":1}\n'  # longer than asked: unchanged
     padded = pad_record(b'{"a":1}\n')
