@@ -17,6 +17,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 
@@ -309,11 +310,11 @@ async def test_work_per_restore(
     snap = await src.snapshot(tmp_path / "snap")
     await src.stop(timeout_s=0.2)
     writes: list[str] = []
-    real_write = Registry._write_tmp
+    real_write = Registry._write_record
 
-    def counting_write(self: Registry, ident: str, data: bytes) -> Path:
+    def counting_write(self: Registry, ident: str, data: bytes, **kw: Any) -> bytes:
         writes.append(ident)
-        return real_write(self, ident, data)
+        return real_write(self, ident, data, **kw)
 
     connections: list[str] = []
     real_connect = asyncio.open_unix_connection
@@ -330,7 +331,7 @@ async def test_work_per_restore(
         validated.append(clone_id)
         return real_clone(src, clone_id, jailer)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Registry, "_write_tmp", counting_write)
+    monkeypatch.setattr(Registry, "_write_record", counting_write)
     monkeypatch.setattr(asyncio, "open_unix_connection", counting_connect)
     monkeypatch.setattr(restore_mod, "_clone_config", counting_clone)
     for n in (1, 2):
