@@ -42,6 +42,11 @@ LIBRARY_ONLY_SOME = (
     # The guest agent's client and message models: only vm exec/cp and the agent API.
     "ironclaw_orchestrator.agent.client",
     "ironclaw_orchestrator.agent.messages",
+    # Snapshots, restores and warm pools: only the snapshot commands (loaded on first use).
+    "ironclaw_orchestrator.vm.snapshot",
+    "ironclaw_orchestrator.vm.snapshot_dir",
+    "ironclaw_orchestrator.vm.restore",
+    "ironclaw_orchestrator.vm.pool",
 )
 CLI_MODULES = {spec.split(":")[0] for spec in (*COMMANDS.values(), *VM_COMMANDS.values())} - {""}
 

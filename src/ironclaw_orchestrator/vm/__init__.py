@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     ConfigError,
@@ -43,7 +44,6 @@ from .lifecycle import DEFAULT_READY_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S
 from .ratelimit import RateLimit, TokenBucket, VsockRateLimit
 from .recording import VmRecorder
 from .seccomp import SECCOMP_FILTER_JAIL_PATH
-from .snapshot import Snapshot
 from .unjailed import UnjailedProcess, start_unjailed
 
 __all__ = [
@@ -299,6 +299,21 @@ async def _configure(vm: FirecrackerProcess) -> None:
         await api.put_vsock(cfg.vsock_guest_cid, cfg.vsock_uds_path)
 
 
-# Built on FirecrackerProcess and the start path above.
-from .pool import WarmPool  # noqa: E402
-from .restore import restore_snapshot  # noqa: E402
+if TYPE_CHECKING:
+    from .pool import WarmPool
+    from .restore import restore_snapshot
+    from .snapshot import Snapshot
+
+#: Names whose modules load on first use (a plain start never needs the snapshot code).
+_LAZY = {"Snapshot": ".snapshot", "WarmPool": ".pool", "restore_snapshot": ".restore"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

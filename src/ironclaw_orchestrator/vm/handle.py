@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from ..agent.vmhandle import GuestAgentMixin
 from ..errors import CleanupError, OutOfMemoryError, UsageError
@@ -17,9 +18,11 @@ from .hardening import HardeningMixin, VmStats
 from .jailer import JailerProcess
 from .lifecycle import DEFAULT_STOP_TIMEOUT_S
 from .recording import VmRecorder
-from .snapshot import Progress, Snapshot, take_snapshot
 from .unjailed import UnjailedProcess
 from .vsock import VsockLimiter
+
+if TYPE_CHECKING:  # the snapshot code loads on first use: `vm run` never needs it
+    from .snapshot import Progress, Snapshot
 
 __all__ = ["FirecrackerProcess"]
 
@@ -180,6 +183,8 @@ class FirecrackerProcess(GuestAgentMixin, HardeningMixin):
 
         See :mod:`.snapshot` for the layout and crash safety.
         """
+        from .snapshot import take_snapshot
+
         return await take_snapshot(self, dest_dir, diff=diff, resume=resume, progress=progress)
 
     async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
