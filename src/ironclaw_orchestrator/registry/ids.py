@@ -86,7 +86,7 @@ def free_id(
     )
 
 
-#: Answers of NSS, kept this long at most (and dropped when an account file changes).
+#: "Taken" answers of NSS, kept this long at most (and dropped when an account file changes).
 HOST_ID_TTL_S = 10.0
 _ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
 _host_ids: dict[int, bool] = {}
@@ -96,21 +96,23 @@ _host_ids_key: tuple[object, ...] = ()
 def host_has_id(n: int) -> bool:
     """True if ``n`` is the uid of an account or the gid of a group on this host.
 
-    NSS answers (two lookups, ~0.16 ms, most of a claim's CPU here) are remembered for up
-    to :data:`HOST_ID_TTL_S` and until ``/etc/passwd`` or ``/etc/group`` changes. That
-    keeps what the check can promise: an account from another NSS source (systemd's dynamic
-    users live in 61184..65519, LDAP, ...) that appears a few seconds after a lookup is
-    missed, as one that appears a moment after an uncached lookup always was, while the VM
-    runs for much longer.
+    Only "taken" answers of NSS (two lookups, ~0.16 ms) are remembered, for up to
+    :data:`HOST_ID_TTL_S` and until ``/etc/passwd`` or ``/etc/group`` changes: an id
+    found free is looked up afresh every time, because the lowest free id is the one handed
+    out, and an account from another NSS source (systemd's dynamic users live in
+    61184..65519, LDAP, ...) may have taken it since a VM last used it. A remembered
+    "taken" only makes the allocator skip an id for a few seconds.
     """
     global _host_ids, _host_ids_key
     key = (_account_files_key(), int(time.monotonic() // HOST_ID_TTL_S))
     if key != _host_ids_key:
         _host_ids, _host_ids_key = {}, key
-    known = _host_ids.get(n)
-    if known is None:
-        known = _host_ids[n] = _nss_has_id(n)
-    return known
+    if _host_ids.get(n):
+        return True
+    taken = _nss_has_id(n)
+    if taken:
+        _host_ids[n] = True
+    return taken
 
 
 def _account_files_key() -> tuple[object, ...]:
