@@ -17,6 +17,7 @@ from ironclaw_orchestrator.vm.config import VmConfig
 from ironclaw_orchestrator.vm.snapshot import SnapshotSource, snapshot_vm
 from ironclaw_orchestrator.vm.snapshot_base import (
     LAST_SNAPSHOT,
+    check_handle_base,
     diff_base,
     forget_base,
     remember_base,
@@ -113,3 +114,20 @@ async def test_snapshot_vm_forgets_the_base_before_creating_and_notes_the_new_on
     snap = await snapshot_vm(source, tmp_path / "new", was_paused=True)
     assert notes == [{"path": None}]  # no base while Firecracker resets its dirty-page log
     assert diff_base("x", jail_dir, None).path == snap.path
+
+
+def test_a_handle_base_must_still_be_the_latest_snapshot(tmp_path: Path) -> None:
+    """The owner's remembered base is refused once another process snapshotted the VM
+    (which reset the dirty-page log), or while such a snapshot is unfinished."""
+    mine = make_snapshot(tmp_path)
+    jail_dir = jail(tmp_path)
+    check_handle_base("vm-1", jail_dir, mine)  # no note: taken none since start (restored)
+    remember_base(jail_dir, mine)
+    check_handle_base("vm-1", jail_dir, mine)
+    forget_base(jail_dir)  # `ironclaw vm snapshot` asked Firecracker for one just now
+    with pytest.raises(UsageError, match="an unfinished one"):
+        check_handle_base("vm-1", jail_dir, mine)
+    theirs = make_snapshot(tmp_path, name="theirs")
+    remember_base(jail_dir, theirs)
+    with pytest.raises(UsageError, match="another process snapshotted it since"):
+        check_handle_base("vm-1", jail_dir, mine)

@@ -44,7 +44,7 @@ from .cancelsafe import ThreadSteps, finish
 from .config import VmConfig
 from .jailer import JailerProcess
 from .snapshot_api import create_body, diff_needs_tracking
-from .snapshot_base import forget_base, remember_base
+from .snapshot_base import check_handle_base, forget_base, remember_base
 from .snapshot_diff import check_reports_holes, merge_layer
 from .snapshot_dir import (
     FORMAT,
@@ -133,6 +133,8 @@ async def take_snapshot(
             f"VM {vm.vm_id}: a Diff snapshot needs an earlier snapshot of this VM to build on; "
             "take a full one first"
         )
+    if base is not None:
+        check_handle_base(vm.vm_id, vmm.config.jail_dir, base)
     version = vmm.binaries.version
     if diff and not vm.config.track_dirty_pages and diff_needs_tracking(version):
         raise UsageError(

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import ConfigError, UsageError
 from .snapshot_dir import CLONE_MEMORY, MEMORY, Snapshot
 
-__all__ = ["LAST_SNAPSHOT", "diff_base", "forget_base", "remember_base"]
+__all__ = ["LAST_SNAPSHOT", "check_handle_base", "diff_base", "forget_base", "remember_base"]
 
 LAST_SNAPSHOT = "last-snapshot.json"
 
@@ -61,12 +61,7 @@ def diff_base(vm_id: str, jail_dir: Path, given: Path | None) -> Snapshot:
     snapshot since). Raises ``UsageError`` when there is no valid base or ``given`` is not
     it, ``ConfigError`` when the base is damaged.
     """
-    try:
-        note = json.loads((jail_dir / LAST_SNAPSHOT).read_text())
-    except FileNotFoundError:
-        note = None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"VM {vm_id}: {jail_dir / LAST_SNAPSHOT} is unreadable: {exc}") from None
+    note = _read_note(vm_id, jail_dir)
     if note is not None:
         return _noted_base(vm_id, note, given)
     if given is None:
@@ -83,6 +78,43 @@ def diff_base(vm_id: str, jail_dir: Path, given: Path | None) -> Snapshot:
             "snapshot"
         )
     return base
+
+
+def check_handle_base(vm_id: str, jail_dir: Path, base: Snapshot) -> None:
+    """A handle's remembered Diff base must still be the VM's latest snapshot.
+
+    Another process (``ironclaw vm snapshot ID DIR``) may have snapshotted the VM since,
+    which reset its dirty-page log: a Diff on the handle's base would then miss the pages
+    dirtied before that snapshot. No note: no snapshot was taken since the VM started, so
+    the handle's base is the snapshot it was restored from.
+    """
+    note = _read_note(vm_id, jail_dir)
+    if note is None:
+        return
+    path = note.get("path")
+    if (
+        path is None
+        or os.path.realpath(path) != os.path.realpath(base.path)
+        or note.get("created_at") != base.manifest.created_at.isoformat()
+    ):
+        latest = "an unfinished one" if path is None else path
+        raise UsageError(
+            f"VM {vm_id}: its latest snapshot is {latest}, not {base.path} (another process "
+            "snapshotted it since), so a Diff on this handle's base would miss pages: take a "
+            "Full snapshot"
+        )
+
+
+def _read_note(vm_id: str, jail_dir: Path) -> dict[str, str | None] | None:
+    try:
+        note = json.loads((jail_dir / LAST_SNAPSHOT).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"VM {vm_id}: {jail_dir / LAST_SNAPSHOT} is unreadable: {exc}") from None
+    if not isinstance(note, dict):
+        raise ConfigError(f"VM {vm_id}: {jail_dir / LAST_SNAPSHOT} is not a JSON object")
+    return note
 
 
 def _same_file(a: Path, b: Path) -> bool:
