@@ -23,7 +23,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RegistryError
-from ..registry import Registry, VmRecord, read_process_start
+from ..registry import Registry, VmRecord
 from .jailer import JailerProcess, JailResources
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def record_fields(vm: FirecrackerProcess) -> dict[str, Any]:
     vmm = vm.vmm
     fields: dict[str, Any] = {
         "vmm_pid": vm.pid,
-        "vmm_start_time": vmm.process.start_time or read_process_start(vm.pid),
+        "vmm_start_time": vmm.process.start_time,  # read at spawn/adoption, never after a reap
         "sandboxed": vm.is_sandboxed,
         "api_socket": vm.socket_path,
         "console_path": vm.console_path,

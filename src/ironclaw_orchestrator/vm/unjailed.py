@@ -80,6 +80,7 @@ async def start_unjailed(
             [str(firecracker), "--id", config.vm_id, *firecracker_args(socket)],
             stdout_fd=pump.write_fd,
         )
+        _ = process.start_time  # now, while the pid is surely ours (read once, cached)
         pump.child_started()
         pump.attach()
         api = FirecrackerApi(socket, vm_id=config.vm_id)
