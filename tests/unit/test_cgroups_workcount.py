@@ -336,3 +336,26 @@ def test_lock_files_kept_open_are_bounded(tmp_path: Path) -> None:
             pass
     assert len(lock._table.files) <= lock._MAX_OPEN
     assert len(os.listdir("/proc/self/fd")) <= fds_before + lock._MAX_OPEN
+
+
+def test_a_forked_child_closes_the_inherited_lock_files_at_once(tmp_path: Path) -> None:
+    """A child that never takes the lock (a library's short-lived helper) must not keep the
+    parent's lock file open: if the parent died holding it, the host lock would stay held
+    until the child exits. The at-fork hook closes them before the child runs any code."""
+    path = tmp_path / "f.lock"
+    with HostLock(path):
+        held_fd = lock._table.files[path].fd
+        assert held_fd is not None
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit code
+            code = 1
+            try:
+                try:
+                    os.fstat(held_fd)
+                    code = 2  # still open in the child
+                except OSError:
+                    code = 0 if not lock._table.files else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -298,3 +298,21 @@ def test_a_writer_killed_mid_update_leaves_a_whole_record(reg: Registry) -> None
         assert rec.config["pad"] == "x" * (rec.config["n"] % 7) * 300
         assert os.path.getsize(reg.record_path("vm-1")) == RECORD_SIZE
     assert len(set(seen)) > 1  # the writers did write meanwhile
+
+
+def test_a_child_forked_inside_a_hold_locks_for_real_afterwards(reg: Registry) -> None:
+    """Leaving the inherited hold in the child must not unbalance its bookkeeping: its
+    next hold takes the lock (through its own file) instead of passing as nested."""
+    reg.claim("parent")
+    lock = store.lock_file(str(reg.state_dir))
+    with lock.hold():
+        pid = os.fork()  # the child leaves this block too, then reports by exit code
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            with lock.hold() as held:
+                code = 0 if held and lock._depth == 1 and lock._fd >= 0 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

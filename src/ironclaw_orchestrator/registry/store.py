@@ -162,12 +162,16 @@ class LockFile:
             else:
                 self._mode = self._acquire(mode)
             self._depth += 1
+            pid = os.getpid()
             try:
                 yield bool(self._mode)
             finally:
-                self._depth -= 1
-                if not self._depth and self._mode:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                # A child forked inside the hold starts afresh (forget_after_fork): its
+                # depth is 0 and the descriptor was the parent's.
+                if os.getpid() == pid:
+                    self._depth -= 1
+                    if not self._depth and self._mode:
+                        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _acquire(self, mode: int) -> int:
         """``flock`` the file in ``mode``; the mode held, 0 if a reader found no file."""

@@ -113,6 +113,20 @@ class _Table:
 _table = _Table()
 
 
+def _after_fork_in_child() -> None:
+    """The parent's threads (and any mutex they held) do not exist in a forked child, and
+    its inherited descriptors share the parent's ``flock``s: close them (that does not
+    unlock while the parent holds its copy) so a child that outlives a killed parent
+    cannot keep the host lock, and start with a fresh table."""
+    _table.guard = threading.Lock()
+    for entry in _table.files.values():
+        entry.close()
+    _table.files, _table.pid = {}, os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def kept_fds() -> set[int]:
     """Descriptors of the lock files this process keeps open (by design, not per VM)."""
     if _table.pid != os.getpid():
