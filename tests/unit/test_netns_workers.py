@@ -113,3 +113,15 @@ def _raise(exc: BaseException) -> Callable[[], None]:
         raise exc
 
     return fn
+
+
+def test_a_worker_made_outside_the_process_namespace_is_never_pooled(
+    workers: kernel._NetnsWorkers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its home is a foreign namespace: pooled, it would go back there after every job and
+    keep that namespace (and its TAP) alive after it was removed."""
+    monkeypatch.setattr(kernel, "_setns", lambda fd: None)
+    monkeypatch.setattr(kernel, "_is_process_netns", lambda fd: False)
+    kernel._run_in_new_netns(lambda: None, lambda: None)
+    kernel._run_in_new_netns(lambda: None, lambda: None)
+    assert workers.started == 2 and not workers._idle

@@ -164,6 +164,12 @@ def _thread_netns_file() -> str:
 _MAX_IDLE_WORKERS = 8
 
 
+def _is_process_netns(fd: int) -> bool:
+    """Whether ``fd`` is the process's own network namespace (its main thread's)."""
+    home, main = os.fstat(fd), os.stat("/proc/self/ns/net")
+    return (home.st_dev, home.st_ino) == (main.st_dev, main.st_ino)
+
+
 class _NetnsWorker:
     """A helper thread that runs each job inside a network namespace it enters for that job.
 
@@ -176,6 +182,9 @@ class _NetnsWorker:
     def __init__(self) -> None:
         # Opened by the creating thread: the new thread starts in the same namespace.
         self._home = os.open(_thread_netns_file(), os.O_RDONLY | os.O_CLOEXEC)
+        # Made by a thread outside the process's own namespace (a caller's, or a job's):
+        # used once, never pooled, so no idle thread keeps a foreign namespace alive.
+        self.poolable = _is_process_netns(self._home)
         self._jobs: queue.SimpleQueue[tuple[Callable[[], None], Callable[[], Any]] | None]
         self._jobs = queue.SimpleQueue()
         self._results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
@@ -244,7 +253,7 @@ class _NetnsWorkers:
             self._put_back(worker)
 
     def _put_back(self, worker: _NetnsWorker) -> None:
-        if worker.usable:
+        if worker.usable and worker.poolable:
             with self._lock:
                 if len(self._idle) < _MAX_IDLE_WORKERS:
                     self._idle.append(worker)
