@@ -70,6 +70,20 @@ async def test_guest_exit_code_and_stubborn_guest(host: StandinHost, registry: R
     assert host.snapshot() == before and registry.get("sa-1") is None
 
 
+async def test_stop_without_grace_sends_no_ctrl_alt_del(
+    host: StandinHost, registry: Registry
+) -> None:
+    """``stop(timeout_s=0)`` gives the guest no time: no request to wait for, SIGKILL."""
+    before = host.snapshot()
+    host.control(after_start="")
+    vm = await start_firecracker(host.vm_config(), registry=registry)
+    await vm.start_instance()
+    assert await vm.stop(timeout_s=0) == -9
+    actions = [r["body"]["action_type"] for r in host.requests() if r["path"] == "/actions"]
+    assert actions == ["InstanceStart"]
+    assert host.snapshot() == before and registry.get("sa-1") is None
+
+
 @pytest.mark.parametrize("fail", ["api-400:PUT /boot-source", "api-400:PUT /drives/rootfs"])
 async def test_api_refusal_rolls_back_and_releases_the_id(
     host: StandinHost, registry: Registry, fail: str

@@ -230,11 +230,12 @@ async def stop_process(
     """Stop the VMM: ``SendCtrlAltDel`` when booted, then SIGKILL after ``timeout_s``; reap.
 
     With ``--new-pid-ns`` the VMM is PID 1 of its namespace and ignores SIGTERM, so the
-    only graceful path is the guest's own reboot on Ctrl-Alt-Del.
+    only graceful path is the guest's own reboot on Ctrl-Alt-Del. ``timeout_s=0`` gives
+    the guest no time, so it sends nothing: SIGKILL at once.
     """
     if (code := process.poll()) is not None:
         return code
-    if graceful and api is not None:
+    if graceful and api is not None and timeout_s > 0:
         try:
             await api.send_ctrl_alt_del()
             return await process.wait(timeout_s)
