@@ -190,6 +190,9 @@ class FirecrackerProcess(GuestAgentMixin, HardeningMixin):
     async def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
         """Stop the VM and remove everything made for it. Idempotent.
 
+        A booted guest gets Ctrl-Alt-Del and ``timeout_s`` to shut down, then SIGKILL;
+        ``timeout_s=0`` kills at once.
+
         If some cleanup step fails, ``CleanupError`` lists it and the VM's registry record is
         kept, naming what is left, for ``ironclaw gc``. A cancelled caller leaves the stop
         running; calling ``stop()`` again waits for it, or resumes one that was cut short.
