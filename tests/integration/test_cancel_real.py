@@ -15,6 +15,7 @@ import asyncio
 import os
 import re
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -47,8 +48,14 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 #: 0-5 ms in 0.2 ms steps, then 5-40 ms in 1 ms steps: 60 cancellation points.
 START_DELAYS = [i * 0.0002 for i in range(25)] + [0.005 + i * 0.001 for i in range(36)]
-#: A stop takes a few ms (SIGKILL, reap, remove): 0-4 ms in 0.25 ms steps, then 2 ms steps.
-STOP_DELAYS = [i * 0.00025 for i in range(16)] + [0.004 + i * 0.002 for i in range(18)]
+#: A stop takes a few ms (SIGKILL, reap, remove); how many depends on the host, so the
+#: sweep is spread over a measured stop: 24 points inside it, 10 after it (34 in all).
+STOP_POINTS_INSIDE, STOP_POINTS_AFTER = 24, 10
+
+
+def stop_delays(stop_s: float) -> list[float]:
+    inside = [stop_s * i / STOP_POINTS_INSIDE for i in range(STOP_POINTS_INSIDE)]
+    return inside + [stop_s * (1 + i) for i in range(1, STOP_POINTS_AFTER + 1)]
 
 
 @pytest.fixture
@@ -178,8 +185,18 @@ async def test_restore_cancelled_at_any_moment_leaves_nothing(
 async def test_stop_cancelled_at_any_moment_then_called_again_finishes(
     prefix: str, state_dir: Path, booted: bool
 ) -> None:
+    # How long an uncancelled stop of this kind takes here (median of 3).
+    took: list[float] = []
+    for i in range(3):
+        vm = await start_firecracker(probe_config(f"{prefix}m{i}", require_sandbox=True))
+        if booted:
+            await vm.start_instance()
+        t0 = time.perf_counter()
+        await vm.stop(timeout_s=0.05)
+        took.append(time.perf_counter() - t0)
+    delays = stop_delays(sorted(took)[1])
     cancelled = 0
-    for i, delay in enumerate(STOP_DELAYS):
+    for i, delay in enumerate(delays):
         vm = await start_firecracker(probe_config(f"{prefix}{i}", require_sandbox=True))
         if booted:
             await vm.start_instance()  # the halting probe ignores Ctrl-Alt-Del: killed
@@ -192,9 +209,10 @@ async def test_stop_cancelled_at_any_moment_then_called_again_finishes(
             cancelled += 1
         await vm.stop(timeout_s=0.05)  # waits for, or resumes, the cancelled one
         assert not vm.vmm.process.alive
-    assert leaks_by_delay(prefix, STOP_DELAYS) == {}
+    assert leaks_by_delay(prefix, delays) == {}
+    assert leaks(f"{prefix}m") == []
     assert Registry(state_dir).list() == []
-    assert cancelled >= len(STOP_DELAYS) // 3  # the sweep really hit the stop
+    assert cancelled >= len(delays) // 3  # the sweep really hit the stop
 
 
 async def test_one_failed_start_in_a_task_group_cancels_the_rest_leaving_nothing(
