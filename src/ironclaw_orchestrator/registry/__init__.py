@@ -11,7 +11,8 @@ Layout of the state directory (default ``/run/ironclaw/registry``, or
 clears)::
 
     .lock                       fcntl lock: exclusive for claim/update/release/uid
-                                allocation, shared for reading records
+                                allocation, shared for reading records; holds the
+                                generation of the records' uids/gids (see .ids)
     <vm_id>.json                the record of one VM (VmRecord), padded to one page
     <vm_id>.log                 output of a detached VM's supervisor (removed with the record)
     .<vm_id>.json.<hex>.tmp     a write in progress; a crash may leave one behind (gc removes it)
@@ -96,7 +97,6 @@ DEFAULT_STATE_DIR = Path("/run/ironclaw/registry")
 read_process_start = read_start_time
 
 _RDWR = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-_RDONLY = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 _own_start: tuple[int, int] | None = None
@@ -161,13 +161,8 @@ class Registry:
             yield
 
     def _fsync_dir(self) -> None:
-        if not self.durable:
-            return
-        fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.durable:
+            store.fsync_dir(self._dir)
 
     def _write_tmp(self, vm_id: str, data: bytes) -> str:
         """Write ``data`` to a new temporary file next to the record (the only way a record
@@ -204,17 +199,7 @@ class Registry:
 
     def _read(self, path: Path | str) -> VmRecord:
         """Parse one record file; ``RegistryError`` if unreadable or invalid."""
-        try:
-            fd = os.open(path, _RDONLY)
-            try:
-                raw = store.read_all(fd)
-            finally:
-                os.close(fd)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise RegistryError(f"cannot read VM record {path}: {exc.strerror}") from exc
-        return decode_record(raw, path)
+        return store.read_record(path)
 
     def _open_for_update(
         self, lock: LockFile, vm_id: str, missing: str
@@ -241,8 +226,19 @@ class Registry:
             raise
         return fd, raw, current
 
-    def _save(self, lock: LockFile, record: VmRecord, fd: int = -1, size: int = 0) -> None:
-        data = self._write_record(record.vm_id, encode_record(record), fd=fd, size=size)
+    def _save(
+        self,
+        lock: LockFile,
+        record: VmRecord,
+        fd: int = -1,
+        size: int = 0,
+        current: VmRecord | None = None,
+    ) -> None:
+        """Write ``record``: a new file, or over ``current`` (open at ``fd``)."""
+        before = () if current is None else ids.ids_tuple(current.uid, current.gid)
+        after = ids.ids_tuple(record.uid, record.gid)
+        with ids.changing(lock, self._dir, f"{record.vm_id}{RECORD_SUFFIX}", after, before):
+            data = self._write_record(record.vm_id, encode_record(record), fd=fd, size=size)
         lock.remember(record.vm_id, data, record)
 
     # ------------------------------------------------------------------ API
@@ -273,7 +269,7 @@ class Registry:
             if allocate_ids:
                 if os.path.lexists(self._path(vm_id)):
                     raise self._in_use_error(vm_id)  # before scanning for free ids
-                n = ids.free_id(self._dir, vm_id)
+                n = ids.free_id(self._dir, vm_id, lock=lock)
                 record = record.model_copy(update={"uid": n, "gid": n})
             self._save(lock, record)
         return record
@@ -332,7 +328,7 @@ class Registry:
             )
             try:
                 record = make_record(vm_id, fields, current)
-                self._save(lock, record, fd, len(raw))
+                self._save(lock, record, fd, len(raw), current)
             finally:
                 os.close(fd)
         return record
@@ -344,7 +340,7 @@ class Registry:
         """
         paths = (self._path(vm_id), f"{self._dir}/{log_name(vm_id)}")
         lock = self._lock()
-        with lock.hold():
+        with lock.hold(), ids.changing(lock, self._dir, record_name(vm_id), ()):
             lock.forget(vm_id)
             for path in paths:
                 with contextlib.suppress(FileNotFoundError):
@@ -397,7 +393,7 @@ class Registry:
             raise RegistryError(f"{path} is not a record file of {self.state_dir}")
         target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
         lock = self._lock()
-        with lock.hold():
+        with lock.hold(), ids.changing(lock, self._dir, path.name, ()):
             lock.forget(path.name.removesuffix(RECORD_SUFFIX))
             os.replace(path, target)
             self._fsync_dir()
@@ -425,8 +421,9 @@ class Registry:
             try:
                 if current.uid is not None and current.gid is not None:
                     return current.uid, current.gid
-                n = ids.free_id(self._dir, vm_id, first, count)
-                self._save(lock, make_record(vm_id, {"uid": n, "gid": n}, current), fd, len(raw))
+                n = ids.free_id(self._dir, vm_id, first, count, lock=lock)
+                record = make_record(vm_id, {"uid": n, "gid": n}, current)
+                self._save(lock, record, fd, len(raw), current)
             finally:
                 os.close(fd)
             return n, n

@@ -2,25 +2,47 @@
 
 Called under the registry's exclusive lock, so concurrent orchestrators never pick the same
 id; the ids of a VM are freed with its record. Only the ``uid``/``gid`` of each record are
-read (plain JSON, no model validation): this runs for every VM started, over every record.
+read (plain JSON, no model validation), and only when another process changed them: each
+process keeps the ids of every record (:class:`UsedIds`), valid for one *generation* of the
+registry, a counter in the lock file bumped before any change of the ids (see
+:class:`UsedIds` for why that is exact).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import RegistryError
 from .record import RECORD_SUFFIX
 
-__all__ = ["DEFAULT_COUNT", "DEFAULT_FIRST", "free_id", "host_has_id", "ids_of", "used_ids"]
+if TYPE_CHECKING:
+    from .store import LockFile
+
+__all__ = [
+    "DEFAULT_COUNT",
+    "DEFAULT_FIRST",
+    "UsedIds",
+    "changing",
+    "free_id",
+    "host_has_id",
+    "ids_of",
+    "read_ids",
+    "used_ids",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FIRST = 64_000
 DEFAULT_COUNT = 1_000
+
+#: The ids of one record file: ``(uid, gid)`` without the unset ones; ``None`` if unreadable.
+Ids = tuple[int, ...] | None
 
 
 def ids_of(raw: bytes) -> list[int] | None:
@@ -34,42 +56,162 @@ def ids_of(raw: bytes) -> list[int] | None:
     return [v for v in (data.get("uid"), data.get("gid")) if type(v) is int]
 
 
-def used_ids(state_dir: str) -> tuple[set[int], int]:
-    """uids/gids named by the records in ``state_dir``, and how many could not be read."""
-    used: set[int] = set()
-    problems = 0
+def ids_tuple(uid: int | None, gid: int | None) -> tuple[int, ...]:
+    """The ids of a record with ``uid``/``gid``, as :func:`read_ids` gives them."""
+    return tuple(v for v in (uid, gid) if type(v) is int)
+
+
+def read_ids(path: str) -> Ids:
+    """The ids in the record file ``path`` (``None`` if unreadable; ``FileNotFoundError``
+    if it is gone). Every read of a record for its ids goes through here (work-count
+    tests count the calls)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return None
+    found = ids_of(raw)
+    return None if found is None else tuple(found)
+
+
+def scan_ids(state_dir: str) -> dict[str, Ids]:
+    """The ids of every record file in ``state_dir``, by file name."""
     try:
         names = os.listdir(state_dir)
     except OSError as exc:
         raise RegistryError(f"cannot list the state directory {state_dir}: {exc}") from exc
+    found: dict[str, Ids] = {}
     for name in names:
         if name.startswith(".") or not name.endswith(RECORD_SUFFIX):
             continue
-        try:
-            fd = os.open(f"{state_dir}/{name}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            continue  # released meanwhile
-        except OSError:
-            problems += 1
-            continue
-        ids = ids_of(raw)
-        if ids is None:
+        with contextlib.suppress(FileNotFoundError):  # released meanwhile
+            found[name] = read_ids(f"{state_dir}/{name}")
+    return found
+
+
+def used_ids(state_dir: str) -> tuple[set[int], int]:
+    """uids/gids named by the records in ``state_dir``, and how many could not be read."""
+    return _union(scan_ids(state_dir))
+
+
+def _union(by_name: dict[str, Ids]) -> tuple[set[int], int]:
+    used: set[int] = set()
+    problems = 0
+    for found in by_name.values():
+        if found is None:
             problems += 1
         else:
-            used.update(ids)
+            used.update(found)
     return used, problems
 
 
+class UsedIds:
+    """A process's copy of the ids of every record in a state directory, and the
+    generation of the registry it is valid for (``None``: not known).
+
+    The generation is a counter in the lock file (:meth:`.LockFile.generation`). Every
+    change of the ids a record file holds (a record created with ids, ids set or changed,
+    a record removed or moved aside) is made under the exclusive lock by :func:`changing`,
+    which bumps the counter *before* the change, in the same hold. A copy is stamped with
+    generation ``g`` only by a full scan made under the lock while the file held ``g``, or
+    by the process whose own bump made ``g``, once its change is made, from a copy valid
+    for ``g - 1``. So while the file still holds ``g`` nobody has started a change since,
+    and the copy is exact; any change, by any process, moves the counter away from every
+    copy stamped before it, and the next allocation rescans. A process killed between its
+    bump and its change costs the others one needless rescan: nobody's copy carries the
+    new generation. The counter only grows (64 bits do not wrap) within one lock file; a
+    copy belongs to the open lock file and is dropped when the file is reopened (it was
+    replaced, evicted, or this is a forked child), so a recreated lock file, whose counter
+    starts again at 0, is never compared with a copy of the old one. Files put into the
+    state directory by hand are not seen until the next rescan.
+
+    An ironclaw older than this does not bump the counter (its lock file is empty, which
+    reads as generation 0): records it writes while a newer process runs are invisible to
+    that process's copy, which could hand out their ids again. Hence the rule of the
+    README (troubleshooting): upgrade every ironclaw on a host at once.
+    """
+
+    __slots__ = ("by_name", "generation")
+
+    def __init__(self) -> None:
+        self.generation: int | None = None
+        self.by_name: dict[str, Ids] = {}
+
+    def drop(self) -> None:
+        self.generation = None
+        self.by_name = {}
+
+    def sync(self, lock: LockFile, state_dir: str) -> None:
+        """Make the copy valid for the lock file's generation (lock held exclusively)."""
+        generation = lock.generation()
+        if self.generation != generation:
+            self.by_name = scan_ids(state_dir)
+            self.generation = generation
+
+
+_UNKNOWN: Ids = (-1,)
+
+
+@contextlib.contextmanager
+def changing(
+    lock: LockFile, state_dir: str, name: str, after: tuple[int, ...], before: Ids = _UNKNOWN
+) -> Iterator[None]:
+    """Around a change of the record file ``name`` (lock held exclusively) that leaves it
+    with the ids ``after`` (``()`` if it is removed): bumps the generation first, unless
+    the ids stay ``before`` (where not given: what a valid copy says, else the file). A
+    change that raises leaves the ids unknown: the copy is dropped."""
+    table = lock.used
+    generation = None
+    if before is _UNKNOWN:
+        generation = lock.generation()
+        if table.generation == generation:
+            before = table.by_name.get(name, ())
+        else:  # one read spares every other process a rescan if no id changes
+            try:
+                before = read_ids(f"{state_dir}/{name}")
+            except FileNotFoundError:
+                before = ()
+    if before == after:
+        yield
+        return
+    if generation is None:
+        generation = lock.generation()
+    current = table.generation == generation
+    lock.set_generation(generation + 1)
+    try:
+        yield
+    except BaseException:
+        table.drop()
+        raise
+    if current:
+        if after:
+            table.by_name[name] = after
+        else:
+            table.by_name.pop(name, None)
+        table.generation = generation + 1
+
+
 def free_id(
-    state_dir: str, vm_id: str, first: int = DEFAULT_FIRST, count: int = DEFAULT_COUNT
+    state_dir: str,
+    vm_id: str,
+    first: int = DEFAULT_FIRST,
+    count: int = DEFAULT_COUNT,
+    *,
+    lock: LockFile | None = None,
 ) -> int:
     """The lowest id in ``[first, first + count)`` no record and no host account uses.
 
-    Call with the registry lock held.
+    Call with the registry lock held; with ``lock``, its copy of the records' ids is used
+    (and brought up to date), else every record is read.
     """
-    used, problems = used_ids(state_dir)
+    if lock is None:
+        used, problems = used_ids(state_dir)
+    else:
+        lock.used.sync(lock, state_dir)
+        used, problems = _union(lock.used.by_name)
     if problems:
         log.warning(
             "allocating ids for VM %s while %d record(s) are unreadable: their ids are "

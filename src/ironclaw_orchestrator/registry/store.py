@@ -16,6 +16,10 @@ unlinking a file with data costs kernel time), so:
   writers exclusive, so no reader sees a write half-copied. A record larger than a page,
   and every write of a ``durable`` registry (whose records must also survive power loss),
   goes to a new file swapped in atomically instead (:func:`~..safefs.replace_file`).
+- The lock file's first 8 bytes count the changes of records' uids/gids (the registry's
+  *generation*, :meth:`LockFile.generation`), so that an allocation reads no record unless
+  another process changed ids since (:class:`~.ids.UsedIds`). Not fsynced: after a reboot
+  no process has a copy to compare it with.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from pathlib import Path
 
 from ..errors import RegistryError
 from ..safefs import rename_noreplace, replace_file
-from .record import RECORD_SIZE, RECORD_SUFFIX, VmRecord
+from .ids import UsedIds
+from .record import RECORD_SIZE, RECORD_SUFFIX, VmRecord, decode_record
 
 __all__ = [
     "LOCK_NAME",
@@ -41,10 +46,12 @@ __all__ = [
     "LockFile",
     "check_state_dir",
     "ensure_state_dir",
+    "fsync_dir",
     "lock_file",
     "overwrite",
     "publish_new",
     "read_all",
+    "read_record",
     "replace",
     "write_tmp",
 ]
@@ -135,6 +142,8 @@ class LockFile:
         #: encode. An update whose file still holds those bytes skips parsing it; any other
         #: writer's change shows as different bytes. Used with the lock held.
         self.written: OrderedDict[str, tuple[bytes, VmRecord]] = OrderedDict()
+        #: The records' uids/gids as of a generation of this open file (dropped with it).
+        self.used = UsedIds()
 
     def remember(self, vm_id: str, data: bytes, record: VmRecord) -> None:
         self.written[vm_id] = (data, record)
@@ -144,6 +153,18 @@ class LockFile:
 
     def forget(self, vm_id: str) -> None:
         self.written.pop(vm_id, None)
+
+    def generation(self) -> int:
+        """The registry's generation (lock held): the lock file's first 8 bytes, 0 if it
+        has fewer (an older release leaves the file empty, and never writes to it)."""
+        return int.from_bytes(os.pread(self._fd, 8, 0).ljust(8, b"\0"), "little")
+
+    def set_generation(self, generation: int) -> None:
+        """Store ``generation`` (lock held exclusively): one 8-byte write into one page,
+        which the kernel copies whole, as it does a record (see the module docstring)."""
+        data = (generation % 2**64).to_bytes(8, "little")
+        if os.pwrite(self._fd, data, 0) != len(data):
+            raise OSError(errno.EIO, f"{self.path}: short write of the registry generation")
 
     @contextlib.contextmanager
     def hold(self, *, exclusive: bool = True) -> Iterator[bool]:
@@ -211,6 +232,7 @@ class LockFile:
 
     def close(self) -> None:
         """Close the file (releasing an ``flock`` this process holds through it)."""
+        self.used.drop()  # valid for this open file only
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
@@ -289,6 +311,29 @@ def read_all(fd: int) -> bytes:
     while chunk := os.read(fd, want):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def read_record(path: Path | str) -> VmRecord:
+    """Parse one record file; ``RegistryError`` if unreadable or invalid."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            raw = read_all(fd)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise RegistryError(f"cannot read VM record {path}: {exc.strerror}") from exc
+    return decode_record(raw, path)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_tmp(state_dir: str, vm_id: str, data: bytes, *, durable: bool) -> str:
