@@ -227,13 +227,16 @@ def test_copies_stay_exact_through_mixed_changes(
             reg.allocate_ids(vm_id)
         elif op == "release" and vm_id:
             reg.release(vm_id)
-        truth = {k: v for k, v in ids.scan_ids(str(state)).items() if v}
+        truth = {k: v for k, v in ids.scan_ids(str(state)).items() if v != ()}
         with locks[0].hold():
             current = locks[0].generation()
         for lock in locks:
             if lock.used.generation == current:
                 checked += 1
-                assert {k: v for k, v in lock.used.by_name.items() if v} == truth, step
+                assert lock.used.by_name == truth, step
+                table = ids.UsedIds()
+                table.load(truth)
+                assert (lock.used.count, lock.used.problems) == (table.count, table.problems)
         uids = [v[0] for v in truth.values() if v]
         assert len(uids) == len(set(uids)), step
     assert checked > 200  # the copies were up to date most of the time, and compared

@@ -58,7 +58,9 @@ def ids_of(raw: bytes) -> list[int] | None:
 
 def ids_tuple(uid: int | None, gid: int | None) -> tuple[int, ...]:
     """The ids of a record with ``uid``/``gid``, as :func:`read_ids` gives them."""
-    return tuple(v for v in (uid, gid) if type(v) is int)
+    if uid is None:
+        return () if gid is None else (gid,)
+    return (uid,) if gid is None else (uid, gid)
 
 
 def read_ids(path: str) -> Ids:
@@ -94,18 +96,9 @@ def scan_ids(state_dir: str) -> dict[str, Ids]:
 
 def used_ids(state_dir: str) -> tuple[set[int], int]:
     """uids/gids named by the records in ``state_dir``, and how many could not be read."""
-    return _union(scan_ids(state_dir))
-
-
-def _union(by_name: dict[str, Ids]) -> tuple[set[int], int]:
-    used: set[int] = set()
-    problems = 0
-    for found in by_name.values():
-        if found is None:
-            problems += 1
-        else:
-            used.update(found)
-    return used, problems
+    table = UsedIds()
+    table.load(scan_ids(state_dir))
+    return set(table.count), table.problems
 
 
 class UsedIds:
@@ -134,35 +127,74 @@ class UsedIds:
     README (troubleshooting): upgrade every ironclaw on a host at once.
     """
 
-    __slots__ = ("by_name", "generation")
+    __slots__ = ("by_name", "count", "generation", "problems")
 
     def __init__(self) -> None:
         self.generation: int | None = None
+        #: Ids by record file name (records without ids left out; ``None``: unreadable).
         self.by_name: dict[str, Ids] = {}
+        #: How many records use each id (kept as records change: no pass over them all).
+        self.count: dict[int, int] = {}
+        #: Records that could not be read.
+        self.problems = 0
 
     def drop(self) -> None:
+        self.load({})
         self.generation = None
-        self.by_name = {}
+
+    def load(self, by_name: dict[str, Ids]) -> None:
+        self.by_name, self.count, self.problems = {}, {}, 0
+        for name, found in by_name.items():
+            self.set(name, found)
+
+    def set(self, name: str, found: Ids) -> None:
+        """Record file ``name`` now holds ``found`` (``()``: no ids, or no file)."""
+        self._add(self.by_name.pop(name, ()), -1)
+        if found != ():
+            self.by_name[name] = found
+            self._add(found, 1)
+
+    def _add(self, found: Ids, k: int) -> None:
+        if found is None:
+            self.problems += k
+            return
+        for n in found:
+            left = self.count.get(n, 0) + k
+            if left:
+                self.count[n] = left
+            else:
+                del self.count[n]
 
     def sync(self, lock: LockFile, state_dir: str) -> None:
         """Make the copy valid for the lock file's generation (lock held exclusively)."""
         generation = lock.generation()
         if self.generation != generation:
-            self.by_name = scan_ids(state_dir)
+            self.load(scan_ids(state_dir))
             self.generation = generation
 
 
 _UNKNOWN: Ids = (-1,)
 
 
-@contextlib.contextmanager
+_SAME: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
 def changing(
     lock: LockFile, state_dir: str, name: str, after: tuple[int, ...], before: Ids = _UNKNOWN
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[None]:
     """Around a change of the record file ``name`` (lock held exclusively) that leaves it
     with the ids ``after`` (``()`` if it is removed): bumps the generation first, unless
     the ids stay ``before`` (where not given: what a valid copy says, else the file). A
     change that raises leaves the ids unknown: the copy is dropped."""
+    if before is not _UNKNOWN and before == after:
+        return _SAME  # most updates: nothing to announce
+    return _changing(lock, state_dir, name, after, before)
+
+
+@contextlib.contextmanager
+def _changing(
+    lock: LockFile, state_dir: str, name: str, after: tuple[int, ...], before: Ids
+) -> Iterator[None]:
     table = lock.used
     generation = None
     if before is _UNKNOWN:
@@ -187,10 +219,7 @@ def changing(
         table.drop()
         raise
     if current:
-        if after:
-            table.by_name[name] = after
-        else:
-            table.by_name.pop(name, None)
+        table.set(name, after)
         table.generation = generation + 1
 
 
@@ -207,11 +236,12 @@ def free_id(
     Call with the registry lock held; with ``lock``, its copy of the records' ids is used
     (and brought up to date), else every record is read.
     """
+    used: set[int] | dict[int, int]
     if lock is None:
         used, problems = used_ids(state_dir)
     else:
         lock.used.sync(lock, state_dir)
-        used, problems = _union(lock.used.by_name)
+        used, problems = lock.used.count, lock.used.problems
     if problems:
         log.warning(
             "allocating ids for VM %s while %d record(s) are unreadable: their ids are "

@@ -254,9 +254,12 @@ class LockFile:
 
     def __del__(self) -> None:
         # One evicted by lock_file() while a thread was about to use it is reopened by that
-        # thread; closed here once nobody refers to it.
-        with contextlib.suppress(OSError):
+        # thread; closed here once nobody refers to it. At interpreter exit the modules
+        # close() uses may be gone already: nothing to report then.
+        try:  # noqa: SIM105 (contextlib itself may be gone)
             self.close()
+        except Exception:
+            pass
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's open file without unlocking it (an
