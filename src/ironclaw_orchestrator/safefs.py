@@ -175,18 +175,29 @@ def swappable_reason(path: Path, *, must_exist: bool = True) -> str | None:
                 "rename the VM directories in it and plant symlinks that a cleanup as root "
                 "would follow"
             )
-    for parent in Path(os.path.abspath(path)).parents:
+    for parent in _ancestors(os.path.abspath(path)):
         try:
-            pst = os.stat(parent)
+            pmode = os.stat(parent).st_mode
         except OSError:
             continue
-        pmode = stat.S_IMODE(pst.st_mode)
         if pmode & (stat.S_IWGRP | stat.S_IWOTH) and not pmode & stat.S_ISVTX:
             return (
                 f"{parent} above it is writable by group or others without the sticky bit "
-                f"(mode {pmode:04o}), so another user could swap the whole directory"
+                f"(mode {stat.S_IMODE(pmode):04o}), so another user could swap the whole "
+                "directory"
             )
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _ancestors(path: str) -> tuple[str, ...]:
+    """The directories above the absolute ``path``, nearest first (names only, no I/O:
+    asked for the same few directories on every start)."""
+    above = []
+    while (parent := os.path.dirname(path)) != path:
+        above.append(parent)
+        path = parent
+    return tuple(above)
 
 
 def check_not_swappable(

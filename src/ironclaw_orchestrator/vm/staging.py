@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError, StagingError
+from ..names import real_path
 
 _FICLONE = 0x40049409
 #: Colon-separated directories staged files must resolve into (when the config sets none).
@@ -73,12 +74,12 @@ def effective_image_dirs(configured: Sequence[Path] | None) -> tuple[Path, ...] 
 
 def confine(path: Path, what: str, image_dirs: Sequence[Path] | None) -> Path:
     """``path`` with symlinks resolved; ``ConfigError`` if that leaves ``image_dirs``."""
-    real = Path(os.path.realpath(path))
+    real = Path(real_path(path))
     dirs = effective_image_dirs(image_dirs)
     if dirs is None:
         return real
     for d in dirs:
-        allowed = Path(os.path.realpath(d))
+        allowed = Path(real_path(d))
         if real == allowed or real.is_relative_to(allowed):
             return real
     shown = ":".join(str(d) for d in dirs)
