@@ -96,9 +96,50 @@ def parse_version_output(program: str, output: str) -> Version:
     return Version.parse(rest)
 
 
+#: What a file was when last looked at: device, inode, mode, owner, size, times (``chmod``,
+#: ``chown`` and ACL changes move the ctime). ``None``: missing (or not inspectable).
+_FileState = tuple[int, ...] | None
+#: ``(name, PATH, euid, egid)`` -> the state of each ``<dir>/<name>`` ``shutil.which``
+#: looked at, in PATH order, the last one being the file it found.
+_on_path: dict[tuple[str, str, int, int], tuple[tuple[str, _FileState], ...]] = {}
+
+
+def _file_state(path: str) -> _FileState:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size,
+            st.st_mtime_ns, st.st_ctime_ns)  # fmt: skip
+
+
 def _which(name: str) -> Path | None:
+    """``shutil.which(name)``, remembered per PATH while nothing it looked at changed.
+
+    Every start asks, and a PATH scan costs several probes per directory in Python. The
+    answer is reused only while the found file and each ``<dir>/<name>`` searched before it
+    are as they were (one ``stat`` each): a binary installed, made executable or removed
+    earlier on PATH, or the found one replaced or made non-executable, scans again. A PATH
+    with relative entries (the current directory) is never remembered.
+    """
+    path_env = os.environ.get("PATH")
+    key = (name, path_env or "", os.geteuid(), os.getegid())
+    probes = _on_path.get(key)
+    if probes is not None and all(_file_state(p) == was for p, was in probes):
+        return Path(probes[-1][0])
+    dirs = list(dict.fromkeys((path_env or "").split(os.pathsep)))  # which's order
+    paths = [os.path.join(d, name) for d in dirs]
+    cacheable = bool(path_env) and all(os.path.isabs(d) for d in dirs)
+    # Looked at before the scan: a change during it shows as a difference next time.
+    looked = [(p, _file_state(p)) for p in paths] if cacheable else []
     found = shutil.which(name)
-    return Path(found) if found else None
+    if found is None:
+        return None
+    if looked and found in paths and looked[paths.index(found)][1] is not None:
+        if len(_on_path) >= 16:
+            _on_path.clear()
+        _on_path[key] = tuple(looked[: paths.index(found) + 1])
+    return Path(found)
 
 
 def _executable(path: Path) -> bool:

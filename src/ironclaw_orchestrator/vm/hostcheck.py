@@ -304,15 +304,41 @@ _NS_GET_NSTYPE = 0xB703
 _CLONE_NEWNET = 0x40000000
 
 
+#: ``MemTotal`` of /proc/meminfo, by the kernel's count of RAM pages when it was read.
+_mem_total: dict[int, int] = {}
+
+
+def _ram_pages() -> int | None:
+    """The kernel's count of usable RAM pages (``sysinfo(2)``: one system call)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return None
+
+
 def host_memory_mib(meminfo: Path = MEMINFO_PATH) -> int | None:
-    """The host's RAM (``MemTotal``) in MiB; ``None`` if it cannot be read."""
+    """The host's RAM (``MemTotal``) in MiB; ``None`` if it cannot be read.
+
+    Asked on every start, so /proc/meminfo's ``MemTotal`` is kept while the kernel's RAM
+    page count (``sysinfo``, the number ``MemTotal`` is made from) stays the same: memory
+    hot-plugged or removed reads the file again. Only the total is kept, never free memory.
+    """
+    pages = _ram_pages() if meminfo == MEMINFO_PATH else None
+    if pages is not None and pages in _mem_total:
+        return _mem_total[pages]
     try:
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
+                total = int(line.split()[1]) // 1024
+                break
+        else:
+            return None
     except (OSError, ValueError, IndexError):
         return None
-    return None
+    if pages is not None:
+        _mem_total.clear()
+        _mem_total[pages] = total
+    return total
 
 
 def check_guest_memory(memory_mb: int, meminfo: Path = MEMINFO_PATH) -> None:
