@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from standin_host import StandinHost, make_host
 
 from ironclaw_orchestrator import names, safefs
 from ironclaw_orchestrator.errors import ConfigError
+from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import (
     binaries,
     hostcheck,
+    inputs,
+    jailer,
+    jailer_config,
+    start_firecracker,
 )
+from ironclaw_orchestrator.vm import config as vm_config
+from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig
 
 
 def counting(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[object]:
@@ -32,6 +41,97 @@ def counting(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[obj
 
     monkeypatch.setattr(owner, name, wrapper)
     return calls
+
+
+# --------------------------------------------------------------------------- per start
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
+    monkeypatch.delenv("IRONCLAW_REQUIRE_SANDBOX", raising=False)
+    yield from make_host(monkeypatch, 1)
+
+
+async def test_a_start_resolves_the_exec_file_and_checks_each_source_once(
+    host: StandinHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root or not, the start derives the name once: by the input check (root), handed on to
+    # the start, or else by the start itself.
+    resolved = counting(monkeypatch, jailer_config, "exec_file_name")
+    checked = counting(monkeypatch, inputs, "check_source")
+    monkeypatch.setattr(jailer, "check_source", inputs.check_source)  # the same counter
+    copies = counting(monkeypatch, JailerConfig, "model_copy")
+    vm = await start_firecracker(host.vm_config(), registry=Registry(host.root / "state"))
+    try:
+        assert resolved == [host.bin / "firecracker"]
+        # kernel and rootfs, each once (staging confines and opens them regardless)
+        assert sorted(map(str, checked)) == [
+            str(host.images / "rootfs.ext4"),
+            str(host.images / "vmlinux"),
+        ]
+        # jailer_config(), the input check's, the start's private one, the own uid/gid
+        assert len(copies) <= 4, copies
+        assert vm.vmm.config.jail_dir == host.jail()
+    finally:
+        await vm.stop()
+
+
+async def test_a_bad_source_is_still_refused_when_the_jailer_is_started_directly(
+    host: StandinHost,
+) -> None:
+    missing = host.images / "missing"
+    with pytest.raises(ConfigError, match="does not exist"):
+        await jailer.start_with_jailer(
+            host.jailer_config(), files=[jailer.JailFile(missing, jailer.PurePosixPath("/k"))]
+        )
+    assert host.made() == []
+
+
+def test_with_exec_file_resolves_once_per_start_and_never_carries_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "fc-v1").touch()
+    (tmp_path / "fc-v2").touch()
+    link = tmp_path / "firecracker"
+    link.symlink_to("fc-v1")
+    resolved = counting(monkeypatch, jailer_config, "exec_file_name")
+    base = JailerConfig(jailer_id="a", chroot_base_dir=tmp_path / "jail")
+    checked = base.with_exec_file(link)
+    assert checked.jail_dir == tmp_path / "jail/fc-v1/a" and len(resolved) == 1
+    started = checked.model_copy(update={"uid": 4242}).with_exec_file(link)
+    assert started is not checked  # a private copy: the caller's object stays the caller's
+    assert started.api_socket_path == tmp_path / "jail/fc-v1/a/root/run/firecracker.socket"
+    assert len(resolved) == 1  # handed on, not resolved again
+    assert started.exec_file == link and "exec_file" in started.model_fields_set
+    assert started == base.model_copy(update={"exec_file": link, "uid": 4242})
+    # An upgrade re-points the link: the next start (a fresh jailer_config) sees it ...
+    link.unlink()
+    link.symlink_to("fc-v2")
+    again = VmConfig(vm_id="a", kernel_path="/k", jailer=started).jailer_config()
+    assert again.with_exec_file(link).jail_dir == tmp_path / "jail/fc-v2/a"
+    # ... as does a copy for another file, or one whose exec_file is set.
+    assert started.with_exec_file(tmp_path / "fc-v1").exec_file_name == "fc-v1"
+    started.exec_file = link
+    assert started.with_exec_file(link).exec_file_name == "fc-v2"
+    # The running VM's own object keeps the name it started with.
+    assert checked.exec_file_name == "fc-v1"
+    # A caller's object that cached a name itself is no start's: resolved anew.
+    mine = JailerConfig(jailer_id="b", chroot_base_dir=tmp_path / "jail", exec_file=link)
+    assert mine.exec_file_name == "fc-v2"
+    link.unlink()
+    link.symlink_to("fc-v1")
+    assert mine.with_exec_file(link).jail_dir == tmp_path / "jail/fc-v1/b"
+
+
+def test_vms_without_a_jailer_table_share_one_validated_default_never_changed() -> None:
+    a = VmConfig(vm_id="a", kernel_path="/k").jailer_config()
+    b = VmConfig(vm_id="b", kernel_path="/k", memory_mb=512).jailer_config()
+    a.uid = 4242
+    a.exec_file = Path("/opt/fc")
+    assert (a.jailer_id, b.jailer_id, b.uid, b.memory_limit_mb) == ("a", "b", 64_000, 576)
+    assert JailerConfig() == vm_config._DEFAULT_JAILER
+    assert vm_config._DEFAULT_JAILER.model_fields_set == set()
+    assert "jail_dir" not in vm_config._DEFAULT_JAILER.__dict__
 
 
 # --------------------------------------------------------------------------- realpath

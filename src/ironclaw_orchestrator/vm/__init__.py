@@ -102,7 +102,8 @@ async def start_firecracker(
     unless ``jailer.uid``/``gid`` are set.
     """
     jailer_cfg = config.jailer_config()
-    check_vm_inputs(config, jailed=use_jailer is not False, jailer=jailer_cfg)
+    # With exec_file found and the jail paths derived: the start reuses them.
+    jailer_cfg = check_vm_inputs(config, jailed=use_jailer is not False, jailer=jailer_cfg)
     reason = _unjailed_reason(config, jailer_cfg, use_jailer)
     check_confinement(config, jailer_cfg, jailed=reason is None)
     recorder = _recorder(config, jailer_cfg, registry, claim, record, jailed=reason is None)
@@ -244,7 +245,8 @@ async def _start_jailed(
     ready_timeout_s: float,
     on_change: Callable[[JailResources], None] | None,
 ) -> JailerProcess:
-    files = [JailFile(Path(config.kernel_path), KERNEL_JAIL_PATH, read_only=True)]
+    # check_vm_inputs (kernel, rootfs) and check_confinement (seccomp filter) checked them.
+    files = [JailFile(Path(config.kernel_path), KERNEL_JAIL_PATH, read_only=True, checked=True)]
     if config.rootfs_path is not None:
         files.append(
             JailFile(
@@ -252,12 +254,13 @@ async def _start_jailed(
                 ROOTFS_JAIL_PATH,
                 read_only=config.rootfs_read_only,
                 is_disk=True,
+                checked=True,
             )
         )
     if jailer_cfg.seccomp_filter is not None:
-        files.append(JailFile(jailer_cfg.seccomp_filter, SECCOMP_FILTER_JAIL_PATH))
+        files.append(JailFile(jailer_cfg.seccomp_filter, SECCOMP_FILTER_JAIL_PATH, checked=True))
     # The vsock socket's budget was checked by check_vm_inputs, with the jail laid out under
-    # the resolved exec file's name (jailer_cfg still has the configured, unresolved one).
+    # the resolved exec file's name (jailer_cfg is its copy, with that name).
     tap = ns.tap_name(config.vm_id) if config.enable_networking else None
     return await start_with_jailer(
         jailer_cfg,

@@ -324,7 +324,7 @@ class VmConfig(_Model):
 
     def jailer_config(self) -> JailerConfig:
         """The ``JailerConfig`` for this VM: ``jailer`` with id, vCPUs and memory filled in."""
-        base = self.jailer or JailerConfig()
+        base = self.jailer or _DEFAULT_JAILER  # only copied, never changed
         updates: dict[str, object] = {}
         if "jailer_id" not in base.model_fields_set:
             updates["jailer_id"] = self.vm_id
@@ -338,3 +338,7 @@ class VmConfig(_Model):
         merged._forget_derived("exec_file")  # resolve anew: the binary may have changed
         # model_copy keeps fields_set; remember that these were derived, not chosen.
         return merged
+
+
+#: ``JailerConfig()``, validated once: every VM without a ``jailer`` table starts from a copy.
+_DEFAULT_JAILER = JailerConfig()

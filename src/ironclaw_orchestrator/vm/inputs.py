@@ -30,11 +30,15 @@ __all__ = ["check_vm_inputs"]
 
 def check_vm_inputs(
     config: VmConfig, *, jailed: bool = True, jailer: JailerConfig | None = None
-) -> None:
+) -> JailerConfig:
     """Refuse ``config`` if the host says it cannot work; read-only, quick, spawns nothing.
 
     ``jailed=False``: the caller asked for an unjailed VM (no jail paths to check).
     ``jailer``: ``config.jailer_config()`` if the caller has it already (it is not changed).
+
+    Returns the jailer config the checks used: when the jail's paths were checked, a copy
+    whose ``exec_file`` is the firecracker binary found and whose jail paths are derived
+    (a start passes it on instead of finding and deriving them again); else ``jailer``.
     """
     if jailer is None:
         jailer = config.jailer_config()
@@ -47,17 +51,18 @@ def check_vm_inputs(
     if config.uplink_subnet is not None:
         check_uplink_routes(config.uplink_subnet)
     if jailed and is_root():
-        _check_socket_paths(config, jailer)
+        return _check_socket_paths(config, jailer)
+    return jailer
 
 
-def _check_socket_paths(config: VmConfig, jailer: JailerConfig) -> None:
+def _check_socket_paths(config: VmConfig, jailer: JailerConfig) -> JailerConfig:
     """The jail's socket paths fit 107 bytes (computed as the jailer will lay them out)."""
     explicit = jailer.exec_file if "exec_file" in jailer.model_fields_set else None
     try:
         exec_file = find_firecracker(explicit)
     except BinaryNotFoundError:
-        return  # start-up decides: unjailed fallback, or a clear error
-    jail = jailer.model_copy(update={"exec_file": exec_file})
+        return jailer  # start-up decides: unjailed fallback, or a clear error
+    jail = jailer.with_exec_file(exec_file)
     try:
         check_socket_budget(jail.api_socket_path)
         if config.vsock_guest_cid is not None:
@@ -67,3 +72,4 @@ def _check_socket_paths(config: VmConfig, jailer: JailerConfig) -> None:
         raise ConfigError(
             f"vm_id {config.vm_id!r} with jailer.chroot_base_dir {jail.chroot_base_dir}: {exc}"
         ) from None
+    return jail

@@ -75,6 +75,9 @@ class JailFile:
     read_only: bool = True
     #: A block device image (I/O limits apply to the disk that holds it).
     is_disk: bool = False
+    #: ``check_source`` passed for this start already (``start_firecracker``'s input check,
+    #: same image directories): not checked twice. Staging confines and opens it regardless.
+    checked: bool = False
 
 
 def jailer_available(config: JailerConfig | None = None) -> str | None:
@@ -125,7 +128,7 @@ async def start_with_jailer(
             "unjailed development mode"
         )
     binaries = resolve_binaries(config)
-    config = config.model_copy(update={"exec_file": binaries.firecracker})
+    config = config.with_exec_file(binaries.firecracker)  # as check_vm_inputs resolved it
     check_kvm()
     check_chroot_base(config.chroot_base_dir)
     check_not_swappable(config.chroot_base_dir, "chroot base", ChrootBaseError)
@@ -134,7 +137,8 @@ async def start_with_jailer(
     check_run_root(run_root())
     check_socket_budget(config.api_socket_path)
     for f in files:
-        check_source(f.src, f"file for {f.jail_path}", config.image_dirs)
+        if not f.checked:
+            check_source(f.src, f"file for {f.jail_path}", config.image_dirs)
     if config.netns is not None and not Path(config.netns).exists():
         raise ConfigError(
             f"VM {config.jailer_id}: netns {config.netns} does not exist: create it "

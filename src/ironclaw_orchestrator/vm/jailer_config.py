@@ -223,6 +223,22 @@ class JailerConfig(_Model):
             copy._forget_derived(name)
         return copy
 
+    def with_exec_file(self, exec_file: Path) -> Self:
+        """A copy whose ``exec_file`` is ``exec_file``, the binary found for a start.
+
+        Its name is resolved (and its jail paths derived) anew, except in a copy of an object
+        that came from ``with_exec_file`` for the same file: that one keeps them, so a start
+        resolves the name once (``check_vm_inputs`` makes the first copy and
+        ``start_firecracker`` hands it to ``start_with_jailer``), and the jail keeps the
+        name its paths were checked with. ``VmConfig.jailer_config()`` never carries it over.
+        """
+        if self.__dict__.get(_FOR_START) == exec_file:
+            return self.model_copy()
+        copy = self.model_copy(update={"exec_file": exec_file})
+        # Kept beside the cached name (copied with it, forgotten with it; not a field).
+        copy.__dict__[_FOR_START] = exec_file
+        return copy
+
     def _forget_derived(self, field: str) -> None:
         """Drop what was cached from ``field``'s old value."""
         if field in _PATH_INPUTS:
@@ -230,6 +246,7 @@ class JailerConfig(_Model):
                 self.__dict__.pop(derived, None)
             if field == "exec_file":
                 self.__dict__.pop("exec_file_name", None)
+                self.__dict__.pop(_FOR_START, None)
 
     # The jail's host paths are asked for by every step of a start and a stop: derived once
     # per config object (pathlib joins cost microseconds each, and there were dozens per VM).
@@ -253,3 +270,5 @@ class JailerConfig(_Model):
 #: Fields the jail's host paths are derived from, and the cached paths themselves.
 _PATH_INPUTS = frozenset({"chroot_base_dir", "exec_file", "jailer_id", "api_sock"})
 _DERIVED_PATHS = ("jail_dir", "chroot_dir", "api_socket_path")
+#: Set by ``with_exec_file``: the exec file the cached name was resolved from, for one start.
+_FOR_START = "_exec_file_for_start"
