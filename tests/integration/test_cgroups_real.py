@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -163,3 +164,90 @@ def test_real_v2_unavailable_on_hybrid() -> None:
         choose_version(layout, 2, needed)
     assert "is unavailable" in str(info.value)
     assert "cgroup_version=1" in str(info.value)
+
+
+_WORKER = r"""
+import sys, threading
+from pathlib import Path
+from ironclaw_orchestrator.vm.cgroups import VmCgroups, cgroup_settings, detect_layout
+from ironclaw_orchestrator.vm.cgroups.tree import sweep_intermediates
+from ironclaw_orchestrator.vm.config import JailerConfig
+
+parent, lock_path, tag = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+layout = detect_layout()
+settings = cgroup_settings(JailerConfig(memory_limit_mb=128), 1, None)
+errors = []
+
+def vms(n):
+    try:
+        for i in range(12):
+            vm = VmCgroups.plan(layout, 1, f"{tag}-{n}-{i}", settings, parent, lock_path=lock_path)
+            vm.prepare()
+            limit = vm.paths["memory"] / "memory.limit_in_bytes"
+            assert limit.read_text().strip() == str(128 << 20), limit
+            vm.remove()
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+def sweeps():
+    for _ in range(40):
+        sweep_intermediates(lock_path)
+
+threads = [threading.Thread(target=vms, args=(n,)) for n in range(6)]
+threads.append(threading.Thread(target=sweeps))
+for t in threads: t.start()
+for t in threads: t.join()
+print("\n".join(errors))
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_real_two_orchestrators_share_a_parent_chain(tmp_path: Path) -> None:
+    """Smoke test on the real kernel (the interleavings are proved in test_cgroups_lockfree):
+    two processes (one lock file), 6 threads each starting and stopping VM cgroups under
+    one parent chain that neither has when it starts, plus gc's sweep in each: the chain
+    comes and goes as VMs do (lock-free beside a running VM, locked for the first and the
+    last), every VM finds its directories and values, and nothing is left at the end."""
+    top = f"ironclaw-test-{secrets.token_hex(4)}"
+    parent = f"{top}/a/b"
+    lock_path = tmp_path / "cgroup.lock"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, parent, str(lock_path), t],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for t in ("x", "y")
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    mounts = set(detect_layout().v1_mounts.values())
+    left = [m / top for m in mounts if (m / top).exists()]
+    for path in left:  # clean up before asserting (deepest first)
+        for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if sub.is_dir():
+                sub.rmdir()
+        path.rmdir()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert left == []
+    ledger_file = tmp_path / "cgroup-intermediates"
+    assert not ledger_file.exists() or ledger_file.read_text() == ""
+
+
+def test_real_cgroupfs_link_count_tells_child_cgroups() -> None:
+    """The lock-free remove relies on cgroupfs (kernfs) keeping nlink = 2 + subdirectories."""
+    from ironclaw_orchestrator.vm.cgroups import CgroupFs
+
+    fs = CgroupFs()
+    top = detect_layout().v1_mounts["memory"] / f"ironclaw-test-{secrets.token_hex(4)}"
+    top.mkdir()
+    try:
+        assert not fs.has_child_cgroups(top)  # only interface files
+        (top / "child").mkdir()
+        assert fs.has_child_cgroups(top)
+        (top / "child").rmdir()
+        assert not fs.has_child_cgroups(top)
+    finally:
+        if (top / "child").exists():
+            (top / "child").rmdir()
+        top.rmdir()

@@ -157,6 +157,10 @@ class FakeKernel(CgroupFs):
             f.unlink()
         os.rmdir(path)
 
+    def has_child_cgroups(self, path: Path) -> bool:
+        # Not the link count of the plain tree (some file systems keep it at 1).
+        return path.is_dir() and any(p.is_dir() for p in path.iterdir())
+
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         self.killed.append(pid)
         self.dying.setdefault(pid, self.drain_polls)

@@ -1,10 +1,24 @@
 """Creating and filling one VM's cgroup directories, before the VMM exists.
 
-Under the host lock: find the intermediate directories that are missing, list them in the
-ledger (one write, before any is made), create them and the VM's own directory, enable the
-controllers (v2) or copy the cpuset (v1) as each level needs, then write every value. A value
-the kernel rejects is a :class:`CgroupError` here, before anything is spawned; everything
-created is removed again before it propagates.
+The common case takes no lock: every directory above the VM's exists already (another VM of
+this parent runs), so only the VM's own directories are made (:func:`_prepare_in_place`).
+Why that is safe without the host lock, which serialises creating and removing the
+*intermediate* directories (the ledger and the parent chain):
+
+* it makes no intermediate, so it has nothing to record in the ledger;
+* ``mkdir`` of the VM's directory is the check that its parent exists, atomically: if a
+  remover (or gc's sweep) took the parent away first, ``mkdir`` fails (``ENOENT``) and the
+  careful path runs instead; once it succeeded, the kernel refuses to ``rmdir`` the parent
+  (``EBUSY``) until the VM's directory is gone, so nobody removes the chain under it;
+* on v2 the parent's ``cgroup.subtree_control`` must already distribute every controller
+  (then every level above does too, by the kernel's rules): nothing needs enabling.
+
+Otherwise (a parent is missing, or anything is off), under the host lock: find the
+intermediate directories that are missing, list them in the ledger (one write, before any
+is made), create them and the VM's own directory, enable the controllers (v2) or copy the
+cpuset (v1) as each level needs, then write every value. A value the kernel rejects is a
+:class:`CgroupError` here, before anything is spawned; everything created is removed again
+before it propagates.
 """
 
 from __future__ import annotations
@@ -14,8 +28,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...errors import CgroupError
-from . import ledger
+from ...errors import CgroupError, CleanupError
+from . import ledger, removal
 from .fs import read_optional, read_pids
 from .layout import is_ancestor_or_equal
 from .limits import setting
@@ -32,6 +46,9 @@ __all__ = ["prepare"]
 def prepare(cg: VmCgroups) -> None:
     """See :meth:`VmCgroups.prepare`."""
     chains = _chains(cg)
+    if _prepare_in_place(cg, chains):
+        cg.prepared = True
+        return
     with HostLock(cg.lock_path):
         missing: set[str] = set()
         try:
@@ -59,6 +76,53 @@ def prepare(cg: VmCgroups) -> None:
                 exc.add_note(f"rollback: intermediate cgroups: {sweep_exc}")
             raise
     cg.prepared = True
+
+
+def _prepare_in_place(cg: VmCgroups, chains: list[_Chain]) -> bool:
+    """Make and fill the VM's own directories without the host lock, if every parent exists.
+
+    ``False``: not possible (a parent is missing, the VM's directory exists, v2 controllers
+    to enable, any ``mkdir`` error); nothing is left made, use the locked path. A failure
+    after that (a value the kernel rejects) removes what was made and raises.
+    """
+    for keys, dirs in chains:
+        _check_inside_own(cg, keys[0], dirs[-1])
+    try:
+        for _keys, dirs in chains:
+            where = Path(dirs[-1])
+            cg.fs.mkdir(where)
+            cg.created.append(where)
+        if cg.version == 2 and not _distributes_all(cg, Path(chains[0][1][-1]).parent):
+            raise _NotInPlace
+    except (OSError, _NotInPlace):
+        removal.remove_unfilled(cg)
+        return False
+    try:
+        if cg.version == 1:
+            for keys, dirs in chains:
+                if "cpuset" in keys:
+                    for name in ("cpuset.cpus", "cpuset.mems"):
+                        _inherit(cg, Path(dirs[-1]), name)
+        _resolve_cpuset_mems(cg)
+        for s in cg.settings:
+            cg._write_setting(s)
+    except BaseException as exc:
+        try:
+            removal.remove(cg, timeout_s=5.0)  # lock-free too, unless it was the last one
+        except CleanupError as cleanup_exc:
+            for problem in cleanup_exc.failures:
+                exc.add_note(f"rollback: {problem}")
+        raise
+    return True
+
+
+class _NotInPlace(Exception):
+    """The VM's directories cannot be made without the host lock."""
+
+
+def _distributes_all(cg: VmCgroups, parent: Path) -> bool:
+    enabled = (read_optional(cg.fs, parent / "cgroup.subtree_control") or "").split()
+    return all(ctrl in enabled for ctrl in cg.controllers)
 
 
 #: One hierarchy: the keys (v1 controllers, or ``unified``) sharing a mount, and the

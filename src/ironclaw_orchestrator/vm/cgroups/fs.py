@@ -58,6 +58,18 @@ class CgroupFs:
         except FileNotFoundError:
             return []
 
+    def has_child_cgroups(self, path: Path) -> bool:
+        """Whether ``path`` has a child cgroup now (``False`` when it does not exist).
+
+        One ``stat``: cgroupfs (kernfs) keeps a directory's link count at 2 + its
+        subdirectories. A file system that does not (link count 1) only ever answers
+        ``False``, which sends callers down their careful path.
+        """
+        try:
+            return os.stat(path).st_nlink > 2
+        except FileNotFoundError:
+            return False
+
     def is_cgroup(self, path: Path) -> bool:
         """True if ``path`` is a cgroup (the kernel gives every cgroup a ``cgroup.procs``)."""
         return self.exists(path / "cgroup.procs")

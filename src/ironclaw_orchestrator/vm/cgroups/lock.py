@@ -1,7 +1,9 @@
 """A host-wide lock serialising cgroup directory creation and removal across orchestrators.
 
 Without it, one VM's cleanup could ``rmdir`` a shared parent cgroup between another VM
-creating that parent and creating its own directory inside it.
+creating that parent and creating its own directory inside it. It guards the intermediate
+directories and their ledger only: a VM whose parents exist makes and removes its own
+directory without it (see :mod:`.creation` and :mod:`.removal` for why that is safe).
 
 The lock file is opened once per process and path and its descriptor kept (opening it
 costs a ``mkdir``, an ``open`` and a ``close`` on every use, twice per VM). Keeping one

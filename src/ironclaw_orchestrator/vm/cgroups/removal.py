@@ -5,6 +5,12 @@ parent) that parent when it is empty, and intermediates listed in the ledger onc
 A VM cgroup that is already empty goes with one ``rmdir`` (the kernel refuses it, atomically,
 while the cgroup holds a process or a child); only one that does not is drained: its
 processes are killed, waited for, and its subtree removed.
+
+The host lock (and the ledger) is only needed when a parent may have become empty: if,
+after the VM's own directories are gone, each of their parents still has a child cgroup
+(another VM's), every directory above is busy too and nothing could be removed, so no lock
+is taken. The last VM out sees its parent empty (its look follows its own ``rmdir``; a VM
+arriving meanwhile takes over the duty) and removes what is empty under the lock.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from .rejections import errname
 if TYPE_CHECKING:
     from .tree import VmCgroups
 
-__all__ = ["remove", "remove_created", "sweep_intermediates"]
+__all__ = ["parents_in_use", "remove", "remove_created", "remove_unfilled", "sweep_intermediates"]
 
 _BUSY = (errno.EBUSY, errno.ENOTEMPTY, errno.EEXIST)
 
@@ -76,6 +82,12 @@ def remove(cg: VmCgroups, timeout_s: float) -> None:
                 busy.append(top)  # processes or child cgroups left (or an error): drain
     if busy:
         drain.drain(cg.fs, cg.version, busy, timeout_s, failures)
+    elif parents_in_use(cg):
+        # Every intermediate this VM made is an ancestor of a busy parent: busy too, and
+        # listed in the ledger, whose sweep removes it once empty (the last VM out).
+        cg.created.clear()
+        cg.prepared = False
+        return
     with HostLock(cg.lock_path):
         for top in busy:
             for sub in drain.all_cgroups(cg.fs, top):
@@ -102,6 +114,19 @@ def remove(cg: VmCgroups, timeout_s: float) -> None:
     if failures:
         unique = list(dict.fromkeys(failures))
         raise CleanupError(f"removing the cgroups of VM {cg.vm_id} failed", unique)
+
+
+def parents_in_use(cg: VmCgroups) -> bool:
+    """Whether the parent of each of the VM's directories holds a child cgroup (lock-free)."""
+    return all(cg.fs.has_child_cgroups(p) for p in {d.parent for d in cg._vm_dirs})
+
+
+def remove_unfilled(cg: VmCgroups) -> None:
+    """Remove the VM directories a lock-free prepare just made, before it takes the locked
+    path instead (which makes what it needs again; a directory that stays is its error)."""
+    for path in reversed(cg.created):
+        if _try_rmdir(cg.fs, path) is None:
+            cg.created.remove(path)
 
 
 def sweep_intermediates(

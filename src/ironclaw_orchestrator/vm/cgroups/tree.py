@@ -180,10 +180,10 @@ class VmCgroups:
         """Kill what is left in the VM's cgroups, wait, and remove the directories.
 
         Only directories this object created (recorded by :meth:`prepare`, kept in
-        :meth:`to_dict`) are touched. Removes the VM directories, then (under the host lock)
-        the parent directories this object created, if empty (a busy parent holds another
-        VM's cgroup and is left); with the derived parent (``<own>/ironclaw``), that parent
-        too if it is empty. Idempotent.
+        :meth:`to_dict`) are touched. Removes the VM directories, then, if a parent is left
+        empty (else no lock is taken: another VM's cgroup keeps the chain), under the host
+        lock the parent directories this object created, if empty; with the derived parent
+        (``<own>/ironclaw``), that parent too if it is empty. Idempotent.
         Every step runs; failures are raised together as :class:`CleanupError`.
         """
         removal.remove(self, timeout_s)
