@@ -359,3 +359,33 @@ def test_a_forked_child_closes_the_inherited_lock_files_at_once(tmp_path: Path) 
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_plan_is_decided_once_per_configuration_and_layout(
+    host: tuple[CgroupLayout, FakeKernel, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the id differs between VMs of one configuration: the controllers, mounts, parent
+    and attach keys are decided once, and again for a new layout object (detect_layout
+    makes one whenever the host's layout changes) or another configuration."""
+    import dataclasses
+
+    from ironclaw_orchestrator.vm.cgroups import planning
+
+    decided: list[int] = []
+    real = planning._decide
+    monkeypatch.setattr(planning, "_decide", lambda *a: (decided.append(1), real(*a))[1])
+    monkeypatch.setattr(planning, "_plans", {})
+    a, b = vm(host, "vm1"), vm(host, "vm2")
+    assert len(decided) == 1
+    assert a.parent == b.parent == "process_api/abc/ironclaw"
+    assert a.paths["memory"].name == "vm1" and b.paths["memory"].name == "vm2"
+    assert a.mounts is not b.mounts and a.own is not b.own  # shared plan, own copies
+    layout, fs, lock_path = host
+    settings = cgroup_settings(JailerConfig(memory_limit_mb=128), 1, None)
+    moved = dataclasses.replace(layout, own_paths={**layout.own_paths, "memory": "/other"})
+    c = VmCgroups.plan(moved, 1, "vm3", settings, None, lock_path=lock_path, fs=fs)
+    assert len(decided) == 2 and c.parent == "other/ironclaw"
+    d = VmCgroups.plan(layout, 1, "vm4", settings, "elsewhere", lock_path=lock_path, fs=fs)
+    assert len(decided) == 3 and d.parent == "elsewhere" and d.explicit_parent
+    with pytest.raises(Exception, match="vm_id"):
+        VmCgroups.plan(layout, 1, "bad/id", settings, None, lock_path=lock_path, fs=fs)

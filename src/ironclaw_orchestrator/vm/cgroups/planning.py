@@ -67,6 +67,14 @@ class Plan:
     attach_keys: tuple[str, ...]
 
 
+#: Plans by (layout, version, controllers used, controllers via the jailer, parent): the same
+#: for every VM of one configuration. Keyed on the layout *object*, which
+#: :func:`~.layout.detect_layout` replaces whenever the host's layout changes; each entry
+#: holds its layout, so the id cannot be reused while it is cached.
+_plans: dict[tuple[object, ...], tuple[CgroupLayout, Plan]] = {}
+_MAX_PLANS = 16
+
+
 def plan(
     layout: CgroupLayout,
     version: Version,
@@ -74,13 +82,33 @@ def plan(
     settings: Sequence[CgroupSetting],
     parent_cgroup: str | None,
 ) -> Plan:
-    """Decide directories and parent; touches nothing."""
+    """Decide directories and parent; touches nothing. Only the id differs between VMs of
+    one configuration: the rest is decided once (and kept while the layout stays)."""
     if not is_valid_id(vm_id):
         raise ConfigError(
             f"vm_id {vm_id!r} is invalid for a cgroup name: use 1 to 64 characters from "
             "A-Z, a-z, 0-9 and '-'"
         )
-    used = {s.controller for s in settings}
+    used = frozenset(s.controller for s in settings)
+    via = frozenset(s.controller for s in via_jailer(settings))
+    key = (id(layout), version, used, via, parent_cgroup)
+    hit = _plans.get(key)
+    if hit is not None and hit[0] is layout:
+        return hit[1]
+    decided = _decide(layout, version, set(used), via, parent_cgroup)
+    if len(_plans) >= _MAX_PLANS:
+        _plans.clear()
+    _plans[key] = (layout, decided)
+    return decided
+
+
+def _decide(
+    layout: CgroupLayout,
+    version: Version,
+    used: set[str],
+    via: frozenset[str],
+    parent_cgroup: str | None,
+) -> Plan:
     if version == 1 and "cpu" in used:
         used.add("cpuacct")  # per-VM CPU usage: cpuacct is its own hierarchy on many hosts
     controllers = tuple(controller_names(used, version))
@@ -111,12 +139,11 @@ def plan(
     parent = norm_parent(parent_cgroup) if parent_cgroup is not None else derive_parent(own)
 
     attach: list[str] = []
-    jailer_settings = via_jailer(settings)
     if version == 2:
-        if not jailer_settings:
+        if not via:
             attach.append(UNIFIED)
     else:
-        jailer_dirs = {mounts[s.controller] for s in jailer_settings}
+        jailer_dirs = {mounts[c] for c in via}
         attach = [c for c in controllers if mounts[c] not in jailer_dirs]
     return Plan(
         parent=parent,

@@ -34,6 +34,20 @@ from .stats import CgroupStats, parse_flat_keyed, read_stats
 
 _FORMAT = 1
 
+#: ``<mount>/<parent>`` by (mount, parent): the same for every VM (parsing a path is most of
+#: a plan's cost). Pure strings in, so nothing to invalidate; bounded.
+_parent_dirs: dict[tuple[Path, str], Path] = {}
+
+
+def _parent_dir(mount: Path, parent: str) -> Path:
+    found = _parent_dirs.get((mount, parent))
+    if found is None:
+        if len(_parent_dirs) >= 64:
+            _parent_dirs.clear()
+        found = Path(f"{str(mount).rstrip('/')}/{parent}") if parent else mount
+        _parent_dirs[(mount, parent)] = found
+    return found
+
 
 @dataclass
 class VmCgroups:
@@ -63,10 +77,13 @@ class VmCgroups:
     _vm_dirs: list[Path] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        rel = vm_cgroup_path(self.parent, self.vm_id)
-        by_mount = {m: Path(f"{str(m).rstrip('/')}/{rel}") for m in set(self.mounts.values())}
+        head, _, leaf = vm_cgroup_path(self.parent, self.vm_id).rpartition("/")
+        by_mount: dict[Path, Path] = {}
+        for m in self.mounts.values():
+            if m not in by_mount:
+                by_mount[m] = _parent_dir(m, head) / leaf
         self._paths = {k: by_mount[m] for k, m in self.mounts.items()}
-        self._vm_dirs = sorted(set(self._paths.values()))
+        self._vm_dirs = sorted(set(by_mount.values()))
 
     @classmethod
     def plan(
@@ -89,8 +106,8 @@ class VmCgroups:
             parent=p.parent,
             explicit_parent=p.explicit_parent,
             settings=list(settings),
-            mounts=p.mounts,
-            own=p.own,
+            mounts=dict(p.mounts),  # the plan is shared by every VM of its configuration
+            own=dict(p.own),
             controllers=p.controllers,
             attach_keys=p.attach_keys,
             lock_path=lock_path,
