@@ -10,9 +10,9 @@ isolation flags ironclaw uses by default (uid/gid, new PID namespace, memory and
 under our own cgroup), the probe kernel is linked into the jail, the VM is configured and
 booted, its exit is awaited and the jail and cgroups are removed. Plain raw skips the private
 network namespace ironclaw gives every VM; ``raw+netns`` also makes one per VM (unshare in a
-thread, bind-mounted under /run/netns, ``lo`` up, like ``ip netns add``) and hands it to the
-jailer with ``--netns``: ironclaw / raw+netns compares the same isolation, ironclaw / raw is
-an upper bound on what ironclaw adds.
+thread, bind-mounted under /run/netns, ``lo`` down as ``ip netns add`` leaves it) and hands
+it to the jailer with ``--netns``: ironclaw / raw+netns compares the same isolation,
+ironclaw / raw is an upper bound on what ironclaw adds.
 
 Phases per lifecycle: ``ready`` (spawn -> API answering and pre-configured), ``boot`` (InstanceStart
 -> guest exit reaped), ``cleanup``, ``total``. Then 16 lifecycles at once (VMs/s), orchestrator
@@ -26,14 +26,11 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import fcntl
 import json
 import math
 import os
 import shutil
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -49,7 +46,6 @@ RAW_BASE = Path("/var/jail")
 UID = GID = 64999  # the raw baseline's jail user (ironclaw allocates its own from the registry)
 PR_SET_CHILD_SUBREAPER = 36
 CLONE_NEWNET, MS_BIND, MNT_DETACH = 0x40000000, 4096, 2
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 1
 
 Sample = dict[str, float]
 
@@ -121,18 +117,14 @@ def _check(res: int, what: str) -> None:
 
 
 def _make_netns(path: str) -> None:
-    """In a throw-away thread: a new netns for the thread, bound on ``path``, ``lo`` up."""
+    """In a throw-away thread: a new netns for the thread, bound on ``path`` (``lo`` stays
+    down, as ``ip netns add`` leaves it and as ironclaw makes a VM's own namespace)."""
 
     def body() -> None:
         _check(_libc.unshare(CLONE_NEWNET), "unshare")
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
         ns = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
         _check(_libc.mount(ns, path.encode(), None, MS_BIND, None), "mount")
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            ifr = struct.pack("16sH", b"lo", 0).ljust(40, b"\0")
-            flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, ifr), 16)[0]
-            up = struct.pack("16sH", b"lo", flags | IFF_UP).ljust(40, b"\0")
-            fcntl.ioctl(s, SIOCSIFFLAGS, up)
 
     errors: list[BaseException] = []
 
