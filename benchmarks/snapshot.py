@@ -18,7 +18,7 @@ Measured (medians, p90), each to "the restored VM runs":
   full pool (the pool is refilled between samples, outside the timing);
 * raw+netns: the raw jailer + firecracker with the isolation ironclaw adds by default, made
   here with bare syscalls (nothing from ironclaw; the helpers are ``benchmarks/startup.py``'s):
-  a network namespace per VM (unshare in a thread, bind-mounted under /run/netns, ``lo`` up)
+  a network namespace per VM (unshare in a thread, bind-mounted under /run/netns, ``lo`` down)
   handed to the jailer with ``--netns``, and memory + CPU cgroups (v1) beneath our own, set
   by the jailer's ``--cgroup``. ironclaw / raw+netns is what the same isolation costs
   through ironclaw; ironclaw / raw is an upper bound on what ironclaw adds;
