@@ -2,10 +2,11 @@
 
 We run as root and remove whole trees (jail directories, run directories). If any component
 of such a path could be swapped by another user for a symlink, ``rmtree`` would delete the
-link's target. So every component is opened with ``O_NOFOLLOW`` relative to its parent's
-fd, the tree is removed relative to the last fd (``shutil.rmtree(dir_fd=...)``, itself
-fd-based), and directories are created under a temporary name, then renamed into place with
-``RENAME_NOREPLACE`` so they appear complete (with their marker) or not at all.
+link's target. So the parent is opened refusing a symlink in any component (``openat2``
+``RESOLVE_NO_SYMLINKS``, else ``O_NOFOLLOW`` one component at a time), the tree is removed
+relative to directory fds (:func:`remove_tree_at`: no symlink followed, no mount crossed,
+no recursion), and directories are created under a temporary name, then renamed into place
+with ``RENAME_NOREPLACE`` so they appear complete (with their marker) or not at all.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import ctypes
 import errno
 import functools
 import os
-import shutil
 import stat
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import ConfigError, HostError
@@ -44,13 +45,32 @@ def open_dir_nofollow(path: Path) -> Iterator[int]:
 
     Raises ``OSError`` (ELOOP / ENOTDIR) if any component is a symlink or not a directory.
     """
+    fd = _open_dir_path(path)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _open_dir_path(path: Path) -> int:
     if not path.is_absolute():
         raise ValueError(f"{path} is not absolute")
+    if ".." in path.parts or "." in path.parts:
+        raise OSError(errno.EINVAL, "refusing '.' or '..' in a path", str(path))
+    if _HAVE_OPENAT2:
+        # One syscall that refuses a symlink in any component (the kernel walks the path).
+        try:
+            return _openat2(_AT_FDCWD, str(path), _RESOLVE_NO_SYMLINKS)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise OSError(
+                        exc.errno, "a component is a symlink or not a directory", str(path)
+                    ) from None
+                raise
     fd = os.open("/", _O_DIR)
     try:
         for part in path.parts[1:]:
-            if part in (".", ".."):
-                raise OSError(errno.EINVAL, f"refusing '{part}' in {path}")
             try:
                 nxt = os.open(part, _O_DIR, dir_fd=fd)
             except OSError as exc:
@@ -63,33 +83,179 @@ def open_dir_nofollow(path: Path) -> Iterator[int]:
                 raise
             os.close(fd)
             fd = nxt
-        yield fd
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
-def rmtree_nofollow(path: Path) -> bool:
+def rmtree_nofollow(path: Path, last: str | None = None) -> bool:
     """Remove the directory tree ``path``; ``False`` if it did not exist.
 
     No component of ``path`` (nor anything inside) is followed if it is a symlink: a path
     whose parent was swapped for a symlink raises ``OSError`` instead of deleting elsewhere.
+    Nothing on another mount is touched: a mount point inside the tree (or the tree itself
+    being one) raises ``OSError`` (EXDEV) before anything below it is removed. See
+    :func:`remove_tree_at` for what a hostile owner of files inside can and cannot do.
+    ``last``, an entry of ``path``, goes last (a marker saying whose the tree is, so that a
+    removal cut short still reads as ours).
     """
     try:
-        parent_cm = open_dir_nofollow(path.parent)
-        parent = parent_cm.__enter__()
+        parent = _open_dir_path(path.parent)
     except FileNotFoundError:
         return False
     try:
-        try:
-            st = os.stat(path.name, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        if not stat.S_ISDIR(st.st_mode):
-            raise OSError(errno.ENOTDIR, "not a directory (a symlink?), not removed", str(path))
-        shutil.rmtree(path.name, dir_fd=parent)
+        return remove_tree_at(parent, path.name, last)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     finally:
-        parent_cm.__exit__(None, None, None)
+        os.close(parent)
+
+
+#: Deeper than this, a subtree is moved up to the top directory and taken later: removal
+#: needs at most this many fds and no recursion, however deep a hostile tree is.
+MAX_REMOVE_DEPTH = 32
+
+
+def remove_tree_at(parent_fd: int, name: str, last: str | None = None) -> bool:
+    """Remove the directory ``name`` in ``parent_fd`` and all in it; ``False`` if absent.
+
+    Built for trees whose files belong to someone hostile (a VMM's chroot): each directory
+    is opened by one name relative to its parent's fd with ``O_NOFOLLOW`` (and, where the
+    kernel has ``openat2``, ``RESOLVE_NO_XDEV``), everything else is only unlinked, never
+    opened: a symlink is removed as a link, a hard link as a name (its inode and other
+    names stay), a fifo or device node without being opened. An entry swapped for another
+    kind between listing and removal is taken as what it now is. The walk is iterative and
+    moves subtrees deeper than ``MAX_REMOVE_DEPTH`` up to the top directory (a rename within
+    the tree), so a deep tree costs neither recursion nor fds.
+
+    Per directory: one open, one listing (``scandir``'s ``d_type``, no stat per entry), one
+    ``rmdir``; per other entry one ``unlink``.
+    """
+    try:
+        top = _open_subdir(parent_fd, name)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(exc.errno, "not a directory (a symlink?), not removed") from None
+        raise
+    # (fd of the directory's parent, its name there, its own fd, entries left to remove)
+    stack: list[tuple[int, str, int, list[tuple[str, bool]]]] = []
+    try:
+        entries = _entries(top)
+        if last is not None:  # popped from the end: put it first
+            entries.sort(key=lambda e: e[0] != last)
+        stack.append((parent_fd, name, top, entries))
+        moved = 0
+        while stack:
+            fd, entries = stack[-1][2], stack[-1][3]
+            if not entries:
+                parent, dname, _, _ = stack.pop()
+                os.close(fd)
+                with suppress(FileNotFoundError):
+                    os.rmdir(dname, dir_fd=parent)
+                continue
+            child, is_dir = entries.pop()
+            if not is_dir:
+                try:
+                    os.unlink(child, dir_fd=fd)
+                    continue
+                except FileNotFoundError:
+                    continue
+                except IsADirectoryError:
+                    pass  # a directory now: taken below
+            if len(stack) >= MAX_REMOVE_DEPTH:
+                while True:
+                    moved += 1
+                    up = f".ironclaw-rm-{moved}"
+                    try:
+                        os.rename(child, up, src_dir_fd=fd, dst_dir_fd=top)
+                        break
+                    except OSError as exc:
+                        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                            raise
+                stack[0][3].append((up, True))
+                continue
+            try:
+                sub = _open_subdir(fd, child)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                with suppress(FileNotFoundError):  # a symlink or file now: removed as such
+                    os.unlink(child, dir_fd=fd)
+                continue
+            try:
+                stack.append((fd, child, sub, _entries(sub)))
+            except BaseException:
+                os.close(sub)
+                raise
+    finally:
+        for _, _, fd, _ in stack:
+            os.close(fd)
     return True
+
+
+def _entries(fd: int) -> list[tuple[str, bool]]:
+    """``(name, is a directory)`` for each entry (from ``d_type``: no stat per entry)."""
+    with os.scandir(fd) as it:
+        return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+
+
+def _open_subdir(dir_fd: int, name: str) -> int:
+    """Open the directory ``name`` (one component) in ``dir_fd``: no symlink, no mount."""
+    if _HAVE_OPENAT2:
+        try:
+            return _openat2(dir_fd, name, _RESOLVE_SUBDIR)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise OSError(
+                    errno.EXDEV,
+                    f"{name!r} is a mount point (or on another mount); not removed: "
+                    "unmount it first",
+                ) from None
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):
+                raise
+    return os.open(name, _O_DIR, dir_fd=dir_fd)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]  # fmt: skip
+
+
+_SYS_OPENAT2 = 437  # the same number on every architecture (added in Linux 5.6)
+_RESOLVE_NO_XDEV = 0x01
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_RESOLVE_SUBDIR = _RESOLVE_NO_XDEV | _RESOLVE_NO_SYMLINKS | _RESOLVE_BENEATH
+#: One read-only ``open_how`` per resolve mode (shared by threads: the kernel only reads it).
+_HOWS = {r: _OpenHow(_O_DIR, 0, r) for r in (_RESOLVE_NO_SYMLINKS, _RESOLVE_SUBDIR)}
+_HAVE_OPENAT2 = sys.platform == "linux"
+
+
+def _openat2(dir_fd: int, path: str, resolve: int) -> int:
+    """``openat2(2)`` of a directory; ``OSError`` (ENOSYS on kernels before 5.6)."""
+    how = _HOWS[resolve]
+    fd: int = _libc().syscall(
+        ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(dir_fd), ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+    )  # fmt: skip
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EPERM):
+            _disable_openat2()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+def _disable_openat2() -> None:
+    global _HAVE_OPENAT2
+    _HAVE_OPENAT2 = False
 
 
 @functools.cache

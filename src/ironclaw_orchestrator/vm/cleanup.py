@@ -49,18 +49,20 @@ def claim_jail_dir(jail: Path, vm_id: str) -> Path:
     It is built under a temporary name and renamed into place without replacing anything:
     it appears complete or not at all. Raises ``ConfigError`` if the id's jail exists.
     """
-    parent = jail.parent
-    parent.mkdir(mode=0o755, exist_ok=True)
-    tmp = parent / f"{CLAIM_PREFIX}{vm_id}-{secrets.token_hex(4)}"
-    os.mkdir(tmp, 0o700)
+    parent = str(jail.parent)
+    tmp = f"{parent}/{CLAIM_PREFIX}{vm_id}-{secrets.token_hex(4)}"
     try:
-        (tmp / names.JAIL_MARKER).write_text(
-            json.dumps({"vm_id": vm_id, "orchestrator_pid": os.getpid()}) + "\n"
-        )
+        os.mkdir(tmp, 0o700)
+    except FileNotFoundError:  # the first VM of this exec file under this base
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(parent, 0o755)
+        os.mkdir(tmp, 0o700)
+    try:
+        _write_marker(f"{tmp}/{names.JAIL_MARKER}", vm_id)
         rename_noreplace(tmp, jail)
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            rmtree_nofollow(tmp)
+            rmtree_nofollow(Path(tmp))
         if isinstance(exc, FileExistsError):
             raise ConfigError(
                 f"VM {vm_id}: jail directory {jail} already exists: the id is in use, or a "
@@ -68,6 +70,15 @@ def claim_jail_dir(jail: Path, vm_id: str) -> Path:
             ) from None
         raise
     return jail
+
+
+def _write_marker(path: str, vm_id: str) -> None:
+    data = json.dumps({"vm_id": vm_id, "orchestrator_pid": os.getpid()}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
 
 
 def claim_id_of(name: str) -> str | None:
@@ -101,8 +112,11 @@ def remove_jail_dir(jail: Path) -> None:
 
 
 def remove_jail_tree(jail: Path) -> None:
-    """Remove the jail directory (no symlink followed); its VMM must be gone already."""
-    rmtree_nofollow(jail)
+    """Remove the jail directory (no symlink followed); its VMM must be gone already.
+
+    Our marker goes last: a removal cut short (a crash) leaves a jail gc still knows as ours.
+    """
+    rmtree_nofollow(jail, last=names.JAIL_MARKER)
 
 
 def remove_run_dir(run_dir: Path) -> None:

@@ -8,13 +8,13 @@ for root, a per-user directory otherwise, ``IRONCLAW_RUN_DIR`` to override) is d
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from .. import names
 from ..errors import StagingError
 from ..paths import RUN_DIR_ENV as RUN_DIR_ENV  # re-exported: importers use it from here
 from ..paths import default_run_dir
+from ..safefs import rmtree_nofollow
 
 DEFAULT_RUN_DIR = Path("/run/ironclaw")  # root's default; see ironclaw_orchestrator.paths
 CONSOLE_LOG = "console.log"
@@ -32,8 +32,11 @@ def create_vm_run_dir(vm_id: str) -> Path:
     """Create the VM's private run directory; it must not exist yet (the id is in use)."""
     path = vm_run_dir(vm_id)
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.mkdir(mode=0o700)
+        try:
+            os.mkdir(path, 0o700)
+        except FileNotFoundError:  # the first VM under this run root
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.mkdir(path, 0o700)
     except FileExistsError:
         raise StagingError(
             f"VM {vm_id}: run directory {path} already exists, so the id is in use (or a crashed "
@@ -49,4 +52,5 @@ def create_vm_run_dir(vm_id: str) -> Path:
 
 
 def remove_vm_run_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=False) if path.exists() else None
+    """Kept for importers: removes like :func:`.cleanup.remove_run_dir` (no symlink followed)."""
+    rmtree_nofollow(path)
