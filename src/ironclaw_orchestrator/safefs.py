@@ -89,7 +89,7 @@ def _open_dir_path(path: Path) -> int:
     return fd
 
 
-def rmtree_nofollow(path: Path, last: str | None = None) -> bool:
+def rmtree_nofollow(path: Path, last: str | None = None, expected: tuple[str, ...] = ()) -> bool:
     """Remove the directory tree ``path``; ``False`` if it did not exist.
 
     No component of ``path`` (nor anything inside) is followed if it is a symlink: a path
@@ -98,14 +98,15 @@ def rmtree_nofollow(path: Path, last: str | None = None) -> bool:
     being one) raises ``OSError`` (EXDEV) before anything below it is removed. See
     :func:`remove_tree_at` for what a hostile owner of files inside can and cannot do.
     ``last``, an entry of ``path``, goes last (a marker saying whose the tree is, so that a
-    removal cut short still reads as ours).
+    removal cut short still reads as ours). ``expected`` names the files ``path`` usually
+    holds: they are unlinked first, and if that empties it, it is removed without a listing.
     """
     try:
         parent = _open_dir_path(path.parent)
     except FileNotFoundError:
         return False
     try:
-        return remove_tree_at(parent, path.name, last)
+        return remove_tree_at(parent, path.name, last, expected)
     except OSError as exc:
         if exc.filename is None:
             exc.filename = str(path)
@@ -119,7 +120,9 @@ def rmtree_nofollow(path: Path, last: str | None = None) -> bool:
 MAX_REMOVE_DEPTH = 32
 
 
-def remove_tree_at(parent_fd: int, name: str, last: str | None = None) -> bool:
+def remove_tree_at(
+    parent_fd: int, name: str, last: str | None = None, expected: tuple[str, ...] = ()
+) -> bool:
     """Remove the directory ``name`` in ``parent_fd`` and all in it; ``False`` if absent.
 
     Built for trees whose files belong to someone hostile (a VMM's chroot): each directory
@@ -145,7 +148,18 @@ def remove_tree_at(parent_fd: int, name: str, last: str | None = None) -> bool:
     # (fd of the directory's parent, its name there, its own fd, entries left to remove)
     stack: list[tuple[int, str, int, list[tuple[str, bool]]]] = []
     try:
-        entries = _entries(top)
+        try:
+            emptied = False
+            if expected:
+                _unlink_expected(top, expected)
+                emptied = last is None and _rmdir_if_empty(parent_fd, name)
+            entries = [] if emptied else _entries(top)
+        except BaseException:
+            os.close(top)
+            raise
+        if emptied:
+            os.close(top)
+            return True
         if last is not None:  # popped from the end: put it first
             entries.sort(key=lambda e: e[0] != last)
         stack.append((parent_fd, name, top, entries))
@@ -197,6 +211,24 @@ def remove_tree_at(parent_fd: int, name: str, last: str | None = None) -> bool:
     finally:
         for _, _, fd, _ in stack:
             os.close(fd)
+    return True
+
+
+def _unlink_expected(fd: int, expected: tuple[str, ...]) -> None:
+    for entry in expected:
+        with suppress(FileNotFoundError, IsADirectoryError):  # a directory: the walk's
+            os.unlink(entry, dir_fd=fd)
+
+
+def _rmdir_if_empty(parent_fd: int, name: str) -> bool:
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
     return True
 
 

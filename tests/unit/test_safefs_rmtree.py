@@ -152,15 +152,7 @@ def test_the_marker_goes_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert removed[-2:] == [names.JAIL_MARKER, "vm-1/"]
 
 
-def test_removal_work_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Work count: one open and one listing per directory, one unlink per other entry, no
-    stat of any entry (d_type decides), and the parent reached with one open where the
-    kernel has openat2 (not one per path component)."""
-    precious, data = _outside(tmp_path)
-    jail = _hostile_jail(tmp_path, precious, data)
-    os.chmod(jail / "root" / "locked", 0o700)
-    dirs = [p for p in jail.rglob("*") if p.is_dir() and not p.is_symlink()] + [jail]
-    others = [p for p in jail.rglob("*") if p.is_symlink() or not p.is_dir()]
+def _counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     calls: dict[str, int] = {"stat": 0, "lstat": 0, "scandir": 0, "open": 0, "openat2": 0}
 
     def count(name: str, real: object) -> object:
@@ -173,14 +165,53 @@ def test_removal_work_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     for name in ("stat", "lstat", "scandir", "open"):
         monkeypatch.setattr(os, name, count(name, getattr(os, name)))
     monkeypatch.setattr(safefs, "_openat2", count("openat2", safefs._openat2))
+    return calls
+
+
+def test_removal_work_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work count: a jail as the jailer lays it out is removed with one open and one listing
+    per directory, one unlink per entry, no stat (d_type decides), and the parent reached
+    with one open where the kernel has openat2 (not one per path component)."""
+    jail = cleanup.claim_jail_dir(tmp_path / "firecracker-v1.0.0" / "vm-1", "vm-1")
+    root = jail / "root"
+    (root / "dev" / "net").mkdir(parents=True)
+    (root / "run").mkdir()
+    for name in ("dev/kvm", "dev/urandom", "dev/net/tun", "run/firecracker.socket",
+                 "firecracker-v1.0.0", "firecracker-v1.0.0.pid", "vmlinux"):  # fmt: skip
+        (root / name).write_text("x")
+    calls = _counting(monkeypatch)
     cleanup.remove_jail_tree(jail)
     assert calls["stat"] == calls["lstat"] == 0
-    assert calls["scandir"] == len(dirs)
+    assert calls["scandir"] == 5  # the jail, root, dev, dev/net, run
     if safefs._HAVE_OPENAT2:
-        assert calls["openat2"] == len(dirs) + 1 and calls["open"] == 0
-    else:  # the fallback walks the parent's components from /
-        assert calls["open"] == len(dirs) + len(jail.parent.parts)
-    assert not os.path.lexists(jail) and len(others) >= 10
+        assert calls["openat2"] == 1 + 5 and calls["open"] == 0  # parent + 5 directories
+    assert not os.path.lexists(jail)
+    # The run directory: its console log unlinked without listing it.
+    monkeypatch.setenv("IRONCLAW_RUN_DIR", str(tmp_path / "run"))
+    from ironclaw_orchestrator.vm import rundir
+
+    run_dir = rundir.create_vm_run_dir("vm-1")
+    (run_dir / rundir.CONSOLE_LOG).write_text("x")
+    calls["scandir"] = 0
+    cleanup.remove_run_dir(run_dir)
+    assert calls["scandir"] == 0 and not os.path.lexists(run_dir)
+    run_dir = rundir.create_vm_run_dir("vm-1")
+    (run_dir / "console.log.1").write_text("x")  # something else: found by listing
+    cleanup.remove_run_dir(run_dir)
+    assert calls["scandir"] == 1 and not os.path.lexists(run_dir)
+
+
+def test_hostile_removal_stats_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    precious, data = _outside(tmp_path)
+    jail = _hostile_jail(tmp_path, precious, data)
+    os.chmod(jail / "root" / "locked", 0o700)
+    dirs = [p for p in jail.rglob("*") if p.is_dir() and not p.is_symlink()] + [jail]
+    calls = _counting(monkeypatch)
+    cleanup.remove_jail_tree(jail)
+    assert calls["stat"] == calls["lstat"] == 0 and calls["scandir"] <= len(dirs)
+    assert not os.path.lexists(jail) and data.read_text() == "keep"
+    if not safefs._HAVE_OPENAT2:  # the fallback walks the parent's components from /
+        assert calls["open"] <= len(dirs) + len(jail.parent.parts)
 
 
 def test_without_openat2_the_walk_is_as_safe(

@@ -19,6 +19,7 @@ from .. import names, procfs
 from .. import pidfd as pidfds
 from ..errors import ConfigError
 from ..safefs import rename_noreplace, rmtree_nofollow
+from .rundir import CONSOLE_LOG as RUN_DIR_CONSOLE_LOG
 
 if TYPE_CHECKING:
     from .cgroups.fs import CgroupFs
@@ -120,7 +121,9 @@ def remove_jail_tree(jail: Path) -> None:
 
 
 def remove_run_dir(run_dir: Path) -> None:
-    rmtree_nofollow(run_dir)
+    """Remove the VM's run directory: usually just its console log, unlinked without a
+    listing; whatever else is there (a rotated log, a socket) is found by one."""
+    rmtree_nofollow(run_dir, expected=(RUN_DIR_CONSOLE_LOG,))
 
 
 # --------------------------------------------------------------------------- network
