@@ -188,8 +188,8 @@ def remove_tree_at(
                     try:
                         os.rename(child, up, src_dir_fd=fd, dst_dir_fd=top)
                         break
-                    except OSError as exc:
-                        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    except OSError as exc:  # the name is taken: try the next
+                        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
                             raise
                 stack[0][3].append((up, True))
                 continue

@@ -72,6 +72,7 @@ def test_a_deep_tree_needs_no_recursion_and_few_fds(tmp_path: Path) -> None:
     top = tmp_path / "fc" / "vm-1"
     top.mkdir(parents=True)
     depth = sys.getrecursionlimit() + 500
+    (top / ".ironclaw-rm-1").write_text("x")  # a name the walk would move a subtree to
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for i in range(depth):
