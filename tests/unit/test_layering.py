@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "primitives",
         (
+            "fsflags",
             "lsm",
             "names",
             "paths",

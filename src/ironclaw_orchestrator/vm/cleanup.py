@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .. import names, procfs
 from .. import pidfd as pidfds
 from ..errors import ConfigError
+from ..fsflags import spread_subdirs, spread_subdirs_once
 from ..safefs import rename_noreplace, rmtree_nofollow
 from .rundir import CONSOLE_LOG as RUN_DIR_CONSOLE_LOG
 
@@ -52,11 +53,13 @@ def claim_jail_dir(jail: Path, vm_id: str) -> Path:
     """
     parent = str(jail.parent)
     tmp = f"{parent}/{CLAIM_PREFIX}{vm_id}-{secrets.token_hex(4)}"
+    spread_subdirs_once(parent)  # jails are unrelated trees: spread them (ext4 Orlov)
     try:
         os.mkdir(tmp, 0o700)
     except FileNotFoundError:  # the first VM of this exec file under this base
         with contextlib.suppress(FileExistsError):
             os.mkdir(parent, 0o755)
+            spread_subdirs(parent)
         os.mkdir(tmp, 0o700)
     try:
         _write_marker(f"{tmp}/{names.JAIL_MARKER}", vm_id)

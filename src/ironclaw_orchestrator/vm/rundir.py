@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import names
 from ..errors import StagingError
+from ..fsflags import spread_subdirs, spread_subdirs_once
 from ..paths import RUN_DIR_ENV as RUN_DIR_ENV  # re-exported: importers use it from here
 from ..paths import default_run_dir
 from ..safefs import rmtree_nofollow
@@ -32,10 +33,12 @@ def create_vm_run_dir(vm_id: str) -> Path:
     """Create the VM's private run directory; it must not exist yet (the id is in use)."""
     path = vm_run_dir(vm_id)
     try:
+        spread_subdirs_once(str(path.parent))  # unrelated trees: spread them (ext4 Orlov)
         try:
             os.mkdir(path, 0o700)
         except FileNotFoundError:  # the first VM under this run root
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            spread_subdirs(str(path.parent))
             os.mkdir(path, 0o700)
     except FileExistsError:
         raise StagingError(
