@@ -34,6 +34,7 @@ from ironclaw_orchestrator.vm import (
     start_firecracker,
 )
 from ironclaw_orchestrator.vm import restore as restore_mod
+from ironclaw_orchestrator.vm.api import FirecrackerApi
 from ironclaw_orchestrator.vm.probe import (
     PROBE_BOOT_ARGS,
     READY_LINE,
@@ -317,11 +318,11 @@ async def test_work_per_restore(
         return real_write(self, ident, data, **kw)
 
     connections: list[str] = []
-    real_connect = asyncio.open_unix_connection
+    real_connect = FirecrackerApi._connect
 
-    async def counting_connect(path: str, *args: object, **kwargs: object) -> object:
-        link = await real_connect(path, *args, **kwargs)  # type: ignore[arg-type]
-        connections.append(str(path))
+    async def counting_connect(self: FirecrackerApi) -> object:
+        link = await real_connect(self)
+        connections.append(str(self.socket_path))
         return link
 
     validated: list[str] = []
@@ -332,7 +333,7 @@ async def test_work_per_restore(
         return real_clone(src, clone_id, jailer)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Registry, "_write_record", counting_write)
-    monkeypatch.setattr(asyncio, "open_unix_connection", counting_connect)
+    monkeypatch.setattr(FirecrackerApi, "_connect", counting_connect)
     monkeypatch.setattr(restore_mod, "_clone_config", counting_clone)
     for n in (1, 2):
         clone_id = f"{vm_id}-w{n}"

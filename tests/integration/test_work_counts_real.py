@@ -8,7 +8,6 @@ keep-alive connection.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from jailcheck import assert_jailed
 
 from ironclaw_orchestrator.registry import Registry, store
 from ironclaw_orchestrator.vm import VmConfig, start_firecracker
+from ironclaw_orchestrator.vm.api import FirecrackerApi
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 
 pytestmark = pytest.mark.integration
@@ -47,17 +47,17 @@ async def test_registry_writes_and_api_connections_per_start(
         return real_open(self, create=create)
 
     connections: list[str] = []
-    real_connect = asyncio.open_unix_connection
+    real_connect = FirecrackerApi._connect
 
-    async def counting_connect(path: str, *args: object, **kwargs: object) -> object:
-        link = await real_connect(path, *args, **kwargs)  # type: ignore[arg-type]
-        connections.append(str(path))  # counted once connected
+    async def counting_connect(self: FirecrackerApi) -> object:
+        link = await real_connect(self)
+        connections.append(str(self.socket_path))  # counted once connected
         return link
 
     monkeypatch.setattr(Registry, "_write_record", counting_write)
     monkeypatch.setattr(Registry, "_write_tmp", counting_tmp)
     monkeypatch.setattr(store.LockFile, "_open", counting_open)
-    monkeypatch.setattr(asyncio, "open_unix_connection", counting_connect)
+    monkeypatch.setattr(FirecrackerApi, "_connect", counting_connect)
     registry = Registry(tmp_path / "state")
     cfg = VmConfig(
         vm_id=vm_id,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from ironclaw_orchestrator.errors import ApiError
+from ironclaw_orchestrator.errors import ApiError, UsageError
 from ironclaw_orchestrator.vm.api import FirecrackerApi
 from ironclaw_orchestrator.vm.ratelimit import RateLimit, TokenBucket
 
@@ -189,3 +189,126 @@ async def test_rate_limit_bodies_golden(fake_fc: tuple[Path, list[Request]]) -> 
         }),
         ("PUT", "/actions", {"action_type": "FlushMetrics"}),
     ]  # fmt: skip
+
+
+async def raw_server(
+    tmp_path: Path, answer: Callable[[int, bytes], Awaitable[bytes | None]]
+) -> tuple[asyncio.Server, Path, list[int]]:
+    """A server that answers each request head with ``answer(connection_no, head)``'s bytes,
+    written one byte at a time (``None``: hang up without answering)."""
+    sock = tmp_path / "raw.sock"
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(len(connections) + 1)
+        number = len(connections)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                     if line.lower().startswith(b"content-length")), 0,
+                )  # fmt: skip
+                await reader.readexactly(length)
+                reply = await answer(number, head)
+                if reply is None:
+                    break
+                for i in range(len(reply)):
+                    writer.write(reply[i : i + 1])
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_unix_server(handle, path=str(sock))
+    return server, sock, connections
+
+
+OK_200 = b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"state": "up"}'
+
+
+async def test_response_in_pieces_and_chunked(tmp_path: Path) -> None:
+    chunked = (
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n{"a": \r\n2\r\n1}\r\n0\r\n\r\n'
+    )
+
+    async def answer(_: int, head: bytes) -> bytes:
+        return chunked if head.startswith(b"GET /chunked") else OK_200
+
+    server, sock, connections = await raw_server(tmp_path, answer)
+    async with server, FirecrackerApi(sock, vm_id="t") as api:
+        assert await api.describe() == {"state": "up"}
+        assert await api.request("GET", "/chunked") == {"a": 1}
+        assert await api.describe() == {"state": "up"}
+    assert connections == [1]
+
+
+async def test_server_hanging_up_on_a_kept_connection_is_resent_once(tmp_path: Path) -> None:
+    """Firecracker may close an idle keep-alive connection: the request goes again on a new
+    one, once (a request the server never answered was never acted on)."""
+    answered: list[int] = []
+
+    async def answer(conn: int, _: bytes) -> bytes | None:
+        if conn == 1 and answered:
+            return None  # the first connection's second request: hang up, unanswered
+        answered.append(conn)
+        return OK_200
+
+    server, sock, connections = await raw_server(tmp_path, answer)
+    async with server, FirecrackerApi(sock, vm_id="t") as api:
+        await api.describe()
+        await api.describe()
+    assert answered == [1, 2] and connections == [1, 2]
+
+
+async def test_garbage_is_an_api_error_and_the_next_request_reconnects(tmp_path: Path) -> None:
+    async def answer(conn: int, _: bytes) -> bytes:
+        return b"NOT HTTP AT ALL\r\n\r\n" if conn == 1 else OK_200
+
+    server, sock, connections = await raw_server(tmp_path, answer)
+    async with server, FirecrackerApi(sock, vm_id="vm-g") as api:
+        with pytest.raises(ApiError, match="vm-g: cannot reach the API socket"):
+            await api.describe()
+        assert await api.describe() == {"state": "up"}
+    assert connections == [1, 2]
+
+
+async def test_a_cancelled_request_never_hands_its_answer_to_the_next(tmp_path: Path) -> None:
+    """A response still on its way when its request was cancelled must not be taken for the
+    next request's: the connection is dropped."""
+    release = asyncio.Event()
+
+    async def answer(conn: int, head: bytes) -> bytes:
+        if head.startswith(b"PUT /slow"):
+            await release.wait()
+            return b"HTTP/1.1 400 Bad\r\nContent-Length: 2\r\n\r\n{}"
+        return OK_200
+
+    server, sock, connections = await raw_server(tmp_path, answer)
+    async with server, FirecrackerApi(sock, vm_id="t") as api:
+        task = asyncio.ensure_future(api.request("PUT", "/slow", {}))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        assert await api.describe() == {"state": "up"}
+    assert connections == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/ HTTP/1.1\r\nX: y"),
+        ("GET", "/a b"),
+        ("GET", "no-slash"),
+        ("DELETE", "/"),
+        ("GET", "/\u00e9"),
+    ],
+)
+async def test_a_request_that_could_break_the_request_line_is_refused(
+    tmp_path: Path, method: str, path: str
+) -> None:
+    async with FirecrackerApi(tmp_path / "none.sock", vm_id="t") as api:
+        with pytest.raises(UsageError, match="not an API request"):
+            await api.request(method, path)

@@ -99,7 +99,7 @@ def test_import_cli_imports_no_command_and_nothing_heavy() -> None:
         "ironclaw_orchestrator.cli",
         "ironclaw_orchestrator.cli.startup",
     ]
-    assert top_level(mods, (*HEAVY, "typer", "pydantic", "h11", "asyncio")) == []
+    assert top_level(mods, (*HEAVY, "typer", "pydantic", "h11", "httptools", "asyncio")) == []
 
 
 def test_the_command_tree_loads_no_command_and_nothing_heavy() -> None:
@@ -114,7 +114,7 @@ def test_the_command_tree_loads_no_command_and_nothing_heavy() -> None:
         "ironclaw_orchestrator.cli.startup",
         "ironclaw_orchestrator.errors",
     ]
-    assert top_level(mods, (*HEAVY, "pydantic", "h11", "asyncio")) == []
+    assert top_level(mods, (*HEAVY, "pydantic", "h11", "httptools", "asyncio")) == []
 
 
 def test_the_package_serves_the_tree_and_its_submodules() -> None:

@@ -289,7 +289,7 @@ def test_a_wrong_arrow_is_caught(edge: tuple[str, str, int], expected: str) -> N
         ("vm.recording", "vm.jailer", 1),
         ("vm.config", "names", 1),
         ("cli.common", "!typer", 1),
-        ("vm.api", "!h11", 1),
+        ("vm.api", "!httptools", 1),
     ],
 )
 def test_a_right_arrow_passes(edge: tuple[str, str, int]) -> None:
