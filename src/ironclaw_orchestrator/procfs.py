@@ -55,9 +55,13 @@ class ProcStat:
 
 def read_stat(pid: int, proc: Path = PROC) -> ProcStat | None:
     """Parse ``/proc/<pid>/stat``; ``None`` if the process does not exist (or is unreadable)."""
-    try:
-        data = (proc / str(pid) / "stat").read_text()
-    except (OSError, ValueError):
+    try:  # one open and one read (no pathlib, no text layer): this runs on every start
+        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096).decode(errors="replace")
+        finally:
+            os.close(fd)
+    except OSError:
         return None
     # The command name may hold spaces and ')': it runs from the first '(' to the last ')'.
     open_at, close_at = data.find("("), data.rfind(")")

@@ -195,12 +195,10 @@ async def start_with_jailer(
         res.cgroups = cgroups
         console = res.run_dir / CONSOLE_LOG
         pump = ConsolePump(console, console_limit_bytes)
-        netns = config.netns
-        if netns is None and config.isolate_network:
-            netns = await steps.run(_make_network, res, config, tap, tap_host_cidr, uplink_subnet)
-        else:
-            res.changed()
-        await steps.run(cgroups.prepare)
+        # One thread step (one hop off the event loop and back, not one per resource).
+        netns = await steps.run(
+            _make_host_side, res, cgroups, config, tap, tap_host_cidr, uplink_subnet
+        )
         config.chroot_dir.mkdir(mode=0o755)
         for f in files:
             res.staged.append(
@@ -282,6 +280,25 @@ def _netns_taken(config: JailerConfig) -> Path | None:
         return None
     path = ns.netns_path(names.netns_name(config.jailer_id))
     return path if os.path.lexists(path) else None
+
+
+def _make_host_side(
+    res: JailResources,
+    cgroups: cg.VmCgroups,
+    config: JailerConfig,
+    tap: str | None,
+    tap_host_cidr: str | None,
+    uplink_subnet: str | None,
+) -> str | None:
+    """The VM's network namespace (unless it is given or shared) and then its cgroups, in one
+    thread; returns the namespace path for the jailer."""
+    netns = config.netns
+    if netns is None and config.isolate_network:
+        netns = _make_network(res, config, tap, tap_host_cidr, uplink_subnet)
+    else:
+        res.changed()
+    cgroups.prepare()
+    return netns
 
 
 def _make_network(

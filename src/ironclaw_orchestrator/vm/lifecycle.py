@@ -7,6 +7,7 @@ dies first we raise at once with its exit status and the tail of its output.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import time
@@ -98,11 +99,12 @@ async def wait_ready(
 ) -> None:
     """Wait until the API answers; raise at once if the process dies first."""
     deadline = time.monotonic() + timeout_s
+    path = str(socket_path)
     last_error: Exception | None = None
     while True:
         if (code := process.poll()) is not None:
             raise exited_error(vm_id, code, console_path)
-        if socket_path.exists():
+        if os.path.exists(path):
             try:
                 await api.describe(timeout_s=max(0.05, min(1.0, deadline - time.monotonic())))
                 return
@@ -201,7 +203,7 @@ class VmmHandle:
             if self.console is not None and self.process.returncode is not None:
                 self.console.close()
             await self.api.aclose()
-            await finish(asyncio.to_thread(self._release))
+            await finish(asyncio.get_running_loop().run_in_executor(None, self._release))
         return code
 
     def _after_exit(self) -> None:
