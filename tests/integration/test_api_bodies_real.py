@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from ironclaw_orchestrator.errors import ApiError, IronclawError
+from ironclaw_orchestrator.vm import api_calls
 from ironclaw_orchestrator.vm.api import FirecrackerApi
 from ironclaw_orchestrator.vm.ratelimit import RateLimit, TokenBucket
 
@@ -105,3 +106,33 @@ async def test_unknown_field_is_rejected_like_the_models_do(
         )
     assert excinfo.value.status_code == 400
     assert "unknown field `bogus`" in str(excinfo.value)
+
+
+async def test_pipelined_requests_are_served_in_order(api: FirecrackerApi, tmp_path: Path) -> None:
+    """A start sends its configuration pipelined (one write): the real server answers each
+    request in order, a rejected one included, and keeps the connection."""
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF not booted")
+    rootfs = tmp_path / "rootfs.ext4"
+    rootfs.write_bytes(b"\0" * 4096)
+    requests = [
+        api_calls.machine_config(2, 96),
+        api_calls.boot_source(kernel, "console=ttyS0"),
+        api_calls.drive("rootfs", rootfs, root=True, read_only=True),
+        api_calls.vsock(5, tmp_path / "v.sock"),
+        ("GET", "/vm/config", None),
+    ]
+    results = await api.request_all(requests)
+    assert results[:4] == [None] * 4
+    assert results[4]["machine-config"]["vcpu_count"] == 2
+    assert results[4]["vsock"]["guest_cid"] == 5
+    with pytest.raises(ApiError, match="rejected PUT /boot-source") as info:
+        await api.request_all([
+            api_calls.machine_config(1, 64),
+            api_calls.boot_source(tmp_path / "missing", "console=ttyS0"),
+            api_calls.drive("scratch", rootfs, root=False, read_only=True),
+        ])  # fmt: skip
+    assert info.value.status_code == 400
+    config = await api.get_vm_config()  # the requests around the rejected one were served
+    assert config["machine-config"]["mem_size_mib"] == 64
+    assert [d["drive_id"] for d in config["drives"]] == ["rootfs", "scratch"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jailcheck import assert_jailed
@@ -28,12 +29,13 @@ async def test_requests_and_proc_reads_per_lifecycle(
     vm_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     requests: list[tuple[str, str]] = []
-    real_request = FirecrackerApi.request
+    exchanges: list[int] = []  # requests per write (pipelined ones share one)
+    real_request_all = FirecrackerApi.request_all
 
-    async def counting_request(self: FirecrackerApi, method: str, path: str, *a: object,
-                               **kw: object) -> object:  # fmt: skip
-        requests.append((method, path))
-        return await real_request(self, method, path, *a, **kw)  # type: ignore[arg-type]
+    async def counting_request_all(self: FirecrackerApi, calls: Any, **kw: Any) -> Any:
+        requests.extend((method, path) for method, path, _ in calls)
+        exchanges.append(len(calls))
+        return await real_request_all(self, calls, **kw)
 
     stats: list[int] = []
     real_stat = procfs.read_stat
@@ -64,7 +66,7 @@ async def test_requests_and_proc_reads_per_lifecycle(
         resolved.append(exec_file)
         return real_name(exec_file)
 
-    monkeypatch.setattr(FirecrackerApi, "request", counting_request)
+    monkeypatch.setattr(FirecrackerApi, "request_all", counting_request_all)
     monkeypatch.setattr(procfs, "read_stat", counting_stat)
     monkeypatch.setattr("ironclaw_orchestrator.vm.hardening.read_seccomp_status",
                         counting_seccomp)  # fmt: skip
@@ -80,8 +82,9 @@ async def test_requests_and_proc_reads_per_lifecycle(
     vm = await start_firecracker(cfg, use_jailer=True, registry=Registry(tmp_path / "state"))
     try:
         assert_jailed(vm)
-        # Readiness and the configuration: one request each.
+        # Readiness and the configuration: one request each, the configuration pipelined.
         assert requests == [("GET", "/"), ("PUT", "/machine-config"), ("PUT", "/boot-source")]
+        assert exchanges == [1, 2], exchanges
         # The VMM's identity is read once; the jailer's (it forks the VMM, exits) never.
         # (The registry may read the orchestrator's own start time.)
         assert [pid for pid in stats if pid != os.getpid()] == [vm.pid], stats
@@ -95,4 +98,5 @@ async def test_requests_and_proc_reads_per_lifecycle(
         await vm.stop()
     # The guest reset itself: no Ctrl-Alt-Del; InstanceStart was the only other request.
     assert requests[3:] == [("PUT", "/actions")]
+    assert exchanges == [1, 2, 1], exchanges
     assert len(ooms) == 1  # read once after the exit: wait() and stop() do not both read it

@@ -312,3 +312,35 @@ async def test_a_request_that_could_break_the_request_line_is_refused(
     async with FirecrackerApi(tmp_path / "none.sock", vm_id="t") as api:
         with pytest.raises(UsageError, match="not an API request"):
             await api.request(method, path)
+
+
+async def test_request_all_pipelines_and_raises_the_first_rejection(
+    fake_fc: tuple[Path, list[Request]], state: FakeState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pre-boot configuration goes in one write and comes back with one wake-up; the
+    server answers each in order, and the first rejection is raised once all are answered."""
+    sock, seen = fake_fc
+    writes: list[bytes] = []
+    async with FirecrackerApi(sock, vm_id="vm-p") as api:
+        await api.describe()
+        transport = api._link.transport  # type: ignore[union-attr]
+        real_write = transport.write  # type: ignore[union-attr]
+        monkeypatch.setattr(
+            transport, "write", lambda data: (writes.append(data), real_write(data))
+        )
+        assert await api.request_all([
+            ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128}),
+            ("GET", "/", None),
+            ("PUT", "/boot-source", {"kernel_image_path": "/vmlinux", "boot_args": ""}),
+        ]) == [None, {"id": "anonymous-instance", "state": "Not started"}, None]  # fmt: skip
+        assert len(writes) == 1
+        with pytest.raises(ApiError, match="rejected PUT /machine-config") as info:
+            await api.request_all([
+                ("PUT", "/machine-config", {"vcpu_count": 99, "mem_size_mib": 128}),
+                ("PUT", "/drives/rootfs", {"drive_id": "rootfs"}),
+            ])  # fmt: skip
+        assert info.value.status_code == 400
+        assert seen[-1] == ("PUT", "/drives/rootfs", {"drive_id": "rootfs"})  # still served
+        assert await api.request_all([]) == []
+        assert (await api.describe())["state"] == "Not started"
+    assert state.connections == 1

@@ -42,7 +42,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.seccomp",
         ),
     ),
-    ("config", ("vm.config", "vm.config_rules", "vm.jailer_config", "vm.ratelimit")),
+    (
+        "config",
+        ("vm.api_calls", "vm.config", "vm.config_rules", "vm.jailer_config", "vm.ratelimit"),
+    ),
     (
         "building blocks",
         (
@@ -111,6 +114,7 @@ SIDEWAYS = frozenset(
         ("pidfd", "procfs"),  # a pidfd is opened for a pid whose identity /proc confirms
         ("vm.hostcheck", "vm.netns"),  # where namespaces and the TUN device live
         ("vm.config", "vm.ratelimit"),  # VmConfig holds RateLimit models
+        ("vm.api_calls", "vm.ratelimit"),  # the API bodies carry rate limiters
         # vm.config is split by concept: VmConfig, JailerConfig, the rules both use.
         ("vm.config", "vm.config_rules"),
         ("vm.config", "vm.jailer_config"),

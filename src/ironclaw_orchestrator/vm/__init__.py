@@ -20,6 +20,7 @@ from ..errors import (
     SandboxRequiredError,
 )
 from ..registry import Registry
+from . import api_calls
 from . import netns as ns
 from .cancelsafe import finish
 from .config import JailerConfig, VmConfig
@@ -275,31 +276,34 @@ async def _start_jailed(
 
 
 async def _configure(vm: FirecrackerProcess) -> None:
-    """Pre-configure the VM over the API from its ``VmConfig``."""
+    """Pre-configure the VM over the API from its ``VmConfig``: the requests are pipelined,
+    one write and one wake-up for all the answers (each wake-up of the event loop costs
+    ~0.1 ms CPU on a virtualised host)."""
     cfg = vm.config
-    api = vm.api
     jailed = isinstance(vm.vmm, JailerProcess)
-    await api.put_machine_config(
-        cfg.vcpu_count, cfg.memory_mb, track_dirty_pages=cfg.track_dirty_pages
-    )
+    if cfg.vsock_guest_cid is not None and not jailed:
+        raise ConfigError(f"VM {cfg.vm_id}: vsock is only supported for jailed VMs")
     kernel = KERNEL_JAIL_PATH if jailed else Path(cfg.kernel_path)
-    boot_args = cfg.kernel_cmdline()
-    await api.put_boot_source(kernel, boot_args)
+    requests = [
+        api_calls.machine_config(
+            cfg.vcpu_count, cfg.memory_mb, track_dirty_pages=cfg.track_dirty_pages
+        ),
+        api_calls.boot_source(kernel, cfg.kernel_cmdline()),
+    ]
     if cfg.rootfs_path is not None:
         rootfs = ROOTFS_JAIL_PATH if jailed else Path(cfg.rootfs_path)
-        await api.put_drive(
+        requests.append(api_calls.drive(
             ROOTFS_DRIVE_ID, rootfs, root=True, read_only=cfg.rootfs_read_only,
             rate_limit=cfg.drive_rate_limit,
-        )  # fmt: skip
+        ))  # fmt: skip
     if cfg.enable_networking:
-        await api.put_network_interface(
+        requests.append(api_calls.network_interface(
             NET_IFACE_ID, ns.tap_name(cfg.vm_id), ns.guest_mac(cfg.vm_id),
             rx_rate_limit=cfg.net_rx_rate_limit, tx_rate_limit=cfg.net_tx_rate_limit,
-        )  # fmt: skip
+        ))  # fmt: skip
     if cfg.vsock_guest_cid is not None:
-        if not jailed:
-            raise ConfigError(f"VM {cfg.vm_id}: vsock is only supported for jailed VMs")
-        await api.put_vsock(cfg.vsock_guest_cid, cfg.vsock_uds_path)
+        requests.append(api_calls.vsock(cfg.vsock_guest_cid, cfg.vsock_uds_path))
+    await vm.api.request_all(requests)
 
 
 if TYPE_CHECKING:

@@ -17,13 +17,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httptools
 
 from ..errors import ApiError, UsageError
+from . import api_calls as calls
+from .api_calls import Call, drive_body
 from .ratelimit import RateLimit
+
+__all__ = ["DEFAULT_TIMEOUT_S", "Call", "FirecrackerApi", "drive_body"]
 
 #: Default per-request timeout; InstanceStart on a large guest can take a while.
 DEFAULT_TIMEOUT_S = 10.0
@@ -33,26 +38,33 @@ _METHODS = frozenset({"GET", "PUT", "PATCH"})
 _HEAD = " HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
 
 
+#: One response: status, reason phrase and body.
+_Response = tuple[int, bytes, bytes]
+
+
 class _Dropped(Exception):
     """The server closed a reused keep-alive connection before answering: safe to resend."""
 
 
 class _Link(asyncio.Protocol):
-    """One keep-alive connection: what arrives is parsed as it arrives, one response per
-    request; the waiting request is woken when its response is complete (or cannot be)."""
+    """One keep-alive connection: what arrives is parsed as it arrives; the waiting caller is
+    woken once all the responses it expects are complete (or cannot be)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[None] | None = None
+        self.expected = 0
+        self.responses: list[_Response] = []
         self.closed = False
-        self.received = False  # a byte of the current response has arrived
+        self.received = False  # a byte of the current exchange has arrived
         self.reason = b""
         self.body = b""
         self.keep_alive = True
 
-    def begin(self, waiter: asyncio.Future[None]) -> None:
-        self.waiter, self.received, self.reason, self.body = waiter, False, b"", b""
+    def begin(self, waiter: asyncio.Future[None], expected: int) -> None:
+        self.waiter, self.expected, self.responses = waiter, expected, []
+        self.received, self.reason, self.body = False, b"", b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -81,7 +93,10 @@ class _Link(asyncio.Protocol):
         self.body += body
 
     def on_message_complete(self) -> None:
-        self._wake(None)
+        self.responses.append((self.parser.get_status_code(), self.reason, self.body))
+        self.reason, self.body = b"", b""
+        if len(self.responses) >= self.expected:
+            self._wake(None)
 
     def _wake(self, error: BaseException | None) -> None:
         waiter, self.waiter = self.waiter, None
@@ -107,7 +122,7 @@ class FirecrackerApi:
         self.vm_id = vm_id
         self.timeout_s = timeout_s
         self._link: _Link | None = None
-        self._lock = asyncio.Lock()  # one request at a time on the one connection
+        self._lock = asyncio.Lock()  # one exchange at a time on the one connection
 
     async def aclose(self) -> None:
         self._drop()
@@ -137,54 +152,65 @@ class FirecrackerApi:
         timeout_s: float | None = None,
     ) -> Any:
         """Send one request; return the decoded JSON body (or ``None``); raise ``ApiError``."""
-        if method not in _METHODS or not _TARGET.fullmatch(path):
-            raise UsageError(f"VM {self.vm_id}: not an API request: {method!r} {path!r}")
-        if body is None:
-            message = f"{method} {path}{_HEAD}\r\n".encode()
-        else:
-            payload = json.dumps(body).encode()
-            message = (
-                f"{method} {path}{_HEAD}Content-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n\r\n"
-            ).encode() + payload
+        (result,) = await self.request_all([(method, path, body)], timeout_s=timeout_s)
+        return result
+
+    async def request_all(
+        self, calls: Sequence[Call], *, timeout_s: float | None = None
+    ) -> list[Any]:
+        """Send ``calls`` pipelined (one write, one wake-up for all the answers); return each
+        decoded body. Firecracker serves them in order, each whatever became of the others:
+        the first it rejected raises ``ApiError`` once all are answered."""
+        if not calls:
+            return []
+        message = b"".join(self._encode(method, path, body) for method, path, body in calls)
         async with self._lock:
             try:
                 async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
                     try:
-                        status, reason, data = await self._exchange(message)
+                        responses = await self._exchange(message, len(calls))
                     except _Dropped:
                         self._drop()
-                        status, reason, data = await self._exchange(message)
+                        responses = await self._exchange(message, len(calls))
             except TimeoutError as exc:
                 raise ApiError(
-                    f"VM {self.vm_id}: {method} {path} timed out on {self.socket_path}; the "
+                    f"VM {self.vm_id}: {_names(calls)} timed out on {self.socket_path}; the "
                     "VMM is busy or hung: check its console log",
                     vm_id=self.vm_id,
                 ) from exc
             except (OSError, EOFError, _Dropped, httptools.HttpParserError) as exc:
                 raise ApiError(
                     f"VM {self.vm_id}: cannot reach the API socket {self.socket_path} for "
-                    f"{method} {path}: {exc or type(exc).__name__}; the VMM may have exited "
+                    f"{_names(calls)}: {exc or type(exc).__name__}; the VMM may have exited "
                     "(see its console log)",
                     vm_id=self.vm_id,
                 ) from exc
-        if status >= 400:
-            fault = _fault(data, reason.decode(errors="replace"))
-            raise ApiError(
-                f"VM {self.vm_id}: Firecracker rejected {method} {path} ({status}): {fault}",
-                vm_id=self.vm_id,
-                status_code=status,
-                fault_message=fault,
-            )
-        if not data:
-            return None
-        try:
-            return json.loads(data)
-        except ValueError:
-            return data.decode(errors="replace")
+        results = []
+        for (method, path, _), (status, reason, data) in zip(calls, responses, strict=True):
+            if status >= 400:
+                fault = _fault(data, reason.decode(errors="replace"))
+                raise ApiError(
+                    f"VM {self.vm_id}: Firecracker rejected {method} {path} ({status}): {fault}",
+                    vm_id=self.vm_id,
+                    status_code=status,
+                    fault_message=fault,
+                )
+            results.append(_decode(data))
+        return results
 
-    async def _exchange(self, message: bytes) -> tuple[int, bytes, bytes]:
-        """Send ``message``; return its response's status, reason phrase and body.
+    def _encode(self, method: str, path: str, body: dict[str, Any] | None) -> bytes:
+        if method not in _METHODS or not _TARGET.fullmatch(path):
+            raise UsageError(f"VM {self.vm_id}: not an API request: {method!r} {path!r}")
+        if body is None:
+            return f"{method} {path}{_HEAD}\r\n".encode()
+        payload = json.dumps(body).encode()
+        return (
+            f"{method} {path}{_HEAD}Content-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
+
+    async def _exchange(self, message: bytes, expected: int) -> list[_Response]:
+        """Send ``message`` (``expected`` requests); return their responses, in order.
 
         Whatever ends this early (an error, a timeout, a cancellation) drops the connection:
         a response still on its way would otherwise be taken for the next request's.
@@ -195,7 +221,7 @@ class FirecrackerApi:
             self._drop()
             link = self._link = await self._connect()
         waiter = asyncio.get_running_loop().create_future()
-        link.begin(waiter)
+        link.begin(waiter, expected)
         done = False
         try:
             assert link.transport is not None
@@ -210,7 +236,7 @@ class FirecrackerApi:
         finally:
             if not done or not link.keep_alive:
                 self._drop()  # the server asked to close: reconnect on the next request
-        return link.parser.get_status_code(), link.reason, link.body
+        return link.responses
 
     # Typed helpers for the calls the orchestrator makes. ---------------------------------
 
@@ -222,16 +248,12 @@ class FirecrackerApi:
     async def put_machine_config(
         self, vcpu_count: int, mem_size_mib: int, *, track_dirty_pages: bool = False
     ) -> None:
-        # smt (was ht_enabled in v1.0) defaults to false in every version; leave it out.
-        body: dict[str, Any] = {"vcpu_count": vcpu_count, "mem_size_mib": mem_size_mib}
-        if track_dirty_pages:  # same field name from v1.0 to v1.14; default false
-            body["track_dirty_pages"] = True
-        await self.request("PUT", "/machine-config", body)
+        await self.request(
+            *calls.machine_config(vcpu_count, mem_size_mib, track_dirty_pages=track_dirty_pages)
+        )
 
     async def put_boot_source(self, kernel: PurePosixPath | Path, boot_args: str) -> None:
-        await self.request(
-            "PUT", "/boot-source", {"kernel_image_path": str(kernel), "boot_args": boot_args}
-        )
+        await self.request(*calls.boot_source(kernel, boot_args))
 
     async def put_drive(
         self,
@@ -242,7 +264,7 @@ class FirecrackerApi:
         read_only: bool,
         rate_limit: RateLimit | None = None,
     ) -> None:
-        await self.request("PUT", f"/drives/{drive_id}", drive_body(
+        await self.request(*calls.drive(
             drive_id, path, root=root, read_only=read_only, rate_limit=rate_limit
         ))  # fmt: skip
 
@@ -255,14 +277,10 @@ class FirecrackerApi:
         rx_rate_limit: RateLimit | None = None,
         tx_rate_limit: RateLimit | None = None,
     ) -> None:
-        body: dict[str, Any] = {
-            "iface_id": iface_id, "host_dev_name": host_dev_name, "guest_mac": guest_mac
-        }  # fmt: skip
-        if rx_rate_limit is not None and not rx_rate_limit.unlimited:
-            body["rx_rate_limiter"] = rx_rate_limit.to_api()
-        if tx_rate_limit is not None and not tx_rate_limit.unlimited:
-            body["tx_rate_limiter"] = tx_rate_limit.to_api()
-        await self.request("PUT", f"/network-interfaces/{iface_id}", body)
+        await self.request(*calls.network_interface(
+            iface_id, host_dev_name, guest_mac,
+            rx_rate_limit=rx_rate_limit, tx_rate_limit=tx_rate_limit,
+        ))  # fmt: skip
 
     async def patch_drive_rate_limit(self, drive_id: str, rate_limit: RateLimit) -> None:
         """Replace a drive's limiter on a running VM (``PATCH /drives/{id}``, post-boot only)."""
@@ -296,9 +314,7 @@ class FirecrackerApi:
         return result if isinstance(result, dict) else {}
 
     async def put_vsock(self, guest_cid: int, uds_path: PurePosixPath | Path) -> None:
-        # No vsock_id: deprecated in every release's API spec (v1.0.0 accepts a body without
-        # it, checked against the real binary in tests/integration/test_api_bodies_real.py).
-        await self.request("PUT", "/vsock", {"guest_cid": guest_cid, "uds_path": str(uds_path)})
+        await self.request(*calls.vsock(guest_cid, uds_path))
 
     async def instance_start(self) -> None:
         await self.request("PUT", "/actions", {"action_type": "InstanceStart"})
@@ -322,26 +338,6 @@ class FirecrackerApi:
         await self.request("PUT", "/snapshot/load", body, timeout_s=timeout_s)
 
 
-def drive_body(
-    drive_id: str,
-    path: PurePosixPath | Path,
-    *,
-    root: bool,
-    read_only: bool,
-    rate_limit: RateLimit | None = None,
-) -> dict[str, Any]:
-    """``PUT /drives/{id}`` body: v1.0 requires both booleans; later releases accept them."""
-    body: dict[str, Any] = {
-        "drive_id": drive_id,
-        "path_on_host": str(path),
-        "is_root_device": root,
-        "is_read_only": read_only,
-    }
-    if rate_limit is not None and not rate_limit.unlimited:
-        body["rate_limiter"] = rate_limit.to_api()
-    return body
-
-
 def _fault(data: bytes, reason: str) -> str:
     try:
         parsed = json.loads(data)
@@ -350,3 +346,16 @@ def _fault(data: bytes, reason: str) -> str:
     if isinstance(parsed, dict) and "fault_message" in parsed:
         return str(parsed["fault_message"])
     return str(parsed)
+
+
+def _decode(data: bytes) -> Any:
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data.decode(errors="replace")
+
+
+def _names(calls: Sequence[Call]) -> str:
+    return ", ".join(f"{method} {path}" for method, path, _ in calls)
