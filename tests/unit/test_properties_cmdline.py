@@ -220,6 +220,17 @@ class _RecordingApi:
         return call
 
 
+def _sent(api: _RecordingApi, path: str) -> list[dict[str, Any]]:
+    """The bodies sent to ``path`` (or below it) by ``_configure``'s pipelined requests."""
+    return [
+        body
+        for name, args, _ in api.calls
+        if name == "request_all"
+        for method, to, body in args[0]
+        if to == path or to.startswith(path + "/")
+    ]
+
+
 class _Vmm:
     """Stands in for an unjailed VMM: only its API client is used by ``_configure``."""
 
@@ -235,9 +246,9 @@ async def test_configure_sends_the_kernel_command_line(boot_args: str, networkin
     )  # fmt: skip
     vmm = _Vmm()
     await _configure(FirecrackerProcess(cfg, vmm))  # type: ignore[arg-type]
-    boots = [(a, kw) for name, a, kw in vmm.api.calls if name == "put_boot_source"]
+    boots = _sent(vmm.api, "/boot-source")
     assert len(boots) == 1
-    args, _ = boots[0]
+    args = (Path(boots[0]["kernel_image_path"]), boots[0]["boot_args"])
     assert args[0] == Path("/k/vmlinux")
     assert args[1] == cfg.kernel_cmdline()
     sent = [(p.name, p.value) for p in kernel_params(args[1])]
@@ -246,8 +257,7 @@ async def test_configure_sends_the_kernel_command_line(boot_args: str, networkin
     ]
     if networking and not has_param(boot_args, "ip"):
         assert _ip_fields(args[1])[:4] == ["10.1.2.2", "", "10.1.2.1", "255.255.255.248"]
-        nets = [a for name, a, _ in vmm.api.calls if name == "put_network_interface"]
-        assert len(nets) == 1
+        assert len(_sent(vmm.api, "/network-interfaces")) == 1
 
 
 async def test_configure_sends_custom_boot_args_verbatim() -> None:
@@ -255,8 +265,8 @@ async def test_configure_sends_custom_boot_args_verbatim() -> None:
     cfg = VmConfig(vm_id="cmdline-2", kernel_path="/k/vmlinux", rootfs_path=None, boot_args=custom)
     vmm = _Vmm()
     await _configure(FirecrackerProcess(cfg, vmm))  # type: ignore[arg-type]
-    assert [a for name, a, _ in vmm.api.calls if name == "put_boot_source"] == [
-        (Path("/k/vmlinux"), custom)
+    assert _sent(vmm.api, "/boot-source") == [
+        {"kernel_image_path": "/k/vmlinux", "boot_args": custom}
     ]
 
 
