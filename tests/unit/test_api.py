@@ -11,6 +11,8 @@ import pytest
 
 from ironclaw_orchestrator.errors import ApiError, UsageError
 from ironclaw_orchestrator.vm.api import FirecrackerApi
+from ironclaw_orchestrator.vm.lifecycle import wait_ready
+from ironclaw_orchestrator.vm.process import ChildProcess
 from ironclaw_orchestrator.vm.ratelimit import RateLimit, TokenBucket
 
 Request = tuple[str, str, dict[str, object] | None]
@@ -343,4 +345,27 @@ async def test_request_all_pipelines_and_raises_the_first_rejection(
         assert seen[-1] == ("PUT", "/drives/rootfs", {"drive_id": "rootfs"})  # still served
         assert await api.request_all([]) == []
         assert (await api.describe())["state"] == "Not started"
+    assert state.connections == 1
+
+
+async def test_readiness_carries_the_configuration_and_a_rejection_is_final(
+    fake_fc: tuple[Path, list[Request]], state: FakeState, tmp_path: Path
+) -> None:
+    """A jailed start sends its configuration pipelined with the GET / that finds the API
+    ready; a request the live server rejects is raised at once, not retried as not-ready."""
+    sock, seen = fake_fc
+    proc = ChildProcess.spawn(["/bin/sleep", "30"], stdout_path=tmp_path / "out")
+    good = [("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})]
+    bad = [("PUT", "/machine-config", {"vcpu_count": 99, "mem_size_mib": 128})]
+    try:
+        async with FirecrackerApi(sock, vm_id="r") as api:
+            await wait_ready(proc, api, sock, vm_id="r", console_path=None, then=good)
+            assert [(m, p) for m, p, _ in seen] == [("GET", "/"), ("PUT", "/machine-config")]
+            with pytest.raises(ApiError, match="rejected PUT /machine-config") as info:
+                await wait_ready(proc, api, sock, vm_id="r", console_path=None, then=bad,
+                                 timeout_s=30)  # fmt: skip
+            assert info.value.status_code == 400 and len(seen) == 4  # asked once, not retried
+    finally:
+        proc.kill()
+        await proc.wait()
     assert state.connections == 1

@@ -127,7 +127,8 @@ async def start_firecracker(
         raise
     vm = FirecrackerProcess(config, vmm, recorder=recorder)
     try:
-        await _configure(vm)
+        if reason is not None:  # a jailed start was configured with its readiness check
+            await _configure(vm)
         if recorder is not None:
             recorder.started(vm)
     except BaseException:
@@ -272,15 +273,20 @@ async def _start_jailed(
         ready_timeout_s=ready_timeout_s,
         on_change=on_change,
         console_limit_bytes=config.console_limit_bytes,
+        preboot=preboot_calls(config, jailed=True),
     )
 
 
 async def _configure(vm: FirecrackerProcess) -> None:
-    """Pre-configure the VM over the API from its ``VmConfig``: the requests are pipelined,
-    one write and one wake-up for all the answers (each wake-up of the event loop costs
-    ~0.1 ms CPU on a virtualised host)."""
-    cfg = vm.config
-    jailed = isinstance(vm.vmm, JailerProcess)
+    """Pre-configure the VM over the API from its ``VmConfig`` (a jailed start sends the same
+    requests with its readiness check instead, see :func:`start_with_jailer`)."""
+    await vm.api.request_all(preboot_calls(vm.config, jailed=isinstance(vm.vmm, JailerProcess)))
+
+
+def preboot_calls(cfg: VmConfig, *, jailed: bool) -> list[api_calls.Call]:
+    """The requests that pre-configure a VM from its ``VmConfig``: sent pipelined, one write
+    and one wake-up for all the answers (each wake-up of the event loop costs ~0.1 ms CPU
+    on a virtualised host)."""
     if cfg.vsock_guest_cid is not None and not jailed:
         raise ConfigError(f"VM {cfg.vm_id}: vsock is only supported for jailed VMs")
     kernel = KERNEL_JAIL_PATH if jailed else Path(cfg.kernel_path)
@@ -303,7 +309,7 @@ async def _configure(vm: FirecrackerProcess) -> None:
         ))  # fmt: skip
     if cfg.vsock_guest_cid is not None:
         requests.append(api_calls.vsock(cfg.vsock_guest_cid, cfg.vsock_uds_path))
-    await vm.api.request_all(requests)
+    return requests
 
 
 if TYPE_CHECKING:

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import (
@@ -19,7 +20,7 @@ from ..errors import (
     JailerError,
     VmExitedError,
 )
-from .api import FirecrackerApi
+from .api import Call, FirecrackerApi
 from .cancelsafe import Resumable, finish
 from .config import MAX_SOCKET_PATH_BYTES
 from .consolelog import ConsolePump
@@ -31,6 +32,7 @@ DEFAULT_STOP_TIMEOUT_S = 3.0
 #: How often readiness is polled (a stat and a waitid each): 1 ms, as tight as the jailer
 #: itself needs, since every millisecond here is start-up latency.
 _POLL_S = 0.001
+_DESCRIBE: Call = ("GET", "/", None)  # answering at all means the API is ready
 _JAILER_ERROR = re.compile(r"Jailer error: (.*)")
 
 
@@ -96,8 +98,14 @@ async def wait_ready(
     vm_id: str,
     console_path: Path | None,
     timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+    then: Sequence[Call] = (),
 ) -> None:
-    """Wait until the API answers; raise at once if the process dies first."""
+    """Wait until the API answers; raise at once if the process dies first.
+
+    ``then`` (pre-boot configuration) goes pipelined with the ``GET /`` that finds the API
+    ready; one of them rejected by the answering server raises its ``ApiError`` at once.
+    """
+    ready = [_DESCRIBE, *then]
     deadline = time.monotonic() + timeout_s
     path = str(socket_path)
     last_error: Exception | None = None
@@ -106,9 +114,12 @@ async def wait_ready(
             raise exited_error(vm_id, code, console_path)
         if os.path.exists(path):
             try:
-                await api.describe(timeout_s=max(0.05, min(1.0, deadline - time.monotonic())))
+                wait_s = max(0.05, min(1.0, deadline - time.monotonic()))
+                await api.request_all(ready, timeout_s=wait_s)
                 return
             except ApiError as exc:
+                if exc.status_code is not None:
+                    raise  # the API answered: a rejected request is final
                 last_error = exc
         if time.monotonic() >= deadline:
             break
