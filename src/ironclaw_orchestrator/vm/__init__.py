@@ -273,17 +273,17 @@ async def _start_jailed(
         ready_timeout_s=ready_timeout_s,
         on_change=on_change,
         console_limit_bytes=config.console_limit_bytes,
-        preboot=preboot_calls(config, jailed=True),
+        preboot=_preboot_calls(config, jailed=True),
     )
 
 
 async def _configure(vm: FirecrackerProcess) -> None:
     """Pre-configure the VM over the API from its ``VmConfig`` (a jailed start sends the same
     requests with its readiness check instead, see :func:`start_with_jailer`)."""
-    await vm.api.request_all(preboot_calls(vm.config, jailed=isinstance(vm.vmm, JailerProcess)))
+    await vm.api.request_all(_preboot_calls(vm.config, jailed=isinstance(vm.vmm, JailerProcess)))
 
 
-def preboot_calls(cfg: VmConfig, *, jailed: bool) -> list[api_calls.Call]:
+def _preboot_calls(cfg: VmConfig, *, jailed: bool) -> list[api_calls.Call]:
     """The requests that pre-configure a VM from its ``VmConfig``: sent pipelined, one write
     and one wake-up for all the answers (each wake-up of the event loop costs ~0.1 ms CPU
     on a virtualised host)."""
