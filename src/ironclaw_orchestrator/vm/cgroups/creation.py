@@ -94,6 +94,8 @@ def _prepare_in_place(cg: VmCgroups, chains: list[_Chain]) -> bool:
             cg.created.append(where)
         if cg.version == 2 and not _distributes_all(cg, Path(chains[0][1][-1]).parent):
             raise _NotInPlace
+        if cg.version == 1 and not _cpuset_parent_ready(cg, chains):
+            raise _NotInPlace
     except (OSError, _NotInPlace):
         removal.remove_unfilled(cg)
         return False
@@ -118,6 +120,19 @@ def _prepare_in_place(cg: VmCgroups, chains: list[_Chain]) -> bool:
 
 class _NotInPlace(Exception):
     """The VM's directories cannot be made without the host lock."""
+
+
+def _cpuset_parent_ready(cg: VmCgroups, chains: list[_Chain]) -> bool:
+    """v1 cpuset: the parent has its cpus and mems. A locked prepare makes an intermediate
+    cpuset directory and fills it afterwards; one seen empty may be in that gap, so the
+    locked path decides (it waits for that prepare, then reports a really empty parent)."""
+    for keys, dirs in chains:
+        if "cpuset" in keys:
+            parent = Path(dirs[-1]).parent
+            for name in ("cpuset.cpus", "cpuset.mems"):
+                if not read_optional(cg.fs, parent / name):
+                    return False
+    return True
 
 
 def _distributes_all(cg: VmCgroups, parent: Path) -> bool:
