@@ -75,3 +75,63 @@ def test_answers_expire(lookups: list[int], monkeypatch: pytest.MonkeyPatch) -> 
 def test_nss_knows_root_and_not_a_free_id() -> None:
     assert ids._nss_has_id(0)
     assert not ids._nss_has_id(4_000_000_000)
+
+
+def _lock_is_free(state: Path) -> bool:
+    """Whether another open file of the registry lock could take it now."""
+    import fcntl
+
+    fd = os.open(state / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_a_claim_looks_up_its_id_once_and_not_under_the_lock(
+    lookups: list[int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The one NSS lookup per handed-out id is made before the exclusive lock is taken
+    (the lock does not order host accounts), so workers' updates do not wait for it."""
+    from ironclaw_orchestrator.registry import Registry
+
+    state = tmp_path / "state"
+    reg = Registry(state)
+    reg.claim("first")  # makes the lock file
+    held: list[bool] = []
+    real = ids._nss_has_id
+
+    def nss(n: int) -> bool:
+        held.append(not _lock_is_free(state))
+        return real(n)  # the fixture's: 64_001 is taken
+
+    monkeypatch.setattr(ids, "_nss_has_id", nss)
+    lookups.clear()
+    assert reg.claim("vm-a", allocate_ids=True).uid == 64_000
+    assert reg.claim("vm-b", allocate_ids=True).uid == 64_002  # 64_001 an account's
+    assert lookups == [64_000, 64_001, 64_002]
+    assert held == [False, False, False]
+    reg.release("vm-a")
+    lookups.clear()
+    assert reg.allocate_ids("first") == (64_000, 64_000)  # freed: looked up afresh
+    assert lookups == [64_000] and held[-1] is False
+
+
+def test_a_vetted_id_taken_meanwhile_is_passed_over_and_the_next_looked_up(
+    lookups: list[int], tmp_path: Path
+) -> None:
+    from ironclaw_orchestrator.registry import Registry, store
+
+    reg = Registry(tmp_path / "state")
+    reg.claim("vm-a", allocate_ids=True)
+    lock = store.lock_file(reg._dir)
+    lock.used.drop()  # stale copy: the hint misses vm-a's id
+    vetted = ids.vet_candidate(lock)
+    assert vetted == 64_000
+    lookups.clear()
+    with lock.hold():
+        n = ids.free_id(reg._dir, "vm-b", lock=lock, vetted=vetted)
+    assert n == 64_002 and lookups == [64_001, 64_002]  # under the lock, as before

@@ -265,11 +265,12 @@ class Registry:
             fields["owner_start_time"] = start
         record = make_record(vm_id, fields, None)
         lock = self._lock()
+        vetted = ids.vet_candidate(lock) if allocate_ids else None  # NSS, not under the lock
         with lock.hold():
             if allocate_ids:
                 if os.path.lexists(self._path(vm_id)):
                     raise self._in_use_error(vm_id)  # before scanning for free ids
-                n = ids.free_id(self._dir, vm_id, lock=lock)
+                n = ids.free_id(self._dir, vm_id, lock=lock, vetted=vetted)
                 record = record.model_copy(update={"uid": n, "gid": n})
             self._save(lock, record)
         return record
@@ -412,6 +413,7 @@ class Registry:
         if first < 1 or count < 1 or first + count > 2**32 - 1:
             raise ConfigError(f"uid range {first}..{first + count - 1} is invalid")
         lock = self._lock()
+        vetted = ids.vet_candidate(lock, first, count)  # NSS, not under the lock
         with lock.hold():
             fd, raw, current = self._open_for_update(
                 lock,
@@ -421,7 +423,7 @@ class Registry:
             try:
                 if current.uid is not None and current.gid is not None:
                     return current.uid, current.gid
-                n = ids.free_id(self._dir, vm_id, first, count, lock=lock)
+                n = ids.free_id(self._dir, vm_id, first, count, lock=lock, vetted=vetted)
                 record = make_record(vm_id, {"uid": n, "gid": n}, current)
                 self._save(lock, record, fd, len(raw), current)
             finally:
