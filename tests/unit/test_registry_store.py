@@ -316,3 +316,68 @@ def test_a_child_forked_inside_a_hold_locks_for_real_afterwards(reg: Registry) -
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _lock_is_free(reg: Registry) -> bool:
+    """Whether another open file of the registry lock could take it now."""
+    import fcntl
+
+    fd = os.open(reg.lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_an_update_of_our_own_record_validates_and_encodes_outside_the_lock(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exclusive lock is held for the read and the write of an update, so the event
+    loop's claims and the workers' updates wait for each other as little as they can."""
+    import ironclaw_orchestrator.registry as registry_mod
+
+    reg.claim("vm-1")
+    held: list[tuple[str, bool]] = []
+    real_make, real_encode = registry_mod.make_record, registry_mod.encode_record
+
+    def make(*a: Any) -> Any:
+        held.append(("make", not _lock_is_free(reg)))
+        return real_make(*a)
+
+    def encode(*a: Any) -> bytes:
+        held.append(("encode", not _lock_is_free(reg)))
+        return real_encode(*a)
+
+    monkeypatch.setattr(registry_mod, "make_record", make)
+    monkeypatch.setattr(registry_mod, "encode_record", encode)
+    assert reg.update("vm-1", vcpus=2).vcpus == 2
+    assert held == [("make", False), ("encode", False)]
+    assert reg.get("vm-1").vcpus == 2  # type: ignore[union-attr]
+
+
+def test_an_update_made_outside_the_lock_is_made_again_if_the_file_changed(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer between the unlocked preparation and the lock: its change is kept."""
+    import ironclaw_orchestrator.registry as registry_mod
+
+    reg.claim("vm-1")
+    path = reg.record_path("vm-1")
+    real_make = registry_mod.make_record
+    calls: list[int] = []
+
+    def make(*a: Any) -> Any:
+        if not calls:  # the unlocked preparation: another process writes meanwhile
+            data = json.loads(path.read_bytes())
+            data["memory_mb"] = 512
+            path.write_text(json.dumps(data) + "\n")
+        calls.append(1)
+        return real_make(*a)
+
+    monkeypatch.setattr(registry_mod, "make_record", make)
+    rec = reg.update("vm-1", vcpus=2)
+    assert len(calls) == 2 and (rec.vcpus, rec.memory_mb) == (2, 512)
+    assert reg.get("vm-1") == rec

@@ -233,12 +233,16 @@ class Registry:
         fd: int = -1,
         size: int = 0,
         current: VmRecord | None = None,
+        encoded: bytes | None = None,
     ) -> None:
-        """Write ``record``: a new file, or over ``current`` (open at ``fd``)."""
+        """Write ``record`` (``encoded`` already, or not): a new file, or over ``current``
+        (open at ``fd``)."""
         before = () if current is None else ids.ids_tuple(current.uid, current.gid)
         after = ids.ids_tuple(record.uid, record.gid)
+        if encoded is None:
+            encoded = encode_record(record)
         with ids.changing(lock, self._dir, f"{record.vm_id}{RECORD_SUFFIX}", after, before):
-            data = self._write_record(record.vm_id, encode_record(record), fd=fd, size=size)
+            data = self._write_record(record.vm_id, encoded, fd=fd, size=size)
         lock.remember(record.vm_id, data, record)
 
     # ------------------------------------------------------------------ API
@@ -318,8 +322,19 @@ class Registry:
                 return None
 
     def update(self, vm_id: str, **fields: Any) -> VmRecord:
-        """Change fields of an existing record atomically; ``RegistryError`` if it is gone."""
+        """Change fields of an existing record atomically; ``RegistryError`` if it is gone.
+
+        The new record is made and encoded before the lock is taken, from what this process
+        last wrote (the usual case: our own VM); under the lock it is written only if the
+        file still holds exactly that, else it is made again from the file. So the lock is
+        held for the read and the write alone, not for the validation and encoding.
+        """
         lock = self._lock()
+        known = lock.written.get(vm_id)  # without the lock: checked against the file below
+        ready = None
+        if known is not None:
+            record = make_record(vm_id, fields, known[1])
+            ready = (known[0], record, encode_record(record))
         with lock.hold():
             fd, raw, current = self._open_for_update(
                 lock,
@@ -328,8 +343,12 @@ class Registry:
                 "`ironclaw gc`); cannot update it",
             )
             try:
-                record = make_record(vm_id, fields, current)
-                self._save(lock, record, fd, len(raw), current)
+                if ready is not None and ready[0] == raw:
+                    record = ready[1]
+                    self._save(lock, record, fd, len(raw), current, ready[2])
+                else:
+                    record = make_record(vm_id, fields, current)
+                    self._save(lock, record, fd, len(raw), current)
             finally:
                 os.close(fd)
         return record
