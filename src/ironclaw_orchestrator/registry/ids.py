@@ -296,7 +296,9 @@ def host_has_id(n: int) -> bool:
     found free is looked up afresh every time, because the lowest free id is the one handed
     out, and an account from another NSS source (systemd's dynamic users live in
     61184..65519, LDAP, ...) may have taken it since a VM last used it. A remembered
-    "taken" only makes the allocator skip an id for a few seconds.
+    "taken" only makes the allocator skip an id for a few seconds. The lookup of the id a
+    claim hands out is made just before the registry lock is taken (:func:`vet_candidate`),
+    for that claim only: the lock orders records, not the host's accounts.
     """
     global _host_ids, _host_ids_key
     key = (_account_files_key(), int(time.monotonic() // HOST_ID_TTL_S))
