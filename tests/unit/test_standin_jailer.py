@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -72,6 +73,39 @@ async def test_start_makes_the_real_layout_and_stop_removes_exactly_it(host: Sta
     assert host.snapshot() == before
     assert all(p.exists() for p in neighbour)
     await vmm.stop()  # idempotent
+
+
+async def test_a_symlink_re_pointed_during_a_start_cannot_split_the_jail(
+    host: StandinHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade re-points ``firecracker`` after the jail was named: the jailer is handed
+    the resolved file, so it builds the jail we claimed and staged into (it resolves
+    ``--exec-file`` itself: given the symlink, it would build another jail, unmarked)."""
+    before = host.snapshot()
+    newer = host.bin / "firecracker-v1.14.1"
+    shutil.copy2(host.bin / host.exec_name, newer)
+    real_claim = cleanup.claim_jail_dir
+
+    def claim_then_upgrade(jail: Path, vm_id: str) -> Path:
+        made = real_claim(jail, vm_id)
+        tmp = host.bin / "firecracker.new"
+        tmp.symlink_to(newer.name)
+        os.replace(tmp, host.bin / "firecracker")
+        return made
+
+    monkeypatch.setattr(cleanup, "claim_jail_dir", claim_then_upgrade)
+    vmm = await start_with_jailer(host.jailer_config(), files=files(host), ready_timeout_s=30)
+    try:
+        exec_file = Path(vmm.argv[vmm.argv.index("--exec-file") + 1])
+        assert exec_file == host.bin / host.exec_name
+        assert vmm.jail_dir == host.jail()
+        assert not (host.base / newer.name).exists()
+    finally:
+        await vmm.stop()
+    newer.unlink()
+    (host.bin / "firecracker").unlink()
+    (host.bin / "firecracker").symlink_to(host.exec_name)
+    assert host.snapshot() == before
 
 
 async def test_without_new_pid_ns_the_jailer_becomes_the_vmm(host: StandinHost) -> None:

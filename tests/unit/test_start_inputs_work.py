@@ -57,7 +57,7 @@ async def test_a_start_resolves_the_exec_file_and_checks_each_source_once(
 ) -> None:
     # Root or not, the start derives the name once: by the input check (root), handed on to
     # the start, or else by the start itself.
-    resolved = counting(monkeypatch, jailer_config, "exec_file_name")
+    resolved = counting(monkeypatch, jailer_config, "real_path")
     checked = counting(monkeypatch, inputs, "check_source")
     monkeypatch.setattr(jailer, "check_source", inputs.check_source)  # the same counter
     copies = counting(monkeypatch, JailerConfig, "model_copy")
@@ -94,7 +94,7 @@ def test_with_exec_file_resolves_once_per_start_and_never_carries_over(
     (tmp_path / "fc-v2").touch()
     link = tmp_path / "firecracker"
     link.symlink_to("fc-v1")
-    resolved = counting(monkeypatch, jailer_config, "exec_file_name")
+    resolved = counting(monkeypatch, jailer_config, "real_path")
     base = JailerConfig(jailer_id="a", chroot_base_dir=tmp_path / "jail")
     checked = base.with_exec_file(link)
     assert checked.jail_dir == tmp_path / "jail/fc-v1/a" and len(resolved) == 1

@@ -48,7 +48,7 @@ async def test_one_stat_read_one_oom_read_one_exec_resolution_per_lifecycle(
     registry = Registry(host.root / "state")
     stats = counting(monkeypatch, procfs, "read_stat")
     ooms = counting(monkeypatch, VmCgroups, "oom_kills")
-    resolved = counting(monkeypatch, jailer_config, "exec_file_name")
+    resolved = counting(monkeypatch, jailer_config, "real_path")
     host.control(after_start="exit:0")
     vm = await start_firecracker(host.vm_config(), registry=registry, ready_timeout_s=30)
     try:

@@ -213,7 +213,7 @@ async def start_with_jailer(
         argv = build_jailer_argv(
             config,
             jailer=binaries.jailer,
-            exec_file=binaries.firecracker,
+            exec_file=config.exec_file_resolved,  # the file the jail is named after
             version=binaries.version,
             cgroup_version=version,
             cgroups=[CgroupArg(s.file, s.value) for s in cgroups.jailer_settings()],

@@ -17,7 +17,7 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ..names import exec_file_name
+from ..names import real_path
 from .config_rules import (
     DEFAULT_API_SOCK,
     DEFAULT_CHROOT_BASE,
@@ -201,6 +201,16 @@ class JailerConfig(_Model):
         return max(MIN_CPU_QUOTA_US, round(cpus * self.cpu_period_us))
 
     @functools.cached_property
+    def exec_file_resolved(self) -> Path:
+        """``exec_file`` with every symlink resolved: what the jailer is handed, so the
+        jail it builds is named as ours is even if a symlink is re-pointed (an upgrade)
+        between our check and its start (the jailer resolves ``--exec-file`` itself).
+
+        Resolved once per config object (again if ``exec_file`` is reassigned).
+        """
+        return Path(real_path(self.exec_file))
+
+    @functools.cached_property
     def exec_file_name(self) -> str:
         """The jailer's name for the exec file: the basename of its resolved path.
 
@@ -208,7 +218,7 @@ class JailerConfig(_Model):
         one VM keeps the name it started with even if the symlink is re-pointed (an upgrade)
         while it runs. ``VmConfig.jailer_config()`` hands out fresh objects.
         """
-        return exec_file_name(self.exec_file)
+        return self.exec_file_resolved.name
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -246,6 +256,7 @@ class JailerConfig(_Model):
                 self.__dict__.pop(derived, None)
             if field == "exec_file":
                 self.__dict__.pop("exec_file_name", None)
+                self.__dict__.pop("exec_file_resolved", None)
                 self.__dict__.pop(_FOR_START, None)
 
     # The jail's host paths are asked for by every step of a start and a stop: derived once
