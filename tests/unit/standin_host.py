@@ -36,7 +36,7 @@ from fake_net import install as install_fake_net
 import ironclaw_orchestrator.vm as vm_pkg
 from ironclaw_orchestrator.registry import LOCK_NAME
 from ironclaw_orchestrator.vm import binaries, cgroups, jailer
-from ironclaw_orchestrator.vm.cgroups import CgroupLayout, VmCgroups
+from ironclaw_orchestrator.vm.cgroups import CgroupLayout, VmCgroups, release_chains
 from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig
 
 SOURCES = Path(__file__).resolve().parent / "standin"
@@ -121,7 +121,9 @@ class StandinHost:
     def snapshot(self) -> set[str]:
         """Every path under the jail base, the run dir and the cgroup tree (files included),
         but for what all VMs share and keep by design: ``<base>/<exec name>``, ``<run>/vms``
-        and the binaries' version cache."""
+        and the binaries' version cache. The cgroup parent chain this process keeps for its
+        VMs is released first, as its exit would (a VM cgroup left behind still shows)."""
+        release_chains([self.root / "cgroup.lock"])
         shared = {f"jail/{self.exec_name}", "run/vms", "run/binary-versions.json"}
         out = set()
         for top in (self.base, self.run, self.cg):

@@ -8,10 +8,15 @@ prepare or remove, in one thread, on the strict fake kernel, and check that noth
 behind and that every directory we made and nobody runs in is listed in the ledger. Points
 where the first party holds the lock are skipped: there the other party would just wait for
 it, which is the next point.
+
+A chain stays while the process that made it lives (:mod:`~ironclaw_orchestrator.vm.cgroups.
+chains`): the tests simulate several orchestrator processes in one (:class:`Proc`: an owner
+token, alive or not, and its own kept-chain state), each exiting (its exit hook) or crashing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator
@@ -27,6 +32,7 @@ from ironclaw_orchestrator.vm.cgroups import (
     HostLock,
     VmCgroups,
     cgroup_settings,
+    chains,
     ledger,
 )
 from ironclaw_orchestrator.vm.cgroups.tree import sweep_intermediates
@@ -34,6 +40,42 @@ from ironclaw_orchestrator.vm.config import JailerConfig
 
 V1 = ("cpu", "cpuacct", "memory")
 _FS_CALLS = ("read", "write", "mkdir", "rmdir", "exists", "is_dir", "subdirs", "has_child_cgroups")
+
+
+class Proc:
+    """A simulated orchestrator process: its ledger owner token and its kept chains."""
+
+    def __init__(self, host: Host, n: int) -> None:
+        self.host, self.owner, self.state = host, f"{900000 + n}:1", chains._State()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Run the body as this process (nesting switches back afterwards)."""
+        host, before = self.host, self.host.current
+        saved, chains._state = chains._state, self.state
+        host.current = self
+        try:
+            yield
+        finally:
+            chains._state, host.current = saved, before
+
+    def do(self, step: Callable[[], object]) -> Callable[[], None]:
+        """``step`` as this process (to inject into another's operation)."""
+
+        def run() -> None:
+            with self.running():
+                step()
+
+        return run
+
+    def exit(self) -> None:
+        """A normal exit: the exit hook releases what this process kept."""
+        with self.running():
+            chains.release()
+        self.host.live.discard(self.owner)
+
+    def crash(self) -> None:
+        self.host.live.discard(self.owner)
 
 
 class Host:
@@ -57,6 +99,13 @@ class Host:
         )
         self.lock_path = root.parent / f"{root.name}.lock"
         self.initial = self.dirs()
+        self.live: set[str] = set()
+        self.procs: list[Proc] = []
+        self.me = self.proc()  # the test's own process: everything runs as it by default
+        self.current = self.me
+        monkeypatch.setattr(chains, "_state", self.me.state)
+        monkeypatch.setattr(ledger, "owner_alive", lambda owner: owner in self.live)
+        monkeypatch.setattr(ledger, "this_process", lambda: self.current.owner)
         self.locks = 0
         self.held = 0
         self.calls = 0
@@ -90,6 +139,12 @@ class Host:
 
         return call
 
+    def proc(self) -> Proc:
+        made = Proc(self, len(self.procs))
+        self.procs.append(made)
+        self.live.add(made.owner)
+        return made
+
     def inject(self, at: int, step: Callable[[], None]) -> None:
         self.calls, self._at, self._step = 0, at, step
 
@@ -112,9 +167,12 @@ class Host:
 
     def listed(self) -> set[Path]:
         path = ledger.ledger_path(self.lock_path)
-        return {Path(p) for p in path.read_text().split()} if path.exists() else set()
+        if not path.exists():
+            return set()
+        return {Path(line.split("\t")[0]) for line in path.read_text().splitlines()}
 
     def assert_accounted(self, *running: VmCgroups) -> None:
+        # (no VM running: the kept chains are all that may remain, each listed)
         """Every directory we made is a running VM's own or listed in the ledger."""
         own = {p for vm in running for p in vm.paths.values()}
         assert self.dirs() - self.initial - own <= self.listed()
@@ -149,52 +207,100 @@ def _points(run: Callable[[Host, int], bool], hosts: Callable[[], Host]) -> int:
     return k
 
 
-def test_a_vm_under_existing_parents_takes_no_lock(hosts: Callable[[], Host]) -> None:
+def test_sequential_vms_after_the_first_take_no_lock(hosts: Callable[[], Host]) -> None:
     host = hosts()
     first = host.vm("vm1")
     first.prepare()  # makes the chain: recorded and made under the lock
+    first.remove()  # the chain stays: this process made it and runs on
     assert host.locks == 1
     for n in range(2, 6):
         other = host.vm(f"vm{n}")
         other.prepare()
         other.remove()
-    assert host.locks == 1  # four lifecycles beside vm1: not one lock, not one ledger read
-    first.remove()  # the last one out removes the chain, under the lock
+    assert host.locks == 1  # four lifecycles after the first: not one lock, not one ledger read
+    host.assert_accounted()
+    assert host.dirs() != host.initial
+    host.me.exit()  # the exit hook removes the chain, under the lock
     assert host.locks == 2
+    host.assert_clean()
+    host.me.exit()  # idempotent
     host.assert_clean()
 
 
-def test_remove_interleaved_with_the_other_last_vm_out_leaves_nothing(
+def test_vms_beside_a_running_one_take_no_lock(hosts: Callable[[], Host]) -> None:
+    host = hosts()
+    first = host.vm("vm1")
+    first.prepare()
+    for n in range(2, 6):
+        other = host.vm(f"vm{n}")
+        other.prepare()
+        other.remove()
+    first.remove()
+    assert host.locks == 1
+    host.me.exit()
+    host.assert_clean()
+
+
+def test_remove_interleaved_with_the_other_process_s_last_vm_out(
     hosts: Callable[[], Host],
 ) -> None:
-    """Two VMs share the chain; B's whole remove runs at every point of A's remove. Whichever
-    is last, the chain goes (A's look at its parents follows its own rmdir)."""
+    """A (this process, the chain's maker) and B (another process) share the chain; B's remove
+    and exit run at every point of A's remove. The chain stays while A lives, then goes."""
 
     def run(host: Host, k: int) -> bool:
+        other = host.proc()
         a, b = host.vm("vma"), host.vm("vmb")
         a.prepare()
-        b.prepare()
-        host.inject(k, b.remove)
+        other.do(b.prepare)()
+
+        def b_out() -> None:
+            other.do(b.remove)()
+            other.exit()
+
+        host.inject(k, b_out)
         a.remove()
         inside = host.fired()
+        host.assert_accounted()
+        assert host.dirs() != host.initial  # A's chain: A still runs
+        host.me.exit()
         host.assert_clean()
         return inside
 
-    assert _points(run, hosts) >= 4  # rmdirs of A's three directories, the parent looks
+    assert _points(run, hosts) >= 3  # rmdirs of A's three directories (its chain: no look)
 
 
-def test_prepare_interleaved_with_the_last_vm_out(hosts: Callable[[], Host]) -> None:
-    """B is the only VM; its remove (which takes the chain away) runs at every point of C's
-    prepare: C either finds the chain or makes it again, recorded before made."""
+def test_the_makers_exit_leaves_a_busy_chain_to_the_last_vm_out(hosts: Callable[[], Host]) -> None:
+    """B runs a VM in the chain A made; A exits: the chain stays (busy), listed with its dead
+    maker; B's VM, the last out, removes it."""
+    host = hosts()
+    other = host.proc()
+    a, b = host.vm("vma"), host.vm("vmb")
+    a.prepare()
+    a.remove()
+    other.do(b.prepare)()
+    host.me.exit()
+    host.assert_accounted(b)
+    other.do(b.remove)()
+    host.assert_clean()
+
+
+def test_prepare_interleaved_with_the_makers_exit(hosts: Callable[[], Host]) -> None:
+    """B made the chain and is idle; its exit hook (which takes the chain away) runs at every
+    point of C's lock-free prepare: C either finds the chain or makes it again, recorded
+    before made (an ENOENT falls back to the locked path)."""
 
     def run(host: Host, k: int) -> bool:
+        other = host.proc()
         b, c = host.vm("vmb"), host.vm("vmc")
-        b.prepare()
-        host.inject(k, b.remove)
+        with other.running():
+            b.prepare()
+            b.remove()
+        host.inject(k, other.exit)
         c.prepare()
         inside = host.fired()
         host.assert_accounted(c)
         c.remove()
+        host.me.exit()
         host.assert_clean()
         return inside
 
@@ -206,16 +312,58 @@ def test_prepare_interleaved_with_a_gc_sweep(hosts: Callable[[], Host]) -> None:
     C's prepare. The sweep never removes a parent C's directory is in (the kernel refuses)."""
 
     def run(host: Host, k: int) -> bool:
-        crashed = host.vm("vmx")
-        crashed.prepare()
-        for p in crashed.paths.values():
+        crashed = host.proc()
+        x = host.vm("vmx")
+        crashed.do(x.prepare)()
+        for p in x.paths.values():
             host.fs.rmdir(p)  # gc removed its directories by name; the chain stays
+        crashed.crash()
         c = host.vm("vmc")
-        host.inject(k, lambda: sweep_intermediates(host.lock_path, host.fs))
+        host.inject(k, host.proc().do(lambda: sweep_intermediates(host.lock_path, host.fs)))
         c.prepare()
         inside = host.fired()
         host.assert_accounted(c)
         c.remove()
+        host.me.exit()
+        host.assert_clean()
+        return inside
+
+    assert _points(run, hosts) >= 3
+
+
+def test_gc_spares_the_idle_chain_of_a_live_maker(hosts: Callable[[], Host]) -> None:
+    host = hosts()
+    a = host.vm("vma")
+    a.prepare()
+    a.remove()
+    kept = host.dirs()
+    assert host.proc().do(lambda: sweep_intermediates(host.lock_path, host.fs))() is None
+    assert host.dirs() == kept
+    host.me.crash()  # now its maker is gone: gc takes it
+    host.proc().do(lambda: sweep_intermediates(host.lock_path, host.fs))()
+    host.assert_clean()
+
+
+def test_a_chain_removed_from_under_its_maker_is_made_again(hosts: Callable[[], Host]) -> None:
+    """Someone ignoring the owners (an older release's gc, a hand) removes this process's
+    idle chain at every point of its next VM's lock-free prepare: the VM gets its
+    directories (remade, recorded before made) and the exit hook still cleans up."""
+
+    def run(host: Host, k: int) -> bool:
+        a, c = host.vm("vma"), host.vm("vmc")
+        a.prepare()
+        a.remove()
+
+        def rip() -> None:
+            with HostLock(host.lock_path):
+                ledger.sweep(host.lock_path, host.fs, spare=lambda owner: False)
+
+        host.inject(k, rip)
+        c.prepare()
+        inside = host.fired()
+        host.assert_accounted(c)
+        c.remove()
+        host.me.exit()
         host.assert_clean()
         return inside
 
@@ -223,21 +371,25 @@ def test_prepare_interleaved_with_a_gc_sweep(hosts: Callable[[], Host]) -> None:
 
 
 def test_remove_interleaved_with_a_new_vm_hands_over_the_chain(hosts: Callable[[], Host]) -> None:
-    """A is the last VM; a new VM's prepare runs at every point of A's remove. The chain
-    stays exactly as long as somebody uses it."""
+    """B's VM is the last one in B's chain; B stops it and exits while this process's new VM
+    is prepared at every point of that remove. The chain stays exactly as long as somebody
+    uses it."""
 
     def run(host: Host, k: int) -> bool:
+        other = host.proc()
         a, c = host.vm("vma"), host.vm("vmc")
-        a.prepare()
-        host.inject(k, c.prepare)
-        a.remove()
+        other.do(a.prepare)()
+        host.inject(k, host.me.do(c.prepare))
+        other.do(a.remove)()
+        other.exit()
         inside = host.fired()
         host.assert_accounted(c)
         c.remove()
+        host.me.exit()
         host.assert_clean()
         return inside
 
-    assert _points(run, hosts) >= 4
+    assert _points(run, hosts) >= 3  # rmdirs of A's three directories
 
 
 def test_a_rejected_value_in_place_removes_only_the_vms_directories(
@@ -255,6 +407,7 @@ def test_a_rejected_value_in_place_removes_only_the_vms_directories(
     host.assert_accounted(running)
     del host.fs.fail[("memory.limit_in_bytes", None)]
     running.remove()
+    host.me.exit()
     host.assert_clean()
 
 
@@ -270,6 +423,7 @@ def test_an_existing_vm_directory_is_refused_and_left_alone(hosts: Callable[[], 
     assert not host.vm("vm2").paths["cpu"].exists()  # made in place, removed again
     host.fs.rmdir(theirs)
     running.remove()
+    host.me.exit()
     host.assert_clean()
 
 

@@ -19,6 +19,9 @@ from ironclaw_orchestrator.vm.cgroups import (
     CgroupLayout,
     VmCgroups,
     cgroup_settings,
+    chains,
+    ledger,
+    release_chains,
 )
 from ironclaw_orchestrator.vm.config import JailerConfig
 
@@ -186,13 +189,16 @@ def test_attach_only_non_jailer_controllers(v1: tuple[CgroupLayout, FakeKernel, 
 
 
 def test_remove_kills_and_removes_created_only(v1: tuple[CgroupLayout, FakeKernel, Path]) -> None:
-    _, fs, _ = v1
+    _, fs, lock = v1
     before = all_dirs(fs.root)
     vm = plan_v1(v1)
     vm.prepare()
     vm.attach(5555, everywhere=True)
     vm.remove(timeout_s=1)
     assert 5555 in fs.killed
+    assert not any(p.exists() for p in vm.paths.values())
+    assert all_dirs(fs.root) > before  # the parent chain stays while this process runs
+    release_chains([lock])  # as at its exit
     assert all_dirs(fs.root) == before
     assert (fs.root / "memory/process_api/abc").is_dir()
     vm.remove(timeout_s=1)  # idempotent
@@ -208,6 +214,7 @@ def test_remove_leaves_parent_used_by_other_vm(v1: tuple[CgroupLayout, FakeKerne
     assert not a.paths["memory"].exists()
     assert b.paths["memory"].is_dir() and b.paths["cpu"].is_dir()
     b.remove(timeout_s=1)
+    release_chains([v1[2]])
     assert not (fs.root / "memory/process_api/abc/ironclaw").exists()
     assert (fs.root / "memory/process_api/abc").is_dir()
 
@@ -239,6 +246,7 @@ def test_roundtrip_registry_record(v1: tuple[CgroupLayout, FakeKernel, Path]) ->
     assert again.created == vm.created
     assert again.settings == vm.settings
     again.remove(timeout_s=1)
+    release_chains([v1[2]])
     assert all_dirs(fs.root) == before
 
 
@@ -313,6 +321,8 @@ def test_v2_prepare_enables_subtree_control(tmp_path: Path) -> None:
     assert (d / "cpuset.mems").read_text() == "0\n"  # from parent's cpuset.mems.effective
     assert "--cgroup" in vm.jailer_args() and "io.max" not in " ".join(vm.jailer_args())
     vm.remove(timeout_s=1)
+    assert (u / "svc/ironclaw").is_dir()  # kept for the next VM while this process runs
+    release_chains([tmp_path / "l"])
     assert not (u / "svc/ironclaw").exists()
     assert (u / "svc").is_dir()
 
@@ -350,6 +360,7 @@ def test_v2_explicit_parent_may_enable_anywhere(tmp_path: Path) -> None:
     assert set((u / "cgroup.subtree_control").read_text().split()) == {"cpu", "memory"}
     assert vm.created == [u / "vms", u / "vms/vm1"]
     vm.remove(timeout_s=1)
+    release_chains([tmp_path / "l"])
     assert not (u / "vms").exists()
 
 
@@ -376,14 +387,16 @@ def test_v2_remove_uses_cgroup_kill(tmp_path: Path) -> None:
     vm.remove(timeout_s=1)
     assert (vm.paths["unified"] / "cgroup.kill", "1") in fs.writes
     assert fs.killed == [999]
+    release_chains([tmp_path / "l"])
     assert not (u / "ironclaw").exists()
 
 
 def test_intermediate_dirs_are_removed_by_the_last_vm_out(
-    v1: tuple[CgroupLayout, FakeKernel, Path],
+    v1: tuple[CgroupLayout, FakeKernel, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """vm1 creates cpu/process_api (needed for the shared parent); vm2 reuses it; vm1 stops
-    first, so the directory is busy then: vm2, which did not create it, must remove it."""
+    """vm1 creates cpu/process_api (needed for the shared parent); vm2 (another orchestrator)
+    reuses it; vm1 stops first, so the directory is busy then; vm1's orchestrator dies: vm2,
+    which did not create it, must remove it."""
     fs = v1[1]
     first, second = plan_v1(v1, vm_id="vm1"), plan_v1(v1, vm_id="vm2")
     first.prepare()
@@ -392,6 +405,8 @@ def test_intermediate_dirs_are_removed_by_the_last_vm_out(
     assert shared in first.created and shared not in second.created
     first.remove()
     assert (shared / "abc/ironclaw/vm2").is_dir()
+    monkeypatch.setattr(chains, "_state", chains._State())  # vm2's process keeps nothing
+    monkeypatch.setattr(ledger, "owner_alive", lambda owner: False)  # vm1's has exited
     second.remove()
     assert not shared.exists()
     assert not (fs.root / "memory/process_api/abc/ironclaw").exists()
@@ -399,7 +414,7 @@ def test_intermediate_dirs_are_removed_by_the_last_vm_out(
 
 
 def test_sweep_intermediates_for_gc_skips_busy_and_foreign(
-    v1: tuple[CgroupLayout, FakeKernel, Path],
+    v1: tuple[CgroupLayout, FakeKernel, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ironclaw_orchestrator.vm.cgroups.ledger import ledger_path, record_intermediate
     from ironclaw_orchestrator.vm.cgroups.tree import sweep_intermediates
@@ -414,6 +429,8 @@ def test_sweep_intermediates_for_gc_skips_busy_and_foreign(
     outside = lock.parent / "not-a-cgroup"
     outside.mkdir()
     record_intermediate(lock, outside)
+    assert sweep_intermediates(lock, fs) == []  # their maker (this process) still runs
+    monkeypatch.setattr(ledger, "owner_alive", lambda owner: False)  # a crashed maker
     removed = sweep_intermediates(lock, fs)
     assert fs.root / "cpu/process_api" in removed
     assert outside.is_dir()  # not on a cgroup file system: forgotten, never removed

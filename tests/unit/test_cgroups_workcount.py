@@ -22,6 +22,7 @@ from ironclaw_orchestrator.vm.cgroups import (
     cgroup_settings,
     ledger,
     lock,
+    release_chains,
 )
 from ironclaw_orchestrator.vm.config import JailerConfig
 
@@ -61,10 +62,9 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     seen: list[list[str]] = []
     real = ledger._write
 
-    def counting(path: Path, entries: object) -> None:
-        listed = sorted(set(entries))  # type: ignore[call-overload]
-        seen.append(listed)
-        real(path, listed)
+    def counting(path: Path, entries: dict[str, str | None]) -> None:
+        seen.append(sorted(entries))
+        real(path, entries)
 
     monkeypatch.setattr(ledger, "_write", counting)
     return seen
@@ -72,7 +72,38 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
 def listed(lock_path: Path) -> set[str]:
     path = ledger.ledger_path(lock_path)
-    return set(path.read_text().split()) if path.exists() else set()
+    if not path.exists():
+        return set()
+    return {line.split("\t")[0] for line in path.read_text().splitlines()}
+
+
+class Counts:
+    """Host work per step: lock acquisitions, ``mkdir``/``rmdir`` calls (any directory)."""
+
+    def __init__(self, fs: FakeKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.locks = self.mkdirs = self.rmdirs = 0
+        real_enter, real_mkdir, real_rmdir = HostLock.__enter__, fs.mkdir, fs.rmdir
+
+        def enter(lock: HostLock) -> HostLock:
+            self.locks += 1
+            return real_enter(lock)
+
+        def mkdir(path: Path) -> None:
+            self.mkdirs += 1
+            real_mkdir(path)
+
+        def rmdir(path: Path) -> None:
+            self.rmdirs += 1
+            real_rmdir(path)
+
+        monkeypatch.setattr(HostLock, "__enter__", enter)
+        fs.mkdir = mkdir  # type: ignore[method-assign]
+        fs.rmdir = rmdir  # type: ignore[method-assign]
+
+    def take(self) -> tuple[int, int, int]:
+        out = (self.locks, self.mkdirs, self.rmdirs)
+        self.locks = self.mkdirs = self.rmdirs = 0
+        return out
 
 
 def test_prepare_records_its_intermediates_in_one_write_before_making_them(
@@ -98,18 +129,38 @@ def test_prepare_records_its_intermediates_in_one_write_before_making_them(
     assert listed(lock_path) == intermediates  # never a directory we did not create
 
 
-def test_sequential_lifecycles_write_the_ledger_twice_each(
-    host: tuple[CgroupLayout, FakeKernel, Path], writes: list[list[str]]
+def test_sequential_lifecycles_after_the_first_only_make_and_remove_their_own(
+    host: tuple[CgroupLayout, FakeKernel, Path],
+    writes: list[list[str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The parent chain stays while this process runs: each VM after the first makes and
+    removes its 3 directories (cpu, cpuacct, memory) and nothing else: no intermediate, no
+    ledger write, no host lock. The process's exit removes the chain (one lock, one write)."""
     _, fs, lock_path = host
     before = {p for p in fs.root.rglob("*") if p.is_dir()}
-    for n in range(3):
+    counts = Counts(fs, monkeypatch)
+    first = vm(host, "vm0")
+    first.prepare()
+    first.remove()
+    # A lock-free mkdir that fails (no parent yet), then the chain (7 intermediates) is made
+    # under the lock, with the VM's 3; only those 3 are removed.
+    assert counts.take() == (1, 1 + 7 + 3, 3)
+    assert len(writes) == 1
+    for n in range(1, 4):
         a = vm(host, f"vm{n}")
         a.prepare()
         a.remove()
-        assert len(writes) == 2 * (n + 1)
+        assert counts.take() == (0, 3, 3)
+    assert len(writes) == 1
+    assert len(listed(lock_path)) == 7
+    release_chains([lock_path])  # what the exit hook does
+    assert counts.take() == (1, 0, 7)
+    assert len(writes) == 2
     assert listed(lock_path) == set()
     assert {p for p in fs.root.rglob("*") if p.is_dir()} == before
+    release_chains([lock_path])  # idempotent: nothing kept, nothing done
+    assert counts.take() == (0, 0, 0)
 
 
 def test_a_vm_that_needs_no_new_directory_does_not_write_the_ledger(
@@ -123,7 +174,9 @@ def test_a_vm_that_needs_no_new_directory_does_not_write_the_ledger(
     second.prepare()
     second.remove()  # the intermediates are busy with vm1: nothing changes
     assert len(writes) == 1
-    first.remove()
+    first.remove()  # the chain is kept
+    assert len(writes) == 1
+    release_chains([lock_path])
     assert len(writes) == 2
     assert listed(lock_path) == set()
 
@@ -149,6 +202,7 @@ def test_an_intermediate_made_by_someone_else_meanwhile_is_not_listed(
     assert str(theirs) not in listed(lock_path)
     assert len(writes) == 2  # recorded with the others, then dropped
     a.remove()
+    release_chains([lock_path])
     assert theirs.is_dir()  # never ours: left alone
     assert listed(lock_path) == set()
 
@@ -266,8 +320,8 @@ def test_remove_rollback_after_a_failed_mkdir_unlists_what_was_never_made(
     assert {p for p in fs.root.rglob("*") if p.is_dir()} == before
 
 
-def test_v2_sequential_lifecycles_write_the_ledger_twice_each(
-    tmp_path: Path, writes: list[list[str]]
+def test_v2_sequential_lifecycles_after_the_first_only_make_and_remove_their_own(
+    tmp_path: Path, writes: list[list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     u = tmp_path / "cg" / "unified"
     u.mkdir(parents=True)
@@ -279,17 +333,23 @@ def test_v2_sequential_lifecycles_write_the_ledger_twice_each(
     layout = CgroupLayout("v2", {}, u, frozenset({"cpu", "memory"}), {"": "/svc"})
     settings = cgroup_settings(JailerConfig(), 2, None)
     lock_path = tmp_path / "l"
-    for n in range(2):
+    counts = Counts(fs, monkeypatch)
+    for n in range(3):
         a = VmCgroups.plan(layout, 2, f"vm{n}", settings, None, lock_path=lock_path, fs=fs)
         a.prepare()
-        assert a.created == [u / "svc/ironclaw", u / f"svc/ironclaw/vm{n}"]
+        made = [u / "svc/ironclaw"] if n == 0 else []
+        assert a.created == [*made, u / f"svc/ironclaw/vm{n}"]
         assert listed(lock_path) == {str(u / "svc/ironclaw")}
         assert set((u / "svc/ironclaw/cgroup.subtree_control").read_text().split()) == {
             "cpu",
             "memory",
         }
         a.remove()
-        assert len(writes) == 2 * (n + 1)
+        assert counts.take() == ((1, 1 + 2, 1) if n == 0 else (0, 1, 1))  # see the v1 test
+        assert len(writes) == 1
+    release_chains([lock_path])
+    assert counts.take() == (1, 0, 1)
+    assert len(writes) == 2
     assert not (u / "svc/ironclaw").exists()
     assert listed(lock_path) == set()
 

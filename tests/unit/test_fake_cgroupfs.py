@@ -9,7 +9,12 @@ import pytest
 from fake_cgroupfs import FakeKernel
 
 from ironclaw_orchestrator.errors import CleanupError
-from ironclaw_orchestrator.vm.cgroups import CgroupLayout, VmCgroups, cgroup_settings
+from ironclaw_orchestrator.vm.cgroups import (
+    CgroupLayout,
+    VmCgroups,
+    cgroup_settings,
+    release_chains,
+)
 from ironclaw_orchestrator.vm.config import JailerConfig
 
 
@@ -87,6 +92,7 @@ def test_remove_waits_for_the_drain(tmp_path: Path) -> None:
     vm.attach(999, everywhere=True)
     vm.remove(timeout_s=30)
     assert fs.killed == [999]
+    release_chains([tmp_path / "lock"])  # the parent chain, as at this process's exit
     assert not (u / "ironclaw").exists()
 
 
@@ -102,4 +108,5 @@ def test_remove_reports_processes_that_never_leave(tmp_path: Path) -> None:
     fs.dying.clear()
     fs.write(u / "cgroup.procs", "999")  # moved out to the root: now removable
     vm.remove(timeout_s=1)
+    release_chains([tmp_path / "lock"])
     assert not (u / "ironclaw").exists()

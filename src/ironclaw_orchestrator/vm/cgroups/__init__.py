@@ -11,8 +11,12 @@ Typical use::
     ... spawn the jailer ...; cgroups.attach(vmm_pid)
     ... cgroups.stats(), cgroups.oom_kills() ...
     cgroups.remove()
+
+The parent chain above the VM directories stays while this process lives (see
+:mod:`.chains`); :func:`release_chains` removes it earlier, an ``atexit`` hook at exit.
 """
 
+from .chains import release as release_chains
 from .device import disk_device_for, whole_disk
 from .fs import CgroupFs
 from .layout import (
@@ -48,5 +52,6 @@ __all__ = [
     "jailer_cgroup_args",
     "parse_mountinfo",
     "parse_proc_cgroup",
+    "release_chains",
     "whole_disk",
 ]

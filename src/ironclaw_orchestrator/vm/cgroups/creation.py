@@ -13,6 +13,11 @@ Why that is safe without the host lock, which serialises creating and removing t
 * on v2 the parent's ``cgroup.subtree_control`` must already distribute every controller
   (then every level above does too, by the kernel's rules): nothing needs enabling.
 
+The chain above the VM's directory stays while the process that made it lives (see
+:mod:`.chains`), so after the first VM the common case is this one, also for VMs started one
+after another. If another process removed the chain meanwhile (its maker exited, a gc),
+``mkdir`` fails with ``ENOENT`` and the chain is made again below.
+
 Otherwise (a parent is missing, or anything is off), under the host lock: find the
 intermediate directories that are missing, list them in the ledger (one write, before any
 is made), create them and the VM's own directory, enable the controllers (v2) or copy the
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import CgroupError, CleanupError
+from . import chains as keeper
 from . import ledger, removal
 from .fs import read_optional, read_pids
 from .layout import is_ancestor_or_equal
@@ -62,7 +68,9 @@ def prepare(cg: VmCgroups) -> None:
             _resolve_cpuset_mems(cg)
             for s in cg.settings:
                 cg._write_setting(s)
+            keeper.learn(cg, ledger.listing(cg.lock_path))
         except BaseException as exc:
+            keeper.forget(cg)
             problems, removed = cg._remove_created()
             for problem in problems:
                 exc.add_note(f"rollback: {problem}")

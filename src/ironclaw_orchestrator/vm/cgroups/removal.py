@@ -7,10 +7,11 @@ while the cgroup holds a process or a child); only one that does not is drained:
 processes are killed, waited for, and its subtree removed.
 
 The host lock (and the ledger) is only needed when a parent may have become empty: if,
-after the VM's own directories are gone, each of their parents still has a child cgroup
-(another VM's), every directory above is busy too and nothing could be removed, so no lock
-is taken. The last VM out sees its parent empty (its look follows its own ``rmdir``; a VM
-arriving meanwhile takes over the duty) and removes what is empty under the lock.
+after the VM's own directories are gone, each of their parents is a chain this process keeps
+(:mod:`.chains`: it stays while its maker lives) or still has a child cgroup (another VM's),
+there is nothing else to remove, so no lock is taken. Otherwise, under the lock, what is empty
+goes, except a chain whose maker (per the ledger) still runs: the directories this VM made,
+its derived parent, and listed intermediates of dead makers (a crashed orchestrator's).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import CleanupError
+from . import chains as keeper
 from . import drain, ledger
 from .fs import CgroupFs
 from .lock import DEFAULT_LOCK_PATH, HostLock
@@ -44,15 +46,19 @@ def _try_rmdir(fs: CgroupFs, path: Path) -> OSError | None:
     return None
 
 
-def remove_created(cg: VmCgroups, skip: set[Path]) -> tuple[list[str], set[Path]]:
-    """Remove (deepest first) the directories ``cg`` created, except ``skip`` (known gone).
+def remove_created(
+    cg: VmCgroups, skip: set[Path], keep: frozenset[Path] = frozenset()
+) -> tuple[list[str], set[Path]]:
+    """Remove (deepest first) the directories ``cg`` created, except ``skip`` (known gone)
+    and ``keep`` (a live process's chain: no longer this VM's to remove).
 
     Lock must be held. Returns the failures and the directories now gone.
     """
     failures: list[str] = []
     gone = set(skip)
     vm_dirs = set(cg._vm_dirs)
-    for path in sorted(set(cg.created) - skip, key=lambda p: len(p.parts), reverse=True):
+    todo = set(cg.created) - skip - keep
+    for path in sorted(todo, key=lambda p: len(p.parts), reverse=True):
         exc = _try_rmdir(cg.fs, path)
         if exc is None:
             gone.add(path)
@@ -82,23 +88,27 @@ def remove(cg: VmCgroups, timeout_s: float) -> None:
                 busy.append(top)  # processes or child cgroups left (or an error): drain
     if busy:
         drain.drain(cg.fs, cg.version, busy, timeout_s, failures)
-    elif parents_in_use(cg):
-        # Every intermediate this VM made is an ancestor of a busy parent: busy too, and
-        # listed in the ledger, whose sweep removes it once empty (the last VM out).
+    elif keeper.keeps(cg) or parents_in_use(cg):
+        # Every intermediate this VM made is this process's kept chain (removed at its exit)
+        # or an ancestor of a busy parent: busy too, and listed in the ledger, whose sweep
+        # removes it once empty and its maker gone.
         cg.created.clear()
         cg.prepared = False
         return
     with HostLock(cg.lock_path):
+        listed = ledger.listing(cg.lock_path)
+        live = frozenset(Path(p) for p, o in listed.items() if ledger.owner_alive(o))
         for top in busy:
             for sub in drain.all_cgroups(cg.fs, top):
                 drain.rmdir(cg.fs, sub, failures, tolerate_busy=False)
             if not cg.fs.is_dir(top):
                 gone.add(top)
-        problems, gone = remove_created(cg, gone)
+        problems, gone = remove_created(cg, gone, keep=live)
         failures += problems
         if not cg.explicit_parent:
-            # The derived parent (<own>/ironclaw), if this VM did not make it: empty, it goes.
-            for parent in {p.parent for p in cg._vm_dirs} - set(owned):
+            # The derived parent (<own>/ironclaw), if this VM did not make it and no live
+            # process keeps it: empty, it goes.
+            for parent in {p.parent for p in cg._vm_dirs} - set(owned) - live:
                 exc = _try_rmdir(cg.fs, parent)
                 if exc is None:
                     gone.add(parent)
@@ -110,6 +120,7 @@ def remove(cg: VmCgroups, timeout_s: float) -> None:
             ledger.sweep(cg.lock_path, cg.fs, within=cg._vm_dirs, gone=gone)
         except OSError as exc:
             failures.append(f"intermediate cgroups: {errname(exc)} {exc.strerror}")
+        keeper.learn(cg, listed)
     cg.prepared = False
     if failures:
         unique = list(dict.fromkeys(failures))
@@ -132,6 +143,8 @@ def remove_unfilled(cg: VmCgroups) -> None:
 def sweep_intermediates(
     lock_path: Path = DEFAULT_LOCK_PATH, fs: CgroupFs | None = None
 ) -> list[Path]:
-    """Remove empty intermediate cgroup dirs made for VMs (``ironclaw gc``); return them."""
+    """Remove empty intermediate cgroup dirs made for VMs (``ironclaw gc``); return them.
+
+    A chain whose maker still runs is spared (it is kept for that process's next VM)."""
     with HostLock(lock_path):
         return ledger.sweep(lock_path, fs or CgroupFs())

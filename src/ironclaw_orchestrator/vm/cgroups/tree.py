@@ -198,9 +198,10 @@ class VmCgroups:
 
         Only directories this object created (recorded by :meth:`prepare`, kept in
         :meth:`to_dict`) are touched. Removes the VM directories, then, if a parent is left
-        empty (else no lock is taken: another VM's cgroup keeps the chain), under the host
-        lock the parent directories this object created, if empty; with the derived parent
-        (``<own>/ironclaw``), that parent too if it is empty. Idempotent.
+        empty and is not a chain this process keeps (else no lock is taken: the chain stays
+        until the process exits, see :mod:`.chains`), under the host lock the parent
+        directories this object created, if empty and no live process keeps them; with the
+        derived parent (``<own>/ironclaw``), that parent too if it is empty. Idempotent.
         Every step runs; failures are raised together as :class:`CleanupError`.
         """
         removal.remove(self, timeout_s)
