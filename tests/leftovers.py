@@ -12,7 +12,9 @@ by other people, with other ids, never collide:
 - jail directories (and half-made ``.claim-<id>-*`` ones) under every exec-name directory of
   every chroot base in use (the ones given, the default, and those registry records name);
 - cgroup directories at any depth in every mounted hierarchy (each v1 controller, named v1
-  hierarchies and the v2 mount), as ``/proc/self/mountinfo`` lists them;
+  hierarchies and the v2 mount), as ``/proc/self/mountinfo`` lists them; and parent chains
+  (intermediate cgroup directories) listed in a cgroup ledger whose maker has exited (a live
+  process's chain is kept by design: not a leak; without a fragment, and in ledgers given);
 - network namespaces: ``/run/netns`` entries and nsfs bind mounts anywhere;
 - TAPs and veths in this (the host's) network namespace, by the names derived from each id;
 - run directories, registry records (and their temp, log and quarantine files), bound Unix
@@ -39,6 +41,7 @@ from ironclaw_orchestrator import names, procfs
 from ironclaw_orchestrator.detach import CONFIG_PREFIX, SPAWN_LOG_PREFIX
 from ironclaw_orchestrator.paths import default_run_dir, default_state_dir
 from ironclaw_orchestrator.registry import LOCK_NAME, LOG_SUFFIX, RECORD_SUFFIX
+from ironclaw_orchestrator.vm.cgroups import DEFAULT_LOCK_PATH, ledger
 
 DEFAULT_CHROOT_BASE = Path("/var/jail")
 NETNS_DIR = Path("/run/netns")
@@ -67,6 +70,8 @@ class Scope:
     sys_net: Path = SYS_NET
     mountinfo: Path = MOUNTINFO
     proc_net_unix: Path = PROC_NET_UNIX
+    #: Cgroup host locks whose ledgers' chains of exited makers count as leftovers.
+    cgroup_lock_paths: tuple[Path, ...] = ()
     #: Ids met on the way (jail dirs, records, ...): their TAP/veth names are checked too.
     seen_ids: set[str] = field(default_factory=set)
 
@@ -87,6 +92,7 @@ def leftovers(
     sys_net: Path = SYS_NET,
     mountinfo: Path = MOUNTINFO,
     proc_net_unix: Path = PROC_NET_UNIX,
+    cgroup_lock_paths: Iterable[Path] = (),
 ) -> list[str]:
     """Every resource of ours on this host whose name contains ``fragment`` (all, if empty).
 
@@ -105,6 +111,7 @@ def leftovers(
         sys_net=sys_net,
         mountinfo=mountinfo,
         proc_net_unix=proc_net_unix,
+        cgroup_lock_paths=_unique([*cgroup_lock_paths, *([] if fragment else [DEFAULT_LOCK_PATH])]),
     )
     found = registry_entries(scope)  # first: records name jail dirs outside the given bases
     jails = jail_dirs(scope)
@@ -112,6 +119,7 @@ def leftovers(
     found += processes(scope, jails)
     found += run_dirs(scope)
     found += cgroup_dirs(scope)
+    found += cgroup_chains(scope)
     found += network_namespaces(scope)
     found += host_links(scope)
     found += unix_sockets(scope)
@@ -307,6 +315,19 @@ def cgroup_dirs(scope: Scope) -> list[str]:
                 if ours:
                     found.append(f"cgroup {here / d}")
                     _note_id(scope, d)
+    return found
+
+
+def cgroup_chains(scope: Scope) -> list[str]:
+    """Listed intermediate cgroup directories that exist although their maker has exited
+    (a crash: ``gc`` removes them) or that nobody owns (older releases)."""
+    found = []
+    for lock_path in scope.cgroup_lock_paths:
+        listed = ledger.listing(lock_path)
+        for where, owner in sorted(listed.items()):
+            if os.path.isdir(where) and not ledger.owner_alive(owner):
+                maker = f"made by {owner}, which has exited" if owner else "no maker recorded"
+                found.append(f"parent cgroup chain {where} ({maker})")
     return found
 
 

@@ -24,6 +24,7 @@ from ironclaw_orchestrator.vm.cgroups import (
     controller_names,
     detect_layout,
     disk_device_for,
+    release_chains,
 )
 from ironclaw_orchestrator.vm.config import JailerConfig
 
@@ -116,6 +117,10 @@ def test_real_v1_prepare_attach_stats_remove(tmp_path: Path) -> None:
         record = vm.to_dict()
         vm.remove()
         assert proc.wait(timeout=5) == -9  # killed by remove()
+        assert not any(d.exists() for d in vm.paths.values())
+        kept = [d for d in created if d not in vm.paths.values()]
+        assert kept and all(d.is_dir() for d in kept)  # the chain stays while we run ...
+        release_chains([tmp_path / "cg.lock"])  # ... and goes at exit
         for d in created:
             assert not d.exists()
         assert chain_state(vm) == initial
@@ -251,3 +256,98 @@ def test_real_cgroupfs_link_count_tells_child_cgroups() -> None:
         if (top / "child").exists():
             (top / "child").rmdir()
         top.rmdir()
+
+
+_VM_CHILD = r"""
+import asyncio, os, signal, sys
+from ironclaw_orchestrator.vm import JailerConfig, VmConfig, start_firecracker
+from ironclaw_orchestrator.vm.cgroups import ledger
+from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
+
+vm_id, parent, how = sys.argv[1:4]
+kernel = str(probe_kernel_path(ProbeBehaviour.HALT))
+
+async def main() -> None:
+    for n in ("a", "b"):  # one after the other: the second finds the chain kept
+        cfg = VmConfig(
+            vm_id=f"{vm_id}{n}", kernel_path=kernel, rootfs_path=None, memory_mb=128,
+            boot_args=PROBE_BOOT_ARGS, jailer=JailerConfig(parent_cgroup=parent),
+        )
+        vm = await start_firecracker(cfg)
+        await vm.stop()
+
+asyncio.run(main())
+print(ledger.this_process(), flush=True)
+if how == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _chain_tops(top: str) -> list[Path]:
+    return sorted({m / top for m in detect_layout().v1_mounts.values()})
+
+
+def _run_vm_child(vm_id: str, how: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    done = subprocess.run(
+        [sys.executable, "-c", _VM_CHILD, vm_id, f"{vm_id}/ironclaw", how],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done, done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+
+def _force_remove(tops: list[Path]) -> None:
+    for top in tops:
+        if top.exists():
+            for sub in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if sub.is_dir():
+                    sub.rmdir()
+            top.rmdir()
+
+
+def test_real_a_process_that_exits_removes_its_parent_chain(vm_id: str) -> None:
+    """A process starts and stops two VMs one after the other under a parent chain that did
+    not exist, and exits: its exit hook removes the chain; nothing is left, nothing listed."""
+    from ironclaw_orchestrator.vm.cgroups import DEFAULT_LOCK_PATH, ledger
+
+    tops = _chain_tops(vm_id)
+    try:
+        done, owner = _run_vm_child(vm_id, "exit")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert owner
+        assert [t for t in tops if t.exists()] == []
+        assert not [p for p, o in ledger.listing(DEFAULT_LOCK_PATH).items() if o == owner]
+        # (the host's ledger is shared: only what carries this test's id)
+        assert [
+            f for f in leftovers(vm_id, cgroup_lock_paths=[DEFAULT_LOCK_PATH]) if vm_id in f
+        ] == []
+    finally:
+        _force_remove(tops)
+
+
+def test_real_a_killed_process_s_chain_is_removed_by_gc(vm_id: str) -> None:
+    """The same process SIGKILLed after its VMs stopped: the chain stays, listed with its dead
+    maker; gc's ledger sweep (scoped here to this test's chain: the host is shared) removes it."""
+    from ironclaw_orchestrator.vm.cgroups import DEFAULT_LOCK_PATH, ledger
+    from ironclaw_orchestrator.vm.cgroups.tree import sweep_intermediates
+
+    tops = _chain_tops(vm_id)
+    try:
+        done, owner = _run_vm_child(vm_id, "kill")
+        assert done.returncode == -9, done.stderr[-3000:]
+        left = [t for t in tops if t.exists()]
+        assert len(left) >= 2  # the chain survived its maker (cpu, cpuacct, memory at least)
+        assert not [d for t in left for d in (t / "ironclaw").glob(f"{vm_id}*")]  # no VM's
+        mine = {p for p, o in ledger.listing(DEFAULT_LOCK_PATH).items() if o == owner}
+        assert {str(t) for t in left} | {str(t / "ironclaw") for t in left} == mine
+        assert not ledger.owner_alive(owner)
+        found = leftovers(vm_id, cgroup_lock_paths=[DEFAULT_LOCK_PATH])
+        assert [f for f in found if f.startswith("parent cgroup chain") and vm_id in f]
+        removed = sweep_intermediates(within=[t / "ironclaw" for t in tops])
+        assert {str(p) for p in removed} == mine
+        assert [t for t in tops if t.exists()] == []
+        assert not [p for p, o in ledger.listing(DEFAULT_LOCK_PATH).items() if o == owner]
+        assert leftovers(vm_id) == []
+    finally:
+        _force_remove(tops)

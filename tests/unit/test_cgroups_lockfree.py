@@ -169,7 +169,7 @@ class Host:
         path = ledger.ledger_path(self.lock_path)
         if not path.exists():
             return set()
-        return {Path(line.split("\t")[0]) for line in path.read_text().splitlines()}
+        return {Path(line) for line in path.read_text().splitlines() if line.startswith("/")}
 
     def assert_accounted(self, *running: VmCgroups) -> None:
         # (no VM running: the kept chains are all that may remain, each listed)

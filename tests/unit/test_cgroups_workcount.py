@@ -74,7 +74,7 @@ def listed(lock_path: Path) -> set[str]:
     path = ledger.ledger_path(lock_path)
     if not path.exists():
         return set()
-    return {line.split("\t")[0] for line in path.read_text().splitlines()}
+    return {line for line in path.read_text().splitlines() if line.startswith("/")}
 
 
 class Counts:

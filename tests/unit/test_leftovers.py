@@ -359,3 +359,28 @@ def test_bound_socket_even_after_its_file_is_gone(tmp_path: Path, vm_id: str) ->
 
 def test_nothing_of_an_unused_id(vm_id: str) -> None:
     assert leftovers(vm_id) == []
+
+
+def test_parent_chains_of_exited_makers_only(tmp_path: Path, vm_id: str) -> None:
+    """A chain listed in the cgroup ledger is a leftover once its maker has exited (or when
+    no maker is recorded); a live process's chain is kept by design; a gone one is no finding."""
+    from ironclaw_orchestrator.vm.cgroups import ledger
+
+    lock = tmp_path / "cgroup.lock"
+    live, dead, ownerless = (tmp_path / "cg" / n for n in ("live", "dead", "ownerless"))
+    for d in (live, dead, ownerless):
+        d.mkdir(parents=True)
+    ledger._write(
+        ledger.ledger_path(lock),
+        {
+            str(live): ledger.this_process(),
+            str(dead): "999999999:1",
+            str(ownerless): None,
+            str(tmp_path / "cg" / "gone"): "999999999:1",
+        },
+    )
+    found = only(leftovers(vm_id, cgroup_lock_paths=[lock]), "parent cgroup chain")
+    assert found == [
+        f"parent cgroup chain {dead} (made by 999999999:1, which has exited)",
+        f"parent cgroup chain {ownerless} (no maker recorded)",
+    ]

@@ -9,11 +9,13 @@ made, and one is removed, deepest first, once empty. Directories we did not crea
 listed: a prepare lists only directories that did not exist under the lock, and drops one again
 if its ``mkdir`` finds it made by someone else after all.
 
-Each entry names the process that made the directory (``<pid>:<start time>``, a line
-``<path>`` TAB ``<owner>``): a chain stays while its maker lives (see :mod:`.chains`), so a sweep
-(another orchestrator's last VM out, ``gc``) spares an entry whose owner is alive and removes
-one whose owner is gone (a crash) once it is empty. A line without an owner (an older
-release) counts as ownerless: swept once empty, as before.
+Each entry names the process that made the directory (``<pid>:<start time>``): a chain
+stays while its maker lives (see :mod:`.chains`), so a sweep (another orchestrator's last VM
+out, ``gc``) spares an entry whose owner is alive and removes one whose owner is gone (a
+crash) once it is empty. The file keeps a line per directory (its path, as older releases
+read and write it) followed by ``owner<TAB><pid>:<start time><TAB><path>``; an older release
+rewriting the file keeps the paths and drops the owners, so its entries become ownerless:
+swept once empty, as before (the maker then remakes its chain when it needs it again).
 
 Each change rewrites the file atomically (a new file swapped in), which costs an inode
 allocation and a free where /run is a disk file system: callers batch their changes (one
@@ -47,6 +49,7 @@ def ledger_path(lock_path: Path) -> Path:
     return lock_path.with_name("cgroup-intermediates")
 
 
+_OWNER = "owner\t"
 _me: tuple[int, str] | None = None
 
 
@@ -80,19 +83,26 @@ def _read(path: Path) -> dict[str, str | None]:
             chunks.append(os.read(fd, 65536))
     finally:
         os.close(fd)
-    entries: dict[str, str | None] = {}
+    paths: list[str] = []
+    owners: dict[str, str] = {}
     for line in b"".join(chunks).decode("utf-8").splitlines():
-        where, _, owner = line.partition("\t")
-        if where.startswith("/"):
-            entries[where] = owner or None
-    return entries
+        if line.startswith("/"):
+            paths.append(line)
+        elif line.startswith(_OWNER):
+            owner, _, where = line[len(_OWNER) :].partition("\t")
+            owners[where] = owner
+    return {p: owners.get(p) or None for p in paths}
 
 
 def _write(path: Path, entries: dict[str, str | None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write("".join(f"{p}\t{o}\n" if o else f"{p}\n" for p, o in sorted(entries.items())))
+        fh.write(
+            "".join(
+                f"{p}\n{_OWNER}{o}\t{p}\n" if o else f"{p}\n" for p, o in sorted(entries.items())
+            )
+        )
     replace_file(tmp, path)
 
 

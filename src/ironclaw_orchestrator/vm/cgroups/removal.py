@@ -141,10 +141,13 @@ def remove_unfilled(cg: VmCgroups) -> None:
 
 
 def sweep_intermediates(
-    lock_path: Path = DEFAULT_LOCK_PATH, fs: CgroupFs | None = None
+    lock_path: Path = DEFAULT_LOCK_PATH,
+    fs: CgroupFs | None = None,
+    within: list[Path] | None = None,
 ) -> list[Path]:
     """Remove empty intermediate cgroup dirs made for VMs (``ironclaw gc``); return them.
 
-    A chain whose maker still runs is spared (it is kept for that process's next VM)."""
+    A chain whose maker still runs is spared (it is kept for that process's next VM).
+    ``within``: only listed directories that are these paths or their ancestors."""
     with HostLock(lock_path):
-        return ledger.sweep(lock_path, fs or CgroupFs())
+        return ledger.sweep(lock_path, fs or CgroupFs(), within=within)
