@@ -210,9 +210,9 @@ sys.exit(1 if errors else 0)
 def test_real_two_orchestrators_share_a_parent_chain(tmp_path: Path) -> None:
     """Smoke test on the real kernel (the interleavings are proved in test_cgroups_lockfree):
     two processes (one lock file), 6 threads each starting and stopping VM cgroups under
-    one parent chain that neither has when it starts, plus gc's sweep in each: the chain
-    comes and goes as VMs do (lock-free beside a running VM, locked for the first and the
-    last), every VM finds its directories and values, and nothing is left at the end."""
+    one parent chain that neither has when it starts, plus gc's sweep in each (which spares
+    a live maker's chain): every VM finds its directories and values, and once both have
+    exited (their exit hooks remove the chain) nothing is left and nothing is listed."""
     top = f"ironclaw-test-{secrets.token_hex(4)}"
     parent = f"{top}/a/b"
     lock_path = tmp_path / "cgroup.lock"
