@@ -57,6 +57,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.consolelog",
             "vm.consoleread",
             "vm.context",
+            "vm.fswatch",
             "vm.hostcheck",
             "vm.jailer_args",
             "vm.netns",

@@ -11,6 +11,7 @@ import pytest
 from standin_host import StandinHost, make_host
 
 from ironclaw_orchestrator.errors import VmExitedError
+from ironclaw_orchestrator.vm import fswatch
 from ironclaw_orchestrator.vm.cgroups.lock import kept_fds
 from ironclaw_orchestrator.vm.jailer import JailFile, start_with_jailer
 
@@ -26,6 +27,7 @@ def files(host: StandinHost) -> list[JailFile]:
 
 def open_fds() -> set[str]:
     kept = {str(fd) for fd in kept_fds()}  # host lock files stay open per process, not per VM
+    kept |= {str(fd) for fd in fswatch.kept_fds()}  # so does the readiness inotify instance
     return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
             if fd not in kept and os.path.exists(f"/proc/self/fd/{fd}")}  # fmt: skip
 

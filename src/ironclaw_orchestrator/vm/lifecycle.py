@@ -25,13 +25,16 @@ from .cancelsafe import Resumable, finish
 from .config import MAX_SOCKET_PATH_BYTES
 from .consolelog import ConsolePump
 from .consoleread import read_tail
+from .fswatch import PathWatch
 from .process import ChildProcess
 
 DEFAULT_READY_TIMEOUT_S = 10.0
 DEFAULT_STOP_TIMEOUT_S = 3.0
-#: How often readiness is polled (a stat and a waitid each): 1 ms, as tight as the jailer
-#: itself needs, since every millisecond here is start-up latency.
+#: How often readiness is polled where no file event can tell (the socket exists but refuses
+#: connections, or no inotify watch could be added): 1 ms.
 _POLL_S = 0.001
+#: A watched wait looks again after this long even without an event (a safety net only).
+_WATCH_FALLBACK_S = 0.05
 _DESCRIBE: Call = ("GET", "/", None)  # answering at all means the API is ready
 _JAILER_ERROR = re.compile(r"Jailer error: (.*)")
 
@@ -109,21 +112,40 @@ async def wait_ready(
     deadline = time.monotonic() + timeout_s
     path = str(socket_path)
     last_error: Exception | None = None
-    while True:
-        if (code := process.poll()) is not None:
-            raise exited_error(vm_id, code, console_path)
-        if os.path.exists(path):
-            try:
-                wait_s = max(0.05, min(1.0, deadline - time.monotonic()))
-                await api.request_all(ready, timeout_s=wait_s)
-                return
-            except ApiError as exc:
-                if exc.status_code is not None:
-                    raise  # the API answered: a rejected request is final
-                last_error = exc
-        if time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(_POLL_S)
+    loop = asyncio.get_running_loop()
+    # Woken when the socket file is created (inotify) or the process exits (its pidfd),
+    # not by a poll: exact, one wake-up where a 1 ms poll lost up to a millisecond.
+    watch = PathWatch(socket_path)
+    pidfd = process.pidfd
+    try:
+        while True:
+            if (code := process.poll()) is not None:
+                raise exited_error(vm_id, code, console_path)
+            wake: asyncio.Future[None] | None = None
+            if os.path.exists(path):
+                try:
+                    wait_s = max(0.05, min(1.0, deadline - time.monotonic()))
+                    await api.request_all(ready, timeout_s=wait_s)
+                    return
+                except ApiError as exc:
+                    if exc.status_code is not None:
+                        raise  # the API answered: a rejected request is final
+                    last_error = exc  # there but not answering: no file event will come
+            else:
+                wake = loop.create_future()
+                if not watch.wake_on_change(wake):
+                    wake = None  # no watch to be had: poll
+                elif os.path.exists(path):
+                    continue  # created before the watch was added
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if wake is None:
+                await asyncio.sleep(_POLL_S)
+            else:
+                await _woken(wake, pidfd, min(_WATCH_FALLBACK_S, deadline - now))
+    finally:
+        watch.close()
     budget = len(str(socket_path).encode())
     if not socket_path.exists():
         cause = "the socket file was never created"
@@ -141,6 +163,25 @@ async def wait_ready(
         f"\n--- output ({console_path}) ---\n{read_tail(console_path) or '(no output)'}",
         vm_id=vm_id,
     )
+
+
+async def _woken(wake: asyncio.Future[None], pidfd: int | None, timeout_s: float) -> None:
+    """Wait for ``wake`` (set by the file watch), the process's exit, or ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    timer = loop.call_later(timeout_s, _set_done, wake)
+    if pidfd is not None:
+        loop.add_reader(pidfd, _set_done, wake)
+    try:
+        await wake
+    finally:
+        timer.cancel()
+        if pidfd is not None:
+            loop.remove_reader(pidfd)  # before poll() may reap the process and close it
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class VmmHandle:

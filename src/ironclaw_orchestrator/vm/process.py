@@ -129,6 +129,11 @@ class ChildProcess:
         return fd
 
     @property
+    def pidfd(self) -> int | None:
+        """The pidfd (readable once the process exits); ``None`` once it is reaped."""
+        return self._pidfd
+
+    @property
     def alive(self) -> bool:
         return self.poll() is None
 
