@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ async def test_a_socket_made_later_wakes_the_wait_without_polling(
         await server.wait_closed()
     assert counts.sleeps == 0  # never polled
     assert 1 <= counts.wakes <= 2  # the directory, then the socket (one wake if both at once)
-    inst = fswatch._instance
+    inst = fswatch._instances.get(asyncio.get_running_loop())
     assert inst is not None and not inst._waiters and not inst._refs  # watch removed
     assert not inst._reading  # the loop no longer reads the instance
 
@@ -148,7 +149,7 @@ async def test_two_waits_on_one_directory_share_its_watch(tmp_path: Path) -> Non
     await asyncio.wait_for(woke_second, 30)
     assert not woke_first.done()
     second.close()
-    inst = fswatch._instance
+    inst = fswatch._instances.get(asyncio.get_running_loop())
     assert inst is not None and not inst._refs and not inst._waiters and not inst._reading
     assert first.watches == second.watches == 1
 
@@ -167,9 +168,33 @@ async def test_one_instance_per_loop_and_none_shared_with_a_forked_child(
     assert fswatch.kept_fds() == kept  # reused: closing an instance costs an RCU wait
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        os._exit(0 if fswatch._instance is None and not fswatch.kept_fds() else 1)
+        os._exit(0 if not fswatch._instances and not fswatch.kept_fds() else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_event_loops_in_two_threads_keep_their_own_instance(tmp_path: Path) -> None:
+    """A program may run an event loop per thread: neither closes the other's instance."""
+
+    async def wait_for(name: str) -> int:
+        loop = asyncio.get_running_loop()
+        watch, woke = fswatch.PathWatch(tmp_path / name), loop.create_future()
+        assert watch.wake_on_change(woke)
+        loop.call_later(0.05, (tmp_path / name).touch)
+        await asyncio.wait_for(woke, 30)
+        watch.close()
+        return fswatch._instances[loop].fd
+
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda n=n: results.append(asyncio.run(wait_for(n))))
+        for n in ("a", "b")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 2 and results[0] != results[1]
 
 
 async def test_a_cancelled_wait_leaves_no_watch_and_no_reader(
@@ -190,7 +215,7 @@ async def test_a_cancelled_wait_leaves_no_watch_and_no_reader(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    inst = fswatch._instance
+    inst = fswatch._instances.get(asyncio.get_running_loop())
     assert inst is not None and not inst._waiters and not inst._refs and not inst._reading
     assert sleeper.pidfd is not None
     assert not asyncio.get_running_loop().remove_reader(sleeper.pidfd)  # none left

@@ -5,7 +5,7 @@ and asyncio cannot sleep less than 1 ms (epoll's timeout is in milliseconds), wh
 socket appears about 0.1 ms after the jailer exits: an inotify watch on the socket's
 directory wakes the event loop when the file is created, no sooner and no later.
 
-One inotify instance serves a process's event loop for as long as it runs: closing an
+One inotify instance serves each event loop of a process for as long as it runs: closing an
 instance that held a watch waits for an RCU grace period (about 0.4 ms of wall time here),
 while adding and removing a watch costs microseconds. A child process (fork) or another
 event loop gets an instance of its own. The loop reads the instance only while someone
@@ -21,6 +21,7 @@ import ctypes
 import errno
 import os
 import struct
+import threading
 from pathlib import Path
 
 __all__ = ["PathWatch", "kept_fds"]
@@ -114,36 +115,38 @@ class _Inotify:
         self._stop_reading_if_idle()
 
 
-_instance: _Inotify | None = None
+#: One instance per event loop of this process (a program may run loops in several threads).
+_instances: dict[asyncio.AbstractEventLoop, _Inotify] = {}
+_instances_lock = threading.Lock()
 
 
 def _inotify() -> _Inotify:
-    global _instance
     loop = asyncio.get_running_loop()
-    inst = _instance
-    if inst is not None and inst.pid == os.getpid() and inst.loop is loop:
+    inst = _instances.get(loop)
+    if inst is not None and inst.pid == os.getpid():
         return inst
-    if inst is not None:
-        if inst.pid == os.getpid() and inst._reading and not inst.loop.is_closed():
-            inst.loop.remove_reader(inst.fd)
-        os.close(inst.fd)  # the old loop's (or the parent's copy, after a fork)
-    _instance = inst = _Inotify(loop)
+    with _instances_lock:
+        for old_loop, old in list(_instances.items()):
+            if old_loop.is_closed() or old.pid != os.getpid():
+                del _instances[old_loop]  # a closed loop's: nothing reads it any more
+                os.close(old.fd)
+        inst = _instances[loop] = _Inotify(loop)
     return inst
 
 
 def kept_fds() -> set[int]:
-    """The inotify descriptor this process keeps open (by design, one per event loop)."""
-    inst = _instance
-    return {inst.fd} if inst is not None and inst.pid == os.getpid() else set()
+    """The inotify descriptors this process keeps open (by design, one per event loop)."""
+    return {inst.fd for inst in list(_instances.values()) if inst.pid == os.getpid()}
 
 
 def _after_fork_in_child() -> None:
-    """A child never reads the parent's instance (it shares the parent's event queue)."""
-    global _instance
-    inst, _instance = _instance, None
-    if inst is not None:
-        with contextlib.suppress(OSError):  # closed by the child's own code already
+    """A child never reads the parent's instances (they share the parent's event queue)."""
+    global _instances_lock
+    _instances_lock = threading.Lock()
+    for inst in _instances.values():
+        with contextlib.suppress(OSError):
             os.close(inst.fd)
+    _instances.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
