@@ -17,7 +17,7 @@ import pytest
 from standin_host import StandinHost, make_host
 
 from ironclaw_orchestrator.errors import CleanupError
-from ironclaw_orchestrator.vm import jailer
+from ironclaw_orchestrator.vm import fswatch, jailer, lifecycle
 from ironclaw_orchestrator.vm.cancelsafe import Resumable, ThreadSteps, finish
 from ironclaw_orchestrator.vm.jailer import JailFile, _roll_back, start_with_jailer
 from ironclaw_orchestrator.vm.lifecycle import VmmHandle
@@ -293,10 +293,21 @@ async def test_start_cancelled_twice_while_a_thread_step_runs_leaves_nothing(
     assert host.snapshot() == before
 
 
-async def test_start_cancelled_at_every_step_leaves_nothing(host: StandinHost) -> None:
+async def test_start_cancelled_at_every_step_leaves_nothing(
+    host: StandinHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Cancel after 0, 1, 2, ... event-loop turns until the start wins: each turn is one
-    more await reached (run dir, jail, cgroups, spawn, adoption, readiness)."""
+    more await reached (run dir, jail, cgroups, spawn, adoption, readiness: the wait on the
+    socket's watch too)."""
     before = host.snapshot()
+    watched: list[object] = []
+    real_woken = lifecycle._woken
+
+    async def woken(*args: Any) -> None:
+        watched.append(args)
+        await real_woken(*args)
+
+    monkeypatch.setattr(lifecycle, "_woken", woken)
     turns = 0
     while True:
         task = asyncio.ensure_future(
@@ -315,3 +326,6 @@ async def test_start_cancelled_at_every_step_leaves_nothing(host: StandinHost) -
         break
     assert host.snapshot() == before
     assert turns > 3  # the sweep went past the first awaits
+    assert watched  # ... and reached the wait for the socket (the stand-in makes it late)
+    inst = fswatch._instances.get(asyncio.get_running_loop())
+    assert inst is not None and not inst._waiters and not inst._refs  # no watch left
