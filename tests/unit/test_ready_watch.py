@@ -219,3 +219,19 @@ async def test_a_cancelled_wait_leaves_no_watch_and_no_reader(
     assert inst is not None and not inst._waiters and not inst._refs and not inst._reading
     assert sleeper.pidfd is not None
     assert not asyncio.get_running_loop().remove_reader(sleeper.pidfd)  # none left
+
+
+async def test_a_process_wait_already_watches_keeps_its_reader(tmp_path: Path) -> None:
+    """wait() owns the pidfd's reader once called: readiness must not replace it (a later
+    wait() would never wake), and still sees the exit."""
+    out, script = tmp_path / "out", tmp_path / "prog"
+    script.write_text("#!/bin/sh\nsleep 0.2\nexit 4\n")
+    script.chmod(0o755)
+    proc = ChildProcess.spawn([str(script)], stdout_path=out)
+    with pytest.raises(TimeoutError):
+        await proc.wait(0.01)  # leaves its reader registered
+    sock = tmp_path / "api.sock"
+    async with FirecrackerApi(sock, vm_id="w") as api:
+        with pytest.raises(VmExitedError):
+            await wait_ready(proc, api, sock, vm_id="w", console_path=out, timeout_s=30)
+    assert await asyncio.wait_for(proc.wait(), 30) == 4

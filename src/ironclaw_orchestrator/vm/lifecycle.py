@@ -143,7 +143,9 @@ async def wait_ready(
             if wake is None:
                 await asyncio.sleep(_POLL_S)
             else:
-                await _woken(wake, pidfd, min(_WATCH_FALLBACK_S, deadline - now))
+                # Without the pidfd (wait() watches it) an exit is seen by a 1 ms look.
+                fallback_s = _WATCH_FALLBACK_S if pidfd is not None else _POLL_S
+                await _woken(wake, pidfd, min(fallback_s, deadline - now))
     finally:
         watch.close()
     budget = len(str(socket_path).encode())

@@ -130,8 +130,11 @@ class ChildProcess:
 
     @property
     def pidfd(self) -> int | None:
-        """The pidfd (readable once the process exits); ``None`` once it is reaped."""
-        return self._pidfd
+        """The pidfd (readable once the process exits); ``None`` once it is reaped.
+
+        ``None`` too while :meth:`wait` watches it: an event loop has one reader per file,
+        and another reader would replace that one's."""
+        return self._pidfd if self._exited is None else None
 
     @property
     def alive(self) -> bool:
