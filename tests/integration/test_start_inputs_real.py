@@ -44,7 +44,7 @@ async def test_a_jailed_start_derives_its_inputs_once(
     firecracker = binaries.find_firecracker()  # where this host has them (scanned if on PATH)
     binaries.find_jailer()
     scans = counting(monkeypatch, shutil, "which")
-    resolved = counting(monkeypatch, jailer_config, "exec_file_name")
+    resolved = counting(monkeypatch, jailer_config, "real_path")
     checked = counting(monkeypatch, inputs, "check_source")
     monkeypatch.setattr(jailer, "check_source", inputs.check_source)
     kernel = probe_kernel_path(ProbeBehaviour.RESET)

@@ -63,7 +63,7 @@ async def test_requests_and_proc_reads_per_lifecycle(
         return real_oom(self)
 
     resolved: list[object] = []
-    real_name = jailer_config.exec_file_name
+    real_name = jailer_config.real_path
 
     def counting_name(exec_file: Path | str) -> str:
         resolved.append(exec_file)
@@ -74,7 +74,7 @@ async def test_requests_and_proc_reads_per_lifecycle(
     monkeypatch.setattr("ironclaw_orchestrator.vm.hardening.read_seccomp_status",
                         counting_seccomp)  # fmt: skip
     monkeypatch.setattr(VmCgroups, "oom_kills", counting_oom)
-    monkeypatch.setattr(jailer_config, "exec_file_name", counting_name)
+    monkeypatch.setattr(jailer_config, "real_path", counting_name)
     cfg = VmConfig(
         vm_id=vm_id,
         kernel_path=str(probe_kernel_path(ProbeBehaviour.RESET)),
