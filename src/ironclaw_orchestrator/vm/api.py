@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -64,10 +64,17 @@ class _Link(asyncio.Protocol):
         self.reason = b""
         self.body = b""
         self.keep_alive = True
+        self.on_first: Callable[[], object] | None = None
 
-    def begin(self, waiter: asyncio.Future[None], expected: int) -> None:
+    def begin(
+        self,
+        waiter: asyncio.Future[None],
+        expected: int,
+        on_first: Callable[[], object] | None = None,
+    ) -> None:
         self.waiter, self.expected, self.responses = waiter, expected, []
         self.received, self.reason, self.body = False, b"", b""
+        self.on_first = on_first
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -100,6 +107,8 @@ class _Link(asyncio.Protocol):
         self.reason, self.body = b"", b""
         if len(self.responses) >= self.expected:
             self._wake(None)
+        elif len(self.responses) == 1 and self.on_first is not None:
+            self.on_first()
 
     def _wake(self, error: BaseException | None) -> None:
         waiter, self.waiter = self.waiter, None
@@ -159,22 +168,40 @@ class FirecrackerApi:
         return result
 
     async def request_all(
-        self, calls: Sequence[Call], *, timeout_s: float | None = None
+        self,
+        calls: Sequence[Call],
+        *,
+        timeout_s: float | None = None,
+        first_timeout_s: float | None = None,
     ) -> list[Any]:
         """Send ``calls`` pipelined (one write, one wake-up for all the answers); return each
         decoded body. Firecracker serves them in order, each whatever became of the others:
-        the first it rejected raises ``ApiError`` once all are answered."""
+        the first it rejected raises ``ApiError`` once all are answered.
+
+        ``first_timeout_s`` bounds the wait for the first answer only (a readiness probe):
+        once it has come, the rest get ``timeout_s`` (default: the client's), as if sent
+        one by one."""
         if not calls:
             return []
         message = b"".join(self._encode(method, path, body) for method, path, body in calls)
+        rest_s = self.timeout_s if timeout_s is None else timeout_s
         async with self._lock:
             try:
-                async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
+                async with asyncio.timeout(
+                    rest_s if first_timeout_s is None else first_timeout_s
+                ) as budget:
+                    on_first = None
+                    if first_timeout_s is not None and len(calls) > 1:
+                        loop = asyncio.get_running_loop()
+
+                        def on_first() -> None:
+                            budget.reschedule(loop.time() + rest_s)
+
                     try:
-                        responses = await self._exchange(message, len(calls))
+                        responses = await self._exchange(message, len(calls), on_first)
                     except _Dropped:
                         self._drop()
-                        responses = await self._exchange(message, len(calls))
+                        responses = await self._exchange(message, len(calls), on_first)
             except TimeoutError as exc:
                 raise ApiError(
                     f"VM {self.vm_id}: {_names(calls)} timed out on {self.socket_path}; the "
@@ -216,7 +243,9 @@ class FirecrackerApi:
             f"Content-Length: {len(payload)}\r\n\r\n"
         ).encode() + payload
 
-    async def _exchange(self, message: bytes, expected: int) -> list[_Response]:
+    async def _exchange(
+        self, message: bytes, expected: int, on_first: Callable[[], object] | None = None
+    ) -> list[_Response]:
         """Send ``message`` (``expected`` requests); return their responses, in order.
 
         Whatever ends this early (an error, a timeout, a cancellation) drops the connection:
@@ -228,7 +257,7 @@ class FirecrackerApi:
             self._drop()
             link = self._link = await self._connect()
         waiter = asyncio.get_running_loop().create_future()
-        link.begin(waiter, expected)
+        link.begin(waiter, expected, on_first)
         done = False
         try:
             assert link.transport is not None

@@ -125,7 +125,9 @@ async def wait_ready(
             if os.path.exists(path):
                 try:
                     wait_s = max(0.05, min(1.0, deadline - time.monotonic()))
-                    await api.request_all(ready, timeout_s=wait_s)
+                    # The probe's budget is for the first answer (GET /); the configuration
+                    # behind it then gets the API's own timeout, as if sent alone.
+                    await api.request_all(ready, first_timeout_s=wait_s)
                     return
                 except ApiError as exc:
                     if exc.status_code is not None:
