@@ -178,3 +178,24 @@ def test_the_ledger_stays_readable_for_older_releases(tmp_path: Path) -> None:
     ledger.ledger_path(lock).write_text("".join(f"{p}\n" for p in old_view))  # rewritten
     assert ledger.listing(lock) == dict.fromkeys(old_view)
     assert not ledger.owner_alive(None) and not ledger.owner_alive("12:x")
+
+
+def test_a_maker_leaving_hands_its_busy_chain_over(tmp_path: Path) -> None:
+    """At exit a maker disowns what another process's VMs still use: the next sweep removes
+    it once empty, even while the leaving maker can still be seen alive (it is on its way
+    out; sparing it then left the chain behind until the next gc)."""
+    from ironclaw_orchestrator.vm.cgroups import ledger
+
+    lock = tmp_path / "cg.lock"
+    me = ledger.this_process()
+    other = f"{os.getppid()}:1"  # some other process (its start time does not matter)
+    chain, theirs = tmp_path / "mem" / "chain", tmp_path / "mem" / "theirs"
+    for d in (chain, theirs):
+        d.mkdir(parents=True)
+        (d / "cgroup.procs").write_text("")
+    ledger._write(ledger.ledger_path(lock), {str(chain): me, str(theirs): other})
+    ledger.disown(lock, me)
+    assert ledger.listing(lock) == {str(chain): None, str(theirs): other}
+    fs = FakeKernel(tmp_path)
+    assert ledger.sweep(lock, fs, spare=lambda owner: owner is not None) == [chain]
+    assert not chain.exists() and theirs.exists()

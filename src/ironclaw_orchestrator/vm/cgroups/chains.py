@@ -103,6 +103,13 @@ def learn(cg: VmCgroups, listed: dict[str, str | None]) -> None:
             _state.hooked = True
 
 
+def kept_parents() -> set[Path]:
+    """Every parent this process keeps, under any ledger (a VM of another run root must not
+    take one away from under this process's VMs)."""
+    with _state.guard:
+        return {p for _fs, parents in _state.kept.values() for p in parents}
+
+
 def forget(cg: VmCgroups) -> None:
     """Stop keeping ``cg``'s parents (after a failure that may have removed them)."""
     entry = _state.kept.get(cg.lock_path)
@@ -132,6 +139,10 @@ def release(lock_paths: Iterable[Path] | None = None) -> list[Path]:
                 within=[*parents, *mine],
                 spare=lambda owner: owner != me and ledger.owner_alive(owner),
             )
+            # What is still busy (another process's VMs in it) is handed over: ownerless,
+            # the last VM out or the next sweep removes it, even while this process is
+            # still seen alive on its way out.
+            ledger.disown(lock_path, me)
     return removed
 
 

@@ -130,6 +130,16 @@ def record_intermediate(lock_path: Path, directory: Path) -> None:
     record(lock_path, [directory])
 
 
+def disown(lock_path: Path, owner: str) -> None:
+    """List ``owner``'s directories as ownerless (its maker is leaving while another
+    process's VMs still use them): the next sweep removes them once empty, instead of
+    sparing them while the exiting maker can still be seen alive. Hold the host lock."""
+    path = ledger_path(lock_path)
+    entries = _read(path)
+    if owner in entries.values():
+        _write(path, {p: (None if o == owner else o) for p, o in entries.items()})
+
+
 def forget(lock_path: Path, directories: Iterable[Path | str]) -> None:
     """Unlist ``directories`` (listed, but not made by us after all). Hold the host lock."""
     drop = {str(d) for d in directories}

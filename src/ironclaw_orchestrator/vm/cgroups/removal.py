@@ -108,7 +108,8 @@ def remove(cg: VmCgroups, timeout_s: float) -> None:
         if not cg.explicit_parent:
             # The derived parent (<own>/ironclaw), if this VM did not make it and no live
             # process keeps it: empty, it goes.
-            for parent in {p.parent for p in cg._vm_dirs} - set(owned) - live:
+            spared = live | keeper.kept_parents()
+            for parent in {p.parent for p in cg._vm_dirs} - set(owned) - spared:
                 exc = _try_rmdir(cg.fs, parent)
                 if exc is None:
                     gone.add(parent)
