@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
+from counting import counting
 from jailcheck import assert_jailed
 
 from ironclaw_orchestrator.registry import Registry
@@ -24,18 +24,6 @@ from ironclaw_orchestrator.vm import (
 from ironclaw_orchestrator.vm.probe import PROBE_BOOT_ARGS, ProbeBehaviour, probe_kernel_path
 
 pytestmark = pytest.mark.integration
-
-
-def counting(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[object]:
-    calls: list[object] = []
-    real = getattr(owner, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args[0] if args else None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, wrapper)
-    return calls
 
 
 async def test_a_jailed_start_derives_its_inputs_once(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from counting import counting
 from standin_host import StandinHost, make_host
 
 from ironclaw_orchestrator import names, safefs
@@ -28,20 +29,6 @@ from ironclaw_orchestrator.vm import (
 )
 from ironclaw_orchestrator.vm import config as vm_config
 from ironclaw_orchestrator.vm.config import JailerConfig, VmConfig
-
-
-def counting(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[object]:
-    """Count calls of ``owner.name`` (its first argument each)."""
-    calls: list[object] = []
-    real = getattr(owner, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args[0] if args else None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, wrapper)
-    return calls
-
 
 # --------------------------------------------------------------------------- per start
 

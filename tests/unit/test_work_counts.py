@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+from counting import counting
 from standin_host import StandinHost, make_host
 
 from ironclaw_orchestrator import procfs
@@ -27,19 +28,6 @@ from ironclaw_orchestrator.vm.process import ChildProcess
 def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandinHost]:
     monkeypatch.delenv("IRONCLAW_REQUIRE_SANDBOX", raising=False)
     yield from make_host(monkeypatch, 1)
-
-
-def counting(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[object]:
-    """Count calls of ``owner.name`` (its first argument each)."""
-    calls: list[object] = []
-    real = getattr(owner, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args[0] if args else None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, wrapper)
-    return calls
 
 
 async def test_one_stat_read_one_oom_read_one_exec_resolution_per_lifecycle(
