@@ -85,10 +85,9 @@ TARGETS: tuple[Target, ...] = (
             "socket_path_bytes",
             "check_socket_budget",
             "inspect_socket_budget",
-            "route_conflicts",
-            "check_uplink_routes",
         ),
     ),
+    Target("uplink_routes", "vm/hostroutes.py", ("route_conflicts", "check_uplink_routes")),
     Target(
         "staging",
         "vm/staging.py",

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 
 from ironclaw_orchestrator.errors import ConfigError
-from ironclaw_orchestrator.vm import hostcheck
+from ironclaw_orchestrator.vm import hostcheck, hostroutes
 from ironclaw_orchestrator.vm.config import VmConfig
 from ironclaw_orchestrator.vm.hostcheck import (
     HostRoute,
-    _routes_proc,
     check_guest_memory,
     check_netns_path,
     check_uplink_routes,
     host_memory_mib,
     route_conflicts,
 )
+from ironclaw_orchestrator.vm.hostroutes import _routes_proc
 from ironclaw_orchestrator.vm.inputs import check_vm_inputs
 
 
@@ -94,7 +94,7 @@ def test_check_vm_inputs_names_each_key(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(ConfigError, match=r"jailer\.netns"):
         check_vm_inputs(VmConfig(**base, jailer={"netns": "/etc/hostname"}))
     monkeypatch.setattr(
-        hostcheck, "host_ipv4_routes", lambda: [HostRoute(net("10.9.0.0/16"), "eth0")]
+        hostroutes, "host_ipv4_routes", lambda: [HostRoute(net("10.9.0.0/16"), "eth0")]
     )
     with pytest.raises(ConfigError, match=r"uplink_subnet 10\.9\.8\.0/30 overlaps"):
         check_vm_inputs(VmConfig(**base, uplink_subnet="10.9.8.0/30"))

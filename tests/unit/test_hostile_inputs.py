@@ -44,7 +44,7 @@ from ironclaw_orchestrator.cli import detached as detached_cli
 from ironclaw_orchestrator.cli.common import ExitCode, exit_code_for
 from ironclaw_orchestrator.errors import ConfigError
 from ironclaw_orchestrator.registry import Registry
-from ironclaw_orchestrator.vm import hostcheck, start_firecracker
+from ironclaw_orchestrator.vm import hostcheck, hostroutes, start_firecracker
 from ironclaw_orchestrator.vm.config import VmConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -444,7 +444,7 @@ def test_hostile_input_is_refused_early(
     if case.needs_root and os.geteuid() != 0:
         pytest.skip("only a jailed VM (root) has this limit")
     if case.fake_routes:
-        monkeypatch.setattr(hostcheck, "host_ipv4_routes", lambda: FAKE_ROUTES)
+        monkeypatch.setattr(hostroutes, "host_ipv4_routes", lambda: FAKE_ROUTES)
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}
     if case.via == "lib":
         for var, value in case.env.items():

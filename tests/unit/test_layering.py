@@ -59,6 +59,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vm.context",
             "vm.fswatch",
             "vm.hostcheck",
+            "vm.hostroutes",
             "vm.jailer_args",
             "vm.netns",
             "vm.probe",
@@ -114,6 +115,7 @@ SIDEWAYS = frozenset(
         ("vm.snapshot_api", "vm.binaries"),  # so do the snapshot request bodies
         ("pidfd", "procfs"),  # a pidfd is opened for a pid whose identity /proc confirms
         ("vm.hostcheck", "vm.netns"),  # where namespaces and the TUN device live
+        ("vm.hostcheck", "vm.hostroutes"),  # hostcheck is split by concept: routes apart
         ("vm.config", "vm.ratelimit"),  # VmConfig holds RateLimit models
         ("vm.api_calls", "vm.ratelimit"),  # the API bodies carry rate limiters
         # vm.config is split by concept: VmConfig, JailerConfig, the rules both use.
