@@ -24,6 +24,8 @@ from pathlib import Path
 from .errors import ConfigError, HostError
 
 __all__ = [
+    "OverBudget",
+    "RemovalBudget",
     "check_not_swappable",
     "check_run_root",
     "open_dir_nofollow",
@@ -89,7 +91,12 @@ def _open_dir_path(path: Path) -> int:
     return fd
 
 
-def rmtree_nofollow(path: Path, last: str | None = None, expected: tuple[str, ...] = ()) -> bool:
+def rmtree_nofollow(
+    path: Path,
+    last: str | None = None,
+    expected: tuple[str, ...] = (),
+    budget: RemovalBudget | None = None,
+) -> bool:
     """Remove the directory tree ``path``; ``False`` if it did not exist.
 
     No component of ``path`` (nor anything inside) is followed if it is a symlink: a path
@@ -100,13 +107,14 @@ def rmtree_nofollow(path: Path, last: str | None = None, expected: tuple[str, ..
     ``last``, an entry of ``path``, goes last (a marker saying whose the tree is, so that a
     removal cut short still reads as ours). ``expected`` names the files ``path`` usually
     holds: they are unlinked first, and if that empties it, it is removed without a listing.
+    ``budget`` bounds the work (see :class:`RemovalBudget`).
     """
     try:
         parent = _open_dir_path(path.parent)
     except FileNotFoundError:
         return False
     try:
-        return remove_tree_at(parent, path.name, last, expected)
+        return remove_tree_at(parent, path.name, last, expected, budget)
     except OSError as exc:
         if exc.filename is None:
             exc.filename = str(path)
@@ -115,13 +123,50 @@ def rmtree_nofollow(path: Path, last: str | None = None, expected: tuple[str, ..
         os.close(parent)
 
 
+class RemovalBudget:
+    """How much a removal run on the event loop may do: file data freed (the cost that
+    grows: the kernel frees each cached page of a file's last name) and entries.
+
+    Each entry is charged before it is removed (a regular file with one link: one
+    ``lstat``); one over the budget raises :class:`OverBudget` with it and the rest left in
+    place, for a removal without a budget (in a thread) to finish. A hostile VMM that
+    filled its jail then costs the event loop at most the budget, never the whole tree.
+    """
+
+    __slots__ = ("bytes_left", "entries_left")
+
+    def __init__(self, max_bytes: int, max_entries: int) -> None:
+        self.bytes_left = max_bytes
+        self.entries_left = max_entries
+
+    def charge(self, dir_fd: int, name: str, is_dir: bool) -> None:
+        self.entries_left -= 1
+        if not is_dir:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                self.bytes_left -= st.st_blocks * 512
+        if self.bytes_left < 0 or self.entries_left < 0:
+            raise OverBudget(name)
+
+
+class OverBudget(Exception):
+    """A budgeted removal stopped at this entry: the rest is for one without a budget."""
+
+
 #: Deeper than this, a subtree is moved up to the top directory and taken later: removal
 #: needs at most this many fds and no recursion, however deep a hostile tree is.
 MAX_REMOVE_DEPTH = 32
 
 
 def remove_tree_at(
-    parent_fd: int, name: str, last: str | None = None, expected: tuple[str, ...] = ()
+    parent_fd: int,
+    name: str,
+    last: str | None = None,
+    expected: tuple[str, ...] = (),
+    budget: RemovalBudget | None = None,
 ) -> bool:
     """Remove the directory ``name`` in ``parent_fd`` and all in it; ``False`` if absent.
 
@@ -135,7 +180,7 @@ def remove_tree_at(
     the tree), so a deep tree costs neither recursion nor fds.
 
     Per directory: one open, one listing (``scandir``'s ``d_type``, no stat per entry), one
-    ``rmdir``; per other entry one ``unlink``.
+    ``rmdir``; per other entry one ``unlink`` (and with a ``budget``, one ``lstat``).
     """
     try:
         top = _open_subdir(parent_fd, name)
@@ -151,7 +196,7 @@ def remove_tree_at(
         try:
             emptied = False
             if expected:
-                _unlink_expected(top, expected)
+                _unlink_expected(top, expected, budget)
                 emptied = last is None and _rmdir_if_empty(parent_fd, name)
             entries = [] if emptied else _entries(top)
         except BaseException:
@@ -172,7 +217,10 @@ def remove_tree_at(
                 with suppress(FileNotFoundError):
                     os.rmdir(dname, dir_fd=parent)
                 continue
-            child, is_dir = entries.pop()
+            child, is_dir = entries[-1]
+            if budget is not None:
+                budget.charge(fd, child, is_dir)  # raises with the entry still listed
+            entries.pop()
             if not is_dir:
                 try:
                     os.unlink(child, dir_fd=fd)
@@ -214,8 +262,10 @@ def remove_tree_at(
     return True
 
 
-def _unlink_expected(fd: int, expected: tuple[str, ...]) -> None:
+def _unlink_expected(fd: int, expected: tuple[str, ...], budget: RemovalBudget | None) -> None:
     for entry in expected:
+        if budget is not None:
+            budget.charge(fd, entry, False)
         with suppress(FileNotFoundError, IsADirectoryError):  # a directory: the walk's
             os.unlink(entry, dir_fd=fd)
 

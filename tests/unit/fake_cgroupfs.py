@@ -161,6 +161,11 @@ class FakeKernel(CgroupFs):
         # Not the link count of the plain tree (some file systems keep it at 1).
         return path.is_dir() and any(p.is_dir() for p in path.iterdir())
 
+    def exited(self, pid: int) -> None:
+        """A process ended and was reaped: the kernel takes it out of every cgroup."""
+        self.dying.pop(pid, None)
+        self._drop(str(pid), self.root)
+
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         self.killed.append(pid)
         self.dying.setdefault(pid, self.drain_polls)

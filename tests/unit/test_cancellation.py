@@ -266,18 +266,20 @@ def standin_files(host: StandinHost) -> list[JailFile]:
 async def test_start_cancelled_twice_while_a_thread_step_runs_leaves_nothing(
     host: StandinHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The real start_with_jailer: cancelled while its cgroups are prepared in a thread, and
-    again while the rollback waits for that thread; the step then ends, making them."""
+    """The real start_with_jailer: cancelled while its cgroups are prepared in a thread (the
+    locked path), and again while the rollback waits for that thread; the step then ends,
+    making them."""
     before = host.snapshot()
     entered, go = threading.Event(), threading.Event()
-    real_prepare = jailer.cg.VmCgroups.prepare
+    real_prepare = jailer.cg.VmCgroups.prepare_locked
 
     def slow_prepare(self: Any) -> None:
         entered.set()
         go.wait(10)
         real_prepare(self)
 
-    monkeypatch.setattr(jailer.cg.VmCgroups, "prepare", slow_prepare)
+    monkeypatch.setattr(jailer.cg.VmCgroups, "prepare_lock_free", lambda self: False)
+    monkeypatch.setattr(jailer.cg.VmCgroups, "prepare_locked", slow_prepare)
     task = asyncio.ensure_future(
         start_with_jailer(host.jailer_config(), files=standin_files(host), ready_timeout_s=30)
     )

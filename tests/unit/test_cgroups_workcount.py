@@ -449,3 +449,28 @@ def test_a_plan_is_decided_once_per_configuration_and_layout(
     assert len(decided) == 3 and d.parent == "elsewhere" and d.explicit_parent
     with pytest.raises(Exception, match="vm_id"):
         VmCgroups.plan(layout, 1, "bad/id", settings, None, lock_path=lock_path, fs=fs)
+
+
+def test_the_lock_free_steps_say_when_the_locked_ones_are_needed(
+    host: tuple[CgroupLayout, FakeKernel, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start prepares on its event loop what needs no lock and no wait, and a stop removes
+    so: ``False`` (nothing left made, nothing waited for) hands the step to the locked path
+    in a thread: the first VM (no parent chain yet), a VM cgroup still holding a process."""
+    _, fs, _ = host
+    counts = Counts(fs, monkeypatch)
+    first = vm(host, "vm0")
+    assert first.prepare_lock_free() is False
+    assert counts.take() == (0, 1, 0) and first.created == [] and not first.prepared
+    first.prepare_locked()
+    assert counts.take() == (1, 7 + 3, 0) and first.prepared
+    assert first.remove_lock_free() is True
+    assert counts.take() == (0, 0, 3) and not first.prepared
+    second = vm(host, "vm1")
+    assert second.prepare_lock_free() is True
+    assert counts.take() == (0, 3, 0) and second.prepared
+    second.attach(4242, everywhere=True)
+    assert second.remove_lock_free() is False  # busy: a drain waits, so not here
+    assert fs.killed == [] and any(p.exists() for p in second.paths.values())
+    second.remove(timeout_s=5)
+    assert not any(p.exists() for p in second.paths.values())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ironclaw_orchestrator import names
-from ironclaw_orchestrator.errors import ChrootBaseError, ConfigError
+from ironclaw_orchestrator.errors import ChrootBaseError, CleanupError, ConfigError
 from ironclaw_orchestrator.safefs import (
     check_not_swappable,
     check_run_root,
@@ -20,6 +20,7 @@ from ironclaw_orchestrator.safefs import (
 )
 from ironclaw_orchestrator.vm import cleanup
 from ironclaw_orchestrator.vm import netns as ns
+from ironclaw_orchestrator.vm.resources import JailResources
 
 
 def test_jail_claim_is_atomic_and_marked(tmp_path: Path) -> None:
@@ -199,3 +200,43 @@ async def test_a_cancelled_start_step_finishes_before_rollback() -> None:
     asyncio.get_running_loop().call_later(0.05, release.set)
     await steps.settle()
     assert made == ["netns"]  # rollback may now see (and remove) it
+
+
+def test_an_inline_release_leaves_what_fails_to_the_full_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop first removes on its event loop what is short; at a step that fails (or does not
+    fit) it stops, with what it did marked done, and the full release (in a thread) redoes the
+    rest and reports the failure."""
+    jail = cleanup.claim_jail_dir(tmp_path / "fc" / "vm-1", "vm-1")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "console.log").write_text("boot\n")
+    res = JailResources(vm_id="vm-1", jail_dir=jail, run_dir=run)
+    real = cleanup.remove_jail_tree
+
+    def denied(path: Path, budget: object = None) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cleanup, "remove_jail_tree", denied)
+    assert res.release_inline() is False
+    assert res.jail_dir == jail and (run / "console.log").exists()
+    with pytest.raises(CleanupError) as err:
+        res.release()
+    assert any("Permission denied" in f for f in err.value.failures)
+    assert res.run_dir is None and not run.exists()
+    monkeypatch.setattr(cleanup, "remove_jail_tree", real)
+    res.release()  # resumed: only the jail was left
+    assert res.jail_dir is None and not jail.exists()
+
+
+def test_an_inline_release_hands_on_what_it_must_not_do(tmp_path: Path) -> None:
+    """A VMM not known (it may still run: found by a /proc scan) and network devices (netlink)
+    are never done on the event loop: nothing is removed inline then."""
+    jail = cleanup.claim_jail_dir(tmp_path / "fc" / "vm-1", "vm-1")
+    for kw in ({"vmm_unknown": True}, {"tap": "tap0"}, {"uplink": True}):
+        res = JailResources(vm_id="vm-1", jail_dir=jail, **kw)  # type: ignore[arg-type]
+        assert res.release_inline() is False
+        assert res.jail_dir == jail and jail.exists()
+    res = JailResources(vm_id="vm-1", jail_dir=jail)
+    assert res.release_inline() is True and not jail.exists()

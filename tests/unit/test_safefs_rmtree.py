@@ -302,3 +302,53 @@ def test_run_dir_work_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert stat.S_IMODE(path.stat().st_mode) == 0o700
         cleanup.remove_run_dir(path)
         assert not os.path.lexists(path)
+
+
+def test_a_budget_stops_before_a_big_file_and_a_full_removal_finishes(tmp_path: Path) -> None:
+    """What a stop removes on its event loop is bounded: a file whose last name would free
+    more than the budget stops the removal with that file and our marker still in place (gc
+    still knows the jail as ours); a removal without a budget (in a thread) finishes it."""
+    precious, data = _outside(tmp_path)
+    jail = _hostile_jail(tmp_path, precious, data)
+    big = jail / "root" / "mem"
+    big.write_bytes(b"x" * (1 << 20))
+    with pytest.raises(safefs.OverBudget):
+        cleanup.remove_jail_tree(jail, safefs.RemovalBudget(1 << 20, 1000))
+    assert big.exists() and (jail / names.JAIL_MARKER).exists()
+    cleanup.remove_jail_tree(jail)
+    assert not jail.exists() and data.read_text() == "keep"
+
+
+def test_a_budget_charges_data_freed_and_entries(tmp_path: Path) -> None:
+    """Only a regular file's last name frees its data: another name of a big file (a hard
+    link to an image) costs nothing, a sparse file only what it holds; every entry costs one
+    of the entry budget, so a jail filled with many small files is bounded too."""
+    image = tmp_path / "image"
+    image.write_bytes(b"x" * (4 << 20))
+    tree = tmp_path / "t"
+    (tree / "d").mkdir(parents=True)
+    os.link(image, tree / "d" / "linked")
+    with open(tree / "sparse", "wb") as f:
+        f.truncate(1 << 30)
+    os.symlink(image, tree / "link")
+    assert safefs.rmtree_nofollow(tree, budget=safefs.RemovalBudget(64 << 10, 4)) is True
+    assert image.stat().st_size == 4 << 20
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(10):
+        (many / str(i)).write_text("")
+    with pytest.raises(safefs.OverBudget):
+        safefs.rmtree_nofollow(many, budget=safefs.RemovalBudget(1 << 20, 5))
+    assert len(os.listdir(many)) == 5
+    safefs.rmtree_nofollow(many)
+    assert not many.exists()
+
+
+def test_a_budget_counts_expected_files(tmp_path: Path) -> None:
+    """The run directory's console log is unlinked without a listing, and charged all the same."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "console.log").write_bytes(b"x" * (1 << 20))
+    with pytest.raises(safefs.OverBudget):
+        safefs.rmtree_nofollow(run, expected=("console.log",), budget=safefs.RemovalBudget(4096, 9))
+    assert (run / "console.log").exists()

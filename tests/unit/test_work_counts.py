@@ -22,6 +22,7 @@ from ironclaw_orchestrator.vm import jailer_config, seccomp, start_firecracker
 from ironclaw_orchestrator.vm.cgroups import VmCgroups
 from ironclaw_orchestrator.vm.config import JailerConfig
 from ironclaw_orchestrator.vm.process import ChildProcess
+from ironclaw_orchestrator.vm.resources import INLINE_REMOVAL_BYTES
 
 
 @pytest.fixture
@@ -123,12 +124,15 @@ def test_seccomp_status_reads_one_file_per_thread(
     assert len(opened) == 5  # one open per listed thread, nothing else
 
 
-async def test_two_thread_hops_per_lifecycle(
+async def test_thread_hops_only_where_work_may_wait(
     host: StandinHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each hop to a worker thread and back costs the event loop a wake-up (~0.05 ms CPU):
-    a start makes its network namespace and cgroups in one, a stop removes everything in
-    one. (The namespace helper threads' own hops are counted in test_netns_workers.)"""
+    """On a loaded host a hop to a worker thread and back costs more than the short, bounded
+    work of a start or a stop (the GIL changes hands at each of the thread's system calls),
+    so that work runs on the event loop. Only the first start in a process hops: its cgroup
+    parents are made under the host lock, which may wait for another process. A stop whose
+    jail holds a big file hops to remove it. (The namespace helper threads' own hops are
+    counted in test_netns_workers.)"""
     loop = asyncio.get_running_loop()
     hops: list[object] = []
     real = loop.run_in_executor
@@ -138,13 +142,27 @@ async def test_two_thread_hops_per_lifecycle(
         return real(executor, fn, *args)
 
     monkeypatch.setattr(loop, "run_in_executor", counted)
-    host.control(after_start="exit:0")
-    vm = await start_firecracker(host.vm_config(), registry=Registry(host.root / "state"),
-                                 ready_timeout_s=30)  # fmt: skip
-    try:
-        assert hops == ["_make_host_side"], hops
-        await vm.start_instance()
-        assert await vm.wait() == 0
-    finally:
-        await vm.stop()
-    assert hops == ["_make_host_side", "_release"], hops
+    registry = Registry(host.root / "state")
+    before = host.snapshot()
+
+    async def lifecycle(big_file: bool = False) -> None:
+        host.control(after_start="exit:0")
+        vm = await start_firecracker(host.vm_config(), registry=registry, ready_timeout_s=30)
+        try:
+            await vm.start_instance()
+            assert await vm.wait() == 0
+            assert host.fs is not None
+            host.fs.exited(vm.pid)  # as the kernel does (the fake cannot see it)
+            if big_file:  # as a snapshot's memory file would be
+                (host.jail() / "root" / "mem").write_bytes(b"x" * INLINE_REMOVAL_BYTES)
+        finally:
+            await vm.stop()
+
+    await lifecycle()
+    assert hops == ["prepare_locked"], hops  # the stop ran on the event loop
+    hops.clear()
+    await lifecycle()
+    assert hops == [], hops  # the cgroup parents exist: no hop at all
+    await lifecycle(big_file=True)
+    assert hops == ["_release"], hops
+    assert host.snapshot() == before

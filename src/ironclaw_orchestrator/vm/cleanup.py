@@ -19,7 +19,7 @@ from .. import names, procfs
 from .. import pidfd as pidfds
 from ..errors import ConfigError
 from ..fsflags import spread_subdirs, spread_subdirs_once
-from ..safefs import rename_noreplace, rmtree_nofollow
+from ..safefs import RemovalBudget, rename_noreplace, rmtree_nofollow
 from .rundir import CONSOLE_LOG as RUN_DIR_CONSOLE_LOG
 
 if TYPE_CHECKING:
@@ -115,18 +115,19 @@ def remove_jail_dir(jail: Path) -> None:
     remove_jail_tree(jail)
 
 
-def remove_jail_tree(jail: Path) -> None:
+def remove_jail_tree(jail: Path, budget: RemovalBudget | None = None) -> None:
     """Remove the jail directory (no symlink followed); its VMM must be gone already.
 
-    Our marker goes last: a removal cut short (a crash) leaves a jail gc still knows as ours.
+    Our marker goes last: a removal cut short (a crash, or ``budget`` spent: ``OverBudget``)
+    leaves a jail gc still knows as ours.
     """
-    rmtree_nofollow(jail, last=names.JAIL_MARKER)
+    rmtree_nofollow(jail, last=names.JAIL_MARKER, budget=budget)
 
 
-def remove_run_dir(run_dir: Path) -> None:
+def remove_run_dir(run_dir: Path, budget: RemovalBudget | None = None) -> None:
     """Remove the VM's run directory: usually just its console log, unlinked without a
     listing; whatever else is there (a rotated log, a socket) is found by one."""
-    rmtree_nofollow(run_dir, expected=(RUN_DIR_CONSOLE_LOG,))
+    rmtree_nofollow(run_dir, expected=(RUN_DIR_CONSOLE_LOG,), budget=budget)
 
 
 # --------------------------------------------------------------------------- network

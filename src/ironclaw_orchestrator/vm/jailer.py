@@ -197,10 +197,19 @@ async def start_with_jailer(
         res.cgroups = cgroups
         console = res.run_dir / CONSOLE_LOG
         pump = ConsolePump(console, console_limit_bytes)
-        # One thread step (one hop off the event loop and back, not one per resource).
-        netns = await steps.run(
-            _make_host_side, res, cgroups, config, tap, tap_host_cidr, uplink_subnet
-        )
+        if tap is None and uplink_subnet is None:
+            # Short and bounded (an unshare, a bind mount, a few mkdirs): on the event loop.
+            # On a loaded host a thread hop costs more than this work (the GIL changes hands
+            # at each system call of the thread). The cgroups' locked path may wait for
+            # another process: that one goes to a thread.
+            netns = _make_namespace(res, config, None, None, None)
+            if not cgroups.prepare_lock_free():
+                await steps.run(cgroups.prepare_locked)
+        else:
+            # One thread step (one hop off the event loop and back, not one per resource).
+            netns = await steps.run(
+                _make_host_side, res, cgroups, config, tap, tap_host_cidr, uplink_subnet
+            )
         config.chroot_dir.mkdir(mode=0o755)
         for f in files:
             res.staged.append(
@@ -293,15 +302,25 @@ def _make_host_side(
     tap_host_cidr: str | None,
     uplink_subnet: str | None,
 ) -> str | None:
-    """The VM's network namespace (unless it is given or shared) and then its cgroups, in one
-    thread; returns the namespace path for the jailer."""
-    netns = config.netns
-    if netns is None and config.isolate_network:
-        netns = _make_network(res, config, tap, tap_host_cidr, uplink_subnet)
-    else:
-        res.changed()
+    """The VM's network namespace and then its cgroups, in one thread; returns the
+    namespace path for the jailer."""
+    netns = _make_namespace(res, config, tap, tap_host_cidr, uplink_subnet)
     cgroups.prepare()
     return netns
+
+
+def _make_namespace(
+    res: JailResources,
+    config: JailerConfig,
+    tap: str | None,
+    tap_host_cidr: str | None,
+    uplink_subnet: str | None,
+) -> str | None:
+    """The VM's network namespace (unless it is given or shared); its path for the jailer."""
+    if config.netns is None and config.isolate_network:
+        return _make_network(res, config, tap, tap_host_cidr, uplink_subnet)
+    res.changed()
+    return config.netns
 
 
 def _make_network(

@@ -117,6 +117,9 @@ class JailerProcess(VmmHandle):
     def _release(self) -> None:
         self.resources.release()
 
+    def _release_inline(self) -> bool:
+        return self.resources.release_inline()
+
     def stats(self) -> cg.CgroupStats:
         """Resource usage read from the VM's own cgroups."""
         cgroups = self.resources.cgroups

@@ -259,14 +259,20 @@ class VmmHandle:
             if self.console is not None and self.process.returncode is not None:
                 self.console.close()
             await self.api.aclose()
-            await finish(asyncio.get_running_loop().run_in_executor(None, self._release))
+            if not self._release_inline():
+                await finish(asyncio.get_running_loop().run_in_executor(None, self._release))
         return code
 
     def _after_exit(self) -> None:
         """Hook: inspect why the VMM ended."""
 
     def _release(self) -> None:
-        """Hook: remove what was made for this VM (must be idempotent)."""
+        """Hook: remove what was made for this VM (must be idempotent; runs in a thread)."""
+
+    def _release_inline(self) -> bool:
+        """Hook: :meth:`_release` on the event loop if its work is short; ``False`` leaves
+        what is left to :meth:`_release`."""
+        return False
 
 
 async def abort_start(process: ChildProcess | None, api: FirecrackerApi | None) -> None:

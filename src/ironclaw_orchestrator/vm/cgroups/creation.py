@@ -46,13 +46,13 @@ from .rejections import errname
 if TYPE_CHECKING:
     from .tree import VmCgroups
 
-__all__ = ["prepare"]
+__all__ = ["prepare", "prepare_lock_free"]
 
 
-def prepare(cg: VmCgroups) -> None:
+def prepare(cg: VmCgroups, *, lock_free_tried: bool = False) -> None:
     """See :meth:`VmCgroups.prepare`."""
     chains = _chains(cg)
-    if _prepare_in_place(cg, chains):
+    if not lock_free_tried and _prepare_in_place(cg, chains):
         cg.prepared = True
         return
     with HostLock(cg.lock_path):
@@ -84,6 +84,14 @@ def prepare(cg: VmCgroups) -> None:
                 exc.add_note(f"rollback: intermediate cgroups: {sweep_exc}")
             raise
     cg.prepared = True
+
+
+def prepare_lock_free(cg: VmCgroups) -> bool:
+    """See :meth:`VmCgroups.prepare_lock_free`."""
+    if _prepare_in_place(cg, _chains(cg)):
+        cg.prepared = True
+        return True
+    return False
 
 
 def _prepare_in_place(cg: VmCgroups, chains: list[_Chain]) -> bool:

@@ -30,7 +30,14 @@ from .rejections import errname
 if TYPE_CHECKING:
     from .tree import VmCgroups
 
-__all__ = ["parents_in_use", "remove", "remove_created", "remove_unfilled", "sweep_intermediates"]
+__all__ = [
+    "parents_in_use",
+    "remove",
+    "remove_created",
+    "remove_lock_free",
+    "remove_unfilled",
+    "sweep_intermediates",
+]
 
 _BUSY = (errno.EBUSY, errno.ENOTEMPTY, errno.EEXIST)
 
@@ -75,25 +82,11 @@ def remove(cg: VmCgroups, timeout_s: float) -> None:
         cg.prepared = False
         return
     failures: list[str] = []
-    # Only directories this object created: a VM dir found pre-existing by prepare()
-    # belongs to someone else (same id still running) and must not be touched.
     owned = set(cg.created)
-    gone: set[Path] = set()
-    busy: list[Path] = []
-    for top in cg._vm_dirs:
-        if top in owned:
-            if _try_rmdir(cg.fs, top) is None:
-                gone.add(top)
-            else:
-                busy.append(top)  # processes or child cgroups left (or an error): drain
+    gone, busy = _remove_vm_dirs(cg)
     if busy:
         drain.drain(cg.fs, cg.version, busy, timeout_s, failures)
-    elif keeper.keeps(cg) or parents_in_use(cg):
-        # Every intermediate this VM made is this process's kept chain (removed at its exit)
-        # or an ancestor of a busy parent: busy too, and listed in the ledger, whose sweep
-        # removes it once empty and its maker gone.
-        cg.created.clear()
-        cg.prepared = False
+    elif _nothing_else(cg):
         return
     with HostLock(cg.lock_path):
         listed = ledger.listing(cg.lock_path)
@@ -126,6 +119,41 @@ def remove(cg: VmCgroups, timeout_s: float) -> None:
     if failures:
         unique = list(dict.fromkeys(failures))
         raise CleanupError(f"removing the cgroups of VM {cg.vm_id} failed", unique)
+
+
+def remove_lock_free(cg: VmCgroups) -> bool:
+    """See :meth:`VmCgroups.remove_lock_free`."""
+    if not cg.created:
+        cg.prepared = False
+        return True
+    _, busy = _remove_vm_dirs(cg)
+    return not busy and _nothing_else(cg)
+
+
+def _remove_vm_dirs(cg: VmCgroups) -> tuple[set[Path], list[Path]]:
+    """``rmdir`` each VM directory this object created: (gone, busy). Only those: a VM dir
+    found pre-existing by prepare() is someone else's (the same id still running)."""
+    owned = set(cg.created)
+    gone: set[Path] = set()
+    busy: list[Path] = []
+    for top in cg._vm_dirs:
+        if top in owned:
+            if _try_rmdir(cg.fs, top) is None:
+                gone.add(top)
+            else:
+                busy.append(top)  # processes or child cgroups left (or an error): drain
+    return gone, busy
+
+
+def _nothing_else(cg: VmCgroups) -> bool:
+    """After the VM's directories went: done if every intermediate this VM made is this
+    process's kept chain (removed at its exit) or an ancestor of a busy parent (busy too,
+    and listed in the ledger, whose sweep removes it once empty and its maker gone)."""
+    if keeper.keeps(cg) or parents_in_use(cg):
+        cg.created.clear()
+        cg.prepared = False
+        return True
+    return False
 
 
 def parents_in_use(cg: VmCgroups) -> bool:

@@ -147,6 +147,28 @@ class VmCgroups:
         """
         creation.prepare(self)
 
+    def prepare_lock_free(self) -> bool:
+        """:meth:`prepare` if it needs neither the host lock nor a wait: ``True`` if done.
+
+        ``False``: a parent is missing (or a v1 cpuset parent is not filled yet, or v2
+        controllers are to be enabled), nothing is left made; :meth:`prepare_locked` does it.
+        Bounded work (a few ``mkdir`` and writes), so a start runs it on its event loop.
+        """
+        return creation.prepare_lock_free(self)
+
+    def prepare_locked(self) -> None:
+        """:meth:`prepare` after :meth:`prepare_lock_free` said ``False``: under the host lock
+        (it may wait for another process: run it in a thread)."""
+        creation.prepare(self, lock_free_tried=True)
+
+    def remove_lock_free(self) -> bool:
+        """:meth:`remove` if it needs neither the host lock nor a drain: ``True`` if done.
+
+        The VM's own directories go (each an ``rmdir``); if one is busy, or a parent may have
+        become empty, ``False``: :meth:`remove` (in a thread) does the rest.
+        """
+        return removal.remove_lock_free(self)
+
     def _write_setting(self, s: CgroupSetting) -> None:
         self._write(self._paths[self._key(s.controller)] / s.file, s.value, s.controller, "")
 
