@@ -351,3 +351,23 @@ def test_real_a_killed_process_s_chain_is_removed_by_gc(vm_id: str) -> None:
         assert leftovers(vm_id) == []
     finally:
         _force_remove(tops)
+
+
+def test_real_migration_warm_up_is_taken_and_moves_nothing() -> None:
+    """The start's warm-up migration (cgroups.warmup) on the real kernel: accepted, and every
+    thread of this process stays in the cgroups it was in, in every hierarchy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ironclaw_orchestrator.vm.cgroups import CgroupFs, warmup
+
+    def where() -> dict[str, str]:
+        return {
+            tid: (Path("/proc/self/task") / tid / "cgroup").read_text()
+            for tid in os.listdir("/proc/self/task")
+        }
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: None).result()  # the worker exists before the snapshot
+        before = where()
+        assert pool.submit(warmup.migrate_in_place, detect_layout(), CgroupFs()).result()
+        assert where() == before

@@ -129,10 +129,10 @@ async def test_thread_hops_only_where_work_may_wait(
 ) -> None:
     """On a loaded host a hop to a worker thread and back costs more than the short, bounded
     work of a start or a stop (the GIL changes hands at each of the thread's system calls),
-    so that work runs on the event loop. Only the first start in a process hops: its cgroup
-    parents are made under the host lock, which may wait for another process. A stop whose
-    jail holds a big file hops to remove it. (The namespace helper threads' own hops are
-    counted in test_netns_workers.)"""
+    so that work runs on the event loop. Only the first start in a process waits for a hop:
+    its cgroup parents are made under the host lock, which may wait for another process. A
+    stop whose jail holds a big file hops to remove it. (The namespace helper threads' own
+    hops are counted in test_netns_workers.)"""
     loop = asyncio.get_running_loop()
     hops: list[object] = []
     real = loop.run_in_executor
@@ -158,11 +158,17 @@ async def test_thread_hops_only_where_work_may_wait(
         finally:
             await vm.stop()
 
+    def waited() -> list[object]:
+        # The cgroup-migration warm-up (at most one per start) is not waited for.
+        assert hops.count("migrate_in_place") <= 1, hops
+        return [h for h in hops if h != "migrate_in_place"]
+
     await lifecycle()
-    assert hops == ["prepare_locked"], hops  # the stop ran on the event loop
+    assert waited() == ["prepare_locked"], hops  # the stop ran on the event loop
     hops.clear()
     await lifecycle()
-    assert hops == [], hops  # the cgroup parents exist: no hop at all
+    assert waited() == [], hops  # the cgroup parents exist: no hop at all
+    hops.clear()
     await lifecycle(big_file=True)
-    assert hops == ["_release"], hops
+    assert waited() == ["_release"], hops
     assert host.snapshot() == before

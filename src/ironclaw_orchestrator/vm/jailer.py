@@ -176,6 +176,9 @@ async def start_with_jailer(
     version = cg.choose_version(layout, config.cgroup_version, _controllers(config))
     settings = cg.cgroup_settings(config, version, io_device)
     cgroups = cg.VmCgroups.plan(layout, version, config.jailer_id, settings, config.parent_cgroup)
+    # The jailer's move into its cgroups would wait an RCU grace period: let it pass now,
+    # in a thread, while the VM is prepared (see cgroups.warmup).
+    cg.warm_migration_lock(layout, cgroups.fs)
     if config.new_pid_ns:
         become_subreaper()
 

@@ -31,6 +31,7 @@ from .limits import CgroupSetting, cgroup_settings, cpu_shares, jailer_can_pass,
 from .lock import DEFAULT_LOCK_PATH, HostLock
 from .stats import CgroupStats, IoStat
 from .tree import UNIFIED, VmCgroups
+from .warmup import warm_migration_lock
 
 __all__ = [
     "DEFAULT_LOCK_PATH",
@@ -53,5 +54,6 @@ __all__ = [
     "parse_mountinfo",
     "parse_proc_cgroup",
     "release_chains",
+    "warm_migration_lock",
     "whole_disk",
 ]
