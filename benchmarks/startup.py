@@ -14,6 +14,10 @@ thread, bind-mounted under /run/netns, ``lo`` down as ``ip netns add`` leaves it
 it to the jailer with ``--netns``: ironclaw / raw+netns compares the same isolation,
 ironclaw / raw is an upper bound on what ironclaw adds.
 
+The contenders alternate in a rotating order, each lifecycle (and each batch) after a
+``--gap-ms`` pause: the first cgroup migration after a quiet spell waits an RCU grace period
+(~8 ms), so a run right after another contender's would otherwise inherit its kernel state.
+
 Phases per lifecycle: ``ready`` (spawn -> API answering and pre-configured), ``boot`` (InstanceStart
 -> guest exit reaped), ``cleanup``, ``total``. Then 16 lifecycles at once (VMs/s), orchestrator
 CPU per lifecycle, orchestrator RSS per live VM, VMM RSS, and the CLI's whole-process wall time.
@@ -344,18 +348,24 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             for run in contenders.values():
                 await run()
         seq: dict[str, list[Sample]] = {who: [] for who in contenders}
-        for _ in range(args.runs):  # interleaved, so drift hits all alike
-            for who, run in contenders.items():
-                seq[who].append(await run())
+        names = list(contenders)
+        for i in range(args.runs):
+            # Interleaved, so drift hits all alike; the order rotates and each lifecycle
+            # begins after a pause, so none inherits another's kernel state (a cgroup
+            # migration just before makes the jailer's own one skip an RCU grace period).
+            for who in names[i % len(names) :] + names[: i % len(names)]:
+                await asyncio.sleep(args.gap_ms / 1000)
+                seq[who].append(await contenders[who]())
         phases = {
             who: {k: _stats([s[k] for s in samples]) for k in ("ready", "boot", "cleanup", "total")}
             for who, samples in seq.items()
         }
         result["sequential_s"] = phases
         conc: dict[str, list[dict[str, float]]] = {who: [] for who in contenders}
-        for _ in range(args.batches):
-            for who, run in contenders.items():
-                conc[who].append(await concurrent(run, args.concurrency, 1))
+        for i in range(args.batches):
+            for who in names[i % len(names) :] + names[: i % len(names)]:
+                await asyncio.sleep(args.gap_ms / 1000)
+                conc[who].append(await concurrent(contenders[who], args.concurrency, 1))
         result["concurrent"] = {
             who: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             for who, rows in conc.items()
@@ -413,6 +423,9 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument(
+        "--gap-ms", type=float, default=50.0, help="pause before each lifecycle or batch"
+    )
     parser.add_argument("--cli-runs", type=int, default=10)
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI wall-time figures")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
