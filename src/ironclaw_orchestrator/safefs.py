@@ -4,8 +4,8 @@ We run as root and remove whole trees (jail directories, run directories). If an
 of such a path could be swapped by another user for a symlink, ``rmtree`` would delete the
 link's target. So the parent is opened refusing a symlink in any component (``openat2``
 ``RESOLVE_NO_SYMLINKS``, else ``O_NOFOLLOW`` one component at a time), the tree is removed
-relative to directory fds (:func:`remove_tree_at`: no symlink followed, no mount crossed,
-no recursion), and directories are created under a temporary name, then renamed into place
+relative to directory fds (:mod:`.safetree`: no symlink followed, no mount crossed, no
+recursion), and directories are created under a temporary name, then renamed into place
 with ``RENAME_NOREPLACE`` so they appear complete (with their marker) or not at all.
 """
 
@@ -18,20 +18,19 @@ import os
 import stat
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError, HostError
 
 __all__ = [
-    "OverBudget",
-    "RemovalBudget",
     "check_not_swappable",
     "check_run_root",
+    "open_dir_fd_nofollow",
     "open_dir_nofollow",
+    "open_subdir_nofollow",
     "rename_noreplace",
     "replace_file",
-    "rmtree_nofollow",
     "swappable_reason",
 ]
 
@@ -47,14 +46,15 @@ def open_dir_nofollow(path: Path) -> Iterator[int]:
 
     Raises ``OSError`` (ELOOP / ENOTDIR) if any component is a symlink or not a directory.
     """
-    fd = _open_dir_path(path)
+    fd = open_dir_fd_nofollow(path)
     try:
         yield fd
     finally:
         os.close(fd)
 
 
-def _open_dir_path(path: Path) -> int:
+def open_dir_fd_nofollow(path: Path) -> int:
+    """:func:`open_dir_nofollow` as a bare fd (the caller closes it)."""
     if not path.is_absolute():
         raise ValueError(f"{path} is not absolute")
     if ".." in path.parts or "." in path.parts:
@@ -91,205 +91,9 @@ def _open_dir_path(path: Path) -> int:
     return fd
 
 
-def rmtree_nofollow(
-    path: Path,
-    last: str | None = None,
-    expected: tuple[str, ...] = (),
-    budget: RemovalBudget | None = None,
-) -> bool:
-    """Remove the directory tree ``path``; ``False`` if it did not exist.
-
-    No component of ``path`` (nor anything inside) is followed if it is a symlink: a path
-    whose parent was swapped for a symlink raises ``OSError`` instead of deleting elsewhere.
-    Nothing on another mount is touched: a mount point inside the tree (or the tree itself
-    being one) raises ``OSError`` (EXDEV) before anything below it is removed. See
-    :func:`remove_tree_at` for what a hostile owner of files inside can and cannot do.
-    ``last``, an entry of ``path``, goes last (a marker saying whose the tree is, so that a
-    removal cut short still reads as ours). ``expected`` names the files ``path`` usually
-    holds: they are unlinked first, and if that empties it, it is removed without a listing.
-    ``budget`` bounds the work (see :class:`RemovalBudget`).
-    """
-    try:
-        parent = _open_dir_path(path.parent)
-    except FileNotFoundError:
-        return False
-    try:
-        return remove_tree_at(parent, path.name, last, expected, budget)
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
-    finally:
-        os.close(parent)
-
-
-class RemovalBudget:
-    """How much a removal run on the event loop may do: file data freed (the cost that
-    grows: the kernel frees each cached page of a file's last name) and entries.
-
-    Each entry is charged before it is removed (a regular file with one link: one
-    ``lstat``); one over the budget raises :class:`OverBudget` with it and the rest left in
-    place, for a removal without a budget (in a thread) to finish. A hostile VMM that
-    filled its jail then costs the event loop at most the budget, never the whole tree.
-    """
-
-    __slots__ = ("bytes_left", "entries_left")
-
-    def __init__(self, max_bytes: int, max_entries: int) -> None:
-        self.bytes_left = max_bytes
-        self.entries_left = max_entries
-
-    def charge(self, dir_fd: int, name: str, is_dir: bool) -> None:
-        self.entries_left -= 1
-        if not is_dir:
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                self.bytes_left -= st.st_blocks * 512
-        if self.bytes_left < 0 or self.entries_left < 0:
-            raise OverBudget(name)
-
-
-class OverBudget(Exception):
-    """A budgeted removal stopped at this entry: the rest is for one without a budget."""
-
-
-#: Deeper than this, a subtree is moved up to the top directory and taken later: removal
-#: needs at most this many fds and no recursion, however deep a hostile tree is.
-MAX_REMOVE_DEPTH = 32
-
-
-def remove_tree_at(
-    parent_fd: int,
-    name: str,
-    last: str | None = None,
-    expected: tuple[str, ...] = (),
-    budget: RemovalBudget | None = None,
-) -> bool:
-    """Remove the directory ``name`` in ``parent_fd`` and all in it; ``False`` if absent.
-
-    Built for trees whose files belong to someone hostile (a VMM's chroot): each directory
-    is opened by one name relative to its parent's fd with ``O_NOFOLLOW`` (and, where the
-    kernel has ``openat2``, ``RESOLVE_NO_XDEV``), everything else is only unlinked, never
-    opened: a symlink is removed as a link, a hard link as a name (its inode and other
-    names stay), a fifo or device node without being opened. An entry swapped for another
-    kind between listing and removal is taken as what it now is. The walk is iterative and
-    moves subtrees deeper than ``MAX_REMOVE_DEPTH`` up to the top directory (a rename within
-    the tree), so a deep tree costs neither recursion nor fds.
-
-    Per directory: one open, one listing (``scandir``'s ``d_type``, no stat per entry), one
-    ``rmdir``; per other entry one ``unlink`` (and with a ``budget``, one ``lstat``).
-    """
-    try:
-        top = _open_subdir(parent_fd, name)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise OSError(exc.errno, "not a directory (a symlink?), not removed") from None
-        raise
-    # (fd of the directory's parent, its name there, its own fd, entries left to remove)
-    stack: list[tuple[int, str, int, list[tuple[str, bool]]]] = []
-    try:
-        try:
-            emptied = False
-            if expected:
-                _unlink_expected(top, expected, budget)
-                emptied = last is None and _rmdir_if_empty(parent_fd, name)
-            entries = [] if emptied else _entries(top)
-        except BaseException:
-            os.close(top)
-            raise
-        if emptied:
-            os.close(top)
-            return True
-        if last is not None:  # popped from the end: put it first
-            entries.sort(key=lambda e: e[0] != last)
-        stack.append((parent_fd, name, top, entries))
-        moved = 0
-        while stack:
-            fd, entries = stack[-1][2], stack[-1][3]
-            if not entries:
-                parent, dname, _, _ = stack.pop()
-                os.close(fd)
-                with suppress(FileNotFoundError):
-                    os.rmdir(dname, dir_fd=parent)
-                continue
-            child, is_dir = entries[-1]
-            if budget is not None:
-                budget.charge(fd, child, is_dir)  # raises with the entry still listed
-            entries.pop()
-            if not is_dir:
-                try:
-                    os.unlink(child, dir_fd=fd)
-                    continue
-                except FileNotFoundError:
-                    continue
-                except IsADirectoryError:
-                    pass  # a directory now: taken below
-            if len(stack) >= MAX_REMOVE_DEPTH:
-                while True:
-                    moved += 1
-                    up = f".ironclaw-rm-{moved}"
-                    try:
-                        os.rename(child, up, src_dir_fd=fd, dst_dir_fd=top)
-                        break
-                    except OSError as exc:  # the name is taken: try the next
-                        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
-                            raise
-                stack[0][3].append((up, True))
-                continue
-            try:
-                sub = _open_subdir(fd, child)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise
-                with suppress(FileNotFoundError):  # a symlink or file now: removed as such
-                    os.unlink(child, dir_fd=fd)
-                continue
-            try:
-                stack.append((fd, child, sub, _entries(sub)))
-            except BaseException:
-                os.close(sub)
-                raise
-    finally:
-        for _, _, fd, _ in stack:
-            os.close(fd)
-    return True
-
-
-def _unlink_expected(fd: int, expected: tuple[str, ...], budget: RemovalBudget | None) -> None:
-    for entry in expected:
-        if budget is not None:
-            budget.charge(fd, entry, False)
-        with suppress(FileNotFoundError, IsADirectoryError):  # a directory: the walk's
-            os.unlink(entry, dir_fd=fd)
-
-
-def _rmdir_if_empty(parent_fd: int, name: str) -> bool:
-    try:
-        os.rmdir(name, dir_fd=parent_fd)
-    except FileNotFoundError:
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            return False
-        raise
-    return True
-
-
-def _entries(fd: int) -> list[tuple[str, bool]]:
-    """``(name, is a directory)`` for each entry (from ``d_type``: no stat per entry)."""
-    with os.scandir(fd) as it:
-        return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-
-
-def _open_subdir(dir_fd: int, name: str) -> int:
-    """Open the directory ``name`` (one component) in ``dir_fd``: no symlink, no mount."""
+def open_subdir_nofollow(dir_fd: int, name: str) -> int:
+    """Open the directory ``name`` (one component) in ``dir_fd``: no symlink, no mount
+    (``OSError`` EXDEV says it is a mount point, ELOOP / ENOTDIR a symlink or a file)."""
     if _HAVE_OPENAT2:
         try:
             return _openat2(dir_fd, name, _RESOLVE_SUBDIR)

@@ -12,12 +12,8 @@ import pytest
 
 from ironclaw_orchestrator import names
 from ironclaw_orchestrator.errors import ChrootBaseError, CleanupError, ConfigError
-from ironclaw_orchestrator.safefs import (
-    check_not_swappable,
-    check_run_root,
-    rmtree_nofollow,
-    swappable_reason,
-)
+from ironclaw_orchestrator.safefs import check_not_swappable, check_run_root, swappable_reason
+from ironclaw_orchestrator.safetree import rmtree_nofollow
 from ironclaw_orchestrator.vm import cleanup
 from ironclaw_orchestrator.vm import netns as ns
 from ironclaw_orchestrator.vm.resources import JailResources

@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pidfd",
             "procfs",
             "safefs",
+            "safetree",
             "version",
             "vm.cmdline",
             "vm.seccomp",
@@ -123,6 +124,7 @@ SIDEWAYS = frozenset(
         ("vm.config", "vm.jailer_config"),
         ("vm.jailer_config", "vm.config_rules"),
         ("vm.consoleread", "vm.consolelog"),  # reads what the console writer wrote
+        ("safetree", "safefs"),  # a hostile tree is walked with safefs's symlink-safe opens
     }
 )
 UI_LIBRARIES = ("typer", "rich")

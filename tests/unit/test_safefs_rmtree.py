@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ironclaw_orchestrator import names, safefs
+from ironclaw_orchestrator import names, safefs, safetree
 from ironclaw_orchestrator.vm import cleanup
 
 
@@ -86,20 +86,22 @@ def test_a_deep_tree_needs_no_recursion_and_few_fds(tmp_path: Path) -> None:
         os.close(fd)
     open_fds = len(os.listdir("/proc/self/fd"))
     peak = [0]
-    real_entries = safefs._entries
+    real_entries = safetree._entries
 
     def watching(fd: int) -> list[tuple[str, bool]]:
         peak[0] = max(peak[0], len(os.listdir("/proc/self/fd")) - open_fds)
         return real_entries(fd)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(safefs, "_entries", watching)
+    mp.setattr(safetree, "_entries", watching)
     try:
-        assert safefs.rmtree_nofollow(top) is True
+        assert safetree.rmtree_nofollow(top) is True
     finally:
         mp.undo()
+        # pytest removes old temp dirs with shutil.rmtree, which a tree this deep breaks
+        safetree.rmtree_nofollow(top)
     assert not os.path.lexists(top)
-    assert peak[0] <= safefs.MAX_REMOVE_DEPTH + 3  # + the parent, scandir's dup, listdir
+    assert peak[0] <= safetree.MAX_REMOVE_DEPTH + 3  # + the parent, scandir's dup, listdir
 
 
 def test_entries_swapped_after_listing_are_taken_as_what_they_are(
@@ -111,7 +113,7 @@ def test_entries_swapped_after_listing_are_taken_as_what_they_are(
     top = tmp_path / "t"
     (top / "was_dir").mkdir(parents=True)
     (top / "was_file").write_text("x")
-    real_entries = safefs._entries
+    real_entries = safetree._entries
 
     def swapping(fd: int) -> list[tuple[str, bool]]:
         listed = real_entries(fd)
@@ -123,8 +125,8 @@ def test_entries_swapped_after_listing_are_taken_as_what_they_are(
             (top / "was_file" / "inner").write_text("x")
         return listed
 
-    monkeypatch.setattr(safefs, "_entries", swapping)
-    safefs.rmtree_nofollow(top)
+    monkeypatch.setattr(safetree, "_entries", swapping)
+    safetree.rmtree_nofollow(top)
     assert not os.path.lexists(top)
     assert data.read_text() == "keep" and sorted(p.name for p in precious.iterdir()) == ["data"]
 
@@ -228,7 +230,7 @@ def test_without_openat2_the_walk_is_as_safe(
     base.mkdir()
     (base / "fc").symlink_to(precious)
     with pytest.raises(OSError):
-        safefs.rmtree_nofollow(base / "fc" / "data")
+        safetree.rmtree_nofollow(base / "fc" / "data")
     assert data.read_text() == "keep"
 
 
@@ -246,12 +248,12 @@ def test_a_mount_inside_is_refused_and_nothing_below_it_removed(tmp_path: Path) 
     subprocess.run(["mount", "--bind", str(precious), str(mnt)], check=True)
     try:
         with pytest.raises(OSError) as info:
-            safefs.rmtree_nofollow(top)
+            safetree.rmtree_nofollow(top)
         assert info.value.errno == errno.EXDEV and "mount point" in str(info.value)
         assert data.read_text() == "keep"
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
-    safefs.rmtree_nofollow(top)
+    safetree.rmtree_nofollow(top)
     assert not os.path.lexists(top) and data.read_text() == "keep"
 
 
@@ -312,8 +314,8 @@ def test_a_budget_stops_before_a_big_file_and_a_full_removal_finishes(tmp_path: 
     jail = _hostile_jail(tmp_path, precious, data)
     big = jail / "root" / "mem"
     big.write_bytes(b"x" * (1 << 20))
-    with pytest.raises(safefs.OverBudget):
-        cleanup.remove_jail_tree(jail, safefs.RemovalBudget(1 << 20, 1000))
+    with pytest.raises(safetree.OverBudget):
+        cleanup.remove_jail_tree(jail, safetree.RemovalBudget(1 << 20, 1000))
     assert big.exists() and (jail / names.JAIL_MARKER).exists()
     cleanup.remove_jail_tree(jail)
     assert not jail.exists() and data.read_text() == "keep"
@@ -331,16 +333,16 @@ def test_a_budget_charges_data_freed_and_entries(tmp_path: Path) -> None:
     with open(tree / "sparse", "wb") as f:
         f.truncate(1 << 30)
     os.symlink(image, tree / "link")
-    assert safefs.rmtree_nofollow(tree, budget=safefs.RemovalBudget(64 << 10, 4)) is True
+    assert safetree.rmtree_nofollow(tree, budget=safetree.RemovalBudget(64 << 10, 4)) is True
     assert image.stat().st_size == 4 << 20
     many = tmp_path / "many"
     many.mkdir()
     for i in range(10):
         (many / str(i)).write_text("")
-    with pytest.raises(safefs.OverBudget):
-        safefs.rmtree_nofollow(many, budget=safefs.RemovalBudget(1 << 20, 5))
+    with pytest.raises(safetree.OverBudget):
+        safetree.rmtree_nofollow(many, budget=safetree.RemovalBudget(1 << 20, 5))
     assert len(os.listdir(many)) == 5
-    safefs.rmtree_nofollow(many)
+    safetree.rmtree_nofollow(many)
     assert not many.exists()
 
 
@@ -349,6 +351,8 @@ def test_a_budget_counts_expected_files(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "console.log").write_bytes(b"x" * (1 << 20))
-    with pytest.raises(safefs.OverBudget):
-        safefs.rmtree_nofollow(run, expected=("console.log",), budget=safefs.RemovalBudget(4096, 9))
+    with pytest.raises(safetree.OverBudget):
+        safetree.rmtree_nofollow(
+            run, expected=("console.log",), budget=safetree.RemovalBudget(4096, 9)
+        )
     assert (run / "console.log").exists()

@@ -19,7 +19,8 @@ from .. import names, procfs
 from .. import pidfd as pidfds
 from ..errors import ConfigError
 from ..fsflags import spread_subdirs, spread_subdirs_once
-from ..safefs import RemovalBudget, rename_noreplace, rmtree_nofollow
+from ..safefs import rename_noreplace
+from ..safetree import RemovalBudget, rmtree_nofollow
 from .rundir import CONSOLE_LOG as RUN_DIR_CONSOLE_LOG
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CleanupError
-from ..safefs import RemovalBudget
+from ..safetree import RemovalBudget
 from . import cgroups as cg
 from . import cleanup
 from .staging import StagedFile

@@ -15,7 +15,7 @@ from ..errors import StagingError
 from ..fsflags import spread_subdirs, spread_subdirs_once
 from ..paths import RUN_DIR_ENV as RUN_DIR_ENV  # re-exported: importers use it from here
 from ..paths import default_run_dir
-from ..safefs import rmtree_nofollow
+from ..safetree import rmtree_nofollow
 
 DEFAULT_RUN_DIR = Path("/run/ironclaw")  # root's default; see ironclaw_orchestrator.paths
 CONSOLE_LOG = "console.log"
