@@ -358,7 +358,7 @@ def test_real_migration_warm_up_is_taken_and_moves_nothing() -> None:
     thread of this process stays in the cgroups it was in, in every hierarchy."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ironclaw_orchestrator.vm.cgroups import CgroupFs, warmup
+    from ironclaw_orchestrator.vm.cgroups import CgroupFs, CgroupLayout, warmup
 
     def where() -> dict[str, str]:
         return {
@@ -366,8 +366,22 @@ def test_real_migration_warm_up_is_taken_and_moves_nothing() -> None:
             for tid in os.listdir("/proc/self/task")
         }
 
+    layout = detect_layout()
+    layouts = [layout]
+    if layout.unified_mount is not None:  # hybrid: the v2 path too, on the real cgroup2 mount
+        layouts.append(
+            CgroupLayout(
+                mode="v2",
+                v1_mounts={},
+                unified_mount=layout.unified_mount,
+                unified_controllers=layout.unified_controllers,
+                own_paths={"": layout.own_paths.get("", "/")},
+                mount_roots=layout.mount_roots,
+            )
+        )
     with ThreadPoolExecutor(1) as pool:
         pool.submit(lambda: None).result()  # the worker exists before the snapshot
         before = where()
-        assert pool.submit(warmup.migrate_in_place, detect_layout(), CgroupFs()).result()
-        assert where() == before
+        for each in layouts:
+            assert pool.submit(warmup.migrate_in_place, each, CgroupFs()).result()
+            assert where() == before
