@@ -72,8 +72,8 @@ class RemovalBudget:
             try:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
-                return
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                st = None  # gone: nothing to free
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 self.bytes_left -= st.st_blocks * 512
         if self.bytes_left < 0 or self.entries_left < 0:
             raise OverBudget(name)
@@ -125,7 +125,7 @@ def remove_tree_at(
             if expected:
                 _unlink_expected(top, expected, budget)
                 emptied = last is None and _rmdir_if_empty(parent_fd, name)
-            entries = [] if emptied else _entries(top)
+            entries = [] if emptied else _entries(top, budget)
         except BaseException:
             os.close(top)
             raise
@@ -175,11 +175,13 @@ def remove_tree_at(
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
+                if budget is not None:  # listed as a directory, charged as what it is now
+                    budget.charge(fd, child, False)
                 with suppress(FileNotFoundError):  # a symlink or file now: removed as such
                     os.unlink(child, dir_fd=fd)
                 continue
             try:
-                stack.append((fd, child, sub, _entries(sub)))
+                stack.append((fd, child, sub, _entries(sub, budget)))
             except BaseException:
                 os.close(sub)
                 raise
@@ -209,7 +211,14 @@ def _rmdir_if_empty(parent_fd: int, name: str) -> bool:
     return True
 
 
-def _entries(fd: int) -> list[tuple[str, bool]]:
-    """``(name, is a directory)`` for each entry (from ``d_type``: no stat per entry)."""
+def _entries(fd: int, budget: RemovalBudget | None = None) -> list[tuple[str, bool]]:
+    """``(name, is a directory)`` for each entry (from ``d_type``: no stat per entry). With a
+    budget, a directory holding more names than it has left is not listed to its end."""
+    limit = None if budget is None else max(budget.entries_left, 0)
+    out: list[tuple[str, bool]] = []
     with os.scandir(fd) as it:
-        return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for e in it:
+            if limit is not None and len(out) >= limit:
+                raise OverBudget(e.name)
+            out.append((e.name, e.is_dir(follow_symlinks=False)))
+    return out

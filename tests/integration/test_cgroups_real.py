@@ -354,34 +354,61 @@ def test_real_a_killed_process_s_chain_is_removed_by_gc(vm_id: str) -> None:
 
 
 def test_real_migration_warm_up_is_taken_and_moves_nothing() -> None:
-    """The start's warm-up migration (cgroups.warmup) on the real kernel: accepted, and every
-    thread of this process stays in the cgroups it was in, in every hierarchy."""
+    """The start's warm-up migration (cgroups.warmup) on the real kernel, v1: accepted, and
+    every thread of this process stays in the cgroups it was in, in every hierarchy."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ironclaw_orchestrator.vm.cgroups import CgroupFs, CgroupLayout, warmup
+    from ironclaw_orchestrator.vm.cgroups import CgroupFs, warmup
 
-    def where() -> dict[str, str]:
-        return {
-            tid: (Path("/proc/self/task") / tid / "cgroup").read_text()
-            for tid in os.listdir("/proc/self/task")
-        }
-
-    layout = detect_layout()
-    layouts = [layout]
-    if layout.unified_mount is not None:  # hybrid: the v2 path too, on the real cgroup2 mount
-        layouts.append(
-            CgroupLayout(
-                mode="v2",
-                v1_mounts={},
-                unified_mount=layout.unified_mount,
-                unified_controllers=layout.unified_controllers,
-                own_paths={"": layout.own_paths.get("", "/")},
-                mount_roots=layout.mount_roots,
-            )
-        )
     with ThreadPoolExecutor(1) as pool:
         pool.submit(lambda: None).result()  # the worker exists before the snapshot
-        before = where()
-        for each in layouts:
-            assert pool.submit(warmup.migrate_in_place, each, CgroupFs()).result()
-            assert where() == before
+        before = _threads_cgroups()
+        assert pool.submit(warmup.migrate_in_place, detect_layout(), CgroupFs()).result()
+        assert _threads_cgroups() == before
+
+
+def _threads_cgroups() -> dict[str, str]:
+    return {
+        tid: (Path("/proc/self/task") / tid / "cgroup").read_text()
+        for tid in os.listdir("/proc/self/task")
+    }
+
+
+_V2_CHILD = """
+import json, os, sys
+from pathlib import Path
+from ironclaw_orchestrator.vm.cgroups import CgroupFs, CgroupLayout, detect_layout, warmup
+cg = Path(sys.argv[1])
+(cg / "cgroup.procs").write_text(str(os.getpid()))  # into a v2 cgroup of its own
+real = detect_layout()
+v2 = CgroupLayout(mode="v2", v1_mounts={}, unified_mount=real.unified_mount,
+                  unified_controllers=real.unified_controllers,
+                  own_paths={"": real.own_paths[""]}, mount_roots=real.mount_roots)
+before = open("/proc/self/cgroup").read()
+ok = warmup.migrate_in_place(v2, CgroupFs())
+print(json.dumps({"ok": ok, "same": open("/proc/self/cgroup").read() == before,
+                  "procs": (cg / "cgroup.procs").read_text().split()}))
+"""
+
+
+def test_real_v2_migration_warm_up_in_a_domain_cgroup(tmp_path: Path) -> None:
+    """The v2 path on this host's real cgroup2 mount: a process in a domain cgroup of its own
+    moves into it again, and stays there."""
+    import json
+
+    layout = detect_layout()
+    if layout.unified_mount is None:
+        pytest.skip("no cgroup2 mount on this host")
+    cg = layout.unified_mount / f"ironclaw-test-warm-{secrets.token_hex(4)}"
+    cg.mkdir()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _V2_CHILD, str(cg)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        assert out["ok"] is True and out["same"] is True
+        assert len(out["procs"]) == 1
+    finally:
+        cg.rmdir()  # the child has exited: the cgroup is empty

@@ -72,7 +72,7 @@ def test_v1_inside_a_container_writes_where_the_mount_shows_it(tmp_path: Path) -
     assert fs.writes == []
 
 
-def test_v2_moves_the_process_only_in_a_domain_cgroup(tmp_path: Path) -> None:
+def test_v2_moves_the_process_only_in_a_plain_domain_cgroup(tmp_path: Path) -> None:
     layout, fs = v2_host(tmp_path)
     svc = tmp_path / "unified" / "svc"
     assert warmup.migrate_in_place(layout, fs, lambda: "0::/svc\n") is True
@@ -81,8 +81,11 @@ def test_v2_moves_the_process_only_in_a_domain_cgroup(tmp_path: Path) -> None:
     (svc / "cgroup.type").write_text("threaded\n")  # its threads may sit in several cgroups
     assert warmup.migrate_in_place(layout, fs, lambda: "0::/svc\n") is False
     assert fs.writes == []
-    assert warmup.migrate_in_place(layout, fs, lambda: "0::/\n") is True  # the root has no type
-    assert fs.writes == [(tmp_path / "unified" / "cgroup.procs", str(os.getpid()))]
+    (svc / "cgroup.type").write_text("domain threaded\n")  # a threaded subtree's domain
+    assert warmup.migrate_in_place(layout, fs, lambda: "0::/svc\n") is False
+    # The true root has no type file, and threaded children may hold our threads there.
+    assert warmup.migrate_in_place(layout, fs, lambda: "0::/\n") is False
+    assert fs.writes == []
 
 
 def test_a_host_that_refuses_changes_nothing_and_raises_nothing(tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def test_a_deep_tree_needs_no_recursion_and_few_fds(tmp_path: Path) -> None:
     peak = [0]
     real_entries = safetree._entries
 
-    def watching(fd: int) -> list[tuple[str, bool]]:
+    def watching(fd: int, budget: object = None) -> list[tuple[str, bool]]:
         peak[0] = max(peak[0], len(os.listdir("/proc/self/fd")) - open_fds)
         return real_entries(fd)
 
@@ -115,7 +115,7 @@ def test_entries_swapped_after_listing_are_taken_as_what_they_are(
     (top / "was_file").write_text("x")
     real_entries = safetree._entries
 
-    def swapping(fd: int) -> list[tuple[str, bool]]:
+    def swapping(fd: int, budget: object = None) -> list[tuple[str, bool]]:
         listed = real_entries(fd)
         if (top / "was_dir").is_dir() and not (top / "was_dir").is_symlink():
             (top / "was_dir").rmdir()
@@ -339,9 +339,9 @@ def test_a_budget_charges_data_freed_and_entries(tmp_path: Path) -> None:
     many.mkdir()
     for i in range(10):
         (many / str(i)).write_text("")
-    with pytest.raises(safetree.OverBudget):
+    with pytest.raises(safetree.OverBudget):  # more names than it may remove: none removed
         safetree.rmtree_nofollow(many, budget=safetree.RemovalBudget(1 << 20, 5))
-    assert len(os.listdir(many)) == 5
+    assert len(os.listdir(many)) == 10
     safetree.rmtree_nofollow(many)
     assert not many.exists()
 
@@ -356,3 +356,41 @@ def test_a_budget_counts_expected_files(tmp_path: Path) -> None:
             run, expected=("console.log",), budget=safetree.RemovalBudget(4096, 9)
         )
     assert (run / "console.log").exists()
+
+
+def test_a_budget_bounds_the_listing_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile VMM can fill a directory it owns (``<chroot>/run``) with millions of names:
+    a budgeted removal stops listing once the names exceed what it may remove, before it
+    has read them all (found by review: the whole directory was listed first)."""
+    tree = tmp_path / "jail"
+    (tree / "root").mkdir(parents=True)
+    for i in range(5000):
+        os.close(os.open(tree / "root" / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o600))
+    seen = [0]
+    real_scandir = safetree.os.scandir
+
+    class Counting:
+        def __init__(self, fd: int) -> None:
+            self.it = real_scandir(fd)
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.it.close()
+
+        def __iter__(self) -> Counting:
+            return self
+
+        def __next__(self) -> os.DirEntry[str]:
+            seen[0] += 1
+            return next(self.it)
+
+    monkeypatch.setattr(safetree.os, "scandir", Counting)
+    with pytest.raises(safetree.OverBudget):
+        safetree.rmtree_nofollow(tree, budget=safetree.RemovalBudget(1 << 20, 16))
+    assert seen[0] <= 32
+    monkeypatch.undo()
+    assert len(os.listdir(tree / "root")) == 5000
+    safetree.rmtree_nofollow(tree)
+    assert not tree.exists()

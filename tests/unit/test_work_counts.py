@@ -18,7 +18,7 @@ from standin_host import StandinHost, make_host
 
 from ironclaw_orchestrator import procfs
 from ironclaw_orchestrator.registry import Registry
-from ironclaw_orchestrator.vm import jailer_config, seccomp, start_firecracker
+from ironclaw_orchestrator.vm import jailer, jailer_config, seccomp, start_firecracker
 from ironclaw_orchestrator.vm.cgroups import VmCgroups
 from ironclaw_orchestrator.vm.config import JailerConfig
 from ironclaw_orchestrator.vm.process import ChildProcess
@@ -172,3 +172,25 @@ async def test_thread_hops_only_where_work_may_wait(
     await lifecycle(big_file=True)
     assert waited() == ["_release"], hops
     assert host.snapshot() == before
+
+
+async def test_the_migration_warm_up_begins_once_the_vm_cgroups_are_made(
+    host: StandinHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pending cgroup move holds the kernel's cgroup_mutex through an RCU grace period and
+    every cgroup mkdir needs it: warmed before the VM's cgroups were made, the start's own
+    mkdirs on the event loop would wait for it (found by review: 7 ms against 0.09 ms)."""
+    order: list[str] = []
+    real_prepare = VmCgroups.prepare_lock_free
+
+    def prepare(self: VmCgroups) -> bool:
+        order.append("cgroups")
+        return real_prepare(self)
+
+    monkeypatch.setattr(VmCgroups, "prepare_lock_free", prepare)
+    monkeypatch.setattr(jailer.cg, "warm_migration_lock", lambda *a, **k: order.append("warm"))
+    host.control(after_start="exit:0")
+    vm = await start_firecracker(host.vm_config(), registry=Registry(host.root / "state"),
+                                 ready_timeout_s=30)  # fmt: skip
+    await vm.stop()
+    assert order == ["cgroups", "warm"]

@@ -176,9 +176,6 @@ async def start_with_jailer(
     version = cg.choose_version(layout, config.cgroup_version, _controllers(config))
     settings = cg.cgroup_settings(config, version, io_device)
     cgroups = cg.VmCgroups.plan(layout, version, config.jailer_id, settings, config.parent_cgroup)
-    # The jailer's move into its cgroups would wait an RCU grace period: let it pass now,
-    # in a thread, while the VM is prepared (see cgroups.warmup).
-    cg.warm_migration_lock(layout, cgroups.fs)
     if config.new_pid_ns:
         become_subreaper()
 
@@ -213,6 +210,10 @@ async def start_with_jailer(
             netns = await steps.run(
                 _make_host_side, res, cgroups, config, tap, tap_host_cidr, uplink_subnet
             )
+        # The jailer's move into its cgroups would wait an RCU grace period: let it begin
+        # now, in a thread, while the jail is staged (see cgroups.warmup). Not earlier: the
+        # pending move holds the kernel's cgroup_mutex, which our cgroup mkdirs need too.
+        cg.warm_migration_lock(layout, cgroups.fs)
         config.chroot_dir.mkdir(mode=0o755)
         for f in files:
             res.staged.append(

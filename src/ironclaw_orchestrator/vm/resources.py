@@ -56,8 +56,9 @@ class JailResources:
         cannot wait on another process or grow with the guest is done here: the VM's own
         cgroup directories when no lock or drain is needed, the namespace when it has no
         tap or uplink (those go by netlink), and the jail and run directories within
-        ``INLINE_REMOVAL_*``. ``False`` at the first step that does not fit (or fails), with
-        what is done marked done: :meth:`release` (in a thread) does the rest and reports.
+        ``INLINE_REMOVAL_*``. ``False`` at the first step that does not fit (or fails): what
+        is done is marked done or safe to redo, and :meth:`release` (in a thread) does the rest
+        and reports.
         """
         if (self.jail_dir is not None and self.vmm_unknown) or self.tap is not None or self.uplink:
             return False
