@@ -278,6 +278,7 @@ async def test_start_cancelled_twice_while_a_thread_step_runs_leaves_nothing(
         go.wait(10)
         real_prepare(self)
 
+    monkeypatch.setattr(jailer.cg, "warm_migration_lock", lambda *a, **k: None)
     monkeypatch.setattr(jailer.cg.VmCgroups, "prepare_lock_free", lambda self: False)
     monkeypatch.setattr(jailer.cg.VmCgroups, "prepare_locked", slow_prepare)
     task = asyncio.ensure_future(

@@ -125,3 +125,20 @@ async def test_one_warm_up_per_window_in_a_worker_thread(
     assert len(threads) == 2 and threading.get_native_id() not in threads
     assert len(fs.writes) == 2
     await asyncio.sleep(0)
+
+
+async def test_a_jailer_just_spawned_keeps_the_lock_warm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a burst, each jailer moves itself into its cgroups within a few ms of its spawn:
+    the next starts need no warm-up (and so no thread hop for their cgroups)."""
+    layout, fs = v1_host(tmp_path)
+    monkeypatch.setattr(warmup, "_last_warm", -1.0)
+    clock = [500.0]
+    monkeypatch.setattr(warmup.time, "monotonic", lambda: clock[0])
+    warmup.migration_coming()
+    clock[0] += warmup.WARM_WINDOW_S / 2
+    assert warmup.warm_migration_lock(layout, fs, read_own=lambda: "4:cpu:/svc\n") is None
+    clock[0] += warmup.WARM_WINDOW_S
+    later = warmup.warm_migration_lock(layout, fs, read_own=lambda: "4:cpu:/svc\n")
+    assert later is not None and await later is True

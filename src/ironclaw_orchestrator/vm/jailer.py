@@ -176,6 +176,9 @@ async def start_with_jailer(
     version = cg.choose_version(layout, config.cgroup_version, _controllers(config))
     settings = cg.cgroup_settings(config, version, io_device)
     cgroups = cg.VmCgroups.plan(layout, version, config.jailer_id, settings, config.parent_cgroup)
+    # The jailer's move into its cgroups would wait an RCU grace period: let it pass now, in
+    # a thread, while the VM is prepared (see cgroups.warmup).
+    warming = cg.warm_migration_lock(layout, cgroups.fs)
     if config.new_pid_ns:
         become_subreaper()
 
@@ -203,17 +206,16 @@ async def start_with_jailer(
             # at each system call of the thread). The cgroups' locked path may wait for
             # another process: that one goes to a thread.
             netns = _make_namespace(res, config, None, None, None)
-            if not cgroups.prepare_lock_free():
+            if warming is not None and not warming.done():
+                # Our pending move holds cgroup_mutex: the mkdirs wait for it in a thread.
+                await steps.run(cgroups.prepare)
+            elif not cgroups.prepare_lock_free():
                 await steps.run(cgroups.prepare_locked)
         else:
             # One thread step (one hop off the event loop and back, not one per resource).
             netns = await steps.run(
                 _make_host_side, res, cgroups, config, tap, tap_host_cidr, uplink_subnet
             )
-        # The jailer's move into its cgroups would wait an RCU grace period: let it begin
-        # now, in a thread, while the jail is staged (see cgroups.warmup). Not earlier: the
-        # pending move holds the kernel's cgroup_mutex, which our cgroup mkdirs need too.
-        cg.warm_migration_lock(layout, cgroups.fs)
         config.chroot_dir.mkdir(mode=0o755)
         for f in files:
             res.staged.append(
@@ -237,6 +239,7 @@ async def start_with_jailer(
         log.debug("VM %s: %s", config.jailer_id, " ".join(argv))
         res.vmm_unknown = config.new_pid_ns
         process = ChildProcess.spawn(argv, stdout_fd=pump.write_fd)
+        cg.migration_coming()  # the jailer moves itself into its cgroups: the lock stays warm
         pump.child_started()
         pump.attach()
         if config.new_pid_ns:

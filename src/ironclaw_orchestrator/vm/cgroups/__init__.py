@@ -31,7 +31,7 @@ from .limits import CgroupSetting, cgroup_settings, cpu_shares, jailer_can_pass,
 from .lock import DEFAULT_LOCK_PATH, HostLock
 from .stats import CgroupStats, IoStat
 from .tree import UNIFIED, VmCgroups
-from .warmup import warm_migration_lock
+from .warmup import migration_coming, warm_migration_lock
 
 __all__ = [
     "DEFAULT_LOCK_PATH",
@@ -51,6 +51,7 @@ __all__ = [
     "disk_device_for",
     "jailer_can_pass",
     "jailer_cgroup_args",
+    "migration_coming",
     "parse_mountinfo",
     "parse_proc_cgroup",
     "release_chains",

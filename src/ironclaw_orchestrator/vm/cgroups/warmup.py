@@ -8,23 +8,23 @@ cgroups with ``favordynmods``). For a lone start that first writer is the jailer
 itself into the VM's cgroups: more than half of its own start-up.
 
 So a start begins a migration of its own in a worker thread as soon as the VM's cgroups are
-made: the thread sleeps through the grace period while the start stages the jail and the
-jailer starts, and the jailer's move waits only for what is left of it (spawn -> ready 21.3
--> 17.5 ms sequential here). The move is a no-op: on v1 the worker thread moves itself (its
-``tasks`` entry) into the cgroup it is in, so no other thread can be affected; on v2, where
-only whole processes move, the process moves into the cgroup it is in, and only in a plain
-``domain`` cgroup (not the root, not a threaded one: either may hold its threads in
-several). Both read the thread's cgroup from ``/proc/thread-self/cgroup`` right before
-writing; an administrator moving the orchestrator in the microseconds between would see that
-one worker thread (v1) or the process (v2) put back. At most one warm-up per
-``WARM_WINDOW_S``: a burst of starts keeps the lock ready by itself. Best effort: any
-failure is logged at debug level and changes nothing.
+planned: the thread sleeps through the grace period while the start claims its directories
+and makes its namespace, and the jailer's move finds the lock ready. The move is a no-op: on
+v1 the worker thread moves itself (its ``tasks`` entry) into the cgroup it is in, so no
+other thread can be affected; on v2, where only whole processes move, the process moves into
+the cgroup it is in, and only in a plain ``domain`` cgroup (not the root, not a threaded
+one: either may hold its threads in several). Both read the thread's cgroup from
+``/proc/thread-self/cgroup`` right before writing; an administrator moving the orchestrator
+in the microseconds between would see that one worker thread (v1) or the process (v2) put
+back. At most one warm-up per ``WARM_WINDOW_S``: a burst of starts keeps the lock ready by
+itself. Best effort: any failure is logged at debug level and changes nothing.
 
 A pending move holds the kernel's ``cgroup_mutex`` through the grace period, and every
-cgroup ``mkdir``/``rmdir`` needs it: so a start warms the lock only once its own cgroups are
-made (it then stages the jail and spawns the jailer meanwhile), and a stop's ``rmdir`` on
-the event loop can wait out the rest of a grace period when a start or a jailer elsewhere
-is moving a task at that moment (never while the lock is already warm).
+cgroup ``mkdir``/``rmdir`` needs it: so a start that warms the lock makes its own cgroups in
+a worker thread (which waits there, not the event loop), then stages the jail and spawns
+the jailer. A burst of starts warms it once: each jailer's spawn counts as a move to come.
+A stop's ``rmdir`` on the event loop can still wait out the rest of a grace period when a
+cold start or a jailer elsewhere is moving a task at that moment.
 """
 
 from __future__ import annotations
@@ -40,14 +40,21 @@ from pathlib import Path
 from .fs import CgroupFs, read_optional
 from .layout import CgroupLayout, parse_proc_cgroup
 
-__all__ = ["WARM_WINDOW_S", "migrate_in_place", "warm_migration_lock"]
+__all__ = ["WARM_WINDOW_S", "migrate_in_place", "migration_coming", "warm_migration_lock"]
 
 log = logging.getLogger(__name__)
 
-#: A migration keeps the lock ready for 10-20 ms: no second warm-up within this.
+#: A migration keeps the lock ready for 10-20 ms: no warm-up within this of the last one,
+#: or of a jailer's spawn (it moves itself into its cgroups within a few ms).
 WARM_WINDOW_S = 0.010
 
 _last_warm = -1.0
+
+
+def migration_coming() -> None:
+    """A jailer was just spawned: its own move keeps the lock warm for the next starts."""
+    global _last_warm
+    _last_warm = time.monotonic()
 
 
 def _thread_cgroup() -> str:
@@ -61,8 +68,9 @@ def warm_migration_lock(
     *,
     read_own: Callable[[], str] = _thread_cgroup,
 ) -> asyncio.Future[bool] | None:
-    """Start a no-op migration in a worker thread, unless one started within
-    ``WARM_WINDOW_S``; its future says whether it moved (``None``: none started)."""
+    """Start a no-op migration in a worker thread, unless one started (or a jailer was
+    spawned) within ``WARM_WINDOW_S``; its future says whether it moved (``None``: none
+    started). Until it is done, cgroup ``mkdir``/``rmdir`` wait for it: not on the event loop."""
     global _last_warm
     now = time.monotonic()
     if 0 <= now - _last_warm < WARM_WINDOW_S:
