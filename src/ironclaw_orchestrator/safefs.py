@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError, HostError
+from .libc import libc
 
 __all__ = [
     "check_not_swappable",
@@ -127,7 +128,7 @@ _HAVE_OPENAT2 = sys.platform == "linux"
 def _openat2(dir_fd: int, path: str, resolve: int) -> int:
     """``openat2(2)`` of a directory; ``OSError`` (ENOSYS on kernels before 5.6)."""
     how = _HOWS[resolve]
-    fd: int = _libc().syscall(
+    fd: int = libc().syscall(
         ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(dir_fd), ctypes.c_char_p(os.fsencode(path)),
         ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
     )  # fmt: skip
@@ -144,17 +145,12 @@ def _disable_openat2() -> None:
     _HAVE_OPENAT2 = False
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def rename_noreplace(src: Path | str, dst: Path | str) -> None:
     """Rename ``src`` to ``dst``, failing with ``FileExistsError`` if ``dst`` exists.
 
     Plain ``rename`` would silently replace an empty directory at ``dst``.
     """
-    res = _libc().renameat2(
+    res = libc().renameat2(
         _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE
     )
     if res != 0:
@@ -172,14 +168,14 @@ def replace_file(src: Path | str, dst: Path | str) -> None:
     (the new contents surviving a power loss) the callers either do not need or get from
     ``fsync``. Falls back to ``os.replace`` where the filesystem cannot swap.
     """
-    res = _libc().renameat2(
+    res = libc().renameat2(
         _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_EXCHANGE
     )
     if res == 0:
         try:
             os.unlink(src)  # now the old file
         except IsADirectoryError:  # dst was a directory: undo, refuse as os.replace does
-            _libc().renameat2(
+            libc().renameat2(
                 _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_EXCHANGE
             )
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(dst)) from None

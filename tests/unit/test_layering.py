@@ -26,6 +26,7 @@ ROOT = Path(ironclaw_orchestrator.__file__).parent
 
 #: Lowest layer first; components are module names relative to the package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("libc", ("libc",)),
     ("errors", ("errors",)),
     (
         "primitives",

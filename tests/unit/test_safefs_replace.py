@@ -68,7 +68,7 @@ def test_falls_back_to_os_replace_where_swapping_is_unsupported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
 ) -> None:
     fake = _NoExchange(err)
-    monkeypatch.setattr(safefs, "_libc", lambda: fake)
+    monkeypatch.setattr(safefs, "libc", lambda: fake)
     dst = tmp_path / "a"
     dst.write_text("old")
     src = tmp_path / "a.tmp"
@@ -82,7 +82,7 @@ def test_falls_back_to_os_replace_where_swapping_is_unsupported(
 def test_other_errors_are_raised_with_both_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(safefs, "_libc", lambda: _NoExchange(errno.EXDEV))
+    monkeypatch.setattr(safefs, "libc", lambda: _NoExchange(errno.EXDEV))
     with pytest.raises(OSError) as info:
         safefs.replace_file(tmp_path / "a", tmp_path / "b")
     assert info.value.errno == errno.EXDEV

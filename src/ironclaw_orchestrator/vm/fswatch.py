@@ -24,6 +24,8 @@ import struct
 import threading
 from pathlib import Path
 
+from ..libc import libc
+
 __all__ = ["PathWatch", "kept_fds"]
 
 _IN_MOVED_TO = 0x80
@@ -33,21 +35,12 @@ _IN_ONLYDIR = 0x01000000
 _MASK = _IN_CREATE | _IN_MOVED_TO | _IN_ONLYDIR
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 
-_libc: ctypes.CDLL | None = None
-
-
-def _c() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
 
 class _Inotify:
     """The process's inotify instance for one event loop; wakes futures by watch."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        fd = _c().inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = libc().inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
@@ -60,7 +53,7 @@ class _Inotify:
         self._reading = False
 
     def add_watch(self, path: str) -> int:
-        wd: int = _c().inotify_add_watch(self.fd, os.fsencode(path), _MASK)
+        wd: int = libc().inotify_add_watch(self.fd, os.fsencode(path), _MASK)
         if wd < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), path)
@@ -72,7 +65,7 @@ class _Inotify:
         if refs > 0:
             self._refs[wd] = refs
             return
-        _c().inotify_rm_watch(self.fd, wd)  # EINVAL if the directory went first: fine
+        libc().inotify_rm_watch(self.fd, wd)  # EINVAL if the directory went first: fine
 
     def wake_on(self, wd: int, fut: asyncio.Future[None]) -> None:
         self._waiters.setdefault(wd, []).append(fut)

@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import pidfd as pidfds
 from ..errors import UsageError
+from ..libc import libc
 from ..procfs import read_start_time
 
 __all__ = ["UNKNOWN_EXIT", "ChildProcess", "become_subreaper", "read_start_time"]
@@ -34,8 +35,7 @@ def become_subreaper() -> None:
     global _subreaper_set
     if _subreaper_set:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(err)}")
     _subreaper_set = True

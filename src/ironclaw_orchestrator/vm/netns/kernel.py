@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from ...errors import NetworkError
+from ...libc import libc
 from .names import netns_path
 
 _T = TypeVar("_T")
@@ -97,23 +98,13 @@ def _require_netns(name: str) -> Path:
     return path
 
 
-_libc_handle: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _libc_handle
-    if _libc_handle is None:
-        _libc_handle = ctypes.CDLL(None, use_errno=True)
-    return _libc_handle
-
-
 def _libc_call(func: str, *args: object) -> None:
     """Call ``libc.<func>(*args)``; raise OSError (errno set) if it returns non-zero.
 
     A libc without that symbol counts as ENOSYS.
     """
     try:
-        fn = getattr(_libc(), func)
+        fn = getattr(libc(), func)
     except AttributeError as exc:
         raise OSError(errno.ENOSYS, f"libc has no {func}()") from exc
     if fn(*args) != 0:
