@@ -153,6 +153,8 @@ async def start_with_jailer(
             f"VM {config.jailer_id}: networking (tap / uplink) needs a network namespace of our "
             "own: leave netns unset and isolate_network=True"
         )
+    if config.netns is None and config.isolate_network and tap is None and uplink_subnet is None:
+        ns.netns_pool.size  # noqa: B018  (IRONCLAW_NETNS_POOL checked before anything is made)
     taken = _netns_taken(config)
     if taken is not None:
         raise ConfigError(
@@ -341,6 +343,13 @@ def _make_network(
     name = cleanup.claim_netns(config.jailer_id)  # exclusive create: ours, or ConfigError
     res.netns_name = name
     res.changed()
+    if tap is None and uplink_subnet is None and ns.netns_pool.size:
+        # Reusable afterwards (see netns.pool): a finished VM's, else a new one with a probe.
+        res.netns_probe = ns.netns_pool.bind_idle(ns.netns_path(name))
+        if res.netns_probe is not None:
+            return str(ns.netns_path(name))
+        path, res.netns_probe = ns.create_claimed_netns_probed(name)
+        return str(path)
     path = ns.create_claimed_netns(name)
     if tap is not None:
         ns.ensure_tap(name, tap, config.uid, config.gid, host_cidr=tap_host_cidr)

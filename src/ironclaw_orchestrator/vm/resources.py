@@ -7,6 +7,7 @@ start call :meth:`JailResources.release`, which removes through the same functio
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..errors import CleanupError
 from ..safetree import RemovalBudget
 from . import cgroups as cg
 from . import cleanup
+from . import netns as ns
 from .staging import StagedFile
 
 __all__ = ["INLINE_REMOVAL_BYTES", "INLINE_REMOVAL_ENTRIES", "JailResources"]
@@ -43,6 +45,8 @@ class JailResources:
     #: The jailer was spawned but the VMM's pid is not (yet) known: a VMM may run unwatched.
     vmm_unknown: bool = False
     listener: Callable[[JailResources], None] | None = None
+    #: An rtnetlink socket inside the VM's namespace (see :mod:`.netns.pool`); not recorded.
+    netns_probe: socket.socket | None = field(default=None, repr=False, compare=False)
 
     def changed(self) -> None:
         if self.listener is not None:
@@ -68,6 +72,7 @@ class JailResources:
                     return False
                 self.cgroups = None
             if self.netns_name is not None:
+                self._hand_back_netns(reusable=True)
                 cleanup.remove_network(self.netns_name, self.vm_id, None, False)
                 self.netns_name = None
             budget = RemovalBudget(INLINE_REMOVAL_BYTES, INLINE_REMOVAL_ENTRIES)
@@ -100,11 +105,15 @@ class JailResources:
             except Exception as exc:
                 failures.append(f"cgroups {[str(p) for p in cgroups.paths.values()]}: {exc}")
         if self.netns_name is not None:
+            # Reused only if nothing can still run inside: the cgroups are gone (rmdir
+            # fails while a task is in one) and nothing failed before.
+            self._hand_back_netns(reusable=not failures and self.cgroups is None)
             try:
                 cleanup.remove_network(self.netns_name, self.vm_id, self.tap, self.uplink)
                 self.netns_name, self.tap, self.uplink = None, None, False
             except Exception as exc:
                 failures.append(f"network namespace {self.netns_name}: {exc}")
+        self._hand_back_netns(reusable=False)  # a probe without a namespace name left
         for label, remove in (
             ("jail_dir", cleanup.remove_jail_tree),
             ("run_dir", cleanup.remove_run_dir),
@@ -122,3 +131,14 @@ class JailResources:
                 f"VM {self.vm_id}: cleanup left some resources behind (run `ironclaw gc`)",
                 failures,
             )
+
+    def _hand_back_netns(self, *, reusable: bool) -> None:
+        """Before the namespace's path goes: keep it for a later VM (only one without a
+        TAP or uplink, its processes gone), else let the probe go."""
+        probe, self.netns_probe = self.netns_probe, None
+        if probe is None:
+            return
+        if reusable and self.tap is None and not self.uplink:
+            ns.netns_pool.keep(probe)
+        else:
+            probe.close()

@@ -25,6 +25,7 @@ Layout (each module one concept; dependencies point down the list):
 - :mod:`.netlink`: rtnetlink sockets into the host or a namespace, link lookup.
 - :mod:`.namespace`: :func:`ensure_netns`, :func:`claim_netns_name`,
   :func:`create_claimed_netns`, :func:`remove_netns`, :func:`list_netns`, ...
+- :mod:`.pool`: :data:`netns_pool`, a finished VM's namespace kept for the next VM.
 - :mod:`.tap`: :func:`ensure_tap`, :func:`remove_tap`.
 - :mod:`.uplink`: :func:`ensure_uplink`, :func:`remove_uplink`.
 - :mod:`.forkguard`: keeps pyroute2's forked helpers off our asyncio wakeup fd (installed
@@ -48,12 +49,14 @@ from .names import (
 from .namespace import (
     claim_netns_name,
     create_claimed_netns,
+    create_claimed_netns_probed,
     ensure_netns,
     interfaces_in,
     list_netns,
     netns_inode,
     remove_netns,
 )
+from .pool import NetnsPool, netns_pool
 from .tap import ensure_tap, remove_tap
 from .uplink import Uplink, ensure_uplink, remove_uplink
 
@@ -62,9 +65,11 @@ __all__ = [
     "NETNS_DIR",
     "NETNS_PREFIX",
     "TUN_DEVICE",
+    "NetnsPool",
     "Uplink",
     "claim_netns_name",
     "create_claimed_netns",
+    "create_claimed_netns_probed",
     "ensure_netns",
     "ensure_tap",
     "ensure_uplink",
@@ -74,6 +79,7 @@ __all__ = [
     "netns_inode",
     "netns_name",
     "netns_path",
+    "netns_pool",
     "remove_netns",
     "remove_tap",
     "remove_uplink",

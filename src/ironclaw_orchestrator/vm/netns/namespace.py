@@ -30,6 +30,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from .kernel import (
 )
 from .names import NETNS_DIR, NETNS_PREFIX, netns_path
 from .netlink import _find_link, _ipr, _refuse_running_loop
+from .pool import new_probe
 
 #: errnos of the fast creation path that make ensure_netns() fall back to pyroute2.
 _FALLBACK_ERRNOS = frozenset({errno.EPERM, errno.ENOSYS})
@@ -272,9 +274,28 @@ def create_claimed_netns(name: str) -> Path:
     :func:`remove_netns`. No pyroute2 fallback: it would need the same unshare and mount,
     and it makes its own file exclusively.
     """
+    return _create_claimed(name, lambda path: _bind_here(name, path, lo_up=False))
+
+
+def create_claimed_netns_probed(name: str) -> tuple[Path, socket.socket]:
+    """:func:`create_claimed_netns`, and a probe made inside the new namespace (see
+    :mod:`.pool`): its path and the probe."""
+    probe: socket.socket | None = None
+
+    def body(path: Path) -> None:
+        nonlocal probe
+        _bind_here(name, path, lo_up=False)
+        probe = new_probe()
+
+    path = _create_claimed(name, body)
+    assert probe is not None
+    return path, probe
+
+
+def _create_claimed(name: str, body: Callable[[Path], None]) -> Path:
     path = netns_path(name)
     try:
-        _run_in_new_netns(_unshare_net, lambda: _bind_here(name, path, lo_up=False))
+        _run_in_new_netns(_unshare_net, lambda: body(path))
     except OSError as exc:
         raise NetworkError(
             f"could not create network namespace {name!r} at {path}: {exc}; check that we "
