@@ -37,9 +37,14 @@ INTERRUPTED = (130, -signal.SIGINT)
 
 def interrupted(done: subprocess.CompletedProcess[str]) -> bool:
     """Exited as a Ctrl-C should: 130, killed by SIGINT, or (a signal that lands while
-    Python itself imports ``site``, before any of our code runs) Python's own fatal error."""
-    python_start_up = done.returncode == 1 and "Fatal Python error: init_import_site" in (
-        done.stderr
+    Python itself starts, before any of our code runs) Python's own exit 1: a fatal error
+    importing ``site``, or ``-m`` failing to import ``runpy``."""
+    python_start_up = done.returncode == 1 and (
+        "Fatal Python error: init_import_site" in done.stderr
+        or (
+            done.stderr.startswith("Could not import runpy module")
+            and done.stderr.rstrip().endswith("KeyboardInterrupt")
+        )
     )
     return done.returncode in INTERRUPTED or python_start_up
 

@@ -34,6 +34,13 @@ def names() -> Iterator[list[str]]:
         ns.remove_netns(name)
 
 
+@pytest.fixture
+def drained_pool() -> Iterator[None]:
+    ns.netns_pool.close_idle()
+    yield
+    ns.netns_pool.close_idle()
+
+
 def _claimed(names: list[str]) -> str:
     name = f"ironclaw-pooltest-{secrets.token_hex(4)}"
     ns.claim_netns_name(name)
@@ -79,25 +86,15 @@ def test_the_pool_keeps_no_more_than_its_size(names: list[str]) -> None:
     assert len(pool) == 0 and probes[0].fileno() == -1
 
 
-def test_a_forked_child_starts_with_an_empty_pool(names: list[str]) -> None:
+def test_a_forked_child_starts_with_an_empty_pool(names: list[str], drained_pool: None) -> None:
     _, probe = ns.create_claimed_netns_probed(_claimed(names))
     assert ns.netns_pool.keep(probe)
-    try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            os._exit(0 if len(ns.netns_pool) == 0 else 1)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        assert len(ns.netns_pool) == 1, "the parent keeps its own"
-    finally:
-        ns.netns_pool.close_idle()
-
-
-@pytest.fixture
-def drained_pool() -> Iterator[None]:
-    ns.netns_pool.close_idle()
-    yield
-    ns.netns_pool.close_idle()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os._exit(0 if len(ns.netns_pool) == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(ns.netns_pool) == 1, "the parent keeps its own"
 
 
 async def test_the_next_vm_gets_the_finished_vms_namespace(

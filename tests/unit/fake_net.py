@@ -67,10 +67,17 @@ class FakeNet:
         self.devices.get(netns, set()).discard(f"uplink-{vm_id}")
 
 
+def _no_probe(name: str) -> object:
+    raise AssertionError(f"{name}: a namespace with a probe is made only for reuse, which is off")
+
+
 def install(monkeypatch: pytest.MonkeyPatch, root: Path) -> FakeNet:
     root.mkdir(exist_ok=True)
     net = FakeNet(root)
     monkeypatch.setattr(ns.names, "NETNS_DIR", root)
+    # No kernel namespace to probe or keep: reuse is off, as IRONCLAW_NETNS_POOL=0 makes it.
+    monkeypatch.setattr(ns, "netns_pool", ns.NetnsPool(size=0))
+    monkeypatch.setattr(ns, "create_claimed_netns_probed", _no_probe)
     for name in ("ensure_netns", "claim_netns_name", "create_claimed_netns", "remove_netns"):
         monkeypatch.setattr(ns, name, getattr(net, name))
     for name in ("ensure_tap", "remove_tap"):
