@@ -30,8 +30,8 @@ class FakeProbe:
         self.replies = list(replies)
         self.sent: list[bytes] = []
 
-    def settimeout(self, value: float) -> None:
-        pass
+    def setblocking(self, flag: bool) -> None:
+        assert not flag, "the check never waits"
 
     def send(self, data: bytes) -> int:
         self.sent.append(data)
@@ -39,7 +39,7 @@ class FakeProbe:
 
     def recv(self, size: int) -> bytes:
         if not self.replies:
-            raise TimeoutError("no reply")
+            raise BlockingIOError("no reply queued")
         return self.replies.pop(0)
 
 
@@ -69,7 +69,8 @@ def test_the_reply_may_come_in_several_datagrams() -> None:
         (HDR.pack(36, 2, 0, 1, 0) + b"\xff" * 20,),  # NLMSG_ERROR
         (link(1, LOOPBACK, seq=7), done()),  # an answer to something else
         (HDR.pack(4, 16, 0, 1, 0),),  # a length shorter than the header
-        (link(1, LOOPBACK),),  # no end: the timeout
+        (link(1, LOOPBACK),),  # no end queued: never waited for
+        (HDR.pack(20, 16, 2, 1, 0) + b"\0" * 4, done()),  # a link message too short
     ],
 )
 def test_anything_else_is_refused(replies: tuple[bytes, ...]) -> None:

@@ -115,9 +115,11 @@ class JailerProcess(VmmHandle):
         self.oom_killed = bool(kills)
 
     def _release(self) -> None:
+        self.resources.vmm_reaped = self.process.returncode is not None
         self.resources.release()
 
     def _release_inline(self) -> bool:
+        self.resources.vmm_reaped = self.process.returncode is not None
         return self.resources.release_inline()
 
     def stats(self) -> cg.CgroupStats:

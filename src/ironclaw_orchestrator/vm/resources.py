@@ -47,6 +47,9 @@ class JailResources:
     listener: Callable[[JailResources], None] | None = None
     #: An rtnetlink socket inside the VM's namespace (see :mod:`.netns.pool`); not recorded.
     netns_probe: socket.socket | None = field(default=None, repr=False, compare=False)
+    #: Set by stop once it has reaped the VMM: with the cgroups gone, nothing the VM started
+    #: can still run, so its namespace may be reused (never after a failed start).
+    vmm_reaped: bool = False
 
     def changed(self) -> None:
         if self.listener is not None:
@@ -72,9 +75,14 @@ class JailResources:
                     return False
                 self.cgroups = None
             if self.netns_name is not None:
-                self._hand_back_netns(reusable=True)
-                cleanup.remove_network(self.netns_name, self.vm_id, None, False)
+                probe, self.netns_probe = self.netns_probe, None
+                try:
+                    cleanup.remove_network(self.netns_name, self.vm_id, None, False)
+                except BaseException:
+                    self._hand_back_netns(probe, reusable=False)
+                    raise
                 self.netns_name = None
+                self._hand_back_netns(probe, reusable=True)
             budget = RemovalBudget(INLINE_REMOVAL_BYTES, INLINE_REMOVAL_ENTRIES)
             if self.jail_dir is not None:
                 cleanup.remove_jail_tree(self.jail_dir, budget)
@@ -107,13 +115,18 @@ class JailResources:
         if self.netns_name is not None:
             # Reused only if nothing can still run inside: the cgroups are gone (rmdir
             # fails while a task is in one) and nothing failed before.
-            self._hand_back_netns(reusable=not failures and self.cgroups is None)
+            reusable = not failures and self.cgroups is None
+            reusable = reusable and self.tap is None and not self.uplink
+            probe, self.netns_probe = self.netns_probe, None
             try:
                 cleanup.remove_network(self.netns_name, self.vm_id, self.tap, self.uplink)
                 self.netns_name, self.tap, self.uplink = None, None, False
             except Exception as exc:
                 failures.append(f"network namespace {self.netns_name}: {exc}")
-        self._hand_back_netns(reusable=False)  # a probe without a namespace name left
+                reusable = False
+            self._hand_back_netns(probe, reusable=reusable)
+        self._hand_back_netns(self.netns_probe, reusable=False)  # a probe without a name
+        self.netns_probe = None
         for label, remove in (
             ("jail_dir", cleanup.remove_jail_tree),
             ("run_dir", cleanup.remove_run_dir),
@@ -132,13 +145,13 @@ class JailResources:
                 failures,
             )
 
-    def _hand_back_netns(self, *, reusable: bool) -> None:
-        """Before the namespace's path goes: keep it for a later VM (only one without a
-        TAP or uplink, its processes gone), else let the probe go."""
-        probe, self.netns_probe = self.netns_probe, None
+    def _hand_back_netns(self, probe: socket.socket | None, *, reusable: bool) -> None:
+        """Once the namespace's name is gone: keep it for a later VM (``reusable``: it had no
+        TAP or uplink and its cgroups are gone; and stop reaped the VMM), else let the probe
+        go, and the namespace with it."""
         if probe is None:
             return
-        if reusable and self.tap is None and not self.uplink:
+        if reusable and self.vmm_reaped and not self.vmm_unknown:
             ns.netns_pool.keep(probe)
         else:
             probe.close()

@@ -60,7 +60,6 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _RTM_NEWLINK, _RTM_GETLINK = 16, 18
 _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _IFF_UP, _IFF_LOOPBACK = 0x1, 0x8
-_PROBE_TIMEOUT_S = 1.0
 
 
 def new_probe() -> socket.socket:
@@ -73,7 +72,9 @@ def _links(probe: socket.socket) -> list[tuple[int, int]]:
     request = _NLMSG_HDR.pack(
         _NLMSG_HDR.size + _IFINFOMSG.size, _RTM_GETLINK, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0
     ) + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-    probe.settimeout(_PROBE_TIMEOUT_S)
+    # Never waits: the kernel answers a dump inside send() and continues it inside recv(),
+    # so a reply that is not there at once (BlockingIOError) means something is wrong.
+    probe.setblocking(False)
     probe.send(request)
     links: list[tuple[int, int]] = []
     while True:
@@ -88,6 +89,8 @@ def _links(probe: socket.socket) -> list[tuple[int, int]]:
             if kind == _NLMSG_ERROR:
                 raise OSError(errno.EPROTO, "rtnetlink dump refused")
             if kind == _RTM_NEWLINK:
+                if length < _NLMSG_HDR.size + _IFINFOMSG.size:
+                    raise OSError(errno.EPROTO, "short RTM_NEWLINK")
                 _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(
                     data, offset + _NLMSG_HDR.size
                 )
@@ -158,7 +161,8 @@ class NetnsPool:
         except OSError:
             probe.close()
             return None
-        self.reused += 1
+        with self._lock:
+            self.reused += 1
         return probe
 
     def keep(self, probe: socket.socket) -> bool:
