@@ -9,15 +9,18 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from test_launch_real import probe_config
 
+from ironclaw_orchestrator.errors import ConfigError
+from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import netns as ns
 from ironclaw_orchestrator.vm import start_firecracker
 from ironclaw_orchestrator.vm.netns.kernel import _run_in_netns
 from ironclaw_orchestrator.vm.netns.namespace import _set_lo_up_here
-from ironclaw_orchestrator.vm.netns.pool import NetnsPool
+from ironclaw_orchestrator.vm.netns.pool import POOL_ENV, NetnsPool
 from ironclaw_orchestrator.vm.probe import ProbeBehaviour
 
 pytestmark = [
@@ -121,3 +124,20 @@ async def test_a_vm_with_a_tap_never_returns_its_namespace(
     vm = await start_firecracker(probe_config(vm_id, ProbeBehaviour.HALT, enable_networking=True))
     await vm.stop()
     assert len(ns.netns_pool) == 0
+
+
+async def test_a_bad_pool_size_is_refused_before_anything_is_recorded(
+    real_host: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(POOL_ENV, "lots")
+    monkeypatch.setattr(ns, "netns_pool", NetnsPool())  # reads the variable afresh
+    registry = Registry(state_dir=tmp_path / "state")
+
+    def claim(*args: object, **kw: object) -> None:
+        raise AssertionError("the record was claimed before the setting was checked")
+
+    monkeypatch.setattr(registry, "claim", claim)
+    vm_id = f"it-{secrets.token_hex(5)}"
+    with pytest.raises(ConfigError, match="IRONCLAW_NETNS_POOL='lots' is not a whole number"):
+        await start_firecracker(probe_config(vm_id, ProbeBehaviour.HALT), registry=registry)
+    assert not os.path.lexists(ns.netns_path(ns.netns_name(vm_id)))

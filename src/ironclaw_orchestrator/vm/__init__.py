@@ -107,6 +107,8 @@ async def start_firecracker(
     jailer_cfg = check_vm_inputs(config, jailed=use_jailer is not False, jailer=jailer_cfg)
     reason = _unjailed_reason(config, jailer_cfg, use_jailer)
     check_confinement(config, jailer_cfg, jailed=reason is None)
+    if reason is None:
+        ns.netns_pool.size  # noqa: B018  (IRONCLAW_NETNS_POOL checked before the record)
     recorder = _recorder(config, jailer_cfg, registry, claim, record, jailed=reason is None)
     vmm: JailerProcess | UnjailedProcess
     try:

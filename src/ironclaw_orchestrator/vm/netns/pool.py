@@ -10,9 +10,14 @@ it holds nothing a later VM could notice:
   under the jail uid without capabilities; a namespace owned by the host's user namespace
   takes ``CAP_NET_ADMIN`` there to add a link, an address, a route, a rule or a sysctl);
 * its processes are gone: stop reaped the VMM, whose PID namespace took every process in
-  it along, and the sockets they held died with them;
+  it along, and the VM's cgroups are removed (an ``rmdir`` fails while a task is inside);
+  the sockets they held died with them. A failed start never returns its namespace;
+* its name is removed first, so no path names it while another VM may get it;
 * checked anyway before it is kept: the namespace holds exactly one link, the loopback,
   and it is down, as the kernel made it.
+
+What this cannot see: a process from outside (``ip netns exec``, ``nsenter``, a sidecar)
+that entered the namespace and outlives the VM. Hosts that do that set the pool to 0.
 
 Each namespace carries a *probe*: an rtnetlink socket made inside it when it was created.
 A socket stays in the namespace it was made in, so the probe both pins the namespace
@@ -167,7 +172,8 @@ class NetnsPool:
 
     def keep(self, probe: socket.socket) -> bool:
         """Take ``probe``'s namespace back for a later VM, if there is room and it passes
-        :func:`holds_only_lo_down`; else close the probe. Its path is the caller's to remove."""
+        :func:`holds_only_lo_down`; else close the probe. Call it once the namespace's path
+        is removed (as a stopping VM's resources do)."""
         with self._lock:
             room = len(self._idle) < self.size
         if room and holds_only_lo_down(probe):
