@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ironclaw_orchestrator import names, procfs
-from ironclaw_orchestrator.errors import ConfigError, JailerError
+from ironclaw_orchestrator.errors import CgroupError, ConfigError, JailerError
 from ironclaw_orchestrator.gc import collect_garbage
 from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import JailerConfig, VmConfig, start_firecracker
@@ -56,7 +56,7 @@ async def test_gc_of_another_state_dir_leaves_a_live_vm_alone(
         assert mine and all(a.action == "skipped" for a in mine), report.to_dict()
         assert str(vm.pid) in mine[0].reason
         assert jail.is_dir() and vm.socket_path.is_socket()
-        assert ns.netns_name(vm_id) in ns.list_netns()
+        assert vm.vmm.netns_path is not None and Path(vm.vmm.netns_path).exists()  # type: ignore[union-attr]
         await vm.api.describe()  # still answers
     finally:
         await vm.stop()
@@ -77,27 +77,40 @@ async def test_missing_pid_file_at_start_kills_and_reaps_the_vmm(
     assert set(procfs.children_of(os.getpid())) <= before  # reaped, not a zombie
 
 
-@pytest.mark.parametrize("race", [False, True])
+@pytest.mark.parametrize("variant", ["plain", "networked", "networked-race"])
 async def test_losing_start_removes_only_what_it_created(
-    vm_id: str, chroot_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, race: bool
+    vm_id: str, chroot_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str
 ) -> None:
     """Two orchestrators (separate state dirs, run dirs, chroot bases) start the same id:
     the loser fails and removes only its own run dir and jail; the winner's namespace, jail
-    and VM are untouched. ``race``: both passed the early check; the exclusive netns claim
-    decides."""
-    winner = await start_firecracker(config(vm_id), registry=Registry(tmp_path / "a"))
+    and VM are untouched. A plain VM's namespace has no name, so its cgroup decides; a
+    networked VM's named namespace decides (``race``: both passed the early check, the
+    exclusive netns claim decides)."""
+    networked = variant != "plain"
+
+    def cfg(**jailer: object) -> VmConfig:
+        c = config(vm_id, **jailer) if jailer else config(vm_id)
+        if networked:
+            c = c.model_copy(update={"enable_networking": True, "tap_host_cidr": "10.254.7.1/29"})
+        return c
+
+    winner = await start_firecracker(cfg(), registry=Registry(tmp_path / "a"))
     other_base = Path(f"/tmp/icb-{os.getpid()}")  # short: socket paths must fit 107 bytes
     try:
         netns = ns.netns_name(vm_id)
         other_base.mkdir(mode=0o755)
         monkeypatch.setenv("IRONCLAW_RUN_DIR", str(tmp_path / "run-b"))
-        if race:
-            monkeypatch.setattr(jailer_mod, "_netns_taken", lambda cfg: None)
-        with pytest.raises(ConfigError, match=f"network namespace .*{netns} already exists"):
+        if variant == "networked-race":
+            monkeypatch.setattr(jailer_mod, "_netns_taken", lambda cfg, named: None)
+        # A named namespace is claimed first (ConfigError); a plain VM's cgroup clashes.
+        error: type[Exception] = ConfigError if networked else CgroupError
+        match = f"network namespace .*{netns} already exists" if networked else "already exists"
+        with pytest.raises(error, match=match):
             await start_firecracker(
-                config(vm_id, chroot_base_dir=other_base), registry=Registry(tmp_path / "b")
+                cfg(chroot_base_dir=other_base), registry=Registry(tmp_path / "b")
             )
-        assert netns in ns.list_netns()
+        if networked:
+            assert netns in ns.list_netns()
         assert winner.vmm.jail_dir.is_dir()  # type: ignore[union-attr]
         await winner.api.describe()
         assert not list(other_base.rglob(vm_id)) and not list((tmp_path / "run-b").rglob(vm_id))

@@ -89,7 +89,8 @@ async def test_jailed_vm_runs_as_jail_user_in_chroot_with_limits(
         assert int(quota.read_text()) == 100_000
         # Its own network namespace, holding only loopback.
         assert os.stat(f"/proc/{vm.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
-        assert await asyncio.to_thread(ns.interfaces_in, ns.netns_name(vm_id)) == ["lo"]
+        assert vm.vmm.netns_path == f"/proc/{vm.pid}/ns/net"  # type: ignore[union-attr]
+        assert await asyncio.to_thread(ns.interfaces_in, vm.vmm.netns_path) == ["lo"]  # type: ignore[union-attr]
         # Kernel staged inside the jail for the jail user.
         kernel = jailer.chroot_dir / "vmlinux"  # type: ignore[union-attr]
         assert kernel.is_file()

@@ -1,4 +1,4 @@
-"""Reusing a finished VM's network namespace (``vm.netns.pool``), with real namespaces and VMs.
+"""A VM's nameless network namespace and its reuse (``vm.netns.pool``), for real.
 
 A namespace is kept only when nothing in it could reach the next VM; each test drains the
 pool it used, so nothing outlives it (an idle namespace lives only while its probe is open).
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,9 @@ from ironclaw_orchestrator.errors import ConfigError
 from ironclaw_orchestrator.registry import Registry
 from ironclaw_orchestrator.vm import netns as ns
 from ironclaw_orchestrator.vm import start_firecracker
-from ironclaw_orchestrator.vm.netns.kernel import _run_in_netns
+from ironclaw_orchestrator.vm.netns.kernel import _MS_BIND, _mount, _run_in_new_netns, _setns
 from ironclaw_orchestrator.vm.netns.namespace import _set_lo_up_here
-from ironclaw_orchestrator.vm.netns.pool import POOL_ENV, NetnsPool
+from ironclaw_orchestrator.vm.netns.pool import POOL_ENV, NetnsPool, holds_only_lo_down
 from ironclaw_orchestrator.vm.probe import ProbeBehaviour
 
 pytestmark = [
@@ -30,68 +31,87 @@ pytestmark = [
 
 
 @pytest.fixture
-def names() -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    for name in made:
-        ns.remove_netns(name)
-
-
-@pytest.fixture
 def drained_pool() -> Iterator[None]:
     ns.netns_pool.close_idle()
     yield
     ns.netns_pool.close_idle()
 
 
-def _claimed(names: list[str]) -> str:
-    name = f"ironclaw-pooltest-{secrets.token_hex(4)}"
-    ns.claim_netns_name(name)
-    names.append(name)
-    return name
+def inode(probe: socket.socket) -> int:
+    fd = ns.open_netns(probe)
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
 
 
-def test_a_kept_namespace_is_bound_again_for_the_next_name(names: list[str]) -> None:
+def run_inside(probe: socket.socket, func: Callable[[], None]) -> None:
+    """Run ``func`` in a helper thread that has joined the probe's namespace."""
+    fd = ns.open_netns(probe)
+    try:
+        _run_in_new_netns(lambda: _setns(fd), func)
+    finally:
+        os.close(fd)
+
+
+def test_a_new_vm_namespace_has_no_name_and_only_lo_down() -> None:
+    before = set(ns.list_netns(""))
+    probe = ns.create_vm_netns()
+    try:
+        assert inode(probe) != os.stat("/proc/self/ns/net").st_ino
+        assert holds_only_lo_down(probe)
+        assert set(ns.list_netns("")) == before, "nothing appears under /run/netns"
+        fd = ns.open_netns(probe)
+        assert os.get_inheritable(fd) is False, "never inherited by what we spawn"
+        os.close(fd)
+    finally:
+        probe.close()
+
+
+def test_a_kept_namespace_is_handed_out_again() -> None:
     pool = NetnsPool(size=2)
-    first = _claimed(names)
-    _, probe = ns.create_claimed_netns_probed(first)
-    ino = ns.netns_inode(ns.netns_path(first))
+    probe = ns.create_vm_netns()
+    ino = inode(probe)
     assert pool.keep(probe) and len(pool) == 1
-    ns.remove_netns(first)
-    second = _claimed(names)
-    again = pool.bind_idle(ns.netns_path(second))
-    assert again is not None and len(pool) == 0 and pool.reused == 1
-    assert ns.netns_inode(ns.netns_path(second)) == ino, "the same namespace, under the new name"
-    assert ns.interfaces_in(second) == ["lo"]
+    again = pool.take()
+    assert again is probe and len(pool) == 0 and pool.reused == 1
+    assert inode(again) == ino and holds_only_lo_down(again)
     again.close()
-    assert pool.bind_idle(ns.netns_path(_claimed(names))) is None, "an empty pool binds nothing"
+    assert pool.take() is None, "an empty pool hands out nothing"
 
 
-def test_a_namespace_someone_changed_is_not_kept(names: list[str]) -> None:
+def test_a_namespace_someone_changed_is_not_kept() -> None:
     pool = NetnsPool(size=4)
-    lo_up = _claimed(names)
-    _, probe = ns.create_claimed_netns_probed(lo_up)
-    _run_in_netns(lo_up, _set_lo_up_here)
+    probe = ns.create_vm_netns()
+    run_inside(probe, _set_lo_up_here)
     assert not pool.keep(probe) and probe.fileno() == -1, "refused and its probe closed"
 
-    with_tap = _claimed(names)
-    _, probe = ns.create_claimed_netns_probed(with_tap)
-    ns.ensure_tap(with_tap, "icltest0", 64000, 64000)
+    probe = ns.create_vm_netns()  # a tap made in it (by name, bound for the test)
+    name = f"ironclaw-pooltest-{secrets.token_hex(4)}"
+    path = ns.claim_netns_name(name)
+    try:
+        fd = ns.open_netns(probe)
+        try:
+            _mount(f"/proc/self/fd/{fd}", str(path), _MS_BIND)
+        finally:
+            os.close(fd)
+        ns.ensure_tap(name, "icltest0", 64000, 64000)
+    finally:
+        ns.remove_netns(name)
     assert not pool.keep(probe) and len(pool) == 0
 
 
-def test_the_pool_keeps_no_more_than_its_size(names: list[str]) -> None:
+def test_the_pool_keeps_no_more_than_its_size() -> None:
     pool = NetnsPool(size=1)
-    probes = [ns.create_claimed_netns_probed(_claimed(names))[1] for _ in range(2)]
+    probes = [ns.create_vm_netns() for _ in range(2)]
     assert [pool.keep(p) for p in probes] == [True, False]
     assert probes[1].fileno() == -1
     pool.close_idle()
     assert len(pool) == 0 and probes[0].fileno() == -1
 
 
-def test_a_forked_child_starts_with_an_empty_pool(names: list[str], drained_pool: None) -> None:
-    _, probe = ns.create_claimed_netns_probed(_claimed(names))
-    assert ns.netns_pool.keep(probe)
+def test_a_forked_child_starts_with_an_empty_pool(drained_pool: None) -> None:
+    assert ns.netns_pool.keep(ns.create_vm_netns())
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         os._exit(0 if len(ns.netns_pool) == 0 else 1)
@@ -100,7 +120,7 @@ def test_a_forked_child_starts_with_an_empty_pool(names: list[str], drained_pool
     assert len(ns.netns_pool) == 1, "the parent keeps its own"
 
 
-async def test_the_next_vm_gets_the_finished_vms_namespace(
+async def test_a_vm_runs_in_a_nameless_namespace_the_next_vm_reuses(
     real_host: None, drained_pool: None
 ) -> None:
     ids = [f"it-{secrets.token_hex(5)}" for _ in range(2)]
@@ -108,13 +128,30 @@ async def test_the_next_vm_gets_the_finished_vms_namespace(
     for vm_id in ids:
         vm = await start_firecracker(probe_config(vm_id, ProbeBehaviour.HALT))
         try:
-            inodes.append(os.stat(f"/proc/{vm.pid}/ns/net").st_ino)
-            assert inodes[-1] != os.stat("/proc/self/ns/net").st_ino
+            res = vm.vmm.resources
+            assert res.netns_name is None and res.netns_fd is None, "ready: our fd is closed"
+            assert res.netns_probe is not None
+            vmm_ns = os.stat(f"/proc/{vm.pid}/ns/net").st_ino
+            assert vmm_ns == inode(res.netns_probe), "the jailer joined the one we made"
+            assert vmm_ns != os.stat("/proc/self/ns/net").st_ino
+            assert vm.vmm.netns_path == f"/proc/{vm.pid}/ns/net"
+            assert not os.path.lexists(ns.netns_path(ns.netns_name(vm_id))), "no name"
+            inodes.append(vmm_ns)
         finally:
             await vm.stop()
-        assert not os.path.lexists(ns.netns_path(ns.netns_name(vm_id))), "its name is gone"
     assert inodes[0] == inodes[1] and ns.netns_pool.reused >= 1
     assert len(ns.netns_pool) == 1
+
+
+async def test_with_reuse_off_a_vm_lets_its_namespace_go(
+    real_host: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ns, "netns_pool", NetnsPool(size=0))
+    vm = await start_firecracker(probe_config(f"it-{secrets.token_hex(5)}", ProbeBehaviour.HALT))
+    probe = vm.vmm.resources.netns_probe
+    assert probe is not None
+    await vm.stop()
+    assert probe.fileno() == -1 and len(ns.netns_pool) == 0, "its probe closed: freed"
 
 
 async def test_a_vm_with_a_tap_never_returns_its_namespace(
@@ -122,8 +159,13 @@ async def test_a_vm_with_a_tap_never_returns_its_namespace(
 ) -> None:
     vm_id = f"it-{secrets.token_hex(5)}"
     vm = await start_firecracker(probe_config(vm_id, ProbeBehaviour.HALT, enable_networking=True))
-    await vm.stop()
+    try:
+        assert vm.vmm.netns_path == str(ns.netns_path(ns.netns_name(vm_id))), "named"
+        assert vm.vmm.resources.netns_probe is None
+    finally:
+        await vm.stop()
     assert len(ns.netns_pool) == 0
+    assert not os.path.lexists(ns.netns_path(ns.netns_name(vm_id)))
 
 
 async def test_a_bad_pool_size_is_refused_before_anything_is_recorded(
@@ -140,4 +182,3 @@ async def test_a_bad_pool_size_is_refused_before_anything_is_recorded(
     vm_id = f"it-{secrets.token_hex(5)}"
     with pytest.raises(ConfigError, match="IRONCLAW_NETNS_POOL='lots' is not a whole number"):
         await start_firecracker(probe_config(vm_id, ProbeBehaviour.HALT), registry=registry)
-    assert not os.path.lexists(ns.netns_path(ns.netns_name(vm_id)))

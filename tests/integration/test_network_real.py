@@ -38,15 +38,25 @@ def host_links() -> set[str]:
 
 
 async def test_private_netns_without_networking(vm_id: str, chroot_base: Path) -> None:
+    """A VM without networking gets a namespace of its own that has no name (nothing under
+    /run/netns): only ``lo`` inside, down, as the kernel made it."""
     vm = await start_firecracker(cfg(vm_id))
     name = ns.netns_name(vm_id)
     try:
-        vm_ns = os.stat(f"/proc/{vm.pid}/ns/net").st_ino
-        assert vm_ns == ns.netns_inode(ns.netns_path(name))
-        assert vm_ns != os.stat("/proc/self/ns/net").st_ino
-        assert await asyncio.to_thread(ns.interfaces_in, name) == ["lo"]
+        path = f"/proc/{vm.pid}/ns/net"
+        assert vm.vmm.netns_path == path  # type: ignore[union-attr]
+        assert os.stat(path).st_ino != os.stat("/proc/self/ns/net").st_ino
+        assert name not in await asyncio.to_thread(ns.list_netns)
+        links = json.loads(
+            subprocess.run(
+                ["nsenter", f"--net={path}", "ip", "-j", "link"],
+                check=True, capture_output=True, text=True,
+            ).stdout
+        )  # fmt: skip
+        assert [(link["ifname"], "UP" in link["flags"]) for link in links] == [("lo", False)]
     finally:
         await vm.stop()
+    assert vm.vmm.netns_path is None  # type: ignore[union-attr]
     assert name not in await asyncio.to_thread(ns.list_netns)
 
 

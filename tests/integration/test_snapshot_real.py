@@ -168,8 +168,9 @@ async def test_restore_continues_the_count_in_a_fresh_jail(
     rec = Registry(state_dir).get(f"{vm_id}-c")
     assert rec is not None and rec.vmm_pid == clone.pid
     netns = clone.vmm.netns_path
+    assert netns == f"/proc/{clone.pid}/ns/net"  # nameless: nothing under /run/netns
     await clone.stop(timeout_s=0.2)
-    assert netns is not None and not Path(netns).exists()
+    assert not Path(netns).exists() and clone.vmm.netns_path is None
     assert Registry(state_dir).get(f"{vm_id}-c") is None
     assert loaded.memory_path.stat().st_nlink == 1
     Snapshot.load(tmp_path / "snap")  # untouched by its clones

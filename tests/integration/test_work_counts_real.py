@@ -69,11 +69,12 @@ async def test_registry_writes_and_api_connections_per_start(
     vm = await start_firecracker(cfg, use_jailer=True, registry=registry)
     try:
         assert_jailed(vm)
-        assert writes == [vm_id] * 3, writes  # claim + ids, before the netns, running
+        assert writes == [vm_id] * 3, writes  # claim + ids, before cgroups and netns, running
         assert new_files == [vm_id], new_files  # the claim's; the updates write in place
         record = registry.get(vm_id)
         assert record is not None and record.vmm_pid == vm.pid and record.uid is not None
-        assert record.netns_name and record.jail_dir and record.cgroups
+        assert record.jail_dir and record.cgroups
+        assert record.netns_name is None  # nameless: nothing on the host to record
         await vm.start_instance()
         assert await vm.wait() == 0
     finally:

@@ -8,6 +8,8 @@ exist, and deleting a namespace deletes every device in it. ``fail`` names a ste
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ class FakeNet:
         self.dir = root
         self.devices: dict[str, set[str]] = {}  # netns -> taps and uplink ends in it
         self.fail: str | None = None
+        self.opened = 0  # nameless namespaces handed to a jailer
 
     def _need(self, netns: str) -> None:
         if not (self.dir / netns).exists():
@@ -66,9 +69,14 @@ class FakeNet:
     def remove_uplink(self, netns: str, vm_id: str) -> None:
         self.devices.get(netns, set()).discard(f"uplink-{vm_id}")
 
+    def create_vm_netns(self) -> socket.socket:
+        """A nameless namespace: its probe, a netlink socket (here in our own namespace)."""
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
 
-def _no_probe(name: str) -> object:
-    raise AssertionError(f"{name}: a namespace with a probe is made only for reuse, which is off")
+    def open_netns(self, probe: socket.socket) -> int:
+        """What the jailer joins (here our own namespace: nothing to leave behind)."""
+        self.opened += 1
+        return os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def install(monkeypatch: pytest.MonkeyPatch, root: Path) -> FakeNet:
@@ -77,8 +85,10 @@ def install(monkeypatch: pytest.MonkeyPatch, root: Path) -> FakeNet:
     monkeypatch.setattr(ns.names, "NETNS_DIR", root)
     # No kernel namespace to probe or keep: reuse is off, as IRONCLAW_NETNS_POOL=0 makes it.
     monkeypatch.setattr(ns, "netns_pool", ns.NetnsPool(size=0))
-    monkeypatch.setattr(ns, "create_claimed_netns_probed", _no_probe)
-    for name in ("ensure_netns", "claim_netns_name", "create_claimed_netns", "remove_netns"):
+    for name in (
+        "ensure_netns", "claim_netns_name", "create_claimed_netns", "remove_netns",
+        "create_vm_netns", "open_netns",
+    ):  # fmt: skip
         monkeypatch.setattr(ns, name, getattr(net, name))
     for name in ("ensure_tap", "remove_tap"):
         monkeypatch.setattr(ns, name, getattr(net, name))

@@ -1,11 +1,13 @@
-"""When a stopping VM's namespace goes back to the reuse pool (``JailResources``), with fakes.
+"""When a stopping VM's nameless namespace goes back to the reuse pool (``JailResources``).
 
-Kept only after its name is gone, when its VMM was reaped by stop, nothing failed before and
-its cgroups are gone; otherwise its probe is closed (the kernel frees the namespace).
+Kept when its VMM was reaped by stop, nothing failed before and its cgroups are gone;
+otherwise its probe is closed (the kernel frees the namespace). Our descriptor of it is
+closed either way. A named namespace (a VM with a tap or uplink) is never kept.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -49,28 +51,41 @@ def world(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     def remove_network(name: str, vm_id: str, tap: object, uplink: bool) -> None:
         calls.append(name)
-        if name.endswith("-stuck"):
-            raise OSError(16, "Device or resource busy")
 
     monkeypatch.setattr(ns, "netns_pool", pool)
     monkeypatch.setattr(resources.cleanup, "remove_network", remove_network)
     return {"pool": pool, "calls": calls}
 
 
-def res(name: str = "ironclaw-a", **kw: Any) -> tuple[JailResources, Probe]:
-    probe = Probe()
-    r = JailResources(vm_id="a", netns_name=name, netns_probe=probe, **kw)  # type: ignore[arg-type]
-    return r, probe
+def res(**kw: Any) -> tuple[JailResources, Probe, int]:
+    probe, fd = Probe(), os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    r = JailResources(vm_id="a", netns_probe=probe, netns_fd=fd, **kw)  # type: ignore[arg-type]
+    return r, probe, fd
+
+
+def fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("inline", [True, False])
-def test_a_reaped_vms_namespace_is_kept_after_its_name_is_gone(
-    world: dict[str, Any], inline: bool
-) -> None:
-    r, probe = res(vmm_reaped=True)
+def test_a_reaped_vms_namespace_is_kept(world: dict[str, Any], inline: bool) -> None:
+    r, probe, fd = res(vmm_reaped=True)
     assert r.release_inline() if inline else r.release() is None
-    assert world["calls"] == ["ironclaw-a"] and world["pool"].kept == [probe]
-    assert r.netns_probe is None and not probe.closed
+    assert world["pool"].kept == [probe] and not probe.closed
+    assert r.netns_probe is None and r.netns_fd is None and not fd_open(fd)
+    assert world["calls"] == [], "a nameless namespace has nothing to remove"
+
+
+def test_the_descriptor_closes_once_ready_and_the_probe_stays() -> None:
+    r, probe, fd = res()
+    r.close_netns_fd()
+    assert r.netns_fd is None and not fd_open(fd)
+    assert r.netns_probe is probe and not probe.closed
+    r.close_netns_fd()  # idempotent
 
 
 @pytest.mark.parametrize("inline", [True, False])
@@ -82,26 +97,23 @@ def test_a_reaped_vms_namespace_is_kept_after_its_name_is_gone(
 def test_a_vm_stop_did_not_reap_never_returns_its_namespace(
     world: dict[str, Any], inline: bool, kw: dict[str, Any]
 ) -> None:
-    r, probe = res(**kw)
+    r, probe, fd = res(**kw)
     if inline:
         r.release_inline()
     r.release()
-    assert world["pool"].kept == [] and probe.closed
+    assert world["pool"].kept == [] and probe.closed and not fd_open(fd)
 
 
-def test_a_namespace_whose_name_stays_is_not_kept(world: dict[str, Any]) -> None:
-    r, probe = res("ironclaw-stuck", vmm_reaped=True)
-    assert not r.release_inline()
-    assert probe.closed and world["pool"].kept == []
-    with pytest.raises(Exception, match="network namespace ironclaw-stuck"):
-        r.release()
-    assert world["pool"].kept == []
+def test_a_named_namespace_goes_by_name_and_in_a_thread(world: dict[str, Any]) -> None:
+    r = JailResources(vm_id="a", netns_name="ironclaw-a", tap="tap-a", vmm_reaped=True)
+    assert not r.release_inline(), "a tap goes by netlink: not on the event loop"
+    r.release()
+    assert world["calls"] == ["ironclaw-a"] and world["pool"].kept == []
 
 
 def test_a_namespace_is_not_kept_when_the_cgroups_could_not_go(world: dict[str, Any]) -> None:
-    r, probe = res(vmm_reaped=True, cgroups=FailingCgroups())  # type: ignore[arg-type]
+    r, probe, fd = res(vmm_reaped=True, cgroups=FailingCgroups())
     assert not r.release_inline()
     with pytest.raises(Exception, match="cgroups"):
         r.release()
-    assert world["calls"] == ["ironclaw-a"], "the namespace is still removed"
-    assert probe.closed and world["pool"].kept == []
+    assert probe.closed and world["pool"].kept == [] and not fd_open(fd)

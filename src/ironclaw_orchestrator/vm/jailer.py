@@ -155,7 +155,7 @@ async def start_with_jailer(
         )
     if config.netns is None and config.isolate_network and tap is None and uplink_subnet is None:
         ns.netns_pool.size  # noqa: B018  (IRONCLAW_NETNS_POOL checked before anything is made)
-    taken = _netns_taken(config)
+    taken = _netns_taken(config, named=tap is not None or uplink_subnet is not None)
     if taken is not None:
         raise ConfigError(
             f"VM {config.jailer_id}: network namespace {taken} already exists: the id is in "
@@ -255,6 +255,7 @@ async def start_with_jailer(
             vm_id=config.jailer_id, console_path=console, timeout_s=ready_timeout_s,
             then=preboot,
         )  # fmt: skip
+        res.close_netns_fd()  # the VMM answers from inside its namespace: joined
     except BaseException:
         # Runs to its end even if cancelled (again) meanwhile; then the error propagates.
         await finish(_roll_back(steps, process, api, res, pump))
@@ -294,10 +295,11 @@ async def _roll_back(
 JAIL_MARKER = names.JAIL_MARKER
 
 
-def _netns_taken(config: JailerConfig) -> Path | None:
-    """The VM's own namespace path if it exists already (a quick check before making
-    anything; :func:`cleanup.claim_netns` decides by an exclusive create)."""
-    if config.netns is not None or not config.isolate_network:
+def _netns_taken(config: JailerConfig, named: bool) -> Path | None:
+    """The VM's own namespace path if it will have a name (``named``) and it exists already
+    (a quick check before making anything; :func:`cleanup.claim_netns` decides by an
+    exclusive create)."""
+    if config.netns is not None or not config.isolate_network or not named:
         return None
     path = ns.netns_path(names.netns_name(config.jailer_id))
     return path if os.path.lexists(path) else None
@@ -339,17 +341,21 @@ def _make_network(
     tap_host_cidr: str | None,
     uplink_subnet: str | None,
 ) -> str:
-    """Create the VM's own namespace (refused if its name is taken), tap and uplink."""
+    """Create the VM's own namespace, tap and uplink; the path the jailer joins it by.
+
+    Without tap or uplink the namespace has no name (see :mod:`.netns.pool`): a finished
+    VM's, else a new one, held by its probe and joined through our descriptor of it, which
+    is open until the VM is ready (:meth:`JailResources.close_netns_fd`). With them it is
+    ``ironclaw-<id>`` (refused if that name is taken), which they are set up in by name.
+    """
+    if tap is None and uplink_subnet is None:
+        res.changed()  # the run and jail directories are recorded before more is made
+        res.netns_probe = ns.netns_pool.take() or ns.create_vm_netns()
+        res.netns_fd = ns.open_netns(res.netns_probe)
+        return f"/proc/{os.getpid()}/fd/{res.netns_fd}"
     name = cleanup.claim_netns(config.jailer_id)  # exclusive create: ours, or ConfigError
     res.netns_name = name
     res.changed()
-    if tap is None and uplink_subnet is None and ns.netns_pool.size:
-        # Reusable afterwards (see netns.pool): a finished VM's, else a new one with a probe.
-        res.netns_probe = ns.netns_pool.bind_idle(ns.netns_path(name))
-        if res.netns_probe is not None:
-            return str(ns.netns_path(name))
-        path, res.netns_probe = ns.create_claimed_netns_probed(name)
-        return str(path)
     path = ns.create_claimed_netns(name)
     if tap is not None:
         ns.ensure_tap(name, tap, config.uid, config.gid, host_cidr=tap_host_cidr)

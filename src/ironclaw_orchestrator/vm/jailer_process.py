@@ -92,10 +92,17 @@ class JailerProcess(VmmHandle):
 
     @property
     def netns_path(self) -> str | None:
+        """A path to the VM's network namespace: the given one, ``/run/netns/ironclaw-<id>``
+        (a VM with a tap or uplink), else the VMM's ``/proc/<pid>/ns/net`` while it runs (a
+        nameless one, see :mod:`.netns.pool`); ``None`` if it shares the host's."""
         if self.config.netns is not None:
             return self.config.netns
         name = self.resources.netns_name
-        return str(ns.netns_path(name)) if name is not None else None
+        if name is not None:
+            return str(ns.netns_path(name))
+        if self.config.isolate_network and self.process.returncode is None:
+            return f"/proc/{self.process.pid}/ns/net"
+        return None
 
     def jail_host_path(self, jail_path: PurePosixPath | str) -> Path:
         """Host path of a path as the VMM sees it."""

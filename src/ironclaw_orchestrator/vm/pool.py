@@ -1,7 +1,8 @@
 """A warm pool of pre-jailed VMMs: spawned, jailed, in their cgroups and netns, API ready.
 
 Ids: a jail's id is fixed when the jailer runs, so a pooled VMM is spawned as
-``pool-<12 hex>`` (its chroot, cgroups and network namespace carry that name). When it is
+``pool-<12 hex>`` (its chroot and cgroups carry that name, and its network namespace if it
+has a tap; one without is nameless, see :mod:`.netns.pool`). When it is
 claimed as ``vm_id``, the registry gets a record under ``vm_id`` that names the pooled
 jail's resources (``jail_dir``, ``cgroups``, ``netns_name``, ...), and only then is the
 ``pool-...`` record dropped. So ``vm_id`` is what ``ironclaw vm ls/stop`` and ``gc`` see;

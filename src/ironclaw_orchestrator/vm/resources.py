@@ -7,6 +7,7 @@ start call :meth:`JailResources.release`, which removes through the same functio
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,8 +46,13 @@ class JailResources:
     #: The jailer was spawned but the VMM's pid is not (yet) known: a VMM may run unwatched.
     vmm_unknown: bool = False
     listener: Callable[[JailResources], None] | None = None
-    #: An rtnetlink socket inside the VM's namespace (see :mod:`.netns.pool`); not recorded.
+    #: An rtnetlink socket inside the VM's namespace (see :mod:`.netns.pool`): with no
+    #: ``netns_name``, what holds a nameless namespace besides the VMM. Not recorded: it
+    #: dies with this process, and the namespace once the VMM is gone too.
     netns_probe: socket.socket | None = field(default=None, repr=False, compare=False)
+    #: Our descriptor of a nameless namespace, which the jailer opens as
+    #: ``/proc/<our pid>/fd/<fd>``; closed once the VM is ready.
+    netns_fd: int | None = field(default=None, repr=False, compare=False)
     #: Set by stop once it has reaped the VMM: with the cgroups gone, nothing the VM started
     #: can still run, so its namespace may be reused (never after a failed start).
     vmm_reaped: bool = False
@@ -55,34 +61,35 @@ class JailResources:
         if self.listener is not None:
             self.listener(self)
 
+    def close_netns_fd(self) -> None:
+        """Close our descriptor of a nameless namespace (the jailer has joined it, or will
+        not); the probe still holds the namespace."""
+        fd, self.netns_fd = self.netns_fd, None
+        if fd is not None:
+            os.close(fd)
+
     def release_inline(self) -> bool:
         """The usual release, when its work is short and bounded: ``True`` if all is gone.
 
         Run on the event loop: on a loaded host a hop to a thread and back costs more than
         this work (the GIL changes hands at each system call of the thread). So only what
         cannot wait on another process or grow with the guest is done here: the VM's own
-        cgroup directories when no lock or drain is needed, the namespace when it has no
-        tap or uplink (those go by netlink), and the jail and run directories within
-        ``INLINE_REMOVAL_*``. ``False`` at the first step that does not fit (or fails): what
+        cgroup directories when no lock or drain is needed, a nameless namespace (one with a
+        name has a tap or uplink, which go by netlink), and the jail and run directories
+        within ``INLINE_REMOVAL_*``. ``False`` at the first step that does not fit (or fails): what
         is done is marked done or safe to redo, and :meth:`release` (in a thread) does the rest
         and reports.
         """
-        if (self.jail_dir is not None and self.vmm_unknown) or self.tap is not None or self.uplink:
+        if self.jail_dir is not None and self.vmm_unknown:
+            return False
+        if self.netns_name is not None or self.tap is not None or self.uplink:
             return False
         try:
             if self.cgroups is not None:
                 if not self.cgroups.remove_lock_free():
                     return False
                 self.cgroups = None
-            if self.netns_name is not None:
-                probe, self.netns_probe = self.netns_probe, None
-                try:
-                    cleanup.remove_network(self.netns_name, self.vm_id, None, False)
-                except BaseException:
-                    self._hand_back_netns(probe, reusable=False)
-                    raise
-                self.netns_name = None
-                self._hand_back_netns(probe, reusable=True)
+            self._release_nameless_netns(reusable=True)
             budget = RemovalBudget(INLINE_REMOVAL_BYTES, INLINE_REMOVAL_ENTRIES)
             if self.jail_dir is not None:
                 cleanup.remove_jail_tree(self.jail_dir, budget)
@@ -112,21 +119,15 @@ class JailResources:
                 self.cgroups = None
             except Exception as exc:
                 failures.append(f"cgroups {[str(p) for p in cgroups.paths.values()]}: {exc}")
-        if self.netns_name is not None:
-            # Reused only if nothing can still run inside: the cgroups are gone (rmdir
-            # fails while a task is in one) and nothing failed before.
-            reusable = not failures and self.cgroups is None
-            reusable = reusable and self.tap is None and not self.uplink
-            probe, self.netns_probe = self.netns_probe, None
+        if self.netns_name is not None:  # a named one, with its tap or uplink
             try:
                 cleanup.remove_network(self.netns_name, self.vm_id, self.tap, self.uplink)
                 self.netns_name, self.tap, self.uplink = None, None, False
             except Exception as exc:
                 failures.append(f"network namespace {self.netns_name}: {exc}")
-                reusable = False
-            self._hand_back_netns(probe, reusable=reusable)
-        self._hand_back_netns(self.netns_probe, reusable=False)  # a probe without a name
-        self.netns_probe = None
+        # A nameless one is reused only if nothing can still run inside: the cgroups are
+        # gone (rmdir fails while a task is in one) and nothing failed before.
+        self._release_nameless_netns(reusable=not failures and self.cgroups is None)
         for label, remove in (
             ("jail_dir", cleanup.remove_jail_tree),
             ("run_dir", cleanup.remove_run_dir),
@@ -145,10 +146,17 @@ class JailResources:
                 failures,
             )
 
+    def _release_nameless_netns(self, *, reusable: bool) -> None:
+        """Let go of a nameless namespace (a start's, or a stopped VM's): our descriptor,
+        then the probe, which goes back to the pool if ``reusable`` (see below)."""
+        self.close_netns_fd()
+        probe, self.netns_probe = self.netns_probe, None
+        self._hand_back_netns(probe, reusable=reusable)
+
     def _hand_back_netns(self, probe: socket.socket | None, *, reusable: bool) -> None:
-        """Once the namespace's name is gone: keep it for a later VM (``reusable``: it had no
-        TAP or uplink and its cgroups are gone; and stop reaped the VMM), else let the probe
-        go, and the namespace with it."""
+        """Keep the probe's namespace for a later VM (``reusable``: its cgroups are gone and
+        nothing failed; and stop reaped the VMM), else let the probe go, and the namespace
+        with it once nothing else holds it."""
         if probe is None:
             return
         if reusable and self.vmm_reaped and not self.vmm_unknown:

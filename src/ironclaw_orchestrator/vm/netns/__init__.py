@@ -1,9 +1,11 @@
 """Network namespaces, TAP devices and the opt-in uplink of a microVM (netlink via pyroute2).
 
-Every VM gets its own network namespace, ``ironclaw-<vm_id>`` (``/run/netns/<name>``, the
-same place ``ip netns`` uses), which the jailer joins with ``--netns <path>``. Inside it
-lives the VM's TAP device: a *persistent* TAP created here, owned by the jail's uid/gid, so
-that the unprivileged, jailed Firecracker can attach to it by name.
+Every VM gets its own network namespace, which the jailer joins with ``--netns <path>``. A
+VM without a TAP or uplink gets one with no name (:func:`create_vm_netns`, reused through
+:mod:`.pool`); one with a TAP or uplink gets ``ironclaw-<vm_id>`` (``/run/netns/<name>``, the
+same place ``ip netns`` uses), set up by name. Inside it lives the VM's TAP device: a
+*persistent* TAP created here, owned by the jail's uid/gid, so that the unprivileged, jailed
+Firecracker can attach to it by name.
 
 By default the namespace has no way out: only ``lo`` and the TAP. Reaching anything
 beyond needs the explicit opt-in :func:`ensure_uplink` (a veth pair with one end in the
@@ -24,8 +26,9 @@ Layout (each module one concept; dependencies point down the list):
   running a function in a (reused) helper thread that has joined a namespace.
 - :mod:`.netlink`: rtnetlink sockets into the host or a namespace, link lookup.
 - :mod:`.namespace`: :func:`ensure_netns`, :func:`claim_netns_name`,
-  :func:`create_claimed_netns`, :func:`remove_netns`, :func:`list_netns`, ...
-- :mod:`.pool`: :data:`netns_pool`, a finished VM's namespace kept for the next VM.
+  :func:`create_claimed_netns`, :func:`create_vm_netns`, :func:`remove_netns`, ...
+- :mod:`.pool`: a nameless VM namespace's probe, :data:`netns_pool` (a finished VM's
+  namespace kept for the next VM).
 - :mod:`.tap`: :func:`ensure_tap`, :func:`remove_tap`.
 - :mod:`.uplink`: :func:`ensure_uplink`, :func:`remove_uplink`.
 - :mod:`.forkguard`: keeps pyroute2's forked helpers off our asyncio wakeup fd (installed
@@ -49,14 +52,14 @@ from .names import (
 from .namespace import (
     claim_netns_name,
     create_claimed_netns,
-    create_claimed_netns_probed,
+    create_vm_netns,
     ensure_netns,
     interfaces_in,
     list_netns,
     netns_inode,
     remove_netns,
 )
-from .pool import NetnsPool, netns_pool
+from .pool import NetnsPool, netns_pool, open_netns
 from .tap import ensure_tap, remove_tap
 from .uplink import Uplink, ensure_uplink, remove_uplink
 
@@ -69,7 +72,7 @@ __all__ = [
     "Uplink",
     "claim_netns_name",
     "create_claimed_netns",
-    "create_claimed_netns_probed",
+    "create_vm_netns",
     "ensure_netns",
     "ensure_tap",
     "ensure_uplink",
@@ -80,6 +83,7 @@ __all__ = [
     "netns_name",
     "netns_path",
     "netns_pool",
+    "open_netns",
     "remove_netns",
     "remove_tap",
     "remove_uplink",

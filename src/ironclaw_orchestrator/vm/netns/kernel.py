@@ -84,7 +84,9 @@ def _is_nsfs(path: Path | str) -> bool:
 
 
 def _require_netns(name: str) -> Path:
-    path = netns_path(name)
+    """The namespace's path: ``name`` under ``/run/netns``, or ``name`` itself if it is an
+    absolute path (such as a nameless VM namespace's ``/proc/<pid>/ns/net``)."""
+    path = Path(name) if name.startswith("/") else netns_path(name)
     if not path.exists():
         raise NetworkError(
             f"network namespace {name!r} does not exist ({path} is missing): "

@@ -7,7 +7,8 @@ Namespace creation needs no fork and no external binary: a helper thread
 belong to their creator's namespace) and goes back home; the bind mount keeps the namespace
 alive.
 
-A VM's own namespace (:func:`create_claimed_netns`) keeps ``lo`` down, as ``ip netns add``
+A VM's own namespace (:func:`create_vm_netns`, or :func:`create_claimed_netns` for a VM
+with a TAP or uplink, which are set up by name) keeps ``lo`` down, as ``ip netns add``
 leaves it and as the spec's example uses it: only the jailer and Firecracker run inside and
 neither uses IP there (the API and vsock are Unix sockets; the guest's packets arrive on its
 TAP, and packets to the namespace's own TAP or veth addresses are delivered without ``lo``).
@@ -277,19 +278,18 @@ def create_claimed_netns(name: str) -> Path:
     return _create_claimed(name, lambda path: _bind_here(name, path, lo_up=False))
 
 
-def create_claimed_netns_probed(name: str) -> tuple[Path, socket.socket]:
-    """:func:`create_claimed_netns`, and a probe made inside the new namespace (see
-    :mod:`.pool`): its path and the probe."""
-    probe: socket.socket | None = None
-
-    def body(path: Path) -> None:
-        nonlocal probe
-        _bind_here(name, path, lo_up=False)
-        probe = new_probe()
-
-    path = _create_claimed(name, body)
-    assert probe is not None
-    return path, probe
+def create_vm_netns() -> socket.socket:
+    """A new network namespace with no name, ``lo`` down, held by the probe returned (an
+    rtnetlink socket made inside it, see :mod:`.pool`): a VM without TAP or uplink joins it
+    through :func:`~.pool.open_netns`. Closing the probe frees it (once nothing else is in
+    it). Nothing is mounted or written on the host."""
+    try:
+        return _run_in_new_netns(_unshare_net, new_probe)
+    except OSError as exc:
+        raise NetworkError(
+            f"could not create a network namespace: {exc}; check that we run as root "
+            "(CAP_SYS_ADMIN) and that no seccomp filter refuses unshare(CLONE_NEWNET)"
+        ) from exc
 
 
 def _create_claimed(name: str, body: Callable[[Path], None]) -> Path:
@@ -376,7 +376,8 @@ def netns_inode(path: Path) -> int:
 
 
 def interfaces_in(netns: str) -> list[str]:
-    """Return the names of all links in the named network namespace, by ifindex."""
+    """Return the names of all links in a network namespace, by ifindex: ``netns`` is its
+    name, or a path to it (such as ``vm.vmm.netns_path``)."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     try:

@@ -1,30 +1,33 @@
-"""Reusing a finished VM's network namespace for the next VM started by this process.
+"""A VM's own network namespace: nameless, pinned by a probe, reused by the next VM.
+
+A VM without a TAP or uplink gets a namespace with no name: nothing under ``/run/netns``,
+no bind mount. What holds it is a *probe*, an rtnetlink socket made inside it when it was
+created (a socket stays in the namespace it was made in), and the jailer joins it through
+our descriptor of it (:func:`open_netns`, passed as ``/proc/<our pid>/fd/<fd>``: a path into
+our descriptor table, which the jailer, as root, may open whatever it does with its own
+descriptors; ours stays open until the VM is ready). Once the VMM runs, the VMM and
+the probe hold it; when both are gone the kernel frees it. So a crash, ours or the VMM's,
+cannot leave it behind, and no mount is made or removed per VM (a mount takes the host's
+mount lock, which the jailers' own mounts need too).
 
 Making a namespace and freeing it costs the kernel about 1.4 ms of CPU (the creation runs
 every subsystem's per-namespace setup, the release a worker's teardown), more than the
-rest of a start's host work. A VM's own namespace is handed back here when it stops, if
-it holds nothing a later VM could notice:
+rest of a start's host work. So a VM's namespace is handed back here when it stops, if it
+holds nothing a later VM could notice:
 
-* only VMs without a TAP or uplink return theirs: their namespace was never configured,
+* only VMs without a TAP or uplink have one: their namespace was never configured,
   only the jailer and Firecracker ran inside, and neither can change it (the VMM runs
   under the jail uid without capabilities; a namespace owned by the host's user namespace
   takes ``CAP_NET_ADMIN`` there to add a link, an address, a route, a rule or a sysctl);
 * its processes are gone: stop reaped the VMM, whose PID namespace took every process in
   it along, and the VM's cgroups are removed (an ``rmdir`` fails while a task is inside);
   the sockets they held died with them. A failed start never returns its namespace;
-* its name is removed first, so no path names it while another VM may get it;
 * checked anyway before it is kept: the namespace holds exactly one link, the loopback,
   and it is down, as the kernel made it.
 
-What this cannot see: a process from outside (``ip netns exec``, ``nsenter``, a sidecar)
-that entered the namespace and outlives the VM. Hosts that do that set the pool to 0.
-
-Each namespace carries a *probe*: an rtnetlink socket made inside it when it was created.
-A socket stays in the namespace it was made in, so the probe both pins the namespace
-(no bind mount, nothing under ``/run/netns`` while it is idle: a crash leaves nothing, the
-kernel frees it with the process) and answers the check above. A later VM gets the
-namespace bound on its own ``/run/netns/ironclaw-<id>`` (from the probe's ``SIOCGSKNS``),
-so names, records, stop and gc are those of a fresh namespace.
+What this cannot see: a process from outside (``nsenter --net=/proc/<vmm pid>/ns/net``, a
+sidecar) that entered the namespace and outlives the VM. Hosts that do that set the pool
+to 0.
 
 At most ``IRONCLAW_NETNS_POOL`` namespaces (default 32) wait idle; ``0`` turns reuse off,
 so every VM gets a namespace the kernel has just made. A forked child starts empty.
@@ -38,10 +41,8 @@ import os
 import socket
 import struct
 import threading
-from pathlib import Path
 
 from ...errors import ConfigError
-from .kernel import _MS_BIND, _mount
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
@@ -50,6 +51,7 @@ __all__ = [
     "holds_only_lo_down",
     "netns_pool",
     "new_probe",
+    "open_netns",
 ]
 
 POOL_ENV = "IRONCLAW_NETNS_POOL"
@@ -70,6 +72,12 @@ _IFF_UP, _IFF_LOOPBACK = 0x1, 0x8
 def new_probe() -> socket.socket:
     """An rtnetlink socket in the calling thread's network namespace (close-on-exec)."""
     return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE)
+
+
+def open_netns(probe: socket.socket) -> int:
+    """A new descriptor of the probe's network namespace (close-on-exec): ``SIOCGSKNS``."""
+    fd: int = fcntl.ioctl(probe.fileno(), _SIOCGSKNS)
+    return fd
 
 
 def _links(probe: socket.socket) -> list[tuple[int, int]]:
@@ -150,30 +158,18 @@ class NetnsPool:
     def __len__(self) -> int:
         return len(self._idle)
 
-    def bind_idle(self, path: Path) -> socket.socket | None:
-        """Bind an idle namespace on ``path`` (a claimed, empty file); its probe, or ``None``
-        if none is idle (or the bind failed: that namespace is dropped)."""
+    def take(self) -> socket.socket | None:
+        """An idle namespace's probe (the namespace is the caller's now), or ``None``."""
         with self._lock:
-            probe = self._idle.pop() if self._idle else None
-        if probe is None:
-            return None
-        try:
-            ns_fd = fcntl.ioctl(probe.fileno(), _SIOCGSKNS)
-            try:
-                _mount(f"/proc/self/fd/{ns_fd}", str(path), _MS_BIND)
-            finally:
-                os.close(ns_fd)
-        except OSError:
-            probe.close()
-            return None
-        with self._lock:
+            if not self._idle:
+                return None
             self.reused += 1
-        return probe
+            return self._idle.pop()
 
     def keep(self, probe: socket.socket) -> bool:
         """Take ``probe``'s namespace back for a later VM, if there is room and it passes
-        :func:`holds_only_lo_down`; else close the probe. Call it once the namespace's path
-        is removed (as a stopping VM's resources do)."""
+        :func:`holds_only_lo_down`; else close the probe (and the namespace goes once the
+        VMM is gone too)."""
         with self._lock:
             room = len(self._idle) < self.size
         if room and holds_only_lo_down(probe):
@@ -192,7 +188,7 @@ class NetnsPool:
             probe.close()
 
     def _after_fork_in_child(self) -> None:
-        # The parent keeps handing these out: the child must never bind one too.
+        # The parent keeps handing these out: the child must never hand one out too.
         self._lock = threading.Lock()
         idle, self._idle = self._idle, []
         for probe in idle:
