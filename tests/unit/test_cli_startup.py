@@ -161,6 +161,82 @@ def test_resume_gc_leaves_a_collector_it_did_not_stop_alone() -> None:
     assert proc.stdout.startswith("ENABLED False FROZEN 0"), proc.stdout + proc.stderr
 
 
+def test_ctrl_c_while_the_command_loads_is_raised_before_it_starts(tmp_path: Path) -> None:
+    """SIGINT during ``vm run``'s imports does not interrupt an import (CPython can turn that
+    into an unrelated error): it is held, then ends the command as Ctrl-C does (130) before
+    the command does anything."""
+    proc = run_python(
+        """
+        import asyncio, importlib.abc, signal
+
+        class Interrupt(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "ironclaw_orchestrator.cli.vm":
+                    os.kill(os.getpid(), signal.SIGINT)  # delivered at once, mid-import
+                    os.write(1, b"SENT\\n")
+                return None
+
+        def fake_run(coro):
+            coro.close()
+            print("RAN", flush=True)
+            return 0
+
+        asyncio.run = fake_run
+        sys.meta_path.insert(0, Interrupt())
+        sys.argv = ["ironclaw", "vm", "run", "--id", "startup-2"]
+        from ironclaw_orchestrator.cli import main
+        main()
+        """,
+        env={"IRONCLAW_CACHE_DIR": str(tmp_path / "probe-cache")},
+    )
+    assert proc.stdout == "SENT\n", proc.stdout + proc.stderr
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_held_with_no_command_to_run_still_counts() -> None:
+    """``--help`` (no command function runs): a Ctrl-C held while it loaded still ends the
+    process as SIGINT does, once the help is out."""
+    proc = run_python(
+        """
+        import importlib.abc, signal
+
+        class Interrupt(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "ironclaw_orchestrator.cli.root":
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, Interrupt())
+        sys.argv = ["ironclaw", "--help"]
+        from ironclaw_orchestrator.cli import main
+        main()
+        """
+    )
+    assert "Usage" in proc.stdout, proc.stderr
+    assert proc.returncode == -2, (proc.returncode, proc.stderr)
+
+
+def test_end_start_up_restores_the_usual_handler() -> None:
+    proc = run_python(
+        """
+        import signal
+        from ironclaw_orchestrator.cli.startup import defer_interrupt, end_start_up
+
+        defer_interrupt()
+        os.kill(os.getpid(), signal.SIGINT)
+        print("HELD", flush=True)
+        try:
+            end_start_up()
+        except KeyboardInterrupt:
+            print("RAISED", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        end_start_up()  # nothing pending: no second interrupt
+        print("DONE", flush=True)
+        """
+    )
+    assert proc.stdout == "HELD\nRAISED True\nDONE\n", proc.stdout + proc.stderr
+
+
 class _Resumed(Exception):
     pass
 
@@ -174,11 +250,12 @@ def _leaves(command: Any, path: str = "ironclaw") -> Iterator[tuple[str, Any]]:
         yield from _leaves(commands[name], f"{path} {name}")
 
 
-def test_every_command_resumes_the_collector_before_its_work(
+def test_every_command_ends_the_start_up_before_its_work(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Each command of the tree (sub-groups' too) calls resume_gc before its own function:
-    a long-running one (serve, vm run --probe spin) must not run without the collector."""
+    """Each command of the tree (sub-groups' too) calls end_start_up before its own function:
+    a long-running one (serve, vm run --probe spin) must not run without the collector, nor
+    with Ctrl-C held."""
     import typer.main
 
     from ironclaw_orchestrator.cli import app, lazy
@@ -186,7 +263,7 @@ def test_every_command_resumes_the_collector_before_its_work(
     def resumed() -> None:
         raise _Resumed
 
-    monkeypatch.setattr(lazy, "resume_gc", resumed)
+    monkeypatch.setattr(lazy, "end_start_up", resumed)
     leaves = list(_leaves(typer.main.get_command(app)))
     assert {"ironclaw vm run", "ironclaw serve", "ironclaw image add-agent"} <= {
         path for path, _ in leaves

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .startup import exit_now, pause_gc
+from .startup import defer_interrupt, end_start_up, exit_now, pause_gc
 
 if TYPE_CHECKING:
     from .common import ExitCode
@@ -58,10 +58,14 @@ def main() -> NoReturn:
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     # No garbage collection while typer and the command's modules load (startup.py says why).
     pause_gc()
+    # A Ctrl-C while the modules load is held until the command starts (startup.py says why).
+    defer_interrupt()
     from .root import app
 
     try:
         app(prog_name="ironclaw")
     except SystemExit as exc:
+        end_start_up()  # no command ran (--help, a usage error): a held Ctrl-C still counts
         exit_now(exc.code)
+    end_start_up()
     exit_now(0)

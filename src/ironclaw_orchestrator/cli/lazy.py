@@ -14,8 +14,9 @@ its commands is looked up::
 The attribute is a command function (its help is the named module attribute, else its
 docstring) or a ``typer.Typer`` (a sub-group, with the help it was declared with).
 
-Every command loaded here first calls :func:`.startup.resume_gc`: ``cli.main`` pauses the
-garbage collector for the imports and the parsing, and the command's own work runs with it on.
+Every command loaded here first calls :func:`.startup.end_start_up`: ``cli.main`` pauses the
+garbage collector and holds Ctrl-C for the imports and the parsing, and the command's own
+work runs with both back as usual.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typer.core import TyperGroup
 from typer.main import get_command_from_info, get_group
 from typer.models import CommandInfo
 
-from .startup import resume_gc
+from .startup import end_start_up
 
 __all__ = ["LazyCommands", "LazyGroup", "load_command"]
 
@@ -47,19 +48,19 @@ def load_command(name: str, spec: str, *, rich_markup_mode: Any) -> Any:
     if isinstance(target, typer.Typer):
         group = get_group(target)
         group.name = name
-        return _resuming_gc(group)
+        return _ending_start_up(group)
     info = CommandInfo(
         name=name,
         callback=target,
         help=getattr(module, help_attr) if help_attr else None,
     )
-    return _resuming_gc(
+    return _ending_start_up(
         get_command_from_info(info, pretty_exceptions_short=True, rich_markup_mode=rich_markup_mode)
     )
 
 
-def _resuming_gc(command: Any) -> Any:
-    """``command`` (and a group's commands) with a callback that first resumes the collector.
+def _ending_start_up(command: Any) -> Any:
+    """``command`` (and a group's commands) with a callback that first ends the start-up.
 
     A group's own callback is left alone: it runs before its sub-command is imported. A lazy
     group's commands are wrapped as they load (walking them here would import them all).
@@ -69,16 +70,16 @@ def _resuming_gc(command: Any) -> Any:
         return command
     if commands is not None:
         for sub in commands.values():
-            _resuming_gc(sub)
+            _ending_start_up(sub)
     elif command.callback is not None:
-        command.callback = _after_resume_gc(command.callback)
+        command.callback = _after_start_up(command.callback)
     return command
 
 
-def _after_resume_gc(callback: Callable[..., Any]) -> Callable[..., Any]:
+def _after_start_up(callback: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(callback)
     def run(*args: Any, **kwargs: Any) -> Any:
-        resume_gc()
+        end_start_up()
         return callback(*args, **kwargs)
 
     return run

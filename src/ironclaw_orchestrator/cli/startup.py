@@ -11,6 +11,11 @@ interpreter tears every module down one object at a time. Of ``ironclaw vm run``
   :mod:`.lazy`) moves what was made so far to the permanent generation (``gc.freeze``) and
   turns the collector back on, so a command that runs for hours collects as usual and never
   walks the modules again.
+- :func:`defer_interrupt` (called by ``cli.main``) holds a Ctrl-C that arrives while the
+  command's modules load, and :func:`end_start_up` raises it as ``KeyboardInterrupt`` once they
+  have (before the command does anything). CPython cannot always stop an import cleanly: a
+  ``KeyboardInterrupt`` raised inside some extension modules' initialisation (``_ssl``'s, under
+  ``asyncio``) comes out as an unrelated ``TypeError`` with a traceback, exit 1.
 - :func:`exit_now` ends the process with ``os._exit`` once it has done what a normal exit does
   that anyone can observe: the ``atexit`` handlers (logging's flush among them) and flushing
   stdout and stderr. Where that is not enough it exits normally: another non-daemon thread is
@@ -23,13 +28,16 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import signal
 import sys
 import threading
+from types import FrameType
 from typing import NoReturn
 
-__all__ = ["exit_now", "pause_gc", "resume_gc"]
+__all__ = ["defer_interrupt", "end_start_up", "exit_now", "pause_gc", "resume_gc"]
 
 _paused = False
+_interrupt_pending = False
 
 
 def pause_gc() -> None:
@@ -48,6 +56,29 @@ def resume_gc() -> None:
         _paused = False
         gc.freeze()
         gc.enable()
+
+
+def _note_interrupt(signum: int, frame: FrameType | None) -> None:
+    global _interrupt_pending
+    _interrupt_pending = True
+
+
+def defer_interrupt() -> None:
+    """Hold SIGINT until :func:`end_start_up` (only if it has Python's usual handler)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _note_interrupt)
+
+
+def end_start_up() -> None:
+    """The command is about to run: :func:`resume_gc`, give SIGINT its usual handler back and
+    raise ``KeyboardInterrupt`` now if one arrived while it was held."""
+    global _interrupt_pending
+    resume_gc()
+    if signal.getsignal(signal.SIGINT) is _note_interrupt:  # so we are in the main thread
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _interrupt_pending:
+        _interrupt_pending = False
+        raise KeyboardInterrupt
 
 
 def _other_threads_alive() -> bool:
