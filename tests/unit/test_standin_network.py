@@ -3,6 +3,7 @@ stand-in jailer with a fake network layer (making real namespaces needs root).""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -131,3 +132,36 @@ async def test_a_private_namespace_adds_no_host_lock_to_a_start(
         await vm.stop()
         assert not (net.dir / names.netns_name(vm_id)).exists()
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize(
+    "lsm", [{"apparmor_profile": "ironclaw-sa-1"}, {"selinux_label": "system_u:system_r:vm_t:s0"}]
+)
+async def test_a_confined_jailer_joins_a_named_namespace(
+    host: StandinHost, net: FakeNet, monkeypatch: pytest.MonkeyPatch, lsm: dict[str, str]
+) -> None:
+    """Under an AppArmor profile or SELinux label the jailer may not open our
+    ``/proc/<pid>/fd/<fd>`` (a ptrace read of our process): its VM's namespace is named,
+    recorded and removed by name; an unconfined one's has no name."""
+    from ironclaw_orchestrator.vm import hardening, jailer_args
+
+    monkeypatch.setattr(hardening, "require_lsm", lambda cfg: None)  # no LSM on this host
+    monkeypatch.setattr(jailer_args, "lsm_exec_prefix", lambda cfg: [])  # nor aa-exec/runcon
+    registry = Registry(host.root / "state")
+    for vm_id, confined in (("sa-1", True), ("sa-2", False)):
+        jailer = {"isolate_network": True, **(lsm if confined else {})}
+        vm = await start_firecracker(host.vm_config(vm_id, jailer=jailer), registry=registry)
+        name = names.netns_name(vm_id)
+        try:
+            joined = vm.vmm.argv[vm.vmm.argv.index("--netns") + 1]
+            rec = registry.get(vm_id)
+            assert rec is not None
+            if confined:
+                assert joined == str(net.dir / name) and (net.dir / name).exists()
+                assert rec.netns_name == name
+            else:
+                assert joined.startswith(f"/proc/{os.getpid()}/fd/")
+                assert rec.netns_name is None and not (net.dir / name).exists()
+        finally:
+            await vm.stop()
+        assert not (net.dir / name).exists()

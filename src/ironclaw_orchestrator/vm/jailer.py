@@ -153,9 +153,10 @@ async def start_with_jailer(
             f"VM {config.jailer_id}: networking (tap / uplink) needs a network namespace of our "
             "own: leave netns unset and isolate_network=True"
         )
-    if config.netns is None and config.isolate_network and tap is None and uplink_subnet is None:
+    nameless = _nameless_netns(config, tap, uplink_subnet)
+    if nameless:
         ns.netns_pool.size  # noqa: B018  (IRONCLAW_NETNS_POOL checked before anything is made)
-    taken = _netns_taken(config, named=tap is not None or uplink_subnet is not None)
+    taken = _netns_taken(config, named=not nameless)
     if taken is not None:
         raise ConfigError(
             f"VM {config.jailer_id}: network namespace {taken} already exists: the id is in "
@@ -295,6 +296,21 @@ async def _roll_back(
 JAIL_MARKER = names.JAIL_MARKER
 
 
+def _nameless_netns(config: JailerConfig, tap: str | None, uplink_subnet: str | None) -> bool:
+    """Whether the VM gets a namespace of its own with no name (see :mod:`.netns.pool`): not
+    with a tap or uplink (they are set up by name), nor under an AppArmor profile or SELinux
+    label, which would have to let the jailer read our process (opening ``/proc/<our
+    pid>/fd/<fd>`` is a ptrace read of it; the generated AppArmor profile denies ptrace)."""
+    return (
+        config.netns is None
+        and config.isolate_network
+        and tap is None
+        and uplink_subnet is None
+        and config.apparmor_profile is None
+        and config.selinux_label is None
+    )
+
+
 def _netns_taken(config: JailerConfig, named: bool) -> Path | None:
     """The VM's own namespace path if it will have a name (``named``) and it exists already
     (a quick check before making anything; :func:`cleanup.claim_netns` decides by an
@@ -343,12 +359,12 @@ def _make_network(
 ) -> str:
     """Create the VM's own namespace, tap and uplink; the path the jailer joins it by.
 
-    Without tap or uplink the namespace has no name (see :mod:`.netns.pool`): a finished
-    VM's, else a new one, held by its probe and joined through our descriptor of it, which
-    is open until the VM is ready (:meth:`JailResources.close_netns_fd`). With them it is
-    ``ironclaw-<id>`` (refused if that name is taken), which they are set up in by name.
+    A nameless one (:func:`_nameless_netns`) is a finished VM's, else a new one, held by its
+    probe and joined through our descriptor of it, which is open until the VM is ready
+    (:meth:`JailResources.close_netns_fd`). Otherwise it is ``ironclaw-<id>`` (refused if
+    that name is taken), where the tap and uplink are set up by name.
     """
-    if tap is None and uplink_subnet is None:
+    if _nameless_netns(config, tap, uplink_subnet):
         res.changed()  # the run and jail directories are recorded before more is made
         res.netns_probe = ns.netns_pool.take() or ns.create_vm_netns()
         res.netns_fd = ns.open_netns(res.netns_probe)

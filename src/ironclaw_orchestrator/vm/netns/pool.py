@@ -1,6 +1,7 @@
 """A VM's own network namespace: nameless, pinned by a probe, reused by the next VM.
 
-A VM without a TAP or uplink gets a namespace with no name: nothing under ``/run/netns``,
+A VM without a TAP or uplink (and with an unconfined jailer: see
+``jailer._nameless_netns``) gets a namespace with no name: nothing under ``/run/netns``,
 no bind mount. What holds it is a *probe*, an rtnetlink socket made inside it when it was
 created (a socket stays in the namespace it was made in), and the jailer joins it through
 our descriptor of it (:func:`open_netns`, passed as ``/proc/<our pid>/fd/<fd>``: a path into
