@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import struct
 
 import pytest
 
-from ironclaw_orchestrator.errors import ConfigError
+from ironclaw_orchestrator.errors import ConfigError, NetworkError
 from ironclaw_orchestrator.vm.netns import pool
 
 HDR = struct.Struct("=IHHII")
@@ -88,3 +89,14 @@ def test_the_pool_size_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
             _ = pool.NetnsPool().size
     monkeypatch.delenv(pool.POOL_ENV)
     assert pool.NetnsPool().size == pool.DEFAULT_POOL_SIZE
+
+
+def test_a_namespace_that_cannot_be_opened_is_a_network_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def old_kernel(fd: int, request: int, *args: object) -> int:
+        raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")  # before Linux 4.9
+
+    monkeypatch.setattr(pool.fcntl, "ioctl", old_kernel)
+    with pool.new_probe() as probe, pytest.raises(NetworkError, match=r"SIOCGSKNS.*Linux 4\.9"):
+        pool.open_netns(probe)

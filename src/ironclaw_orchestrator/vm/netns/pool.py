@@ -43,7 +43,7 @@ import socket
 import struct
 import threading
 
-from ...errors import ConfigError
+from ...errors import ConfigError, NetworkError
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
@@ -77,7 +77,13 @@ def new_probe() -> socket.socket:
 
 def open_netns(probe: socket.socket) -> int:
     """A new descriptor of the probe's network namespace (close-on-exec): ``SIOCGSKNS``."""
-    fd: int = fcntl.ioctl(probe.fileno(), _SIOCGSKNS)
+    try:
+        fd: int = fcntl.ioctl(probe.fileno(), _SIOCGSKNS)
+    except OSError as exc:
+        raise NetworkError(
+            f"could not open a VM's network namespace from its socket (SIOCGSKNS): {exc}; "
+            "it needs Linux 4.9 or later and CAP_NET_ADMIN (run as root)"
+        ) from exc
     return fd
 
 
