@@ -60,9 +60,10 @@ class JailerConfig(_Model):
     cpu_count: int = Field(default=1, ge=1, le=MAX_VCPUS)
     memory_limit_mb: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_LIMIT_MIB)
     netns: str | None = None
-    #: With ``netns`` unset: give the VM a private network namespace of its own
-    #: (``ironclaw-<id>``, created before the jailer runs and deleted at stop). ``False``
-    #: leaves the VMM in the host's namespace (not recommended).
+    #: With ``netns`` unset: give the VM a private network namespace of its own, created
+    #: before the jailer runs: nameless, or ``ironclaw-<id>`` with a tap, an uplink or an LSM
+    #: profile (deleted at stop; see :mod:`.netns.pool`). ``False`` leaves the VMM in the
+    #: host's namespace (not recommended).
     isolate_network: bool = True
 
     uid: int = Field(default=DEFAULT_JAIL_UID, ge=1, le=2**32 - 2)
