@@ -18,6 +18,7 @@ import pytest
 
 from ironclaw_orchestrator import registry
 from ironclaw_orchestrator.cli import COMMANDS, STATE_DIR_HELP, VM_COMMANDS, app
+from ironclaw_orchestrator.cli.summaries import SUMMARIES
 
 #: Third-party packages no command needs before it does its work (rich: only to print).
 HEAVY = (
@@ -112,6 +113,7 @@ def test_the_command_tree_loads_no_command_and_nothing_heavy() -> None:
         "ironclaw_orchestrator.cli.lazy",
         "ironclaw_orchestrator.cli.root",
         "ironclaw_orchestrator.cli.startup",
+        "ironclaw_orchestrator.cli.summaries",
         "ironclaw_orchestrator.errors",
     ]
     assert top_level(mods, (*HEAVY, "pydantic", "h11", "httptools", "asyncio")) == []
@@ -218,6 +220,51 @@ def test_every_table_entry_is_a_command_with_help(
         sub = cmd.commands[name]  # type: ignore[attr-defined]
         assert sub.name == name
         assert sub.help, f"{name}: no help text"
+        # The group's --help lists the summary: the command's help must begin with it.
+        key = " ".join((*group, name))
+        assert sub.help.split("\n\n")[0] == SUMMARIES[key], key
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["vm", "--help"]], ids=" ".join)
+def test_a_groups_help_imports_none_of_its_commands(argv: list[str]) -> None:
+    """``ironclaw --help`` and ``ironclaw vm --help`` list every command by its summary
+    without importing the commands' modules (they pull in the library)."""
+    mods = modules_after(
+        f"""
+        import sys
+        from ironclaw_orchestrator.cli import main
+
+        sys.argv = ["ironclaw", *{argv!r}]
+        try:
+            main()
+        except SystemExit as exc:
+            assert exc.code in (0, None), exc.code
+        """
+    )
+    prefix = "ironclaw_orchestrator.cli."
+    loaded = {m.removeprefix(prefix) for m in mods if m.startswith(prefix)}
+    assert sorted(CLI_MODULES & loaded) == []
+    # (typer itself may import pydantic to convert the root's options: typer >= 0.2x does)
+    assert under(mods, (*LIBRARY_ONLY_SOME, "ironclaw_orchestrator.vm")) == []
+    assert under(mods, ("ironclaw_orchestrator.registry", "asyncio")) == []
+
+
+def test_a_listed_command_is_loaded_for_real_afterwards(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The stand-ins exist only while the help is printed: a lookup after it gets the
+    command itself, with its options."""
+    import click
+    import typer.main
+
+    group = typer.main.get_command(app).commands["vm"]  # type: ignore[attr-defined]
+    with click.Context(group, info_name="vm", terminal_width=400) as ctx:
+        listing = group.get_help(ctx) + capsys.readouterr().out  # rich prints it itself
+        for name in VM_COMMANDS:
+            assert f" {name} " in listing
+        assert SUMMARIES["vm resume"] in listing
+        run = group.get_command(ctx, "run")
+    assert any("--probe" in p.opts for p in run.params), run
 
 
 def test_unknown_command_is_a_usage_error_with_suggestion() -> None:

@@ -46,11 +46,11 @@ from .common import (
     stderr,
 )
 from .records import JsonOption, open_registry
+from .summaries import help_text
 from .vm import Probe, build_config
 
-START_HELP = (
-    "Start a microVM detached: a supervisor process of its own boots it and keeps it "
-    "running after this command returns.\n\n"
+START_HELP = help_text(
+    "vm start",
     "vm start always detaches (-d/--detach is implied and accepted, as in `docker run "
     "-d`); use `ironclaw vm run` to run a VM in the foreground. Takes the flags and the "
     "TOML file of `vm run`. Without --kernel it boots the built-in probe guest with "
@@ -62,7 +62,7 @@ START_HELP = (
     "Examples:\n\n"
     "sudo ironclaw vm start -d --id web-1\n\n"
     "sudo ironclaw vm start --kernel vmlinux --rootfs rootfs.ext4 --memory 512 --id web-2\n\n"
-    "sudo ironclaw --state-dir /tmp/ic vm start -d --json"
+    "sudo ironclaw --state-dir /tmp/ic vm start -d --json",
 )
 
 

@@ -23,11 +23,12 @@ from .common import (
     setup_logging,
     stdout,
 )
+from .summaries import help_text
 
 _STYLE = {lib.Status.PASS: "green", lib.Status.WARN: "yellow", lib.Status.FAIL: "bold red"}
 
-HELP = (
-    "Check that this host can run jailed Firecracker microVMs.\n\n"
+HELP = help_text(
+    "doctor",
     "Checks /dev/kvm, the firecracker and jailer binaries (found, versions match), "
     "the cgroup layout and controllers (and that VM cgroups can be created), the "
     "chroot base, the API socket path budget, network namespaces and root; then boots "
@@ -37,7 +38,7 @@ HELP = (
     "Examples:\n\n"
     "ironclaw doctor\n\n"
     "ironclaw doctor --json --no-live\n\n"
-    "ironclaw doctor --unjailed --config vm.toml"
+    "ironclaw doctor --unjailed --config vm.toml",
 )
 
 

@@ -16,10 +16,10 @@ from ..gc.user import gc_host_for_user
 from ..registry import Registry, check_vm_id
 from ..vm.config import JailerConfig
 from .common import ExitCode, VerboseOption, handle_errors, setup_logging, stderr, stdout
+from .summaries import help_text
 
-HELP = (
-    "Clean up VMs whose owner died (a killed `vm run`, supervisor or program) and "
-    "orphaned resources of ours.\n\n"
+HELP = help_text(
+    "gc",
     "For each registry record whose owning process is gone: kills its VMM (if it is still "
     "the same process) and removes exactly what the record names (cgroups, tap, network "
     "namespace, jail and run directories, socket), then the record. Then removes orphans "
@@ -31,7 +31,7 @@ HELP = (
     "Examples:\n\n"
     "sudo ironclaw gc --dry-run\n\n"
     "sudo ironclaw gc\n\n"
-    "sudo ironclaw gc --id web-1 --json"
+    "sudo ironclaw gc --id web-1 --json",
 )
 
 _STYLE = {"failed": "bold red", "skipped": "yellow"}

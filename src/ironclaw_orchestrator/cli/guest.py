@@ -25,21 +25,20 @@ from ..agent.protocol import DEFAULT_VSOCK_PORT
 from ..agent.vmhandle import vsock_host_path
 from ..registry import Registry
 from .common import ExitCode, fail, handle_errors, stderr
+from .summaries import help_text
 
-EXEC_HELP = (
-    "Run a command in a VM's guest (through ironclaw-agent over vsock) and pass its exit code "
-    "through; stdout and stderr are streamed as they come.\n\n"
+EXEC_HELP = help_text(
+    "vm exec",
     "Examples:\n\n"
     "  ironclaw vm exec web-1 -- uname -a\n\n"
     "  ironclaw vm exec web-1 --timeout 60 --env CI=1 --cwd /src -- make test\n\n"
-    "  echo data | ironclaw vm exec web-1 -i -- sha256sum"
+    "  echo data | ironclaw vm exec web-1 -i -- sha256sum",
 )
-CP_HELP = (
-    "Copy a file into or out of a VM's guest, verified end to end by SHA-256 and written "
-    "atomically. One side is VM_ID:/absolute/guest/path, the other a local path.\n\n"
+CP_HELP = help_text(
+    "vm cp",
     "Examples:\n\n"
     "  ironclaw vm cp ./script.sh web-1:/tmp/script.sh\n\n"
-    "  ironclaw vm cp web-1:/var/log/app.log ."
+    "  ironclaw vm cp web-1:/var/log/app.log .",
 )
 
 AgentOption = Annotated[

@@ -9,6 +9,7 @@ import typer
 
 from ..agent.image import add_agent as _add_agent
 from .common import handle_errors, stderr, stdout
+from .summaries import help_text
 
 ADD_AGENT_HELP = (
     "Install the guest agent (ironclaw-agent) into an ext2/3/4 root filesystem image, with "
@@ -20,7 +21,7 @@ ADD_AGENT_HELP = (
 )
 
 app = typer.Typer(
-    help="Prepare root filesystem images.\n\nExample:\n\n  ironclaw image add-agent rootfs.ext4",
+    help=help_text("image", "Example:\n\n  ironclaw image add-agent rootfs.ext4"),
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -20,9 +20,10 @@ from rich.progress import (
 
 from .. import install as lib
 from .common import VerboseOption, handle_errors, setup_logging, stderr, stdout
+from .summaries import help_text
 
-HELP = (
-    f"Download, verify (SHA-256) and install firecracker and jailer from one release.\n\n"
+HELP = help_text(
+    "install",
     f"Installs PREFIX/firecracker-VERSION, PREFIX/jailer and the symlink "
     f"PREFIX/firecracker, and creates the chroot base directory. Before that, each binary "
     f"must be an executable for this arch whose --version names its program and VERSION. "
@@ -32,7 +33,7 @@ HELP = (
     f"sudo ironclaw install --version v1.14.1 --prefix /opt/firecracker/bin\n\n"
     f"sudo ironclaw install --from ./firecracker-v1.14.1-x86_64.tgz --sha256 "
     f"0123...abcd\n\n"
-    f"Default version: {lib.DEFAULT_VERSION}; default prefix: {lib.DEFAULT_PREFIX}."
+    f"Default version: {lib.DEFAULT_VERSION}; default prefix: {lib.DEFAULT_PREFIX}.",
 )
 
 

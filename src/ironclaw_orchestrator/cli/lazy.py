@@ -1,4 +1,4 @@
-"""Command groups whose commands are imported only when they are run (or listed by --help).
+"""Command groups whose commands are imported only when they are run.
 
 A command's module pulls in what the command needs (the VM code, pydantic, the registry,
 rich tables...); importing every module to run one command cost most of the CLI's start-up.
@@ -14,6 +14,11 @@ its commands is looked up::
 The attribute is a command function (its help is the named module attribute, else its
 docstring) or a ``typer.Typer`` (a sub-group, with the help it was declared with).
 
+A group's ``--help`` lists its commands by their one-line summaries (:mod:`.summaries`,
+keyed by the group's words and the command's name) without importing them: a stand-in
+command that carries only the name and the summary is listed instead of any command not
+loaded yet.
+
 Every command loaded here first calls :func:`.startup.end_start_up`: ``cli.main`` pauses the
 garbage collector and holds Ctrl-C for the imports and the parsing, and the command's own
 work runs with both back as usual.
@@ -27,11 +32,12 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 from typer.main import get_command_from_info, get_group
 from typer.models import CommandInfo
 
 from .startup import end_start_up
+from .summaries import SUMMARIES
 
 __all__ = ["LazyCommands", "LazyGroup", "load_command"]
 
@@ -92,13 +98,25 @@ class LazyCommands(MutableMapping[str, Any]):
     """
 
     def __init__(
-        self, eager: Mapping[str, Any], table: Mapping[str, str], rich_markup_mode: Any
+        self,
+        eager: Mapping[str, Any],
+        table: Mapping[str, str],
+        rich_markup_mode: Any,
+        summary_key: str = "",
     ) -> None:
         self._loaded: dict[str, Any] = dict(eager)
         self._table = dict(table)
         self._rich_markup_mode = rich_markup_mode
+        self._summary_key = summary_key
+        #: Set while the group's help is printed: commands not loaded yet are listed by
+        #: their summaries (see the module docstring).
+        self.listing = False
 
     def __getitem__(self, name: str) -> Any:
+        if name not in self._loaded and self.listing:
+            summary = SUMMARIES.get(f"{self._summary_key}{name}")
+            if summary is not None:
+                return TyperCommand(name=name, help=summary)
         if name not in self._loaded:
             spec = self._table[name]  # KeyError: no such command
             self._loaded[name] = load_command(name, spec, rich_markup_mode=self._rich_markup_mode)
@@ -133,10 +151,23 @@ class LazyGroup(TyperGroup):
     """
 
     lazy_commands: ClassVar[Mapping[str, str]] = {}
+    #: The group's words before a command's name in :data:`.summaries.SUMMARIES` (``"vm "``).
+    summary_key: ClassVar[str] = ""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.commands = LazyCommands(self.commands, self.lazy_commands, self.rich_markup_mode)
+        self.commands = LazyCommands(
+            self.commands, self.lazy_commands, self.rich_markup_mode, self.summary_key
+        )
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        commands = self.commands
+        assert isinstance(commands, LazyCommands)
+        commands.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            commands.listing = False
 
     def list_commands(self, ctx: Any) -> list[str]:
         # Names only: TyperGroup's version walks items(), which would import every module.

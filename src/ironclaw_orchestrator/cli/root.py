@@ -15,6 +15,7 @@ import typer
 
 from .common import VerboseOption, setup_logging
 from .lazy import LazyGroup
+from .summaries import help_text
 
 __all__ = ["COMMANDS", "STATE_DIR_HELP", "VM_COMMANDS", "app", "version_text", "vm_app"]
 
@@ -59,6 +60,7 @@ class _RootGroup(LazyGroup):
 
 class _VmGroup(LazyGroup):
     lazy_commands = VM_COMMANDS
+    summary_key = "vm "
 
 
 app = typer.Typer(
@@ -81,13 +83,13 @@ app = typer.Typer(
 
 vm_app = typer.Typer(
     cls=_VmGroup,
-    help=(
-        "Run microVMs: in the foreground (run) or detached (start, ls, stats, logs, stop)."
-        "\n\nExamples:\n\n"
+    help=help_text(
+        "vm",
+        "Examples:\n\n"
         "  ironclaw vm run --probe halt\n\n"
         "  ironclaw vm start -d --id web-1\n\n"
         "  ironclaw vm ls\n\n"
-        "  ironclaw vm stop web-1"
+        "  ironclaw vm stop web-1",
     ),
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -13,10 +13,11 @@ from ..security.facts import jail_facts
 from ..security.selinux import JAILER_LABEL, generate_selinux_module, module_name
 from ..vm.binaries import find_firecracker
 from .common import ConfigFileOption, IdOption, fail, handle_errors, load_toml, stderr
+from .summaries import help_text
 from .vm import build_config
 
 app = typer.Typer(
-    help="Host confinement beyond the jailer: AppArmor profiles and SELinux policy modules.",
+    help=help_text("security"),
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

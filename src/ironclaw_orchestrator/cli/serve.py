@@ -13,9 +13,10 @@ from ..server.settings import DEFAULT_IMAGE_DIR, DEFAULT_SOCKET
 from ..vm.config import DEFAULT_CHROOT_BASE
 from ..vm.rundir import run_root
 from .common import handle_errors
+from .summaries import help_text
 
-HELP = (
-    "Run the host agent: this host's VMs over an HTTP+JSON API (OpenAPI at /openapi.json).\n\n"
+HELP = help_text(
+    "serve",
     "Listens on a Unix socket (mode 0600, root only); with --tcp also on TCP, where every "
     "request needs 'Authorization: Bearer <token>' from --token-file (the agent refuses "
     "to start on TCP without one). VMs belong to their own supervisor processes: stopping "
@@ -27,7 +28,7 @@ HELP = (
     "sudo ironclaw serve\n\n"
     "sudo ironclaw serve --tcp 10.0.0.5:7070 --token-file /etc/ironclaw/token "
     "--label zone=a\n\n"
-    "curl --unix-socket /run/ironclaw/agent.sock http://agent/v1/host"
+    "curl --unix-socket /run/ironclaw/agent.sock http://agent/v1/host",
 )
 
 

@@ -30,13 +30,14 @@ from ..vm.snapshot_api import diff_needs_tracking
 from ..vm.snapshot_base import diff_base
 from .common import ExitCode, IdOption, VerboseOption, handle_errors, setup_logging, stderr
 from .records import JsonOption, get_record, open_registry
+from .summaries import help_text
 
 __all__ = ["pause", "restore", "resume", "snapshot"]
 
-PAUSE_HELP = "Pause a running VM's vCPUs.\n\nExample:\n\nironclaw vm pause web-1"
-RESUME_HELP = "Resume a paused VM.\n\nExample:\n\nironclaw vm resume web-1"
-SNAPSHOT_HELP = (
-    "Snapshot a running jailed VM into the new directory DIR.\n\n"
+PAUSE_HELP = help_text("vm pause", "Example:\n\nironclaw vm pause web-1")
+RESUME_HELP = help_text("vm resume", "Example:\n\nironclaw vm resume web-1")
+SNAPSHOT_HELP = help_text(
+    "vm snapshot",
     "The VM is paused while its memory, state and root drive are written, then resumed "
     "(--no-resume leaves it paused). DIR gets the files and a manifest (config, firecracker "
     "version, sizes, SHA-256 of each file); it appears only once complete.\n\n"
@@ -49,11 +50,10 @@ SNAPSHOT_HELP = (
     "ironclaw vm snapshot web-1 /var/lib/ironclaw/snaps/web-1\n\n"
     "ironclaw vm snapshot web-1 ./snap --json\n\n"
     "ironclaw vm snapshot web-1 ./snap-2 --diff\n\n"
-    "ironclaw vm snapshot fork-1 ./fork-snap --diff --base ./snap"
+    "ironclaw vm snapshot fork-1 ./fork-snap --diff --base ./snap",
 )
-RESTORE_HELP = (
-    "Restore the snapshot in DIR as a new VM in a fresh jail and run it in the foreground, "
-    "or detached with -d.\n\n"
+RESTORE_HELP = help_text(
+    "vm restore",
     "The snapshot is verified first (sizes, SHA-256, firecracker version); nothing starts if "
     "it is incomplete, altered or from another release. The new VM has its own uid/gid, "
     "cgroups, network namespace and copy of the root drive. In the foreground Ctrl-C stops "
@@ -63,7 +63,7 @@ RESTORE_HELP = (
     "Examples:\n\n"
     "ironclaw vm restore ./snap --id web-1-fork\n\n"
     "ironclaw vm restore ./snap --id web-1-fork -d\n\n"
-    "ironclaw vm restore ./snap --id paused-1 --paused"
+    "ironclaw vm restore ./snap --id paused-1 --paused",
 )
 
 

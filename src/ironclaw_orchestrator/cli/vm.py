@@ -54,6 +54,7 @@ from .common import (
     setup_logging,
     stderr,
 )
+from .summaries import help_text
 
 log = logging.getLogger("ironclaw_orchestrator.cli")
 
@@ -69,8 +70,8 @@ class Probe(enum.StrEnum):
     spin = "spin"
 
 
-RUN_HELP = (
-    "Start a microVM, boot it and stream its serial console to stdout until it ends.\n\n"
+RUN_HELP = help_text(
+    "vm run",
     "The VM is jailed unless --no-jailer is given (or the jailer cannot run here and "
     "no sandbox is required, in which case a warning is logged). Without --kernel it "
     "boots the built-in probe guest (--probe reset: prints its ready line and exits; "
@@ -91,7 +92,7 @@ RUN_HELP = (
     "sudo ironclaw vm run --kernel vmlinux --rootfs rootfs.ext4 --vcpus 2 --memory "
     "512\n\n"
     "sudo ironclaw vm run --config vm.toml --id web-2\n\n"
-    "ironclaw vm run --no-jailer"
+    "ironclaw vm run --no-jailer",
 )
 
 

@@ -24,30 +24,31 @@ from ..vm.consoleread import dropped_bytes
 from ..vm.seccomp import SeccompStatus, read_seccomp_status
 from .common import ExitCode, handle_errors, stderr, stdout
 from .records import JsonOption, format_duration, get_record, open_registry, uptime_s
+from .summaries import help_text
 
 #: Shown for a counter the host cannot provide (JSON: ``null``).
 MISSING = "-"
 
-LS_HELP = (
-    "List the VMs in the registry, detached or not.\n\n"
+LS_HELP = help_text(
+    "vm ls",
     "STATE is starting, running, stopping, exited (the VMM is gone but its owner has not "
     "cleaned up yet) or stale (the owning process is gone: `ironclaw gc` cleans it up). "
     "PID is the VMM's pid, MEMORY the guest memory and LIMIT the cgroup memory limit; "
     "SECCOMP is 'filter' when every VMM thread runs under a seccomp filter (read live).\n\n"
     "Examples:\n\n"
     "ironclaw vm ls\n\n"
-    "ironclaw vm ls --json | jq '.[] | select(.status == \"stale\") | .vm_id'"
+    "ironclaw vm ls --json | jq '.[] | select(.status == \"stale\") | .vm_id'",
 )
 
-STATS_HELP = (
-    "Show a VM's resource usage, read from its cgroups (jailed VMs only).\n\n"
+STATS_HELP = help_text(
+    "vm stats",
     "A counter this host cannot provide shows as '-' (JSON: null). --watch refreshes "
     "every --interval seconds until Ctrl-C (exit 130) or until the VM is gone; with "
     "--json --watch it prints one JSON document per line.\n\n"
     "Examples:\n\n"
     "ironclaw vm stats web-1\n\n"
     "ironclaw vm stats web-1 --watch --interval 2\n\n"
-    "ironclaw vm stats web-1 --json"
+    "ironclaw vm stats web-1 --json",
 )
 
 

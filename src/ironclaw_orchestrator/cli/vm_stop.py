@@ -15,24 +15,25 @@ from ..registry import Registry, VmRecord, describe_process
 from ..supervisor import DEFAULT_STOP_TIMEOUT_S, list_vms, stop_detached
 from .common import ExitCode, exit_code_for, fail, handle_errors, stderr, stdout
 from .records import get_record, open_registry
+from .summaries import help_text
 from .vm import _Follower
 
 #: How often ``vm logs -f`` checks that the VM's record still exists.
 RECORD_POLL_S = 0.25
 
-LOGS_HELP = (
-    "Print a VM's serial console (and firecracker's own log lines).\n\n"
+LOGS_HELP = help_text(
+    "vm logs",
     "-f/--follow keeps printing new output until the VM's record is gone (the VM stopped) "
     "or Ctrl-C (exit 130), or until stdout is closed (exit 141). --supervisor prints the "
     "log of a detached VM's supervisor instead, which says why it stopped.\n\n"
     "Examples:\n\n"
     "ironclaw vm logs web-1\n\n"
     "ironclaw vm logs -f web-1\n\n"
-    "ironclaw vm logs --supervisor web-1"
+    "ironclaw vm logs --supervisor web-1",
 )
 
-STOP_HELP = (
-    "Stop detached VMs and remove everything made for them.\n\n"
+STOP_HELP = help_text(
+    "vm stop",
     "Asks each VM's supervisor to stop (SIGTERM) and waits up to --timeout seconds, then "
     "kills it and cleans up like `ironclaw gc`. A VM run in the foreground (`vm run` or a "
     "program using the library) is stopped by stopping that program; if that program is "
@@ -42,7 +43,7 @@ STOP_HELP = (
     "Examples:\n\n"
     "ironclaw vm stop web-1\n\n"
     "ironclaw vm stop web-1 web-2 --timeout 5\n\n"
-    "ironclaw vm stop --all"
+    "ironclaw vm stop --all",
 )
 
 
