@@ -165,3 +165,33 @@ async def test_a_confined_jailer_joins_a_named_namespace(
         finally:
             await vm.stop()
         assert not (net.dir / name).exists()
+
+
+async def test_a_namespace_that_cannot_be_joined_fails_the_start_and_frees_it(
+    host: StandinHost, net: FakeNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``open_netns`` fails after the nameless namespace exists: the start raises that
+    NetworkError before anything is spawned, and its probe (what holds the namespace) is
+    closed with everything else the start made."""
+    from ironclaw_orchestrator.vm import netns as ns
+
+    probes: list[object] = []
+    real_create = net.create_vm_netns
+
+    def create() -> object:
+        probes.append(real_create())
+        return probes[-1]
+
+    def refuse(probe: object) -> int:
+        raise NetworkError("could not open a VM's network namespace (SIOCGSKNS): injected")
+
+    monkeypatch.setattr(ns, "create_vm_netns", create)
+    monkeypatch.setattr(ns, "open_netns", refuse)
+    before = host.snapshot()
+    registry = Registry(host.root / "state")
+    cfg = host.vm_config("sa-1", jailer={"isolate_network": True})
+    with pytest.raises(NetworkError, match="SIOCGSKNS"):
+        await start_firecracker(cfg, registry=registry)
+    assert len(probes) == 1 and probes[0].fileno() == -1  # type: ignore[attr-defined]
+    assert host.spawned() == [] and registry.get("sa-1") is None
+    assert host.snapshot() == before

@@ -93,8 +93,8 @@ class JailerProcess(VmmHandle):
     @property
     def netns_path(self) -> str | None:
         """A path to the VM's network namespace: the given one, ``/run/netns/ironclaw-<id>``
-        (a VM with a tap or uplink), else the VMM's ``/proc/<pid>/ns/net`` while it runs (a
-        nameless one, see :mod:`.netns.pool`); ``None`` if it shares the host's."""
+        (a tap, an uplink or a confined jailer), else the VMM's ``/proc/<pid>/ns/net`` while
+        it runs (a nameless one, see :mod:`.netns.pool`); ``None`` if it shares the host's."""
         if self.config.netns is not None:
             return self.config.netns
         name = self.resources.netns_name

@@ -75,7 +75,7 @@ class JailResources:
         this work (the GIL changes hands at each system call of the thread). So only what
         cannot wait on another process or grow with the guest is done here: the VM's own
         cgroup directories when no lock or drain is needed, a nameless namespace (one with a
-        name has a tap or uplink, which go by netlink), and the jail and run directories
+        name goes by netlink, in a thread), and the jail and run directories
         within ``INLINE_REMOVAL_*``. ``False`` at the first step that does not fit (or fails): what
         is done is marked done or safe to redo, and :meth:`release` (in a thread) does the rest
         and reports.
@@ -119,7 +119,7 @@ class JailResources:
                 self.cgroups = None
             except Exception as exc:
                 failures.append(f"cgroups {[str(p) for p in cgroups.paths.values()]}: {exc}")
-        if self.netns_name is not None:  # a named one, with its tap or uplink
+        if self.netns_name is not None:  # a named one (tap, uplink or a confined jailer)
             try:
                 cleanup.remove_network(self.netns_name, self.vm_id, self.tap, self.uplink)
                 self.netns_name, self.tap, self.uplink = None, None, False

@@ -2,10 +2,10 @@
 
 Every VM gets its own network namespace, which the jailer joins with ``--netns <path>``. A
 VM without a TAP or uplink gets one with no name (:func:`create_vm_netns`, reused through
-:mod:`.pool`); one with a TAP or uplink gets ``ironclaw-<vm_id>`` (``/run/netns/<name>``, the
-same place ``ip netns`` uses), set up by name. Inside it lives the VM's TAP device: a
-*persistent* TAP created here, owned by the jail's uid/gid, so that the unprivileged, jailed
-Firecracker can attach to it by name.
+:mod:`.pool`); one with a TAP or uplink (or a jailer under an LSM profile) gets
+``ironclaw-<vm_id>`` (``/run/netns/<name>``, the same place ``ip netns`` uses), set up by name.
+Inside it lives the VM's TAP device: a *persistent* TAP created here, owned by the jail's
+uid/gid, so that the unprivileged, jailed Firecracker can attach to it by name.
 
 By default the namespace has no way out: only ``lo`` and the TAP. Reaching anything
 beyond needs the explicit opt-in :func:`ensure_uplink` (a veth pair with one end in the
