@@ -79,11 +79,19 @@ def sweep(argv: list[str], env: dict[str, str], points: int) -> list[float]:
     return [span * i / points for i in range(points)]
 
 
+def _sigint_default() -> None:
+    # A run started in the background by a shell without job control inherits SIGINT
+    # ignored (POSIX), and the CLI rightly keeps it so: the child is a foreground command.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_at(
     argv: list[str], env: dict[str, str], delay: float
 ) -> subprocess.CompletedProcess[str]:
     pipe = subprocess.PIPE
-    proc = subprocess.Popen(argv, env=env, stdout=pipe, stderr=pipe, text=True)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=pipe, stderr=pipe, text=True, preexec_fn=_sigint_default
+    )
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     try:
