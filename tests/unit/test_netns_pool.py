@@ -83,7 +83,7 @@ def test_the_pool_size_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert pool.NetnsPool().size == 0
     monkeypatch.setenv(pool.POOL_ENV, "5")
     assert pool.NetnsPool().size == 5
-    for bad in ("lots", "-1", "2.5"):
+    for bad in ("lots", "-1", "2.5", "²"):  # "²".isdigit(), but int("²") fails
         monkeypatch.setenv(pool.POOL_ENV, bad)
         with pytest.raises(ConfigError, match=f"IRONCLAW_NETNS_POOL={bad!r} is not a whole"):
             _ = pool.NetnsPool().size

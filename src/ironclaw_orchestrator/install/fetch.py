@@ -147,7 +147,7 @@ def _content_length(response: httpx.Response) -> int | None:
     if response.headers.get("content-encoding", "identity").lower() != "identity":
         return None  # the decoded size is unknown
     value = response.headers.get("content-length")
-    if value is None or not value.isdigit():
+    if value is None or not value.isdecimal():
         return None
     return int(value)
 

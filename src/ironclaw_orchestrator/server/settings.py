@@ -86,7 +86,7 @@ class AgentSettings(BaseModel):
         if v is None:
             return None
         host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not port.isdecimal() or not 0 < int(port) < 65536:
             raise ValueError(f"--tcp {v!r} must be HOST:PORT, e.g. 127.0.0.1:7070")
         return v
 

@@ -146,7 +146,7 @@ def _reject_special_network(net: ipaddress.IPv4Network, what: str, value: str) -
 def _cpu_list(value: str | None, what: str) -> str | None:
     if value is None:
         return None
-    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value):
+    if not re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", value):  # ASCII: the kernel's
         raise ValueError(f"{what} {value!r} is not a CPU/node list such as '0', '0-3' or '0,2'")
     for part in value.split(","):
         lo, _, hi = part.partition("-")

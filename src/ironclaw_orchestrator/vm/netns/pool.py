@@ -131,7 +131,7 @@ def _pool_size() -> int:
     value = os.environ.get(POOL_ENV, "").strip()
     if not value:
         return DEFAULT_POOL_SIZE
-    if not value.isdigit():
+    if not value.isdecimal():  # isdigit() takes "²", which int() refuses
         raise ConfigError(
             f"{POOL_ENV}={value!r} is not a whole number: set it to how many finished "
             f"VMs' network namespaces to keep for reuse ({DEFAULT_POOL_SIZE} if unset; 0 "
