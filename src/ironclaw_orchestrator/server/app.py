@@ -133,7 +133,7 @@ class Guard:
         upload = scope.get("method") == "PUT" and UPLOAD_PATH.match(scope.get("path", ""))
         limit = self.max_file if upload else self.max_body
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdecimal() or int(length) > limit):
+        if length is not None and (not length.isdigit() or int(length) > limit):
             await self._reject(scope, send, self._too_large(limit))
             return
         if upload:  # the route streams it to a file, counting against max_file_bytes
